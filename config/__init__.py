@@ -1,1 +1,53 @@
-"""config package."""
+"""dbgrelay's configuration: the TOML file, its validation and the model.
+
+Load a file with :func:`load_config`, or validate an in-memory table with
+:func:`config_from_dict`; both return a frozen :class:`Config` or raise one
+:class:`ConfigError` listing every problem.  This package never imports trio,
+``relay`` or ``auth``.
+"""
+
+from .durations import format_duration, parse_duration
+from .errors import ConfigError
+from .load import config_from_dict, load_config, parse_backend_url, parse_listen_address
+from .schema import (
+    TARGET_KINDS,
+    Address,
+    AdminSection,
+    AuthSection,
+    Backend,
+    Config,
+    MetricsSection,
+    NpipeBackend,
+    RelaySection,
+    TargetConfig,
+    TargetKind,
+    TcpBackend,
+    TLSSection,
+    UnixBackend,
+    format_address,
+)
+
+__all__ = [
+    "Address",
+    "AdminSection",
+    "AuthSection",
+    "Backend",
+    "Config",
+    "ConfigError",
+    "MetricsSection",
+    "NpipeBackend",
+    "RelaySection",
+    "TARGET_KINDS",
+    "TLSSection",
+    "TargetConfig",
+    "TargetKind",
+    "TcpBackend",
+    "UnixBackend",
+    "config_from_dict",
+    "format_address",
+    "format_duration",
+    "load_config",
+    "parse_backend_url",
+    "parse_duration",
+    "parse_listen_address",
+]

@@ -1,0 +1,1027 @@
+"""Reading and validating the TOML configuration.
+
+:func:`load_config` reads a file with :mod:`tomllib`; :func:`config_from_dict`
+validates an already-parsed table.  Both check every key, collect every
+problem and raise one :class:`~config.errors.ConfigError` listing them all,
+so an operator fixes the whole file in one pass.  Each problem line names the
+file, the key and what is expected::
+
+    dbgrelay.toml: targets[1].idle_timeout: expected a duration like "30s", "15m" or "8h", got -5
+
+Files the relay will read (certificates, keys, the JWKS) are opened here so a
+typo shows up at start-up rather than at the first handshake; their contents
+are checked by the code that uses them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import os
+import re
+import shutil
+import stat
+import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .durations import parse_duration
+from .errors import ConfigError
+from .schema import (
+    TARGET_KINDS,
+    Address,
+    AdminSection,
+    AuthSection,
+    Backend,
+    Config,
+    MetricsSection,
+    NpipeBackend,
+    RelaySection,
+    TargetConfig,
+    TcpBackend,
+    TLSSection,
+    UnixBackend,
+    format_address,
+)
+
+__all__ = ["load_config", "config_from_dict", "parse_listen_address", "parse_backend_url"]
+
+# Every key each table accepts, in the order the README documents them.
+_KEYS: dict[str, tuple[str, ...]] = {
+    "relay": (
+        "listen",
+        "state_dir",
+        "audit_dir",
+        "handshake_timeout",
+        "close_timeout",
+        "shutdown_grace",
+        "max_sessions",
+        "revocation_interval",
+        "checkpoint_interval",
+        "audit_fsync_interval",
+    ),
+    "tls": (
+        "cert",
+        "key",
+        "min_version",
+        "engine",
+        "client_ca",
+        "require_client_cert",
+        "require_pq",
+        "ocsp_response",
+    ),
+    "auth": ("issuer", "audience", "jwks", "leeway", "audit_key"),
+    "metrics": ("listen",),
+    "admin": ("listen",),
+    "targets": (
+        "name",
+        "kind",
+        "backend",
+        "allow",
+        "connect_timeout",
+        "idle_timeout",
+        "max_session",
+        "end_on_token_expiry",
+        "launch",
+        "launch_timeout",
+        "kill_grace",
+        "on_idle",
+        "on_idle_timeout",
+        "probe_interval",
+        "record",
+        "record_max_bytes",
+        "kd_transport",
+        "require_pq",
+    ),
+}
+_TABLES = tuple(_KEYS)
+
+_TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+_PORT = re.compile(r"\d{1,5}")
+_PORT_PLACEHOLDER = "{port}"
+_LOOPBACK_NAMES = ("localhost",)
+
+_DURATION_FORMS = 'expected a duration like "30s", "15m" or "8h"'
+_LISTEN_FORMS = 'write "host:port" like "127.0.0.1:7443" or "[::1]:7443"'
+_BACKEND_FORMS = "use tcp://HOST:PORT, unix:///abs/path or npipe://HOST/PIPE"
+
+
+class _Bad:
+    """Marks a value that already produced a problem."""
+
+    def __repr__(self) -> str:
+        return "<bad>"
+
+
+_BAD: Any = _Bad()
+_MISSING: Any = object()
+
+
+# --------------------------------------------------------------------------
+# Addresses and backend URLs
+
+
+def _is_host_name(host: str) -> bool:
+    """A DNS name (letters, digits, ``-`` and ``_`` in dot-separated labels)."""
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253:
+        return False
+    labels = name.split(".")
+    if not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return False
+    # An all-numeric last label is a mistyped IPv4 address, not a name
+    # (RFC 3696 section 2).
+    return not labels[-1].isdigit()
+
+
+def _check_host(host: str, text: str, what: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _is_host_name(host):
+            raise ValueError(
+                f"invalid {what} {json.dumps(text)}: {json.dumps(host)} is not an IP "
+                "address or a host name"
+            ) from None
+
+
+def _split_host_port(
+    text: str, what: str, forms: str, *, whole: str | None = None
+) -> tuple[str, str]:
+    """Split ``host:port`` or ``[v6]:port`` into host (no brackets) and port text.
+
+    ``whole`` is the full value to quote in messages when ``text`` is part of
+    it (the authority of a URL).
+    """
+    whole = text if whole is None else whole
+    shown = json.dumps(whole)
+    if text.startswith("["):
+        end = text.find("]")
+        if end == -1:
+            raise ValueError(f'invalid {what} {shown}: missing "]" after the IPv6 address; {forms}')
+        host, rest = text[1:end], text[end + 1 :]
+        if not rest.startswith(":"):
+            raise ValueError(f'invalid {what} {shown}: missing ":PORT" after "]"; {forms}')
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                f"invalid {what} {shown}: {json.dumps(host)} in brackets is not an IPv6 address"
+            ) from None
+        return host, rest[1:]
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ValueError(f'invalid {what} {shown}: missing ":PORT"; {forms}')
+    if ":" in host:
+        raise ValueError(f"invalid {what} {shown}: put IPv6 addresses in brackets; {forms}")
+    if not host:
+        raise ValueError(f"invalid {what} {shown}: missing host; {forms}")
+    _check_host(host, whole, what)
+    return host, port_text
+
+
+def _parse_port(port_text: str, text: str, what: str, *, lowest: int) -> int:
+    if not _PORT.fullmatch(port_text) or not lowest <= int(port_text) <= 65535:
+        raise ValueError(
+            f"invalid {what} {json.dumps(text)}: the port must be a number from "
+            f"{lowest} to 65535, got {json.dumps(port_text)}"
+        )
+    return int(port_text)
+
+
+def parse_listen_address(text: str) -> Address:
+    """Parse a listen address for ``relay.listen``, ``metrics`` or ``admin``.
+
+    Args:
+        text: ``"host:port"`` where host is an IPv4 address or a host name, or
+            ``"[v6]:port"``.  Port 0 means any free port.
+
+    Returns:
+        ``(host, port)`` with IPv6 hosts unbracketed: ``"[::1]:7443"`` gives
+        ``("::1", 7443)``.
+
+    Raises:
+        ValueError: the text is not in that form; the message quotes it and
+            shows the accepted form.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"invalid address {text!r}: {_LISTEN_FORMS}")
+    host, port_text = _split_host_port(text, "address", _LISTEN_FORMS)
+    return host, _parse_port(port_text, text, "address", lowest=0)
+
+
+def parse_backend_url(text: str) -> Backend:
+    """Parse a target's ``backend`` URL.
+
+    Args:
+        text: ``tcp://HOST:PORT`` (HOST an IP literal, ``[v6]`` or a name;
+            PORT 1-65535 or the literal ``{port}`` for managed targets),
+            ``unix:///abs/path`` or ``npipe://HOST/PIPE`` (HOST ``.`` for this
+            machine).
+
+    Returns:
+        A :class:`TcpBackend` (port ``None`` for ``{port}``),
+        :class:`UnixBackend` or :class:`NpipeBackend`.  Whether the URL is
+        usable here (``{port}`` only with ``launch``, named pipes only on
+        Windows) is checked by the loader, which knows the target.
+
+    Raises:
+        ValueError: the URL is malformed; the message quotes it and shows the
+            accepted forms.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"invalid backend {text!r}: {_BACKEND_FORMS}")
+    shown = json.dumps(text)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        raise ValueError(f"invalid backend {shown}: {_BACKEND_FORMS}")
+    scheme = scheme.lower()
+    if scheme == "tcp":
+        if "/" in rest:
+            raise ValueError(
+                f"invalid backend {shown}: tcp:// URLs end after the port; {_BACKEND_FORMS}"
+            )
+        host, port_text = _split_host_port(rest, "backend", _BACKEND_FORMS, whole=text)
+        if port_text == _PORT_PLACEHOLDER:
+            return TcpBackend(host=host, port=None)
+        return TcpBackend(host=host, port=_parse_port(port_text, text, "backend", lowest=1))
+    if scheme == "unix":
+        if not rest.startswith("/") or rest == "/":
+            raise ValueError(
+                f"invalid backend {shown}: unix:// needs an absolute socket path, "
+                "like unix:///run/dbgsrv.sock"
+            )
+        if "\0" in rest:
+            raise ValueError(f"invalid backend {shown}: the socket path contains a NUL byte")
+        return UnixBackend(path=Path(rest))
+    if scheme == "npipe":
+        host, slash, pipe = rest.partition("/")
+        if not slash or not pipe or "/" in pipe or "\\" in pipe or len(pipe) > 256:
+            raise ValueError(
+                f"invalid backend {shown}: expected npipe://HOST/PIPE with one pipe name, "
+                "like npipe://./dbgsrv"
+            )
+        if host != ".":
+            if not host:
+                raise ValueError(
+                    f'invalid backend {shown}: missing host; use "." for this machine, '
+                    "like npipe://./dbgsrv"
+                )
+            _check_host(host, text, "backend")
+        return NpipeBackend(host=host, pipe=pipe)
+    raise ValueError(
+        f"invalid backend {shown}: unknown scheme {json.dumps(scheme)}; {_BACKEND_FORMS}"
+    )
+
+
+def _same_socket(a: Address, b: Address) -> bool:
+    """Whether binding both addresses would fail (same port, overlapping host)."""
+    if a[1] != b[1]:
+        return False
+    if a[0] == b[0]:
+        return True
+    # A wildcard bind takes the port on every address of its family.
+    wildcards = {"0.0.0.0": 4, "::": 6}
+    for host, other in ((a[0], b[0]), (b[0], a[0])):
+        if host in wildcards:
+            try:
+                return ipaddress.ip_address(other).version == wildcards[host]
+            except ValueError:
+                return True  # a host name may resolve to anything
+    return False
+
+
+# --------------------------------------------------------------------------
+# Showing values in messages
+
+
+def _show(value: Any) -> str:
+    """Write a value the way it looks in TOML, shortened for one line."""
+    if isinstance(value, bool):
+        shown = "true" if value else "false"
+    elif isinstance(value, str):
+        shown = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, int | float):
+        shown = repr(value)
+    elif isinstance(value, os.PathLike):
+        shown = json.dumps(os.fspath(value), ensure_ascii=False)
+    elif isinstance(value, list | tuple):
+        shown = "[" + ", ".join(_show(item) for item in value) + "]"
+    elif isinstance(value, Mapping):
+        return "a table"
+    else:
+        shown = f"{type(value).__name__} {value}"
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return shown
+
+
+# --------------------------------------------------------------------------
+# The validator
+
+
+class _Validator:
+    """Walks the parsed TOML, records problems and gathers constructor kwargs."""
+
+    def __init__(self, source_name: str, base_dir: Path) -> None:
+        self.source_name = source_name
+        self.base_dir = base_dir
+        self.problems: list[str] = []
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.source_name}: {key}: {message}")
+
+    # -- tables and unknown keys ------------------------------------------
+
+    def table(self, data: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
+        value = data.get(name, _MISSING)
+        if value is _MISSING:
+            return {}
+        if not isinstance(value, Mapping):
+            self.problem(name, f"expected a [{name}] table, got {_show(value)}")
+            return None
+        self.unknown_keys(value, name, _KEYS[name])
+        return value
+
+    def unknown_keys(self, table: Mapping[str, Any], where: str, known: tuple[str, ...]) -> None:
+        for key in table:
+            if key in known:
+                continue
+            message = "unknown key"
+            homes = [
+                "[[targets]]" if name == "targets" else f"[{name}]"
+                for name, keys in _KEYS.items()
+                if key in keys and name != where.split("[")[0]
+            ]
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.85)
+            if homes:
+                message += f" (it belongs in {' or '.join(homes)})"
+            elif close:
+                message += f' (did you mean "{close[0]}"?)'
+            self.problem(f"{where}.{key}", f"{message}; known keys: {', '.join(known)}")
+
+    # -- scalar values ------------------------------------------------------
+
+    def string(
+        self,
+        table: Mapping[str, Any],
+        where: str,
+        key: str,
+        default: Any,
+        *,
+        choices: tuple[str, ...] | None = None,
+        required: str | None = None,
+    ) -> Any:
+        value = table.get(key, _MISSING)
+        name = f"{where}.{key}"
+        if value is _MISSING:
+            if required is not None:
+                self.problem(name, f"required key is missing; {required}")
+                return _BAD
+            return default
+        if choices is not None:
+            if not isinstance(value, str) or value not in choices:
+                options = " or ".join(json.dumps(choice) for choice in choices)
+                self.problem(name, f"expected {options}, got {_show(value)}")
+                return _BAD
+            return value
+        if not isinstance(value, str) or not value.strip():
+            self.problem(name, f"expected a non-empty string, got {_show(value)}")
+            return _BAD
+        return value
+
+    def boolean(self, table: Mapping[str, Any], where: str, key: str, default: Any) -> Any:
+        value = table.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, bool):
+            self.problem(f"{where}.{key}", f"expected true or false, got {_show(value)}")
+            return _BAD
+        return value
+
+    def positive_int(self, table: Mapping[str, Any], where: str, key: str, default: int) -> Any:
+        value = table.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            self.problem(f"{where}.{key}", f"expected a positive integer, got {_show(value)}")
+            return _BAD
+        return value
+
+    def duration(
+        self,
+        table: Mapping[str, Any],
+        where: str,
+        key: str,
+        default: float | None,
+        *,
+        zero: str = "allowed",
+    ) -> Any:
+        """Read a duration.
+
+        ``zero`` is ``"allowed"``, ``"forbidden"`` (the value must be
+        positive) or ``"none"`` (0 means "off" and becomes ``None``).
+        """
+        value = table.get(key, _MISSING)
+        name = f"{where}.{key}"
+        if value is _MISSING:
+            return default
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            self.problem(name, f"{_DURATION_FORMS}, got {_show(value)}")
+            return _BAD
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            self.problem(name, f"{_DURATION_FORMS}, got {_show(value)}")
+            return _BAD
+        if seconds == 0:
+            if zero == "none":
+                return None
+            if zero == "forbidden":
+                self.problem(name, f"{_DURATION_FORMS} and greater than 0, got {_show(value)}")
+                return _BAD
+        return seconds
+
+    # -- paths and programs ---------------------------------------------------
+
+    def path(
+        self,
+        table: Mapping[str, Any],
+        where: str,
+        key: str,
+        default: Path | None,
+        *,
+        required: str | None = None,
+        readable: bool = False,
+    ) -> Any:
+        """Read a path, resolve it against the config folder, maybe open it."""
+        value = table.get(key, _MISSING)
+        name = f"{where}.{key}"
+        if value is _MISSING:
+            if required is not None:
+                self.problem(name, f"required key is missing; {required}")
+                return _BAD
+            return default
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or not value.strip() or "\0" in value:
+            self.problem(name, f"expected a file path, got {_show(value)}")
+            return _BAD
+        path = self.resolve(value)
+        if readable:
+            self.check_readable(name, path)
+        return path
+
+    def resolve(self, value: str) -> Path:
+        path = Path(value)
+        return path if path.is_absolute() else self.base_dir / path
+
+    def check_readable(self, name: str, path: Path) -> None:
+        # O_NONBLOCK so a FIFO at that path cannot hang start-up.
+        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            self.problem(name, f"cannot read {path}: {exc.strerror or exc}")
+            return
+        try:
+            mode = os.fstat(fd).st_mode
+        finally:
+            os.close(fd)
+        if stat.S_ISDIR(mode):
+            self.problem(name, f"cannot read {path}: Is a directory")
+        elif not stat.S_ISREG(mode):
+            self.problem(name, f"cannot read {path}: not a regular file")
+
+    def command(self, table: Mapping[str, Any], where: str, key: str, target_name: Any) -> Any:
+        """Read a command list and check its program can be run.
+
+        Returns the command as a tuple (a relative program path such as
+        ``bin/gdbserver`` is resolved against the config folder), ``None``
+        when absent, or ``_BAD``.
+        """
+        value = table.get(key, _MISSING)
+        name = f"{where}.{key}"
+        if value is _MISSING:
+            return None
+        if (
+            not isinstance(value, list | tuple)
+            or not value
+            or not all(isinstance(arg, str) for arg in value)
+        ):
+            self.problem(
+                name,
+                "expected a non-empty list of strings, the program first, like "
+                f'["gdbserver", "--once", "127.0.0.1:{{port}}", "/path/prog"], got {_show(value)}',
+            )
+            return _BAD
+        program = value[0]
+        who = f"target {json.dumps(target_name)}" if isinstance(target_name, str) else "this target"
+        if not program.strip():
+            self.problem(name, f"{who}: the program (first item) is empty")
+            return _BAD
+        if os.path.isabs(program) or "/" in program or os.sep in program:
+            path = self.resolve(program)
+            if not path.exists():
+                self.problem(name, f"{who}: program {path} does not exist")
+                return _BAD
+            if not path.is_file() or not os.access(path, os.X_OK):
+                self.problem(name, f"{who}: program {path} is not an executable file")
+                return _BAD
+            return (str(path), *value[1:])
+        if shutil.which(program) is None:
+            self.problem(
+                name,
+                f"{who}: program {json.dumps(program)} was not found on PATH; "
+                "install it or give its absolute path",
+            )
+            return _BAD
+        return tuple(value)
+
+    # -- addresses ------------------------------------------------------------
+
+    def address(self, value: Any, name: str) -> Any:
+        try:
+            return parse_listen_address(value)
+        except ValueError as exc:
+            if not isinstance(value, str):
+                self.problem(
+                    name, f'expected "host:port" like "127.0.0.1:7443", got {_show(value)}'
+                )
+            else:
+                self.problem(name, str(exc))
+            return _BAD
+
+    # -- sections -------------------------------------------------------------
+
+    def relay(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        table = self.table(data, "relay")
+        if table is None:
+            return {}
+        w = "relay"
+        out: dict[str, Any] = {}
+        listen = table.get("listen", _MISSING)
+        if listen is _MISSING:
+            out["listen"] = (("127.0.0.1", 7443),)
+        elif not isinstance(listen, list | tuple) or not listen:
+            self.problem(
+                "relay.listen",
+                'expected a non-empty list of "host:port" strings like ["127.0.0.1:7443"], '
+                f"got {_show(listen)}",
+            )
+        else:
+            addresses: list[Address] = []
+            for index, item in enumerate(listen):
+                address = self.address(item, f"relay.listen[{index}]")
+                if address is _BAD:
+                    continue
+                if address in addresses:
+                    self.problem(
+                        f"relay.listen[{index}]",
+                        f"{json.dumps(item)} is listed twice "
+                        f"(also relay.listen[{addresses.index(address)}])",
+                    )
+                addresses.append(address)
+            out["listen"] = tuple(addresses)
+        state_dir = self.path(table, w, "state_dir", self.base_dir / "state")
+        out["state_dir"] = state_dir
+        audit_dir = self.path(table, w, "audit_dir", _MISSING)
+        if audit_dir is _MISSING:
+            audit_dir = _BAD if state_dir is _BAD else state_dir / "audit"
+        out["audit_dir"] = audit_dir
+        out["handshake_timeout"] = self.duration(
+            table, w, "handshake_timeout", 10.0, zero="forbidden"
+        )
+        out["close_timeout"] = self.duration(table, w, "close_timeout", 5.0)
+        out["shutdown_grace"] = self.duration(table, w, "shutdown_grace", 30.0)
+        out["max_sessions"] = self.positive_int(table, w, "max_sessions", 256)
+        out["revocation_interval"] = self.duration(
+            table, w, "revocation_interval", 2.0, zero="forbidden"
+        )
+        out["checkpoint_interval"] = self.duration(
+            table, w, "checkpoint_interval", 300.0, zero="forbidden"
+        )
+        out["audit_fsync_interval"] = self.duration(table, w, "audit_fsync_interval", 2.0)
+        return out
+
+    def tls(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        table = self.table(data, "tls")
+        if table is None:
+            return {}
+        w = "tls"
+        out: dict[str, Any] = {
+            "cert": self.path(
+                table,
+                w,
+                "cert",
+                None,
+                required='the PEM certificate chain the relay presents, like cert = "server.pem"',
+                readable=True,
+            ),
+            "key": self.path(
+                table,
+                w,
+                "key",
+                None,
+                required='the PEM private key of tls.cert, like key = "server.key"',
+                readable=True,
+            ),
+            "min_version": self.string(table, w, "min_version", "1.2", choices=("1.2", "1.3")),
+            "engine": self.string(table, w, "engine", "stdlib", choices=("stdlib", "pyopenssl")),
+            "client_ca": self.path(table, w, "client_ca", None, readable=True),
+            "require_client_cert": self.boolean(table, w, "require_client_cert", False),
+            "require_pq": self.boolean(table, w, "require_pq", False),
+            "ocsp_response": self.path(table, w, "ocsp_response", None, readable=True),
+        }
+        if out["require_client_cert"] is True and out["client_ca"] is None:
+            self.problem(
+                "tls.require_client_cert",
+                "needs tls.client_ca, the CA bundle client certificates are verified against",
+            )
+        if out["engine"] == "stdlib":
+            if out["require_pq"] is True:
+                self.problem(
+                    "tls.require_pq",
+                    'needs tls.engine = "pyopenssl"; the stdlib engine cannot limit key '
+                    "exchange to post-quantum groups",
+                )
+            if out["ocsp_response"] not in (None, _BAD):
+                self.problem(
+                    "tls.ocsp_response",
+                    'needs tls.engine = "pyopenssl"; the stdlib engine cannot staple OCSP responses',
+                )
+        return out
+
+    def auth(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        table = self.table(data, "auth")
+        if table is None:
+            return {}
+        w = "auth"
+        return {
+            "issuer": self.string(table, w, "issuer", "dbgrelay"),
+            "audience": self.string(table, w, "audience", "dbgrelay"),
+            "jwks": self.path(
+                table,
+                w,
+                "jwks",
+                None,
+                required='the JSON Web Key Set tokens are verified with, like jwks = "jwks.json"',
+                readable=True,
+            ),
+            "leeway": self.duration(table, w, "leeway", 30.0),
+            "audit_key": self.path(table, w, "audit_key", None, readable=True),
+        }
+
+    def metrics(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        table = self.table(data, "metrics")
+        if table is None:
+            return {}
+        value = table.get("listen", _MISSING)
+        if value is _MISSING:
+            return {"listen": ("127.0.0.1", 9464)}
+        if value == "":
+            return {"listen": None}
+        return {"listen": self.address(value, "metrics.listen")}
+
+    def admin(self, data: Mapping[str, Any], state_dir: Any) -> dict[str, Any]:
+        table = self.table(data, "admin")
+        if table is None:
+            return {}
+        value = table.get("listen", _MISSING)
+        if value is _MISSING:
+            return {"listen": _BAD if state_dir is _BAD else state_dir / "admin.sock"}
+        forms = 'expected "unix:PATH" or a loopback "host:port" like "127.0.0.1:9465"'
+        if not isinstance(value, str) or not value:
+            self.problem("admin.listen", f"{forms}, got {_show(value)}")
+            return {}
+        if value.startswith("unix:"):
+            rest = value[len("unix:") :]
+            if rest.startswith("///"):
+                rest = rest[2:]
+            if not rest or "\0" in rest:
+                self.problem("admin.listen", f"{forms}, got {_show(value)}")
+                return {}
+            return {"listen": self.resolve(rest)}
+        address = self.address(value, "admin.listen")
+        if address is _BAD:
+            return {}
+        host = address[0]
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host.lower().rstrip(".") in _LOOPBACK_NAMES
+        if not loopback:
+            self.problem(
+                "admin.listen",
+                "the admin endpoint must listen on a loopback address like "
+                f'"127.0.0.1:9465" or "[::1]:9465", or on "unix:PATH", got {_show(value)}',
+            )
+            return {}
+        return {"listen": address}
+
+    def targets(self, data: Mapping[str, Any], tls: Mapping[str, Any]) -> list[dict[str, Any]]:
+        value = data.get("targets", _MISSING)
+        if value is _MISSING:
+            return []
+        if isinstance(value, Mapping):
+            self.problem(
+                "targets",
+                "expected [[targets]] tables (an array of tables), got a single [targets] "
+                "table; write [[targets]]",
+            )
+            return []
+        if not isinstance(value, list | tuple):
+            self.problem("targets", f"expected [[targets]] tables, got {_show(value)}")
+            return []
+        targets: list[dict[str, Any]] = []
+        seen: dict[str, int] = {}
+        for index, table in enumerate(value):
+            where = f"targets[{index}]"
+            if not isinstance(table, Mapping):
+                self.problem(where, f"expected a [[targets]] table, got {_show(table)}")
+                continue
+            target = self.target(table, where, tls)
+            name = target.get("name")
+            if isinstance(name, str):
+                if name in seen:
+                    self.problem(
+                        f"{where}.name",
+                        f"duplicate target name {json.dumps(name)} (also targets[{seen[name]}])",
+                    )
+                else:
+                    seen[name] = index
+            targets.append(target)
+        return targets
+
+    def target(
+        self, table: Mapping[str, Any], where: str, tls: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        self.unknown_keys(table, where, _KEYS["targets"])
+        w = where
+        out: dict[str, Any] = {}
+
+        name = self.string(
+            table, w, "name", None, required='a unique target name, like name = "build42"'
+        )
+        if name is not _BAD and not _TARGET_NAME.fullmatch(name):
+            self.problem(
+                f"{w}.name",
+                "expected 1-64 letters, digits, '.', '_' or '-' starting with a letter or "
+                f"digit, got {_show(name)}",
+            )
+            name = _BAD
+        out["name"] = name
+        kind = self.string(
+            table,
+            w,
+            "kind",
+            None,
+            choices=TARGET_KINDS,
+            required=f"one of {', '.join(TARGET_KINDS)}",
+        )
+        out["kind"] = kind
+
+        allow = table.get("allow", _MISSING)
+        if allow is _MISSING:
+            out["allow"] = None
+        elif not isinstance(allow, list | tuple) or not all(
+            isinstance(user, str) and user.strip() for user in allow
+        ):
+            self.problem(
+                f"{w}.allow",
+                f'expected a list of user names like ["alice", "bob"], got {_show(allow)}',
+            )
+            out["allow"] = _BAD
+        else:
+            out["allow"] = tuple(allow)
+
+        out["connect_timeout"] = self.duration(table, w, "connect_timeout", 5.0, zero="forbidden")
+        out["idle_timeout"] = self.duration(table, w, "idle_timeout", 900.0, zero="forbidden")
+        out["max_session"] = self.duration(table, w, "max_session", None, zero="none")
+        out["end_on_token_expiry"] = self.boolean(table, w, "end_on_token_expiry", True)
+        launch = self.command(table, w, "launch", name)
+        if launch not in (None, _BAD) and not any(_PORT_PLACEHOLDER in arg for arg in launch):
+            self.problem(
+                f"{w}.launch",
+                "must contain {port} where the server's listen port goes, like "
+                '["gdbserver", "--once", "127.0.0.1:{port}", "/path/prog"]',
+            )
+            launch = _BAD
+        out["launch"] = launch
+        out["launch_timeout"] = self.duration(table, w, "launch_timeout", 10.0, zero="forbidden")
+        out["kill_grace"] = self.duration(table, w, "kill_grace", 5.0)
+        out["on_idle"] = self.command(table, w, "on_idle", name)
+        out["on_idle_timeout"] = self.duration(table, w, "on_idle_timeout", 30.0, zero="forbidden")
+        out["probe_interval"] = self.duration(table, w, "probe_interval", 30.0, zero="none")
+        out["record"] = self.boolean(table, w, "record", False)
+        out["record_max_bytes"] = self.positive_int(table, w, "record_max_bytes", 64 * 1024 * 1024)
+        kd_transport = self.string(table, w, "kd_transport", None)
+        if kd_transport not in (None, _BAD) and kind not in ("kdsrv", _BAD):
+            self.problem(
+                f"{w}.kd_transport",
+                f'only valid for kind = "kdsrv" targets; this target is kind = {_show(kind)}',
+            )
+            kd_transport = _BAD
+        out["kd_transport"] = kd_transport
+        require_pq = self.boolean(table, w, "require_pq", None)
+        if require_pq is True and tls.get("engine") == "stdlib":
+            self.problem(
+                f"{w}.require_pq",
+                'needs tls.engine = "pyopenssl"; the stdlib engine cannot limit key '
+                "exchange to post-quantum groups",
+            )
+            require_pq = _BAD
+        out["require_pq"] = require_pq
+
+        out["backend_url"], out["backend"] = self.backend(table, w, launch)
+
+        # {port} is filled in only for managed targets.
+        has_launch = launch is not None
+        if not has_launch:
+            for key in ("on_idle", "kd_transport"):
+                item = table.get(key)
+                items = item if isinstance(item, list | tuple) else [item]
+                if any(isinstance(x, str) and _PORT_PLACEHOLDER in x for x in items):
+                    self.problem(
+                        f"{w}.{key}",
+                        "{port} is only filled in for targets with launch; "
+                        "write the real port number",
+                    )
+                    out[key] = _BAD
+        return out
+
+    def backend(self, table: Mapping[str, Any], w: str, launch: Any) -> tuple[Any, Any]:
+        name = f"{w}.backend"
+        value = table.get("backend", _MISSING)
+        if value is _MISSING:
+            self.problem(
+                name,
+                "required key is missing; where the debug server listens, like "
+                'backend = "tcp://10.0.5.42:5005"',
+            )
+            return _BAD, _BAD
+        if not isinstance(value, str):
+            self.problem(name, f"expected a string URL ({_BACKEND_FORMS}), got {_show(value)}")
+            return _BAD, _BAD
+        try:
+            backend = parse_backend_url(value)
+        except ValueError as exc:
+            self.problem(name, str(exc))
+            return value, _BAD
+        if isinstance(backend, NpipeBackend) and sys.platform != "win32":
+            self.problem(
+                name, "npipe:// backends need the relay to run on Windows; use tcp:// or unix://"
+            )
+            return value, _BAD
+        if launch is None:
+            if _PORT_PLACEHOLDER in value:
+                self.problem(
+                    name,
+                    f"{{port}} is only allowed on targets with launch; write the real port, "
+                    f"got {_show(value)}",
+                )
+                return value, _BAD
+            return value, backend
+        # A managed server is started by the relay on a port it picks, so the
+        # backend must point at that port on this machine.
+        managed_ok = (
+            isinstance(backend, TcpBackend)
+            and backend.port is None
+            and backend.host.lower() in ("127.0.0.1", "localhost", "::1")
+        )
+        if not managed_ok:
+            self.problem(
+                name,
+                'a target with launch must use backend = "tcp://127.0.0.1:{port}" '
+                f"(or localhost / [::1]) so the relay can pick the port, got {_show(value)}",
+            )
+            return value, _BAD
+        return value, backend
+
+    # -- cross-section checks ---------------------------------------------
+
+    def check_address_clashes(
+        self, relay: Mapping[str, Any], metrics: Mapping[str, Any], admin: Mapping[str, Any]
+    ) -> None:
+        """Metrics and admin must not bind a port the tunnel listener binds."""
+        taken: list[tuple[Address, str]] = [
+            (address, f"relay.listen[{index}]")
+            for index, address in enumerate(relay.get("listen") or ())
+        ]
+        for key, section in (("metrics.listen", metrics), ("admin.listen", admin)):
+            address = section.get("listen")
+            if not isinstance(address, tuple) or address[1] == 0:
+                continue
+            for other, other_key in taken:
+                if _same_socket(address, other):
+                    self.problem(
+                        key,
+                        f"{format_address(address)} clashes with {other_key} "
+                        f"({format_address(other)}); give each endpoint its own port",
+                    )
+                    break
+            taken.append((address, key))
+
+    # -- everything -------------------------------------------------------------
+
+    def config(self, data: Any, source: Path | None) -> Config:
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"{self.source_name}: expected a table of sections at the top level, "
+                f"got {_show(data)}"
+            )
+        for key, value in data.items():
+            if key in _TABLES:
+                continue
+            kind = "table" if isinstance(value, Mapping) else "key"
+            self.problem(str(key), f"unknown {kind}; known tables: {', '.join(_TABLES)}")
+        relay = self.relay(data)
+        tls = self.tls(data)
+        auth = self.auth(data)
+        metrics = self.metrics(data)
+        admin = self.admin(data, relay.get("state_dir", _BAD))
+        targets = self.targets(data, tls)
+        self.check_address_clashes(relay, metrics, admin)
+        if self.problems:
+            raise ConfigError(self.problems)
+        return Config(
+            relay=RelaySection(**relay),
+            tls=TLSSection(**tls),
+            auth=AuthSection(**auth),
+            metrics=MetricsSection(**metrics),
+            admin=AdminSection(**admin),
+            targets=tuple(TargetConfig(**target) for target in targets),
+            source=source,
+        )
+
+
+# --------------------------------------------------------------------------
+# Entry points
+
+
+def config_from_dict(
+    data: Mapping[str, Any], *, base_dir: Path, source_name: str = "<config>"
+) -> Config:
+    """Validate an already-parsed config table and build the model.
+
+    This is :func:`load_config` without the file: the relay's demo mode and
+    tests build configs this way.  Besides TOML types, path keys also take
+    :class:`os.PathLike` values and lists may be tuples.
+
+    Args:
+        data: The top-level table, as :func:`tomllib.loads` returns it.
+        base_dir: Folder relative paths are resolved against.
+        source_name: Prefix of every problem line (normally the file name).
+
+    Returns:
+        The validated :class:`Config`, with ``source=None``.
+
+    Raises:
+        ConfigError: listing every problem found.
+    """
+    base = Path(os.path.abspath(base_dir))
+    return _Validator(source_name, base).config(data, None)
+
+
+def load_config(path: Path | str) -> Config:
+    """Read, validate and build the configuration from a TOML file.
+
+    Relative paths inside the file are resolved against the file's folder.
+    Problem lines start with ``path`` as given.
+
+    Args:
+        path: The TOML file.
+
+    Returns:
+        The validated :class:`Config`, with ``source`` set to the file's
+        absolute path.
+
+    Raises:
+        ConfigError: the file cannot be read, is not valid UTF-8 or TOML (one
+            problem, with tomllib's line and column), or fails validation
+            (every problem found).
+    """
+    source_name = os.fspath(path)
+    source = Path(os.path.abspath(path))
+    try:
+        raw = source.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"{source_name}: cannot read the config file {source}: {exc.strerror or exc}"
+        ) from exc
+    try:
+        # utf-8-sig: Windows editors like to start files with a byte-order mark.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{source_name}: the config file is not valid UTF-8 (bad byte at offset {exc.start})"
+        ) from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source_name}: invalid TOML: {exc}") from exc
+    return _Validator(source_name, source.parent).config(data, source)

@@ -1,0 +1,384 @@
+"""The configuration model: frozen, slotted dataclasses.
+
+Everything here is already validated by :mod:`config.load`; the relay reads
+these objects and never the TOML.  Durations are float seconds, sizes are int
+bytes, paths are absolute :class:`~pathlib.Path` objects (relative paths in
+the file are resolved against the config file's folder), and listen addresses
+are ``(host, port)`` tuples with IPv6 hosts written without brackets.
+
+Defaults below are those of the loader.  The model's own defaults match them,
+except that paths derived from ``state_dir`` can only be filled in by the
+loader, which knows the config file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+__all__ = [
+    "TARGET_KINDS",
+    "TargetKind",
+    "Address",
+    "TcpBackend",
+    "UnixBackend",
+    "NpipeBackend",
+    "Backend",
+    "RelaySection",
+    "TLSSection",
+    "AuthSection",
+    "MetricsSection",
+    "AdminSection",
+    "TargetConfig",
+    "Config",
+    "format_address",
+]
+
+#: What sort of debug server a target is.  ``dbgsrv``/``kdsrv``/``server`` are
+#: WinDbg's process server, kernel server and ``cdb -server``; ``tcp`` is any
+#: other plaintext TCP protocol.
+TARGET_KINDS: tuple[str, ...] = ("dbgsrv", "kdsrv", "server", "gdbserver", "tcp")
+TargetKind = Literal["dbgsrv", "kdsrv", "server", "gdbserver", "tcp"]
+
+#: A listen address: ``(host, port)``.  IPv6 hosts have no brackets.
+Address = tuple[str, int]
+
+
+def format_address(address: Address) -> str:
+    """Write ``(host, port)`` as ``host:port``, bracketing IPv6 hosts.
+
+    Args:
+        address: A ``(host, port)`` pair as stored in the model.
+
+    Returns:
+        ``"127.0.0.1:7443"`` or ``"[::1]:7443"``.
+    """
+    host, port = address
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TcpBackend:
+    """A debug server reached over TCP: ``tcp://HOST:PORT``.
+
+    Attributes:
+        host: An IP literal (IPv6 without brackets) or a DNS name.
+        port: 1-65535, or ``None`` for a managed target whose URL says
+            ``{port}``: the relay picks a free port per launch and calls
+            :meth:`with_port`.
+    """
+
+    host: str
+    port: int | None
+
+    def __post_init__(self) -> None:
+        if self.port is not None and (
+            isinstance(self.port, bool)
+            or not isinstance(self.port, int)
+            or not 1 <= self.port <= 65535
+        ):
+            raise ValueError(f"TcpBackend port must be 1-65535, got {self.port!r}")
+
+    def with_port(self, port: int) -> TcpBackend:
+        """Return a copy that connects to ``port``.
+
+        Args:
+            port: The port the launched server listens on, 1-65535.
+
+        Raises:
+            ValueError: ``port`` is out of range.
+        """
+        return dataclasses.replace(self, port=port)
+
+    def __str__(self) -> str:
+        port = "{port}" if self.port is None else str(self.port)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UnixBackend:
+    """A debug server on a Unix domain socket: ``unix:///abs/path``.
+
+    Attributes:
+        path: Absolute path of the socket.
+    """
+
+    path: Path
+
+    def __str__(self) -> str:
+        return f"unix://{self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class NpipeBackend:
+    """A debug server on a Windows named pipe: ``npipe://HOST/PIPE``.
+
+    Only usable when the relay itself runs on Windows.
+
+    Attributes:
+        host: ``"."`` for this machine, or a server name.
+        pipe: The pipe name, without ``\\\\HOST\\pipe\\``.
+    """
+
+    host: str
+    pipe: str
+
+    @property
+    def path(self) -> str:
+        """The Win32 path, ``\\\\HOST\\pipe\\PIPE``."""
+        return f"\\\\{self.host}\\pipe\\{self.pipe}"
+
+    def __str__(self) -> str:
+        return f"npipe://{self.host}/{self.pipe}"
+
+
+Backend = TcpBackend | UnixBackend | NpipeBackend
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelaySection:
+    """``[relay]``: where the relay listens and its global limits.
+
+    Attributes:
+        listen: Addresses for developers' TLS tunnels.  Default
+            ``[("127.0.0.1", 7443)]``: loopback only.  Port 0 binds any free
+            port.
+        state_dir: Folder for the relay's state (revocations, admin socket).
+            Default ``state`` next to the config file.
+        audit_dir: Folder for audit logs and recordings.  Default
+            ``<state_dir>/audit``.
+        handshake_timeout: Seconds for the TLS handshake plus the CONNECT
+            request.  Default 10.
+        close_timeout: Seconds the other side may still send after one side
+            half-closes.  Default 5.
+        shutdown_grace: Seconds live tunnels may continue after SIGTERM.
+            Default 30.
+        max_sessions: Live tunnels allowed at once; further tunnels get 503.
+            Default 256.
+        revocation_interval: Seconds between re-reads of the revocation
+            store.  Default 2.
+        checkpoint_interval: Seconds between signed audit checkpoints of a
+            long session.  Default 300.
+        audit_fsync_interval: Audit records are fsync'd at least this often,
+            in seconds; 0 means after every record.  Default 2.
+    """
+
+    listen: tuple[Address, ...] = (("127.0.0.1", 7443),)
+    state_dir: Path = Path("state")
+    audit_dir: Path = Path("state/audit")
+    handshake_timeout: float = 10.0
+    close_timeout: float = 5.0
+    shutdown_grace: float = 30.0
+    max_sessions: int = 256
+    revocation_interval: float = 2.0
+    checkpoint_interval: float = 300.0
+    audit_fsync_interval: float = 2.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TLSSection:
+    """``[tls]``: the relay's server certificate and TLS policy.
+
+    Attributes:
+        cert: PEM certificate chain.  Required.
+        key: PEM private key.  Required.
+        min_version: ``"1.2"`` (default) or ``"1.3"``.
+        engine: ``"stdlib"`` (default) or ``"pyopenssl"``.
+        client_ca: PEM bundle client certificates are verified against;
+            ``None`` (default) asks for no client certificate.
+        require_client_cert: Refuse clients without a valid certificate.
+            Needs ``client_ca``.  Default false.
+        require_pq: Accept only hybrid post-quantum key exchange.  Needs
+            ``engine = "pyopenssl"``.  Default false.
+        ocsp_response: DER OCSP response to staple; needs
+            ``engine = "pyopenssl"``.  Default ``None``.
+    """
+
+    cert: Path
+    key: Path
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    engine: Literal["stdlib", "pyopenssl"] = "stdlib"
+    client_ca: Path | None = None
+    require_client_cert: bool = False
+    require_pq: bool = False
+    ocsp_response: Path | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthSection:
+    """``[auth]``: how tunnel tokens are checked.
+
+    Attributes:
+        jwks: JSON Web Key Set with the Ed25519 keys tokens may be signed
+            with.  Required.
+        issuer: Expected ``iss`` claim.  Default ``"dbgrelay"``.
+        audience: Expected ``aud`` claim.  Default ``"dbgrelay"``.
+        leeway: Seconds of clock skew tolerated on ``exp``/``nbf``.
+            Default 30.
+        audit_key: Ed25519 private key that signs audit logs; ``None``
+            (default) leaves them unsigned.
+    """
+
+    jwks: Path
+    issuer: str = "dbgrelay"
+    audience: str = "dbgrelay"
+    leeway: float = 30.0
+    audit_key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MetricsSection:
+    """``[metrics]``: the Prometheus endpoint.
+
+    Attributes:
+        listen: Address to serve ``/metrics`` on, or ``None`` when the file
+            says ``listen = ""``.  Default ``("127.0.0.1", 9464)``.
+    """
+
+    listen: Address | None = ("127.0.0.1", 9464)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the metrics endpoint runs at all."""
+        return self.listen is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminSection:
+    """``[admin]``: the local control endpoint.
+
+    Attributes:
+        listen: A :class:`~pathlib.Path` for a Unix socket (the file says
+            ``"unix:PATH"``), or a loopback ``(host, port)``.  Default
+            ``<state_dir>/admin.sock``.
+    """
+
+    listen: Path | Address = Path("state/admin.sock")
+
+    @property
+    def unix_path(self) -> Path | None:
+        """The socket path when :attr:`listen` is a Unix socket, else ``None``."""
+        return self.listen if isinstance(self.listen, Path) else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TargetConfig:
+    """``[[targets]]``: one debug server developers may tunnel to.
+
+    Attributes:
+        name: ``[A-Za-z0-9][A-Za-z0-9._-]{0,63}``, unique.  Required.
+        kind: One of :data:`TARGET_KINDS`.  Required.
+        backend: Where the debug server listens.  Required.
+        backend_url: ``backend`` as written in the file.
+        allow: User names allowed in addition to a valid token; ``None``
+            (default) allows every token holder.
+        connect_timeout: Seconds to connect to the backend.  Default 5.
+        idle_timeout: Seconds without a byte either way before the tunnel is
+            closed (and a managed server killed).  Default 900.
+        max_session: Hard cap on a tunnel's life in seconds; ``None``
+            (default, or ``"0"`` in the file) means no cap.
+        end_on_token_expiry: End the tunnel when its token expires.
+            Default true.
+        launch: Command that starts a managed server per tunnel; contains
+            ``{port}``.  ``None`` (default) means the server runs on its own.
+        launch_timeout: Seconds a launched server may take to accept
+            connections.  Default 10.
+        kill_grace: Seconds between SIGTERM and SIGKILL for a managed
+            server.  Default 5.
+        on_idle: Command run when the target goes idle.  Default ``None``.
+        on_idle_timeout: Seconds ``on_idle`` may run.  Default 30.
+        probe_interval: Seconds between probes for a forgotten server on an
+            unmanaged target; ``None`` (``"0"`` in the file) disables.
+            Default 30.
+        record: Keep the raw byte stream in the audit folder.  Default false.
+        record_max_bytes: Cap on the recorded stream per session, in bytes.
+            Default 67108864 (64 MiB).
+        kd_transport: For ``kdsrv`` targets, the kernel transport string the
+            connector prints (``"net:port=50000,key=..."``).  Default ``None``.
+        require_pq: Per-target override of ``tls.require_pq``; ``None``
+            (default) inherits it.
+    """
+
+    name: str
+    kind: TargetKind
+    backend: Backend
+    backend_url: str
+    allow: tuple[str, ...] | None = None
+    connect_timeout: float = 5.0
+    idle_timeout: float = 900.0
+    max_session: float | None = None
+    end_on_token_expiry: bool = True
+    launch: tuple[str, ...] | None = None
+    launch_timeout: float = 10.0
+    kill_grace: float = 5.0
+    on_idle: tuple[str, ...] | None = None
+    on_idle_timeout: float = 30.0
+    probe_interval: float | None = 30.0
+    record: bool = False
+    record_max_bytes: int = 64 * 1024 * 1024
+    kd_transport: str | None = None
+    require_pq: bool | None = None
+
+    @property
+    def managed(self) -> bool:
+        """Whether the relay launches this target's server per tunnel."""
+        return self.launch is not None
+
+    def allows(self, user: str) -> bool:
+        """Whether ``user`` passes this target's ``allow`` list.
+
+        A valid token is still required; this is the extra per-target check.
+        """
+        return self.allow is None or user in self.allow
+
+    def launch_command(self, port: int) -> tuple[str, ...]:
+        """The ``launch`` command with every ``{port}`` replaced by ``port``.
+
+        Raises:
+            ValueError: the target is not managed.
+        """
+        if self.launch is None:
+            raise ValueError(f"target {self.name!r} has no launch command")
+        return tuple(arg.replace("{port}", str(port)) for arg in self.launch)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """The whole validated configuration.
+
+    Attributes:
+        relay: ``[relay]``.
+        tls: ``[tls]``.
+        auth: ``[auth]``.
+        metrics: ``[metrics]``.
+        admin: ``[admin]``.
+        targets: ``[[targets]]`` in file order.
+        source: The config file it was loaded from, or ``None`` when built by
+            :func:`config.config_from_dict`.
+    """
+
+    relay: RelaySection = field(default_factory=RelaySection)
+    tls: TLSSection
+    auth: AuthSection
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    admin: AdminSection = field(default_factory=AdminSection)
+    targets: tuple[TargetConfig, ...] = ()
+    source: Path | None = None
+
+    def target(self, name: str) -> TargetConfig | None:
+        """The target called ``name``, or ``None``."""
+        for target in self.targets:
+            if target.name == name:
+                return target
+        return None
+
+    def requires_pq(self, target: TargetConfig) -> bool:
+        """Whether tunnels to ``target`` must use post-quantum key exchange."""
+        if target.require_pq is not None:
+            return target.require_pq
+        return self.tls.require_pq
