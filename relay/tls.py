@@ -119,11 +119,43 @@ def _subject_string(cert: dict) -> str | None:
     return ",".join(parts) or None
 
 
-class _StdlibStream(trio.SSLStream):
-    """trio's SSLStream plus :meth:`tls_info`."""
+class _StdlibStream(trio.abc.Stream):
+    """:class:`trio.SSLStream` (which cannot be subclassed) plus :meth:`tls_info`.
+
+    The stream methods are the SSLStream's own bound methods, set on the
+    instance, so the wrapper adds no call of its own on the data path.
+    """
+
+    def __init__(self, ssl_stream: trio.SSLStream) -> None:
+        self.ssl_stream = ssl_stream
+        self.transport_stream = ssl_stream.transport_stream
+        self.do_handshake = ssl_stream.do_handshake
+        self.send_all = ssl_stream.send_all
+        self.receive_some = ssl_stream.receive_some
+        self.wait_send_all_might_not_block = ssl_stream.wait_send_all_might_not_block
+        self.aclose = ssl_stream.aclose
+
+    # The class-level definitions satisfy trio.abc.Stream; instances use the
+    # SSLStream's bound methods assigned above.
+    async def do_handshake(self) -> None:  # pragma: no cover - shadowed per instance
+        await self.ssl_stream.do_handshake()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:  # pragma: no cover
+        await self.ssl_stream.send_all(data)
+
+    async def receive_some(
+        self, max_bytes: int | None = None
+    ) -> bytes | bytearray:  # pragma: no cover
+        return await self.ssl_stream.receive_some(max_bytes)
+
+    async def wait_send_all_might_not_block(self) -> None:  # pragma: no cover
+        await self.ssl_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:  # pragma: no cover
+        await self.ssl_stream.aclose()
 
     def tls_info(self) -> TLSInfo:
-        obj = self._ssl_object
+        obj = self.ssl_stream._ssl_object
         cipher = obj.cipher()
         peer = obj.getpeercert() if obj.server_side else None
         serial = None
@@ -177,7 +209,9 @@ class _StdlibServer:
         self.context = ctx
 
     def wrap(self, transport: trio.abc.Stream) -> TLSStream:
-        return _StdlibStream(transport, self.context, server_side=True, https_compatible=True)
+        return _StdlibStream(
+            trio.SSLStream(transport, self.context, server_side=True, https_compatible=True)
+        )
 
 
 class _StdlibClient:
@@ -206,7 +240,9 @@ class _StdlibClient:
 
     def wrap(self, transport: trio.abc.Stream, server_hostname: str) -> TLSStream:
         return _StdlibStream(
-            transport, self.context, server_hostname=server_hostname, https_compatible=True
+            trio.SSLStream(
+                transport, self.context, server_hostname=server_hostname, https_compatible=True
+            )
         )
 
 

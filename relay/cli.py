@@ -1,0 +1,665 @@
+"""The ``dbgrelay`` command line.
+
+This is the only module that prints to stderr or chooses an exit code.
+Errors people can fix (a bad flag, a bad config, an unreadable key) end with
+one line naming what was wrong and what to do, and exit 2; a refused token
+exits 3; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line (or one per problem)."""
+
+    def __init__(self, message: str, *, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------------
+# Logging: one JSON object per line on stderr, or text for a terminal.
+
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+            "logger": record.name,
+        }
+        obj |= _fields(record)
+        if record.exc_info:
+            obj["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(obj, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
+        fields = " ".join(f"{k}={v}" for k, v in _fields(record).items() if v is not None)
+        line = f"{stamp} {record.levelname.lower():7} {record.getMessage()} {fields}".rstrip()
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def _duration(text: str) -> float:
+    from config import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _load_config(path: Path):
+    from config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise UserError("\n".join(exc.problems)) from None
+
+
+def _read_token(args: argparse.Namespace) -> str:
+    if args.token_file is None:
+        token = os.environ.get("DBGRELAY_TOKEN", "").strip()
+        if not token:
+            raise UserError("no token: pass --token-file FILE (or set DBGRELAY_TOKEN)")
+        return token
+    try:
+        token = Path(args.token_file).read_text().strip()
+    except OSError as exc:
+        raise UserError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
+    if not token:
+        raise UserError(
+            f"--token-file {args.token_file} is empty; it must hold the JWT an admin issued"
+        )
+    return token
+
+
+def _err(message: str) -> None:
+    for line in message.splitlines() or [message]:
+        print(f"dbgrelay: {line}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# keys / certs
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    from auth import init_keys
+
+    paths = init_keys(Path(args.out))
+    print(f"signing key (keep secret): {paths.signing_key}", file=sys.stderr)
+    print(f"public keys for [auth] jwks: {paths.jwks}", file=sys.stderr)
+    print(f"audit key for [auth] audit_key (keep secret): {paths.audit_key}", file=sys.stderr)
+    print(
+        f"audit public key for 'dbgrelay audit verify --pubkey': {paths.audit_pub}", file=sys.stderr
+    )
+    return EXIT_OK
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from auth import rotate_keys
+
+    paths = rotate_keys(Path(args.out))
+    print(
+        f"new signing key: {paths.signing_key}; {paths.jwks} now holds old and new public keys",
+        file=sys.stderr,
+    )
+    print("send SIGHUP to the relay (or restart it) to load the new JWKS", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from auth import init_pki
+
+    if not args.host:
+        raise UserError(
+            "certs init needs at least one --host (a DNS name or IP address of the relay)"
+        )
+    paths = init_pki(Path(args.out), args.host)
+    print(f"CA certificate (give to developers for --ca): {paths.ca_cert}", file=sys.stderr)
+    print(f"server certificate for [tls] cert: {paths.server_cert}", file=sys.stderr)
+    print(f"server key for [tls] key: {paths.server_key}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_certs_issue_client(args: argparse.Namespace) -> int:
+    from auth import issue_client_cert
+
+    password = None
+    if args.p12_password_file:
+        password = Path(args.p12_password_file).read_bytes().strip()
+    paths = issue_client_cert(Path(args.ca_dir), args.user, Path(args.out), p12_password=password)
+    print(f"client certificate: {paths.cert}", file=sys.stderr)
+    print(f"client key: {paths.key}", file=sys.stderr)
+    print(f"PKCS#12 bundle for the Windows certificate store: {paths.p12}", file=sys.stderr)
+    print(f"serial (for revocation): {paths.serial:x}", file=sys.stderr)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# tokens
+
+
+def cmd_token_issue(args: argparse.Namespace) -> int:
+    from auth import issue_token, load_signing_key, verify_token
+
+    issuer, audience = args.issuer, args.audience
+    config = _load_config(Path(args.config)) if args.config else None
+    if config is not None:
+        issuer = issuer or config.auth.issuer
+        audience = audience or config.auth.audience
+    if not args.target and args.scope != "admin":
+        raise UserError(
+            "token issue needs at least one --target NAME (globs like 'build*' allowed)"
+        )
+    key = load_signing_key(Path(args.key))
+    now = time.time()
+    try:
+        token = issue_token(
+            key,
+            user=args.user,
+            targets=args.target or [],
+            ttl=args.ttl,
+            issuer=issuer or "dbgrelay",
+            audience=audience or "dbgrelay",
+            now=now,
+            scope=args.scope,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if config is not None:
+        from auth import KeySet, RevocationStore
+
+        claims = verify_token(
+            token,
+            KeySet({key.kid: key.private_key.public_key()}),
+            issuer=issuer or "dbgrelay",
+            audience=audience or "dbgrelay",
+            now=now,
+            leeway=0,
+        )
+        config.relay.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with RevocationStore(config.relay.state_dir / "tokens.sqlite") as store:
+            store.record_issued(claims)
+    print(token)
+    return EXIT_OK
+
+
+def _store(args: argparse.Namespace):
+    from auth import RevocationStore
+
+    config = _load_config(Path(args.config))
+    return RevocationStore(config.relay.state_dir / "tokens.sqlite")
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    if bool(args.jti) == bool(args.user):
+        raise UserError("token revoke needs a JTI, or --user NAME to revoke all of a user's tokens")
+    now = time.time()
+    with _store(args) as store:
+        if args.user:
+            n = store.revoke_user(args.user, now=now, reason=args.reason or "")
+            print(
+                f"revoked every token of {args.user} issued until now ({n} known)", file=sys.stderr
+            )
+        else:
+            new = store.revoke(args.jti, now=now, reason=args.reason or "")
+            print(f"revoked {args.jti}" + ("" if new else " (already revoked)"), file=sys.stderr)
+    print(
+        "the relay refuses it from now on and ends its live tunnels within seconds", file=sys.stderr
+    )
+    return EXIT_OK
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        records = store.list_tokens()
+    rows = [_record_dict(r) for r in records]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return EXIT_OK
+    _table(rows, ["jti", "sub", "targets", "status", "issued_at", "exp", "revoked_at"])
+    return EXIT_OK
+
+
+def _record_dict(record: Any) -> dict[str, Any]:
+    if hasattr(record, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        data = asdict(record)
+    else:
+        data = dict(record)
+    for key in ("iat", "exp", "issued_at", "revoked_at"):
+        if isinstance(data.get(key), int | float):
+            data[key] = datetime.fromtimestamp(data[key], UTC).strftime("%Y-%m-%d %H:%M")
+    if isinstance(data.get("targets"), list | tuple):
+        data["targets"] = ",".join(data["targets"])
+    return data
+
+
+def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    cells = [[str(r.get(c) if r.get(c) is not None else "-") for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+# ---------------------------------------------------------------------------
+# config, serve, connect
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .server import load_runtime
+
+    config = _load_config(Path(args.config))
+    load_runtime(config)
+    print(f"{args.config}: ok ({len(config.targets)} targets)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load_config(Path(args.config))
+    trio.run(_run_relay, config)
+    return EXIT_OK
+
+
+async def _run_relay(config: Any, before: Callable[[trio.Nursery], Any] | None = None) -> None:
+    """Run the relay with its metrics endpoint, admin API and signal handling."""
+    from .server import Relay, run_signals, serve_relay
+
+    metrics = _make_metrics(config)
+    relay = Relay(config, metrics=metrics)
+    stop = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_signals, relay, stop)
+            await _start_side_services(nursery, relay, metrics)
+            await serve_relay(relay, stop=stop)
+            nursery.cancel_scope.cancel()
+    finally:
+        relay.close()
+
+
+def _make_metrics(config):
+    from .metrics import Metrics
+
+    return Metrics(version=_version(), targets=[t.name for t in config.targets])
+
+
+async def _start_side_services(nursery: trio.Nursery, relay: Any, metrics: Any) -> None:
+    """The metrics endpoint and the admin API, when configured."""
+    from config import format_address
+
+    from .httpd import metrics_handler, open_http_listeners, serve_http
+
+    config = relay.config
+    if config.metrics.listen is not None:
+        listeners = await open_http_listeners(format_address(config.metrics.listen))
+        await nursery.start(serve_http, listeners, metrics_handler(metrics))
+        for lst in listeners:
+            logging.getLogger("dbgrelay.relay").info(
+                "metrics.listening", extra={"address": format_address(lst.socket.getsockname()[:2])}
+            )
+    try:
+        from .admin import serve_admin
+    except ImportError:  # pragma: no cover - admin API not present
+        return
+    await nursery.start(serve_admin, relay)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dbgrelay")
+    except Exception:  # pragma: no cover - running from a source tree
+        return "0.0.0"
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    from .connector import (
+        ConnectFailed,
+        RelayRefused,
+        debugger_command,
+        make_settings,
+        preflight,
+        serve_connector,
+    )
+
+    token = _read_token(args)
+    try:
+        settings = make_settings(
+            relay=args.relay,
+            ca=Path(args.ca) if args.ca else None,
+            target=args.target,
+            token=token,
+            listen=args.listen,
+            engine=args.tls_engine,
+            server_name=args.server_name,
+            cert=Path(args.cert) if args.cert else None,
+            key=Path(args.key) if args.key else None,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    reported: set[tuple[int, str]] = set()
+
+    def on_refused(exc: RelayRefused | ConnectFailed) -> None:
+        key = (getattr(exc, "status", 0), exc.reason)
+        if key not in reported:  # each distinct refusal is reported once
+            reported.add(key)
+            _err(str(exc))
+
+    async def run() -> int:
+        try:
+            headers = await preflight(settings)
+        except RelayRefused as exc:
+            _err(str(exc))
+            return EXIT_REFUSED
+        except ConnectFailed as exc:
+            _err(str(exc))
+            return EXIT_FAIL
+        kind = args.kind or headers.get("dbgrelay-target-kind", "tcp")
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                lambda task_status: serve_connector(
+                    settings, on_refused=on_refused, task_status=task_status
+                )
+            )
+            host, port = listeners[0].socket.getsockname()[:2]
+            print(
+                f"dbgrelay connect: listening on {host}:{port}, tunnelling to target {args.target} "
+                f"via {args.relay} (Ctrl-C to stop)",
+                file=sys.stderr,
+            )
+            print(
+                debugger_command(
+                    kind, host, port, kd_transport=headers.get("dbgrelay-kd-transport")
+                ),
+                flush=True,
+            )
+        return EXIT_OK
+
+    try:
+        return trio.run(run)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# audit
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from .audit import load_public_key_file, verify_file
+
+    pubkey = None
+    if args.pubkey:
+        try:
+            pubkey = load_public_key_file(Path(args.pubkey))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--pubkey {args.pubkey}: {exc}") from None
+    failed = False
+    for name in args.paths:
+        report = verify_file(Path(name), pubkey=pubkey)
+        if report.ok:
+            note = (
+                "signature ok"
+                if report.signed
+                else "chain ok (no --pubkey: signatures not checked)"
+            )
+            print(f"{name}: ok, {report.records} records, {note}")
+        else:
+            failed = True
+            for problem in report.problems:
+                print(f"{name}: {problem}")
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    from .audit import render_timeline
+
+    for name in args.paths:
+        print(render_timeline(Path(name), show_bytes=args.bytes), end="")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# demo
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import prepare_demo, serve_echo, write_demo_config
+
+    setup = prepare_demo(Path(args.state), port=args.port)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            echo_port = await nursery.start(serve_echo)
+            write_demo_config(setup, echo_port=echo_port)
+            config = _load_config(setup.config)
+            here = Path.cwd()
+
+            def rel(p: Path) -> str:
+                return str(p.relative_to(here)) if p.is_relative_to(here) else str(p)
+
+            connect = (
+                f"dbgrelay connect --relay 127.0.0.1:{setup.port} --ca {rel(setup.ca)} "
+                f"--token-file {rel(setup.token_file)}"
+            )
+            print(f"dbgrelay demo: relay on 127.0.0.1:{setup.port}, config {rel(setup.config)}")
+            print("In another terminal (after 'source .venv/bin/activate'):")
+            print(f"  {connect} --target demo-echo --listen 127.0.0.1:5005")
+            print(
+                "  then type into: python3 -c \"import socket,sys; s=socket.create_connection(('127.0.0.1',5005)); "
+                "s.sendall(b'hello\\n'); print(s.recv(100))\""
+            )
+            if setup.gdbserver:
+                print(f"  {connect} --target demo-gdb --listen 127.0.0.1:5006")
+                print(
+                    "  then: gdb -ex 'target remote 127.0.0.1:5006'   (gdbserver starts on demand)"
+                )
+            print(f"Audit logs: {rel(config.relay.audit_dir)}; Ctrl-C stops the relay.", flush=True)
+            await _run_relay(config)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dbgrelay", description="Authenticated TLS relay for remote debugging sessions."
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        default=None,
+        help="log format on stderr (default: json for serve, text otherwise)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str, parent=sub):
+        p = parent.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("serve", cmd_serve, "run the relay")
+    p.add_argument("--config", required=True, help="dbgrelay.toml")
+
+    p = add("check-config", cmd_check_config, "validate a config file and the files it names")
+    p.add_argument("--config", required=True)
+
+    p = add("connect", cmd_connect, "open tunnels from a local port to a target through the relay")
+    p.add_argument("--relay", required=True, help="HOST:PORT of the relay")
+    p.add_argument(
+        "--ca",
+        help="CA certificate (PEM) that signed the relay's certificate; default: the system store",
+    )
+    p.add_argument("--target", required=True)
+    p.add_argument("--token-file", help="file holding the JWT (default: $DBGRELAY_TOKEN)")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:5005",
+        help="loopback HOST:PORT for the debugger "
+        "(default 127.0.0.1:5005; port 0 picks a free one)",
+    )
+    p.add_argument(
+        "--kind",
+        choices=["dbgsrv", "kdsrv", "server", "gdbserver", "tcp"],
+        help="override the target kind the relay reports",
+    )
+    p.add_argument(
+        "--server-name", help="name to check in the relay's certificate (default: the --relay host)"
+    )
+    p.add_argument("--tls-engine", choices=["stdlib", "pyopenssl"], default="stdlib")
+    p.add_argument("--cert", help="client certificate (PEM) for relays that require one")
+    p.add_argument("--key", help="client key (PEM)")
+
+    keys = add("keys", None, "token-signing and audit keys").add_subparsers(
+        dest="sub", required=True
+    )
+    p = add("init", cmd_keys_init, "create signing.key, jwks.json, audit.key and audit.pub", keys)
+    p.add_argument("--out", required=True)
+    p = add("rotate", cmd_keys_rotate, "new signing key; old public keys stay in jwks.json", keys)
+    p.add_argument("--out", required=True)
+
+    certs = add("certs", None, "a small CA for labs without a PKI").add_subparsers(
+        dest="sub", required=True
+    )
+    p = add("init", cmd_certs_init, "create a CA and a server certificate", certs)
+    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--host", action="append", default=[], help="DNS name or IP of the relay (repeat)"
+    )
+    p = add("issue-client", cmd_certs_issue_client, "issue a client certificate for mTLS", certs)
+    p.add_argument("--ca-dir", required=True, help="folder with ca.pem and ca.key")
+    p.add_argument("--user", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--p12-password-file", help="file with the PKCS#12 password")
+
+    token = add("token", None, "issue, revoke and list tokens").add_subparsers(
+        dest="sub", required=True
+    )
+    p = add("issue", cmd_token_issue, "print a signed token (JWT) on stdout", token)
+    p.add_argument("--key", required=True, help="signing.key from 'dbgrelay keys init'")
+    p.add_argument("--user", required=True)
+    p.add_argument("--target", action="append", default=[], help="target name or glob (repeat)")
+    p.add_argument(
+        "--ttl", type=_duration, default=_duration("8h"), help='lifetime, e.g. "2h" (default 8h)'
+    )
+    p.add_argument("--issuer")
+    p.add_argument("--audience")
+    p.add_argument("--scope", choices=["admin"], help="issue an admin-API token instead")
+    p.add_argument("--config", help="record the token in this relay's state (for 'token list')")
+    p = add("revoke", cmd_token_revoke, "revoke a token by jti, or all of a user's", token)
+    p.add_argument("jti", nargs="?")
+    p.add_argument("--user")
+    p.add_argument("--reason")
+    p.add_argument("--config", required=True)
+    p = add("list", cmd_token_list, "tokens this relay knows of", token)
+    p.add_argument("--config", required=True)
+    p.add_argument("--json", action="store_true")
+
+    audit = add("audit", None, "check and read audit logs").add_subparsers(
+        dest="sub", required=True
+    )
+    p = add("verify", cmd_audit_verify, "check audit files for tampering and truncation", audit)
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--pubkey", help="audit.pub (checks the signatures)")
+    p = add("show", cmd_audit_show, "print a readable timeline", audit)
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--bytes", action="store_true", help="also dump the recorded byte stream")
+
+    p = add("demo", cmd_demo, "start a relay with generated dev keys, CA and demo targets")
+    p.add_argument(
+        "--state", default="demo-state", help="folder for the demo's files (default demo-state)"
+    )
+    p.add_argument("--port", type=int, default=7443)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # The relay logs JSON lines for machines; commands people run log text.
+    fmt = args.log_format or ("json" if args.command == "serve" else "text")
+    setup_logging(fmt, args.log_level)
+    from auth import AuthError
+    from config import ConfigError
+
+    from .errors import RelayError
+
+    try:
+        return args.func(args)
+    except UserError as exc:
+        _err(str(exc))
+        return exc.code
+    except ConfigError as exc:
+        _err("\n".join(exc.problems))
+        return EXIT_USAGE
+    except (AuthError, RelayError) as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

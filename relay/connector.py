@@ -1,0 +1,299 @@
+"""``dbgrelay connect``: the developer's end of the tunnel.
+
+It listens on a loopback address and, for every connection the debugger
+makes, opens a TLS connection to the relay, sends ``CONNECT <target>`` with
+the token, and then moves bytes.  At start-up an ``OPTIONS`` preflight checks
+the token once and asks the relay what kind of debug server the target is, so
+the connector can print the exact debugger command line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from .errors import RelayError, RemoteProtocolError
+from .preamble import NEED_DATA, ResponseParser, TunnelResponse, render_request
+from .pump import Traffic, run_pump
+from .tls import ClientEngine, make_client_engine
+
+__all__ = [
+    "ConnectorSettings",
+    "RelayRefused",
+    "ConnectFailed",
+    "debugger_command",
+    "preflight",
+    "open_tunnel",
+    "serve_connector",
+    "check_loopback",
+]
+
+log = logging.getLogger("dbgrelay.connect")
+
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class RelayRefused(RelayError):
+    """The relay answered with a refusal (401, 403, 404, 502, 503...)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"relay refused the tunnel: {status} {reason}: {message}", reason=reason)
+        self.status = status
+        self.message = message
+
+
+class ConnectFailed(RelayError):
+    """The relay could not be reached or the TLS handshake failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorSettings:
+    """What ``dbgrelay connect`` was told.
+
+    Attributes:
+        relay_host: The relay's host name or address.
+        relay_port: The relay's TLS port.
+        server_name: Name checked against the relay's certificate (default
+            ``relay_host``).
+        target: The target to tunnel to.
+        token: The bearer token (JWT).
+        listen: Loopback ``(host, port)`` for the debugger; port 0 picks one.
+        engine: The client TLS engine.
+        handshake_timeout: Seconds for TLS plus the relay's answer.
+    """
+
+    relay_host: str
+    relay_port: int
+    server_name: str
+    target: str
+    token: str
+    listen: tuple[str, int]
+    engine: ClientEngine
+    handshake_timeout: float = 15.0
+
+
+def check_loopback(host: str) -> None:
+    """Refuse a non-loopback listen address.
+
+    Anyone who can reach the connector's port uses the developer's token, so
+    it must only be reachable from this machine.
+
+    Raises:
+        ValueError: ``host`` is not a loopback address.
+    """
+    if host == "localhost":
+        return
+    try:
+        ok = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"--listen must be a loopback address such as 127.0.0.1, got {host!r}: "
+            "anyone who can reach that port would use your token"
+        )
+
+
+def debugger_command(kind: str, host: str, port: int, *, kd_transport: str | None = None) -> str:
+    """The command line to paste for a target of ``kind`` reached at ``host:port``."""
+    tcp = f"tcp:server={host},port={port}"
+    if kind == "dbgsrv":
+        return f"windbg -premote {tcp}"
+    if kind == "server":
+        return f"windbg -remote {tcp}"
+    if kind == "kdsrv":
+        trans = kd_transport or "net:port=<PORT>,key=<KEY>"
+        return f"windbg -k kdsrv:server=@{{{tcp}}},trans=@{{{trans}}}"
+    if kind == "gdbserver":
+        return f"gdb -ex 'target remote {host}:{port}'"
+    return f"connect your client to {host}:{port}"
+
+
+async def _exchange(
+    settings: ConnectorSettings, method: str
+) -> tuple[trio.abc.Stream, TunnelResponse]:
+    """Open TLS to the relay, send one request, read the answer head."""
+    try:
+        with trio.fail_after(settings.handshake_timeout):
+            raw = await trio.open_tcp_stream(settings.relay_host, settings.relay_port)
+    except (OSError, trio.TooSlowError) as exc:
+        raise ConnectFailed(
+            f"cannot reach the relay at {settings.relay_host}:{settings.relay_port}: "
+            f"{getattr(exc, 'strerror', None) or exc or 'timed out'}; check --relay",
+            reason="relay_unreachable",
+        ) from exc
+    tls = settings.engine.wrap(raw, settings.server_name)
+    try:
+        with trio.fail_after(settings.handshake_timeout):
+            try:
+                await tls.do_handshake()
+            except _BROKEN as exc:
+                raise ConnectFailed(
+                    f"TLS handshake with {settings.relay_host}:{settings.relay_port} failed: "
+                    f"{exc.__cause__ or exc}; check --ca and that the relay's certificate names "
+                    f"{settings.server_name!r}",
+                    reason="tls_error",
+                ) from exc
+            await tls.send_all(
+                render_request(
+                    method=method,
+                    target=settings.target,
+                    token=settings.token,
+                    host=settings.target,
+                )
+            )
+            parser = ResponseParser(method=method)
+            while True:
+                event = parser.next_event()
+                if event is not NEED_DATA:
+                    break
+                parser.receive_data(await tls.receive_some(16384))
+    except trio.TooSlowError as exc:
+        await trio.aclose_forcefully(tls)
+        raise ConnectFailed(
+            f"the relay did not answer within {settings.handshake_timeout:g}s", reason="timeout"
+        ) from exc
+    except (RemoteProtocolError, *_BROKEN) as exc:
+        await trio.aclose_forcefully(tls)
+        raise ConnectFailed(
+            f"the relay closed the connection: {exc}", reason="relay_error"
+        ) from exc
+    except ConnectFailed:
+        await trio.aclose_forcefully(tls)
+        raise
+    if event.status != 200:
+        await trio.aclose_forcefully(tls)
+        raise RelayRefused(event.status, event.reason or "refused", event.message or "")
+    return tls, event
+
+
+async def preflight(settings: ConnectorSettings) -> dict[str, str]:
+    """Check the token and learn the target's kind, without touching the backend.
+
+    Returns:
+        The relay's answer headers (``dbgrelay-target-kind`` and, for kdsrv,
+        ``dbgrelay-kd-transport``).
+
+    Raises:
+        RelayRefused: the relay refused the token or target.
+        ConnectFailed: the relay could not be reached.
+    """
+    tls, event = await _exchange(settings, "OPTIONS")
+    await trio.aclose_forcefully(tls)
+    return dict(event.headers)
+
+
+async def open_tunnel(settings: ConnectorSettings) -> tuple[trio.abc.Stream, str, bytes]:
+    """Open one tunnel.
+
+    Returns:
+        The TLS stream (raw bytes from now on), the relay's session id, and
+        any tunnel bytes that arrived with the answer.
+    """
+    tls, event = await _exchange(settings, "CONNECT")
+    return tls, event.headers.get("dbgrelay-session", "?"), event.trailing
+
+
+async def serve_connector(
+    settings: ConnectorSettings,
+    *,
+    on_refused: Callable[[RelayRefused | ConnectFailed], None] | None = None,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept debugger connections on loopback and tunnel each one.
+
+    Args:
+        settings: Where to connect and with what.
+        on_refused: Called when a tunnel cannot be opened.
+        task_status: Receives the bound listeners once listening.
+    """
+    host, port = settings.listen
+    check_loopback(host)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+
+    async def handle(local: trio.SocketStream) -> None:
+        try:
+            tls, session_id, first = await open_tunnel(settings)
+        except (RelayRefused, ConnectFailed) as exc:
+            log.warning("tunnel.refused", extra={"reason": exc.reason, "error": str(exc)})
+            if on_refused is not None:
+                on_refused(exc)
+            await local.aclose()
+            return
+        log.info("tunnel.opened", extra={"session_id": session_id, "target": settings.target})
+        traffic = Traffic()
+        try:
+            if first:
+                await local.send_all(first)
+            result = await run_pump(local, tls, traffic)
+            reason = result.reason
+        except _BROKEN:
+            reason = "client_error"
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(tls)
+                await trio.aclose_forcefully(local)
+        log.info(
+            "tunnel.closed",
+            extra={
+                "session_id": session_id,
+                "reason": reason.replace("client", "debugger").replace("backend", "relay"),
+                "bytes_sent": traffic.to_backend,
+                "bytes_received": traffic.to_client + len(first),
+            },
+        )
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, handle, listeners)
+            task_status.started(listeners)
+    finally:
+        for lst in listeners:
+            with trio.CancelScope(shield=True):
+                await lst.aclose()
+
+
+def make_settings(
+    *,
+    relay: str,
+    ca: Path | None,
+    target: str,
+    token: str,
+    listen: str,
+    engine: str = "stdlib",
+    server_name: str | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    min_version: str = "1.2",
+) -> ConnectorSettings:
+    """Build settings from command-line strings.
+
+    Raises:
+        ValueError: an address is malformed (the message names the flag).
+    """
+    relay_host, relay_port = _split_hostport(relay, "--relay")
+    listen_host, listen_port = _split_hostport(listen, "--listen")
+    check_loopback(listen_host)
+    client = make_client_engine(engine=engine, ca=ca, min_version=min_version, cert=cert, key=key)
+    return ConnectorSettings(
+        relay_host=relay_host,
+        relay_port=relay_port,
+        server_name=server_name or relay_host,
+        target=target,
+        token=token,
+        listen=(listen_host, listen_port),
+        engine=client,
+    )
+
+
+def _split_hostport(text: str, flag: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{flag} must look like HOST:PORT (e.g. relay.example:7443), got {text!r}")
+    return host, int(port)

@@ -1,0 +1,480 @@
+"""The long-lived relay: listeners, sessions, managed servers, housekeeping.
+
+::
+
+    main nursery
+    ├─ serve_listeners(...)        one task per connection -> session.handle_connection
+    ├─ housekeeping                audit fsync + checkpoints, byte metrics, revocation
+    ├─ probes                      forgotten-server detection for unmanaged targets
+    ├─ metrics / admin endpoints
+    └─ signals                     SIGHUP reload, SIGTERM/SIGINT drain
+    managed nursery
+    └─ one ManagedServer.run per launched debug server
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from auth import KeySet, RevocationSet, RevocationStore, load_audit_key, load_jwks, peek_unverified
+from config import Config, TargetConfig, format_address, load_config
+
+from .audit import AuditWriter, relay_audit_path
+from .backends import ManagedServer, probe_backend
+from .errors import RelayError
+from .metrics import Metrics, NilMetrics
+from .session import Session, handle_connection
+from .tls import ServerTLS, make_server_engine
+
+__all__ = ["Relay", "serve_relay", "load_runtime", "Runtime"]
+
+log = logging.getLogger("dbgrelay.relay")
+audit_log = logging.getLogger("audit")
+
+VERSION = "0.1.0"
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """Everything built from the config files, swapped as one on reload."""
+
+    config: Config
+    keys: KeySet
+    tls_engine: Any
+    audit_key: Any
+
+
+def load_runtime(
+    config: Config, *, is_serial_revoked: Callable[[int], bool] | None = None
+) -> Runtime:
+    """Load keys and certificates named by ``config``.
+
+    Raises:
+        RelayError or AuthError: a file cannot be used; the message names it.
+    """
+    keys = load_jwks(config.auth.jwks)
+    engine = make_server_engine(
+        engine=config.tls.engine,
+        cert=config.tls.cert,
+        key=config.tls.key,
+        min_version=config.tls.min_version,
+        client_ca=config.tls.client_ca,
+        require_client_cert=config.tls.require_client_cert,
+        is_serial_revoked=is_serial_revoked,
+        ocsp_response=config.tls.ocsp_response,
+    )
+    audit_key = load_audit_key(config.auth.audit_key) if config.auth.audit_key else None
+    return Runtime(config=config, keys=keys, tls_engine=engine, audit_key=audit_key)
+
+
+class Relay:
+    """The relay's state, shared by the sessions and the housekeeping tasks.
+
+    Args:
+        config: The validated configuration; keys and certificates are
+            loaded from the files it names.
+        metrics: A :class:`Metrics` or :class:`NilMetrics`.
+        wall_clock: Unix time source for token checks (tests pass one tied
+            to trio's mock clock).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics | NilMetrics | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.metrics = metrics if metrics is not None else NilMetrics()
+        self.wall_clock = wall_clock
+        self.sessions: dict[str, Session] = {}
+        self.draining = False
+        self.managed: dict[str, ManagedServer] = {}
+        self._launch_locks: dict[str, trio.Lock] = {}
+        self._managed_nursery: trio.Nursery | None = None
+        self.listeners: list[trio.SocketListener] = []
+        state = config.relay.state_dir
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = RevocationStore(state / "tokens.sqlite")
+        self.revoked: RevocationSet = self.store.snapshot()
+        self._revocation_version = self.store.data_version()
+        try:
+            # The TLS engine checks client certificates against our revocations.
+            self.runtime = load_runtime(config, is_serial_revoked=self.is_serial_revoked)
+        except BaseException:
+            self.store.close()
+            raise
+        self.tls = ServerTLS(self.runtime.tls_engine)
+        self._relay_audit: AuditWriter | None = None
+        self._relay_audit_day: str | None = None
+        # Monotonic (trio) time each target last saw a tunnel end, for forgotten-server checks.
+        self.last_activity: dict[str, float] = {}
+        self.forgotten: set[str] = set()
+        self._no_sessions = trio.Event()
+
+    # -- the current runtime ------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
+    @property
+    def keys(self) -> KeySet:
+        return self.runtime.keys
+
+    @property
+    def audit_key(self) -> Any:
+        return self.runtime.audit_key
+
+    def is_serial_revoked(self, serial: int) -> bool:
+        return self.revoked.is_serial_revoked(serial)
+
+    def peek_token(self, token: str | None) -> dict[str, str]:
+        """``sub``/``jti`` of a refused token, marked unverified, for the audit trail."""
+        if not token:
+            return {}
+        claimed = peek_unverified(token)
+        return {f"claimed_{k}": v for k, v in claimed.items()}
+
+    # -- audit ---------------------------------------------------------------
+
+    def audit_event(self, event: str, **fields: Any) -> None:
+        """Append a relay-level record (refused handshakes, reloads) and log it."""
+        audit_log.info(event, extra=fields)
+        try:
+            writer = self._relay_writer()
+            writer.append(event, **fields)
+            writer.flush()
+        except (OSError, RelayError) as exc:
+            self.metrics.audit_write_error()
+            log.error("audit.unwritable", extra={"error": str(exc)})
+
+    def _relay_writer(self) -> AuditWriter:
+        now = datetime.fromtimestamp(self.wall_clock(), UTC)
+        day = now.strftime("%Y-%m-%d")
+        if self._relay_audit is None or self._relay_audit_day != day:
+            if self._relay_audit is not None:
+                self._relay_audit.close()
+            path = relay_audit_path(self.config.relay.audit_dir, now)
+            if path.exists():
+                self._relay_audit = AuditWriter.open_append(path, signing_key=self.audit_key)
+            else:
+                self._relay_audit = AuditWriter.create(
+                    path, kind="relay", session_id=None, signing_key=self.audit_key
+                )
+            self._relay_audit_day = day
+        return self._relay_audit
+
+    async def sync_audit(self, writer: AuditWriter) -> None:
+        """Flush and fsync one audit file, off the event loop."""
+        writer.flush()
+        await trio.to_thread.run_sync(writer.sync)
+
+    def flush_bytes(self, session: Session) -> None:
+        """Push a session's byte counts into the metrics (batched, not per chunk)."""
+        t, r = session.traffic, session.reported
+        if t.to_backend != r.to_backend or t.to_client != r.to_client:
+            self.metrics.add_bytes(
+                session.target,
+                to_backend=t.to_backend - r.to_backend,
+                to_client=t.to_client - r.to_client,
+            )
+            r.to_backend, r.to_client = t.to_backend, t.to_client
+
+    # -- managed servers -----------------------------------------------------
+
+    async def managed_server(self, target: TargetConfig) -> tuple[ManagedServer, bool]:
+        """The running server for ``target``, launched now if there is none.
+
+        Returns:
+            The server and whether this call launched it.
+
+        Raises:
+            BackendError: it could not be launched.
+        """
+        lock = self._launch_locks.setdefault(target.name, trio.Lock())
+        async with lock:
+            server = self.managed.get(target.name)
+            if server is not None and server.running:
+                return server, False
+            server = ManagedServer(
+                target,
+                log_dir=self.config.relay.state_dir / "servers",
+                on_event=partial(self._server_event, target.name),
+            )
+            assert self._managed_nursery is not None
+            self.managed[target.name] = server
+            await self._managed_nursery.start(server.run)
+            self.metrics.managed_servers(target.name, 1)
+            return server, True
+
+    def _server_event(self, target: str, event: str, fields: dict) -> None:
+        self.audit_event(event, target=target, **fields)
+        log.info(event, extra={"target": target} | fields)
+        if event == "server.exited":
+            self.metrics.managed_servers(target, 0)
+            if fields.get("reason") in ("idle", "max_session"):
+                self.metrics.idle_kill(target)
+
+    def add_session(self, session: Session) -> None:
+        self.sessions[session.id] = session
+
+    def remove_session(self, session: Session) -> None:
+        del self.sessions[session.id]
+        self.last_activity[session.target] = trio.current_time()
+        if not self.sessions:
+            self._no_sessions.set()
+            self._no_sessions = trio.Event()
+
+    async def wait_no_sessions(self) -> None:
+        if self.sessions:
+            await self._no_sessions.wait()
+
+    # -- housekeeping --------------------------------------------------------
+
+    def refresh_revocations(self) -> None:
+        """Re-read the revocation store if it changed; end revoked live tunnels."""
+        version = self.store.data_version()
+        if version == self._revocation_version:
+            return
+        self._revocation_version = version
+        self.revoked = self.store.snapshot()
+        for session in list(self.sessions.values()):
+            if self.revoked.is_revoked(session.grant.claims):
+                log.info(
+                    "session.revoked",
+                    extra={"session_id": session.id, "jti": session.grant.claims.jti},
+                )
+                session.end("revoked")
+
+    async def run_housekeeping(self) -> None:
+        """Periodic work: revocations, audit fsync, checkpoints, byte metrics."""
+        rc = self.config.relay
+        next_checkpoint = trio.current_time() + rc.checkpoint_interval
+        interval = max(0.05, min(rc.revocation_interval, rc.audit_fsync_interval or 1.0))
+        while True:
+            await trio.sleep(interval)
+            self.refresh_revocations()
+            checkpoint = trio.current_time() >= next_checkpoint
+            if checkpoint:
+                next_checkpoint = trio.current_time() + self.config.relay.checkpoint_interval
+            for session in list(self.sessions.values()):
+                self.flush_bytes(session)
+                if session.audit is None:
+                    continue
+                try:
+                    if checkpoint:
+                        session.audit.checkpoint()
+                    await self.sync_audit(session.audit)
+                except (OSError, RelayError) as exc:
+                    # Fail closed: no unaudited debugging.
+                    self.metrics.audit_write_error()
+                    log.error(
+                        "audit.unwritable", extra={"session_id": session.id, "error": str(exc)}
+                    )
+                    session.end("audit_failed")
+            if checkpoint and self._relay_audit is not None:
+                try:
+                    self._relay_audit.checkpoint()
+                    await self.sync_audit(self._relay_audit)
+                except (OSError, RelayError) as exc:
+                    self.metrics.audit_write_error()
+                    log.error("audit.unwritable", extra={"error": str(exc)})
+
+    async def run_probes(self) -> None:
+        """Forgotten-server detection for targets the relay does not launch.
+
+        A backend that accepts connections while it has had no tunnel for
+        longer than its ``idle_timeout`` is a standing target: report it
+        (log, audit, metric) once per idle spell and run ``on_idle``.
+        """
+        next_probe: dict[str, float] = {}
+        while True:
+            now = trio.current_time()
+            soonest = now + 60
+            for target in self.config.targets:
+                if target.managed or not target.probe_interval:
+                    continue
+                due = next_probe.setdefault(target.name, now)
+                if due <= now:
+                    await self._probe(target)
+                    due = next_probe[target.name] = now + target.probe_interval
+                soonest = min(soonest, due)
+            await trio.sleep_until(soonest)
+
+    async def _probe(self, target: TargetConfig) -> None:
+        up = await probe_backend(target.backend, connect_timeout=target.connect_timeout)
+        self.metrics.backend_up(target.name, up)
+        busy = any(s.target == target.name for s in self.sessions.values())
+        idle_since = self.last_activity.setdefault(target.name, trio.current_time())
+        forgotten = up and not busy and trio.current_time() - idle_since >= target.idle_timeout
+        if forgotten and target.name not in self.forgotten:
+            self.forgotten.add(target.name)
+            self.metrics.forgotten_server(target.name, True)
+            self.audit_event(
+                "server.forgotten",
+                target=target.name,
+                backend=target.backend_url,
+                idle_seconds=round(trio.current_time() - idle_since, 3),
+            )
+            log.warning("server.forgotten", extra={"target": target.name})
+            if target.on_idle:
+                await self.run_on_idle(target)
+        elif not forgotten and target.name in self.forgotten:
+            self.forgotten.discard(target.name)
+            self.metrics.forgotten_server(target.name, False)
+
+    async def run_on_idle(self, target: TargetConfig) -> None:
+        """Run the target's ``on_idle`` command once, bounded; audit its outcome."""
+        assert target.on_idle
+        fields: dict[str, Any] = {"target": target.name, "argv": list(target.on_idle)}
+        with trio.move_on_after(target.on_idle_timeout) as scope:
+            try:
+                done = await trio.run_process(
+                    list(target.on_idle), capture_stdout=True, capture_stderr=True, check=False
+                )
+                fields |= {
+                    "returncode": done.returncode,
+                    "output": (done.stdout + done.stderr).decode(errors="replace")[:2000],
+                }
+            except OSError as exc:
+                fields["error"] = str(exc)
+        if scope.cancelled_caught:
+            fields["error"] = f"timed out after {target.on_idle_timeout:g}s"
+        self.audit_event("on_idle.ran", **fields)
+        log.info("on_idle.ran", extra=fields)
+
+    # -- reload and shutdown -------------------------------------------------
+
+    def reload(self, config_path: Path | None = None) -> bool:
+        """Re-read config, certificates and JWKS; swap them in if all is well.
+
+        Live tunnels keep what they negotiated.  A bad new config is refused
+        with its problems logged, and the old one stays.
+        """
+        path = config_path or self.config.source
+        try:
+            config = load_config(path) if path else self.config
+            runtime = load_runtime(config, is_serial_revoked=self.is_serial_revoked)
+        except Exception as exc:  # every failure keeps the old runtime
+            problems = getattr(exc, "problems", None) or [str(exc)]
+            log.error("reload.failed", extra={"problems": problems})
+            self.audit_event("reload.failed", problems=problems)
+            return False
+        self.runtime = runtime
+        self.tls.swap(runtime.tls_engine)
+        log.info("reload.ok", extra={"targets": [t.name for t in config.targets]})
+        self.audit_event("reload.ok", targets=[t.name for t in config.targets])
+        return True
+
+    def end_all(self, reason: str) -> None:
+        for session in list(self.sessions.values()):
+            session.end(reason)
+
+    def close(self) -> None:
+        if self._relay_audit is not None:
+            self._relay_audit.close()
+        self.store.close()
+
+
+async def _handle(relay: Relay, stream: trio.SocketStream) -> None:
+    await handle_connection(relay, stream)
+
+
+async def serve_relay(
+    relay: Relay,
+    *,
+    stop: trio.Event | None = None,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the relay until ``stop`` is set, then drain and return.
+
+    Shutdown: stop accepting, answer new preambles with 503, let live tunnels
+    run for ``shutdown_grace``, then end them, kill managed servers, write
+    and fsync the audit trail.
+
+    Resource handling:
+        Binds the listeners itself and closes them on return.
+    """
+    if stop is None:
+        stop = trio.Event()
+    config = relay.config
+    listeners: list[trio.SocketListener] = []
+    for host, port in config.relay.listen:
+        listeners += await trio.open_tcp_listeners(port, host=host)
+    relay.listeners = listeners
+    relay.audit_event(
+        "relay.started",
+        version=VERSION,
+        listen=[format_address(lst.socket.getsockname()[:2]) for lst in listeners],
+        targets=[t.name for t in config.targets],
+    )
+    try:
+        async with trio.open_nursery() as managed_nursery:
+            relay._managed_nursery = managed_nursery
+            async with trio.open_nursery() as sessions:
+                async with trio.open_nursery() as main:
+                    main.start_soon(relay.run_housekeeping)
+                    main.start_soon(relay.run_probes)
+                    accept = trio.CancelScope()
+
+                    async def accept_loop() -> None:
+                        with accept:
+                            await trio.serve_listeners(
+                                partial(_handle, relay), listeners, handler_nursery=sessions
+                            )
+
+                    main.start_soon(accept_loop)
+                    for lst in listeners:
+                        log.info(
+                            "relay.listening",
+                            extra={"address": format_address(lst.socket.getsockname()[:2])},
+                        )
+                    task_status.started(listeners)
+                    await stop.wait()
+                    # Drain: no new connections; new preambles get 503.
+                    relay.draining = True
+                    accept.cancel()
+                    log.info("relay.draining", extra={"sessions": len(relay.sessions)})
+                    with trio.move_on_after(config.relay.shutdown_grace):
+                        await relay.wait_no_sessions()
+                    relay.end_all("shutdown")
+                    main.cancel_scope.cancel()
+                # Sessions end (and write their end records) on their own now;
+                # give them a bounded moment, then cancel what is left.
+                sessions.cancel_scope.deadline = trio.current_time() + 10
+            for server in relay.managed.values():
+                server.kill("shutdown")
+            managed_nursery.cancel_scope.deadline = trio.current_time() + 30
+    finally:
+        for lst in listeners:
+            with trio.CancelScope(shield=True):
+                await lst.aclose()
+        relay.audit_event("relay.stopped", sessions_left=len(relay.sessions))
+        if relay._relay_audit is not None:
+            try:
+                relay._relay_audit.checkpoint()
+                relay._relay_audit.sync()
+            except (OSError, RelayError) as exc:
+                log.error("audit.unwritable", extra={"error": str(exc)})
+
+
+async def run_signals(relay: Relay, stop: trio.Event) -> None:
+    """SIGHUP reloads; SIGTERM/SIGINT start the drain (a second one is ignored)."""
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                relay.reload()
+            else:
+                log.info("relay.stopping", extra={"signal": signal.Signals(signum).name})
+                stop.set()
