@@ -392,7 +392,8 @@ async def open_http_listeners(listen: str) -> list[trio.abc.Listener]:
     Args:
         listen: ``"HOST:PORT"`` (``"127.0.0.1:9464"``, ``"[::1]:9464"``; port
             0 picks a free port; a name like ``localhost`` may give one
-            listener per address) or ``"unix:/path/to.sock"``.  A Unix socket
+            listener per address) or ``"unix:/path/to.sock"`` (also
+            ``"unix:///path/to.sock"``).  A Unix socket
             file is created with mode 0600; a stale one left by a dead process
             is removed first.
 
@@ -405,6 +406,8 @@ async def open_http_listeners(listen: str) -> list[trio.abc.Listener]:
     """
     if listen.startswith("unix:"):
         path = listen[len("unix:") :]
+        if path.startswith("///"):  # unix:///run/x.sock, the URL form
+            path = path[2:]
         if not path:
             raise _listen_error(listen, "expected unix:/path/to.sock with a path after 'unix:'")
         return [await _open_unix_listener(listen, path)]

@@ -283,7 +283,8 @@ async def test_unix_socket_replaces_stale_file_but_not_a_live_one(tmp_path):
     stale.bind(str(path))
     stale.close()
     assert path.exists()
-    [listener] = await open_http_listeners(f"unix:{path}")
+    [listener] = await open_http_listeners(f"unix://{path}")  # the URL form
+    assert listener.path == str(path)
     try:
         with pytest.raises(LocalProtocolError, match="another process is listening") as info:
             await open_http_listeners(f"unix:{path}")
