@@ -176,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         notes.append("taskset not found (apt-get install util-linux): latency runs were not pinned")
         _say(notes[-1])
+    workloads = list(args.workloads)
+    if "gdb" in workloads and tools.gdb is None:
+        workloads.remove("gdb")
+        notes.append(
+            "gdb, gdbserver or gcc not found (apt-get install gdb gdbserver gcc): gdb skipped"
+        )
+        _say(notes[-1])
     sup = Supervisor(workdir / "logs", pin_command=pin_command, env=env)
     path_status: dict[str, dict] = {}
     results: dict[str, dict] = {}
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         # Workload outside, path inside: the paths compared in one row run
         # minutes apart at most, under the same background load.
-        for workload in args.workloads:
+        for workload in workloads:
             for path in runnable:
                 _say(f"{workload} on {path.name} ...")
                 record = run_workload(ctx, workload, path)
@@ -281,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"given {args.ciphersuite}: pass --ciphersuite to match"
             )
     paths = [p.name for p in runnable]
-    metrics = [m for w in args.workloads for m in metrics_for(w, settings)]
+    metrics = [m for w in workloads for m in metrics_for(w, settings)]
     method = [
         f"latency workloads (ping-pong, connect, gdb) pinned to CPU {settings.pin_cpu}"
         + ("" if pin_command else " [NOT pinned: no taskset]")
@@ -303,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             "method": method,
             "ciphersuite": args.ciphersuite,
             "paths": path_status,
-            "workloads": list(args.workloads),
+            "workloads": workloads,
             "metrics": [dataclasses.asdict(m) for m in metrics],
             "results": results,
             "ratios_to_stunnel": ratios(results, paths, metrics),
