@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -183,7 +184,7 @@ class ManagedServer:
     def tunnel_opened(self) -> None:
         self.tunnels += 1
         if self._idle is not None:
-            self._idle.deadline = trio.inf
+            self._idle.deadline = math.inf
 
     def tunnel_closed(self) -> None:
         self.tunnels -= 1
@@ -248,7 +249,7 @@ class ManagedServer:
             await self._wait_listening(process, argv[0], target.launch_timeout)
             now = trio.current_time()
             lifetime = trio.CancelScope(
-                deadline=now + target.max_session if target.max_session else trio.inf
+                deadline=now + target.max_session if target.max_session else math.inf
             )
             self._idle = trio.CancelScope(deadline=now + target.idle_timeout)
             self._started = True
