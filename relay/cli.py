@@ -646,19 +646,34 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .errors import RelayError
 
+    expected = (UserError, ConfigError, AuthError, RelayError)
     try:
         return args.func(args)
-    except UserError as exc:
-        _err(str(exc))
-        return exc.code
-    except ConfigError as exc:
-        _err("\n".join(exc.problems))
-        return EXIT_USAGE
-    except (AuthError, RelayError) as exc:
-        _err(str(exc))
-        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except expected as exc:
+        return _report(exc)
+    except BaseExceptionGroup as group:
+        # Errors raised inside trio nurseries arrive wrapped in groups.
+        mine, rest = group.split(expected)
+        if rest is not None or mine is None:
+            raise
+        codes = [_report(exc) for exc in _leaves(mine)]
+        return max(codes)
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
+
+
+def _report(exc: BaseException) -> int:
+    """Print an expected error as one line per problem; return its exit code."""
+    problems = getattr(exc, "problems", None)
+    _err("\n".join(problems) if problems else str(exc))
+    return getattr(exc, "code", EXIT_USAGE)
 
 
 if __name__ == "__main__":  # pragma: no cover

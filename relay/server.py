@@ -30,11 +30,12 @@ from auth import KeySet, RevocationSet, RevocationStore, load_audit_key, load_jw
 from config import Config, TargetConfig, format_address, load_config
 
 from .audit import AuditWriter, relay_audit_path
-from .backends import ManagedServer, probe_backend
-from .errors import RelayError
+from .backends import ManagedServer, open_backend
+from .errors import LocalProtocolError, RelayError
 from .metrics import Metrics, NilMetrics
 from .session import Session, handle_connection
 from .tls import ServerTLS, make_server_engine
+from .watch import run_watch
 
 __all__ = ["Relay", "serve_relay", "load_runtime", "Runtime"]
 
@@ -97,6 +98,12 @@ class Relay:
     ) -> None:
         self.metrics = metrics if metrics is not None else NilMetrics()
         self.wall_clock = wall_clock
+        # How tunnels reach backends; tests swap in an in-memory listener.
+        self.open_backend = open_backend
+        # fsync in a worker thread so a slow disk does not stall every tunnel.
+        # Tests on trio's autojump clock turn this off: the clock would jump
+        # to the next deadline while the thread runs.
+        self.fsync_in_thread = True
         self.sessions: dict[str, Session] = {}
         self.draining = False
         self.managed: dict[str, ManagedServer] = {}
@@ -167,18 +174,31 @@ class Relay:
                 self._relay_audit.close()
             path = relay_audit_path(self.config.relay.audit_dir, now)
             if path.exists():
-                self._relay_audit = AuditWriter.open_append(path, signing_key=self.audit_key)
+                self._relay_audit = AuditWriter.open_append(
+                    path, signing_key=self.audit_key, clock=self.audit_clock
+                )
             else:
                 self._relay_audit = AuditWriter.create(
-                    path, kind="relay", session_id=None, signing_key=self.audit_key
+                    path,
+                    kind="relay",
+                    session_id=None,
+                    signing_key=self.audit_key,
+                    clock=self.audit_clock,
                 )
             self._relay_audit_day = day
         return self._relay_audit
 
+    def audit_clock(self) -> datetime:
+        """Timestamps for audit records, from the relay's wall clock."""
+        return datetime.fromtimestamp(self.wall_clock(), UTC)
+
     async def sync_audit(self, writer: AuditWriter) -> None:
         """Flush and fsync one audit file, off the event loop."""
         writer.flush()
-        await trio.to_thread.run_sync(writer.sync)
+        if self.fsync_in_thread:
+            await trio.to_thread.run_sync(writer.sync)
+        else:
+            writer.sync()
 
     def flush_bytes(self, session: Session) -> None:
         """Push a session's byte counts into the metrics (batched, not per chunk)."""
@@ -291,69 +311,6 @@ class Relay:
                     self.metrics.audit_write_error()
                     log.error("audit.unwritable", extra={"error": str(exc)})
 
-    async def run_probes(self) -> None:
-        """Forgotten-server detection for targets the relay does not launch.
-
-        A backend that accepts connections while it has had no tunnel for
-        longer than its ``idle_timeout`` is a standing target: report it
-        (log, audit, metric) once per idle spell and run ``on_idle``.
-        """
-        next_probe: dict[str, float] = {}
-        while True:
-            now = trio.current_time()
-            soonest = now + 60
-            for target in self.config.targets:
-                if target.managed or not target.probe_interval:
-                    continue
-                due = next_probe.setdefault(target.name, now)
-                if due <= now:
-                    await self._probe(target)
-                    due = next_probe[target.name] = now + target.probe_interval
-                soonest = min(soonest, due)
-            await trio.sleep_until(soonest)
-
-    async def _probe(self, target: TargetConfig) -> None:
-        up = await probe_backend(target.backend, connect_timeout=target.connect_timeout)
-        self.metrics.backend_up(target.name, up)
-        busy = any(s.target == target.name for s in self.sessions.values())
-        idle_since = self.last_activity.setdefault(target.name, trio.current_time())
-        forgotten = up and not busy and trio.current_time() - idle_since >= target.idle_timeout
-        if forgotten and target.name not in self.forgotten:
-            self.forgotten.add(target.name)
-            self.metrics.forgotten_server(target.name, True)
-            self.audit_event(
-                "server.forgotten",
-                target=target.name,
-                backend=target.backend_url,
-                idle_seconds=round(trio.current_time() - idle_since, 3),
-            )
-            log.warning("server.forgotten", extra={"target": target.name})
-            if target.on_idle:
-                await self.run_on_idle(target)
-        elif not forgotten and target.name in self.forgotten:
-            self.forgotten.discard(target.name)
-            self.metrics.forgotten_server(target.name, False)
-
-    async def run_on_idle(self, target: TargetConfig) -> None:
-        """Run the target's ``on_idle`` command once, bounded; audit its outcome."""
-        assert target.on_idle
-        fields: dict[str, Any] = {"target": target.name, "argv": list(target.on_idle)}
-        with trio.move_on_after(target.on_idle_timeout) as scope:
-            try:
-                done = await trio.run_process(
-                    list(target.on_idle), capture_stdout=True, capture_stderr=True, check=False
-                )
-                fields |= {
-                    "returncode": done.returncode,
-                    "output": (done.stdout + done.stderr).decode(errors="replace")[:2000],
-                }
-            except OSError as exc:
-                fields["error"] = str(exc)
-        if scope.cancelled_caught:
-            fields["error"] = f"timed out after {target.on_idle_timeout:g}s"
-        self.audit_event("on_idle.ran", **fields)
-        log.info("on_idle.ran", extra=fields)
-
     # -- reload and shutdown -------------------------------------------------
 
     def reload(self, config_path: Path | None = None) -> bool:
@@ -411,7 +368,16 @@ async def serve_relay(
     config = relay.config
     listeners: list[trio.SocketListener] = []
     for host, port in config.relay.listen:
-        listeners += await trio.open_tcp_listeners(port, host=host)
+        try:
+            listeners += await trio.open_tcp_listeners(port, host=host)
+        except OSError as exc:
+            for lst in listeners:
+                await lst.aclose()
+            raise LocalProtocolError(
+                f"relay.listen {format_address((host, port))}: {exc.strerror or exc}; "
+                "pick a free port or stop whatever holds it",
+                reason="bad_listen",
+            ) from exc
     relay.listeners = listeners
     relay.audit_event(
         "relay.started",
@@ -425,7 +391,7 @@ async def serve_relay(
             async with trio.open_nursery() as sessions:
                 async with trio.open_nursery() as main:
                     main.start_soon(relay.run_housekeeping)
-                    main.start_soon(relay.run_probes)
+                    main.start_soon(run_watch, relay)
                     accept = trio.CancelScope()
 
                     async def accept_loop() -> None:

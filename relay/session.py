@@ -26,7 +26,7 @@ import trio
 
 from .access import Grant, authorize
 from .audit import AuditWriter, ByteRecorder, session_audit_path
-from .backends import BackendError, ManagedServer, open_backend
+from .backends import BackendError, ManagedServer
 from .errors import RelayError, RemoteProtocolError
 from .preamble import (
     NEED_DATA,
@@ -313,6 +313,7 @@ async def _serve(relay: Relay, raw: trio.SocketStream, sid: str, peer: str, ctx:
             kind="session",
             session_id=sid,
             signing_key=relay.audit_key,
+            clock=relay.audit_clock,
         )
         session.audit.append(
             "session.opened",
@@ -452,7 +453,9 @@ async def _run_tunnel(
                     backend_addr = managed.backend
                 else:
                     backend_addr = target.backend
-                backend = await open_backend(backend_addr, connect_timeout=target.connect_timeout)
+                backend = await relay.open_backend(
+                    backend_addr, connect_timeout=target.connect_timeout
+                )
             except BackendError as exc:
                 relay.metrics.backend_connect_error(target.name)
                 reason, detail = exc.reason, str(exc)
@@ -475,6 +478,7 @@ async def _run_tunnel(
                     audit.path.with_name(f"{session.id}.bytes.jsonl"),
                     session_id=session.id,
                     max_bytes=target.record_max_bytes,
+                    clock=relay.audit_clock,
                 )
 
             try:

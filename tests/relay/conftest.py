@@ -1,0 +1,145 @@
+"""Fixtures for relay tests: a real PKI, real keys, and a relay on loopback."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from auth import init_keys, init_pki, issue_token, load_signing_key
+from config import Config, config_from_dict
+from relay.connector import ConnectorSettings
+from relay.metrics import Metrics
+from relay.server import Relay, serve_relay
+from relay.tls import make_client_engine
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA and a server certificate for 127.0.0.1 and localhost, from ``certs init``'s code."""
+    out = tmp_path_factory.mktemp("pki")
+    init_pki(out, ["127.0.0.1", "localhost"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("keys")
+    init_keys(out)
+    return out
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, pki: Path, keydir: Path) -> Callable[..., Config]:
+    """Build a validated config; keyword arguments override [relay] keys."""
+
+    def make(targets: list[dict[str, Any]], *, tls: dict | None = None, **relay: Any) -> Config:
+        data = {
+            "relay": {"listen": ["127.0.0.1:0"], "state_dir": str(tmp_path / "state")} | relay,
+            "tls": {"cert": str(pki / "server.pem"), "key": str(pki / "server.key")} | (tls or {}),
+            "auth": {"jwks": str(keydir / "jwks.json"), "audit_key": str(keydir / "audit.key")},
+            "metrics": {"listen": ""},
+            "targets": targets,
+        }
+        return config_from_dict(data, base_dir=tmp_path)
+
+    return make
+
+
+@pytest.fixture
+def token_for(keydir: Path) -> Callable[..., str]:
+    key = load_signing_key(keydir / "signing.key")
+
+    def make(
+        user: str = "alice",
+        targets: list[str] | tuple[str, ...] = ("build42",),
+        *,
+        ttl: float = 3600,
+        now: float | None = None,
+        **kw: Any,
+    ) -> str:
+        return issue_token(
+            key,
+            user=user,
+            targets=list(targets),
+            ttl=ttl,
+            issuer=kw.pop("issuer", "dbgrelay"),
+            audience=kw.pop("audience", "dbgrelay"),
+            now=time.time() if now is None else now,
+            **kw,
+        )
+
+    return make
+
+
+@dataclass
+class Backend:
+    """A plaintext echo server on loopback that counts its connections."""
+
+    port: int
+    connections: int = 0
+    received: bytearray = field(default_factory=bytearray)
+
+
+async def start_echo(nursery: trio.Nursery) -> Backend:
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    backend = Backend(port=listeners[0].socket.getsockname()[1])
+
+    async def echo(stream: trio.SocketStream) -> None:
+        backend.connections += 1
+        try:
+            async for data in stream:
+                backend.received += data
+                await stream.send_all(data)
+        except trio.BrokenResourceError:
+            pass
+
+    await nursery.start(trio.serve_listeners, echo, listeners)
+    return backend
+
+
+@dataclass
+class RunningRelay:
+    relay: Relay
+    port: int
+    ca: Path
+    stop: trio.Event
+    metrics: Metrics
+
+    def settings(self, token: str, target: str = "build42", **kw: Any) -> ConnectorSettings:
+        return ConnectorSettings(
+            relay_host="127.0.0.1",
+            relay_port=self.port,
+            server_name="127.0.0.1",
+            target=target,
+            token=token,
+            listen=("127.0.0.1", 0),
+            engine=make_client_engine(ca=self.ca, min_version="1.2"),
+            **kw,
+        )
+
+
+async def start_relay(nursery: trio.Nursery, config: Config, pki: Path) -> RunningRelay:
+    metrics = Metrics(version="test", targets=[t.name for t in config.targets])
+    relay = Relay(config, metrics=metrics)
+    stop = trio.Event()
+
+    async def run(task_status: trio.TaskStatus) -> None:
+        try:
+            await serve_relay(relay, stop=stop, task_status=task_status)
+        finally:
+            relay.close()
+
+    listeners = await nursery.start(run)
+    return RunningRelay(
+        relay=relay,
+        port=listeners[0].socket.getsockname()[1],
+        ca=pki / "ca.pem",
+        stop=stop,
+        metrics=metrics,
+    )
