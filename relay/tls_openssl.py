@@ -42,6 +42,7 @@ import operator
 from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 from cryptography import x509
@@ -49,6 +50,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
 from OpenSSL import SSL
+from OpenSSL.crypto import X509
 
 from .errors import LocalProtocolError
 from .tls import ALPN, TLSInfo
@@ -64,6 +66,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+# A server name to check: a lower-case A-label DNS name or an IP address.
+_Wanted = str | ipaddress.IPv4Address | ipaddress.IPv6Address
+_Verifier = Callable[[SSL.Connection, X509, int, int, int], bool]
 
 # TLS 1.2 suites: forward secrecy and AEAD only (RFC 7525 section 4.2).  TLS 1.3
 # suites are all AEAD and keep OpenSSL's defaults.
@@ -257,7 +264,13 @@ class OpenSSLStream(trio.abc.Stream):
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
             pass
 
-    async def _retry(self, fn, *args, ignore_want_read=False, is_handshake=False):
+    async def _retry(
+        self,
+        fn: Callable[..., _T],
+        *args: object,
+        ignore_want_read: bool = False,
+        is_handshake: bool = False,
+    ) -> _T | None:
         """Call ``fn(*args)`` on the connection until OpenSSL stops asking for I/O.
 
         This mirrors ``trio.SSLStream._retry``: between two calls into OpenSSL
@@ -690,8 +703,8 @@ def make_server_context(
     return ctx
 
 
-def _client_cert_verifier(is_serial_revoked: Callable[[int], bool] | None):
-    def verify(conn: SSL.Connection, cert, errnum: int, depth: int, ok: int) -> bool:
+def _client_cert_verifier(is_serial_revoked: Callable[[int], bool] | None) -> _Verifier:
+    def verify(conn: SSL.Connection, cert: X509, errnum: int, depth: int, ok: int) -> bool:
         if not ok:
             _note(
                 conn,
@@ -716,7 +729,9 @@ def _client_cert_verifier(is_serial_revoked: Callable[[int], bool] | None):
     return verify
 
 
-def _ocsp_stapler(ocsp_response: Callable[[], bytes | None]):
+def _ocsp_stapler(
+    ocsp_response: Callable[[], bytes | None],
+) -> Callable[[SSL.Connection, object], bytes]:
     def staple(conn: SSL.Connection, data: object) -> bytes:
         try:
             der = ocsp_response()
@@ -767,7 +782,7 @@ def make_client_context(
 # -- hostname verification ----------------------------------------------------
 
 
-def _normalize_hostname(hostname: str) -> str | ipaddress.IPv4Address | ipaddress.IPv6Address:
+def _normalize_hostname(hostname: str) -> _Wanted:
     text = hostname.strip()
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
@@ -803,9 +818,7 @@ def _dns_name_matches(pattern: str, hostname: str) -> bool:
     return bool(head) and bool(sep) and rest == suffix
 
 
-def _certificate_matches(
-    cert: x509.Certificate, wanted: str | ipaddress.IPv4Address | ipaddress.IPv6Address
-) -> bool:
+def _certificate_matches(cert: x509.Certificate, wanted: _Wanted) -> bool:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -817,8 +830,8 @@ def _certificate_matches(
     return wanted in san.get_values_for_type(x509.IPAddress)
 
 
-def _server_cert_verifier(hostname: str, wanted):
-    def verify(conn: SSL.Connection, cert, errnum: int, depth: int, ok: int) -> bool:
+def _server_cert_verifier(hostname: str, wanted: _Wanted) -> _Verifier:
+    def verify(conn: SSL.Connection, cert: X509, errnum: int, depth: int, ok: int) -> bool:
         if not ok:
             _note(
                 conn,
