@@ -180,6 +180,23 @@ def cmd_certs_issue_client(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_certs_revoke(args: argparse.Namespace) -> int:
+    try:
+        serial = int(args.serial, 16)
+    except ValueError:
+        raise UserError(
+            f"certs revoke: {args.serial!r} is not a hex serial (as 'certs issue-client' prints it)"
+        ) from None
+    with _store(args) as store:
+        store.revoke_serial(serial, now=time.time(), reason=args.reason or "")
+    print(
+        f"revoked client certificate serial {serial:x}; the relay refuses it in the TLS handshake "
+        "once it re-reads its revocations (within seconds)",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------------------
 # tokens
 
@@ -593,6 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--p12-password-file", help="file with the PKCS#12 password")
+    p = add("revoke", cmd_certs_revoke, "revoke a client certificate by serial", certs)
+    p.add_argument("serial", help="hex serial, as 'certs issue-client' prints it")
+    p.add_argument("--reason")
+    p.add_argument("--config", required=True)
 
     token = add("token", None, "issue, revoke and list tokens").add_subparsers(
         dest="sub", required=True

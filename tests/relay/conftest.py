@@ -35,13 +35,24 @@ def keydir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def make_config(tmp_path: Path, pki: Path, keydir: Path) -> Callable[..., Config]:
+def engine() -> str:
+    """The TLS engine of relay and client; suites that cover both parametrize it."""
+    return "stdlib"
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, pki: Path, keydir: Path, engine: str) -> Callable[..., Config]:
     """Build a validated config; keyword arguments override [relay] keys."""
 
     def make(targets: list[dict[str, Any]], *, tls: dict | None = None, **relay: Any) -> Config:
+        tls_section = {
+            "cert": str(pki / "server.pem"),
+            "key": str(pki / "server.key"),
+            "engine": engine,
+        }
         data = {
             "relay": {"listen": ["127.0.0.1:0"], "state_dir": str(tmp_path / "state")} | relay,
-            "tls": {"cert": str(pki / "server.pem"), "key": str(pki / "server.key")} | (tls or {}),
+            "tls": tls_section | (tls or {}),
             "auth": {"jwks": str(keydir / "jwks.json"), "audit_key": str(keydir / "audit.key")},
             "metrics": {"listen": ""},
             "targets": targets,
@@ -119,7 +130,9 @@ class RunningRelay:
             target=target,
             token=token,
             listen=("127.0.0.1", 0),
-            engine=make_client_engine(ca=self.ca, min_version="1.2"),
+            engine=make_client_engine(
+                engine=self.relay.config.tls.engine, ca=self.ca, min_version="1.2"
+            ),
             **kw,
         )
 

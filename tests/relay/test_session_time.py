@@ -19,6 +19,9 @@ from relay.server import Relay
 from relay.session import handle_connection
 from relay.tls import make_client_engine
 
+# The whole suite runs on both TLS engines.
+pytestmark = pytest.mark.parametrize("engine", ["stdlib", "pyopenssl"])
+
 T0 = 1_800_000_000.0  # the wall clock at mock time 0
 
 
@@ -31,6 +34,7 @@ class Harness:
 
     def __init__(self, relay: Relay, nursery: trio.Nursery, ca) -> None:
         self.relay = relay
+        self.engine = relay.config.tls.engine
         self.nursery = nursery
         self.ca = ca
         self.backend_connections = 0
@@ -57,7 +61,7 @@ class Harness:
     async def connect(self, token: str, target: str = "build42", *, send_request: bool = True):
         client_raw, server_raw = trio.testing.memory_stream_pair()
         self.nursery.start_soon(handle_connection, self.relay, server_raw)
-        tls = make_client_engine(ca=self.ca).wrap(client_raw, "127.0.0.1")
+        tls = make_client_engine(engine=self.engine, ca=self.ca).wrap(client_raw, "127.0.0.1")
         await tls.do_handshake()
         if not send_request:
             return tls, None
@@ -72,7 +76,15 @@ class Harness:
 def harness(make_config, pki, nursery) -> Callable[..., Harness]:
     def make(**target) -> Harness:
         config = make_config(
-            [{"name": "build42", "kind": "dbgsrv", "backend": "tcp://127.0.0.1:9", "probe_interval": "0"} | target]
+            [
+                {
+                    "name": "build42",
+                    "kind": "dbgsrv",
+                    "backend": "tcp://127.0.0.1:9",
+                    "probe_interval": "0",
+                }
+                | target
+            ]
         )
         relay = Relay(config, wall_clock=wall)
         return Harness(relay, nursery, pki / "ca.pem")

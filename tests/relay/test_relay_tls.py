@@ -1,0 +1,118 @@
+"""TLS policy at the relay: client certificates, revocation, post-quantum key exchange."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import ssl
+from pathlib import Path
+
+import pytest
+import trio
+
+from auth import issue_client_cert
+from relay.connector import RelayRefused, open_tunnel
+from relay.tls import make_client_engine
+
+from .conftest import start_echo, start_relay
+from .test_relay import sample
+
+
+def target(port: int, **extra) -> dict:
+    return {
+        "name": "build42",
+        "kind": "dbgsrv",
+        "backend": f"tcp://127.0.0.1:{port}",
+        "probe_interval": "0",
+    } | extra
+
+
+@pytest.fixture(scope="module")
+def alice_cert(pki: Path, tmp_path_factory: pytest.TempPathFactory):
+    return issue_client_cert(pki, "alice", tmp_path_factory.mktemp("alice"))
+
+
+def mtls(pki: Path) -> dict:
+    return {"engine": "pyopenssl", "client_ca": str(pki / "ca.pem"), "require_client_cert": True}
+
+
+async def test_client_certificate_is_required_and_recorded(
+    nursery, make_config, token_for, pki, alice_cert
+):
+    backend = await start_echo(nursery)
+    config = make_config([target(backend.port)], tls=mtls(pki))
+    running = await start_relay(nursery, config, pki)
+    settings = running.settings(token_for())
+    with_cert = make_client_engine(
+        engine="pyopenssl", ca=pki / "ca.pem", cert=alice_cert.cert, key=alice_cert.key
+    )
+    tls, session_id, _ = await open_tunnel(dataclasses.replace(settings, engine=with_cert))
+    await tls.send_all(b"hi")
+    assert await tls.receive_some(10) == b"hi"
+    await tls.aclose()
+    with trio.fail_after(5):
+        await running.relay.wait_no_sessions()
+    (path,) = config.relay.audit_dir.glob(f"*/{session_id}.jsonl")
+    opened = json.loads(path.read_text().splitlines()[1])
+    assert "alice" in opened["client_cert"]
+    assert int(opened["client_cert_serial"]) == alice_cert.serial
+    running.stop.set()
+
+
+async def test_client_without_certificate_gets_certificate_required_alert(
+    nursery, make_config, pki
+):
+    running = await start_relay(nursery, make_config([], tls=mtls(pki)), pki)
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    stream = trio.SSLStream(
+        await trio.open_tcp_stream("127.0.0.1", running.port), ctx, server_hostname="127.0.0.1"
+    )
+    with pytest.raises(trio.BrokenResourceError) as info:
+        await stream.do_handshake()
+        await stream.receive_some(10)  # TLS 1.3: the alert follows the client's Finished
+    assert "CERTIFICATE_REQUIRED" in str(info.value.__cause__).upper()
+    running.stop.set()
+
+
+async def test_revoked_client_certificate_is_refused_during_the_handshake(
+    nursery, make_config, token_for, pki, alice_cert
+):
+    backend = await start_echo(nursery)
+    running = await start_relay(nursery, make_config([target(backend.port)], tls=mtls(pki)), pki)
+    running.relay.store.revoke_serial(alice_cert.serial, now=0)
+    running.relay.refresh_revocations()
+    client = make_client_engine(
+        engine="pyopenssl", ca=pki / "ca.pem", cert=alice_cert.cert, key=alice_cert.key
+    )
+    tls = client.wrap(await trio.open_tcp_stream("127.0.0.1", running.port), "127.0.0.1")
+    with pytest.raises(trio.BrokenResourceError):
+        await tls.do_handshake()
+        await tls.receive_some(10)
+    assert backend.connections == 0
+    assert running.relay.sessions == {}
+    running.stop.set()
+
+
+async def test_require_pq_refuses_classical_key_exchange(nursery, make_config, token_for, pki):
+    backend = await start_echo(nursery)
+    config = make_config([target(backend.port)], tls={"engine": "pyopenssl", "require_pq": True})
+    running = await start_relay(nursery, config, pki)
+    settings = running.settings(token_for())
+    classical = dataclasses.replace(
+        settings, engine=make_client_engine(engine="stdlib", ca=pki / "ca.pem")
+    )
+    with pytest.raises(RelayRefused) as info:
+        await open_tunnel(classical)
+    assert (info.value.status, info.value.reason) == (403, "pq_required")
+    assert backend.connections == 0
+
+    tls, session_id, _ = await open_tunnel(settings)  # the pyopenssl client offers X25519MLKEM768
+    assert tls.tls_info().group == "X25519MLKEM768"
+    await tls.aclose()
+    with trio.fail_after(5):
+        await running.relay.wait_no_sessions()
+    (path,) = config.relay.audit_dir.glob(f"*/{session_id}.jsonl")
+    opened = json.loads(path.read_text().splitlines()[1])
+    assert (opened["tls_group"], opened["tls_version"]) == ("X25519MLKEM768", "TLSv1.3")
+    assert sample(running.metrics, "dbgrelay_tls_sessions_total", group="X25519MLKEM768") >= 1
+    running.stop.set()
