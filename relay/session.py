@@ -190,9 +190,10 @@ async def _serve(relay: Relay, raw: trio.SocketStream, sid: str, peer: str, ctx:
             await tls.do_handshake()
         except _BROKEN as exc:
             metrics.handshake("tls_error")
-            cause = exc.__cause__ or exc
-            log.info("handshake.failed", extra=ctx | {"reason": "tls_error", "error": str(cause)})
-            relay.audit_event("handshake.failed", client=peer, reason="tls_error", error=str(cause))
+            # The pyOpenSSL engine says why in the error itself; trio's SSLStream in its cause.
+            error = str(exc) or str(exc.__cause__ or type(exc).__name__)
+            log.info("handshake.failed", extra=ctx | {"reason": "tls_error", "error": error})
+            relay.audit_event("handshake.failed", client=peer, reason="tls_error", error=error)
             return
     if scope.cancelled_caught:
         metrics.handshake("timeout")
