@@ -256,20 +256,56 @@ def _store(args: argparse.Namespace):
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     if bool(args.jti) == bool(args.user):
         raise UserError("token revoke needs a JTI, or --user NAME to revoke all of a user's tokens")
+    config = _load_config(Path(args.config))
+    reason = args.reason or ""
+    what = args.jti if args.jti else f"every token of {args.user} issued until now"
+    answer, why = _revoke_via_relay(args, config, reason)
+    if answer is not None:
+        ended = answer.get("sessions_ended") or []
+        tunnels = f"{len(ended)} live tunnel(s) ended" + (f" ({', '.join(ended)})" if ended else "")
+        print(f"revoked {what} through the running relay; {tunnels}", file=sys.stderr)
+        return EXIT_OK
     now = time.time()
     with _store(args) as store:
         if args.user:
-            n = store.revoke_user(args.user, now=now, reason=args.reason or "")
-            print(
-                f"revoked every token of {args.user} issued until now ({n} known)", file=sys.stderr
-            )
-        else:
-            new = store.revoke(args.jti, now=now, reason=args.reason or "")
-            print(f"revoked {args.jti}" + ("" if new else " (already revoked)"), file=sys.stderr)
-    print(
-        "the relay refuses it from now on and ends its live tunnels within seconds", file=sys.stderr
-    )
+            n = store.revoke_user(args.user, now=now, reason=reason)
+            what += f" ({n} known)"
+        elif not store.revoke(args.jti, now=now, reason=reason):
+            what += " (already revoked)"
+    print(f"revoked {what} in the revocation store: {why}", file=sys.stderr)
     return EXIT_OK
+
+
+def _revoke_via_relay(
+    args: argparse.Namespace, config: Any, reason: str
+) -> tuple[dict[str, Any] | None, str]:
+    """Revoke through the admin API so live tunnels end now.
+
+    Returns:
+        The API's answer, or ``None`` and why the store must be written instead.
+    """
+    from .admin_client import AdminClient, AdminEndpoint, AdminError, AdminUnavailable
+
+    token = _admin_token(args)
+    endpoint = AdminEndpoint.from_config(config, token=token)
+    if endpoint.unix_path is None and token is None:
+        return None, (
+            f"no --admin-token-file for the admin API at {endpoint}; a running relay "
+            f"applies it within {config.relay.revocation_interval:g}s"
+        )
+    client = AdminClient(endpoint)
+
+    async def call() -> dict[str, Any]:
+        if args.user:
+            return await client.revoke_user(args.user, reason=reason)
+        return await client.revoke_token(args.jti, reason=reason)
+
+    try:
+        return trio.run(call), ""
+    except AdminUnavailable:
+        return None, "the relay is not running; it refuses the token when it starts"
+    except AdminError as exc:
+        raise _admin_failure(exc) from None
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
@@ -307,6 +343,121 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+# ---------------------------------------------------------------------------
+# sessions, reload: the running relay's admin API
+
+
+def _admin_token(args: argparse.Namespace) -> str | None:
+    path = getattr(args, "admin_token_file", None)
+    if not path:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise UserError(f"--admin-token-file {path}: {exc.strerror or exc}") from None
+    if not token:
+        raise UserError(
+            f"--admin-token-file {path} is empty; it must hold a token from "
+            "'dbgrelay token issue --scope admin'"
+        )
+    return token
+
+
+def _admin_client(args: argparse.Namespace):
+    from .admin_client import AdminClient, AdminEndpoint
+
+    if not args.config:
+        raise UserError(f"{args.command} needs --config FILE (the relay's dbgrelay.toml)")
+    config = _load_config(Path(args.config))
+    token = _admin_token(args)
+    endpoint = AdminEndpoint.from_config(config, token=token)
+    if endpoint.unix_path is None and token is None:
+        raise UserError(
+            f"the admin API listens on {endpoint} (TCP): pass --admin-token-file FILE "
+            "holding an admin token ('dbgrelay token issue --scope admin')"
+        )
+    return AdminClient(endpoint)
+
+
+def _admin_failure(exc: Any) -> UserError:
+    """One line for a failed admin request; 3 if the admin token was refused."""
+    from .admin_client import AdminUnavailable
+
+    if isinstance(exc, AdminUnavailable):
+        return UserError(f"{exc}; start it with 'dbgrelay serve'", code=EXIT_FAIL)
+    if exc.status in (401, 403):
+        return UserError(f"the relay refused the admin token: {exc}", code=EXIT_REFUSED)
+    return UserError(str(exc), code=EXIT_FAIL)
+
+
+def _run_admin(call: Callable[[], Any]) -> Any:
+    from .admin_client import AdminError
+
+    try:
+        return trio.run(call)
+    except AdminError as exc:
+        raise _admin_failure(exc) from None
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    client = _admin_client(args)
+    sessions = _run_admin(client.sessions)
+    if args.json:
+        print(json.dumps(sessions, indent=2))
+        return EXIT_OK
+    rows = [
+        s | {"age": _age(s.get("duration", 0)), "state": s.get("ending") or "open"}
+        for s in sessions
+    ]
+    _table(
+        rows,
+        ["id", "user", "target", "client", "age", "bytes_to_backend", "bytes_to_client", "state"],
+    )
+    return EXIT_OK
+
+
+def cmd_sessions_end(args: argparse.Namespace) -> int:
+    client = _admin_client(args)
+    answer = _run_admin(lambda: client.end_session(args.id))
+    state = "closed" if answer.get("closed") else "closing"
+    print(
+        f"ended session {answer['id']} of {answer['user']} to {answer['target']} "
+        f"(reason {answer['reason']}, {state})",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from .admin_client import AdminError
+
+    client = _admin_client(args)
+    try:
+        answer = trio.run(client.reload)
+    except AdminError as exc:
+        problems = exc.body.get("problems")
+        if exc.status == 409 and problems:
+            _err("\n".join(["the relay refused the new config and keeps the old one:", *problems]))
+            return EXIT_FAIL
+        raise _admin_failure(exc) from None
+    print(f"reloaded; targets: {', '.join(answer['targets']) or '(none)'}", file=sys.stderr)
+    if answer.get("restart_needed"):
+        print(
+            f"changed keys that apply only after a restart: {', '.join(answer['restart_needed'])}",
+            file=sys.stderr,
+        )
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -464,8 +615,14 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise UserError(f"--pubkey {args.pubkey}: {exc}") from None
     failed = False
+    unreadable = False
     for name in args.paths:
-        report = verify_file(Path(name), pubkey=pubkey)
+        try:
+            report = verify_file(Path(name), pubkey=pubkey)
+        except OSError as exc:
+            _err(f"audit verify: cannot read {name}: {exc.strerror or exc}")
+            unreadable = True
+            continue
         if report.ok:
             note = (
                 "signature ok"
@@ -477,15 +634,22 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             failed = True
             for problem in report.problems:
                 print(f"{name}: {problem}")
+    if unreadable:
+        return EXIT_USAGE
     return EXIT_FAIL if failed else EXIT_OK
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
     from .audit import render_timeline
 
+    code = EXIT_OK
     for name in args.paths:
-        print(render_timeline(Path(name), show_bytes=args.bytes), end="")
-    return EXIT_OK
+        try:
+            print(render_timeline(Path(name), show_bytes=args.bytes), end="")
+        except OSError as exc:
+            _err(f"audit show: cannot read {name}: {exc.strerror or exc}")
+            code = EXIT_USAGE
+    return code
 
 
 # ---------------------------------------------------------------------------
@@ -535,6 +699,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+
+
+_ADMIN_TOKEN_HELP = (
+    "file holding an admin token ('token issue --scope admin'); "
+    "needed when [admin] listen is a TCP address"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -634,6 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user")
     p.add_argument("--reason")
     p.add_argument("--config", required=True)
+    p.add_argument("--admin-token-file", help=_ADMIN_TOKEN_HELP)
     p = add("list", cmd_token_list, "tokens this relay knows of", token)
     p.add_argument("--config", required=True)
     p.add_argument("--json", action="store_true")
@@ -647,6 +818,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("show", cmd_audit_show, "print a readable timeline", audit)
     p.add_argument("paths", nargs="+")
     p.add_argument("--bytes", action="store_true", help="also dump the recorded byte stream")
+
+    def admin_flags(p: argparse.ArgumentParser, *, sub: bool = False) -> None:
+        # On a sub-command the flags default to SUPPRESS, so they do not
+        # overwrite values given before the sub-command's name.
+        default = argparse.SUPPRESS if sub else None
+        p.add_argument("--config", default=default, help="the relay's dbgrelay.toml (required)")
+        p.add_argument("--admin-token-file", default=default, help=_ADMIN_TOKEN_HELP)
+
+    p = add("sessions", cmd_sessions, "list the running relay's live tunnels, or end one")
+    admin_flags(p)
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    ends = p.add_subparsers(dest="sessions_sub", metavar="end")
+    q = add("end", cmd_sessions_end, "end a live tunnel (reason ended_by_admin)", ends)
+    q.add_argument("id", help="the session id, as 'dbgrelay sessions' lists it")
+    admin_flags(q, sub=True)
+
+    p = add("reload", cmd_reload, "make the running relay re-read config, certificates and JWKS")
+    admin_flags(p)
 
     p = add("demo", cmd_demo, "start a relay with generated dev keys, CA and demo targets")
     p.add_argument(

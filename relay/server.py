@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -37,7 +38,7 @@ from .session import Session, handle_connection
 from .tls import ServerTLS, make_server_engine
 from .watch import run_watch
 
-__all__ = ["Relay", "serve_relay", "load_runtime", "Runtime"]
+__all__ = ["Relay", "ReloadResult", "serve_relay", "load_runtime", "Runtime"]
 
 log = logging.getLogger("dbgrelay.relay")
 audit_log = logging.getLogger("audit")
@@ -53,6 +54,49 @@ class Runtime:
     keys: KeySet
     tls_engine: Any
     audit_key: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    """What a reload did.
+
+    Attributes:
+        ok: The new config, certificates and keys are in use.
+        problems: Why the new config was refused (empty when ``ok``).
+        restart_needed: Changed keys that only a restart applies
+            (``relay.listen``, ``relay.state_dir``, ``metrics.listen``,
+            ``admin.listen``); the running relay keeps their old values.
+        targets: The target names in use after the reload.
+    """
+
+    ok: bool
+    problems: tuple[str, ...] = ()
+    restart_needed: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+# Keys bound to sockets or files opened once at start: a reload cannot apply them.
+_RESTART_KEYS: tuple[tuple[str, Callable[[Config], Any]], ...] = (
+    ("relay.listen", lambda c: c.relay.listen),
+    ("relay.state_dir", lambda c: c.relay.state_dir),
+    ("metrics.listen", lambda c: c.metrics.listen),
+    ("admin.listen", lambda c: c.admin.listen),
+)
+
+
+def _keep_bound(new: Config, old: Config) -> Config:
+    """``new`` with the old values of the keys that need a restart."""
+    return dataclasses.replace(
+        new,
+        relay=dataclasses.replace(
+            new.relay, listen=old.relay.listen, state_dir=old.relay.state_dir
+        ),
+        metrics=old.metrics,
+        admin=old.admin,
+    )
 
 
 def load_runtime(
@@ -128,6 +172,8 @@ class Relay:
         self.last_activity: dict[str, float] = {}
         self.forgotten: set[str] = set()
         self._no_sessions = trio.Event()
+        # Sessions someone waits to see gone (the admin API's end request).
+        self._gone: dict[str, trio.Event] = {}
 
     # -- the current runtime ------------------------------------------------
 
@@ -252,6 +298,9 @@ class Relay:
     def remove_session(self, session: Session) -> None:
         del self.sessions[session.id]
         self.last_activity[session.target] = trio.current_time()
+        gone = self._gone.pop(session.id, None)
+        if gone is not None:
+            gone.set()
         if not self.sessions:
             self._no_sessions.set()
             self._no_sessions = trio.Event()
@@ -259,6 +308,11 @@ class Relay:
     async def wait_no_sessions(self) -> None:
         if self.sessions:
             await self._no_sessions.wait()
+
+    async def wait_session_gone(self, session_id: str) -> None:
+        """Return once the session has ended and its end record is written."""
+        if session_id in self.sessions:
+            await self._gone.setdefault(session_id, trio.Event()).wait()
 
     # -- housekeeping --------------------------------------------------------
 
@@ -313,26 +367,50 @@ class Relay:
 
     # -- reload and shutdown -------------------------------------------------
 
-    def reload(self, config_path: Path | None = None) -> bool:
+    def reload(self, config_path: Path | None = None, *, actor: str = "unknown") -> ReloadResult:
         """Re-read config, certificates and JWKS; swap them in if all is well.
 
-        Live tunnels keep what they negotiated.  A bad new config is refused
-        with its problems logged, and the old one stays.
+        Live tunnels keep what they negotiated; new handshakes and tokens use
+        the new files.  A bad new config is refused with its problems logged
+        (``reload.failed``), and the old one stays.  Keys that only a restart
+        can apply are logged (``reload.restart_needed``) and keep their old
+        values until then.
+
+        Args:
+            config_path: The file to read; default the one the relay started with.
+            actor: Who asked (``signal:SIGHUP``, an admin's name), for the audit trail.
         """
-        path = config_path or self.config.source
+        old = self.config
+        path = config_path or old.source
         try:
-            config = load_config(path) if path else self.config
+            config = load_config(path) if path else old
             runtime = load_runtime(config, is_serial_revoked=self.is_serial_revoked)
         except Exception as exc:  # every failure keeps the old runtime
-            problems = getattr(exc, "problems", None) or [str(exc)]
-            log.error("reload.failed", extra={"problems": problems})
-            self.audit_event("reload.failed", problems=problems)
-            return False
+            problems = tuple(getattr(exc, "problems", None) or [str(exc)])
+            log.error("reload.failed", extra={"problems": list(problems), "actor": actor})
+            self.audit_event("reload.failed", problems=list(problems), actor=actor)
+            return ReloadResult(
+                ok=False, problems=problems, targets=tuple(t.name for t in old.targets)
+            )
+        restart = tuple(key for key, get in _RESTART_KEYS if get(config) != get(old))
+        if restart:
+            log.warning(
+                "reload.restart_needed",
+                extra={"keys": list(restart), "note": "these keys apply after a restart"},
+            )
+            runtime = dataclasses.replace(runtime, config=_keep_bound(runtime.config, old))
+        if runtime.config.relay.audit_dir != old.relay.audit_dir and self._relay_audit is not None:
+            # The next relay-level record starts a file in the new folder.
+            self._relay_audit.close()
+            self._relay_audit = None
         self.runtime = runtime
         self.tls.swap(runtime.tls_engine)
-        log.info("reload.ok", extra={"targets": [t.name for t in config.targets]})
-        self.audit_event("reload.ok", targets=[t.name for t in config.targets])
-        return True
+        self.refresh_revocations()
+        targets = tuple(t.name for t in runtime.config.targets)
+        fields = {"targets": list(targets), "actor": actor, "restart_needed": list(restart)}
+        log.info("reload.ok", extra=fields)
+        self.audit_event("reload.ok", **fields)
+        return ReloadResult(ok=True, restart_needed=restart, targets=targets)
 
     def end_all(self, reason: str) -> None:
         for session in list(self.sessions.values()):
@@ -410,9 +488,16 @@ async def serve_relay(
                     await stop.wait()
                     # Drain: no new connections; new preambles get 503.
                     relay.draining = True
+                    # Cancelling serve_listeners closes the listening sockets
+                    # (it holds each in ``async with``): new connections are
+                    # refused from here on.
                     accept.cancel()
-                    log.info("relay.draining", extra={"sessions": len(relay.sessions)})
-                    with trio.move_on_after(config.relay.shutdown_grace):
+                    grace = relay.config.relay.shutdown_grace  # as of the last reload
+                    log.info(
+                        "relay.draining",
+                        extra={"sessions": len(relay.sessions), "shutdown_grace": grace},
+                    )
+                    with trio.move_on_after(grace):
                         await relay.wait_no_sessions()
                     relay.end_all("shutdown")
                     main.cancel_scope.cancel()
@@ -440,7 +525,7 @@ async def run_signals(relay: Relay, stop: trio.Event) -> None:
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                relay.reload()
+                relay.reload(actor="signal:SIGHUP")
             else:
                 log.info("relay.stopping", extra={"signal": signal.Signals(signum).name})
                 stop.set()

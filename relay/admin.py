@@ -1,0 +1,423 @@
+"""The admin API: live sessions, revocation, reload and health over HTTP/JSON.
+
+It listens on ``[admin] listen``: by default a Unix socket in the state
+folder, created with mode 0600, where the file's permissions are the access
+control; or a loopback TCP address, where every request must carry an admin
+token (a JWT with ``scope = "admin"``, checked against the relay's own JWKS,
+issuer, audience and revocations) as ``Authorization: Bearer <token>``.
+
+Endpoints:
+
+=======  ===============================  ==========================================
+GET      ``/v1/health``                   status, version, live session count
+GET      ``/v1/sessions``                 every live tunnel
+GET      ``/v1/sessions/{id}``            one live tunnel
+DELETE   ``/v1/sessions/{id}``            end it (reason ``ended_by_admin``)
+POST     ``/v1/sessions/{id}/end``        the same, for clients without DELETE
+POST     ``/v1/tokens/{jti}/revoke``      revoke one token; its tunnels end now
+POST     ``/v1/users/{user}/revoke``      revoke all of a user's tokens issued so far
+POST     ``/v1/reload``                   re-read config, certificates and JWKS
+=======  ===============================  ==========================================
+
+``POST`` bodies are optional JSON objects; the revoke endpoints read
+``{"reason": "..."}`` from them.  Errors are ``{"error": "<message>",
+"reason": "<code>"}`` with status 400, 401, 403, 404, 405 (with ``Allow``),
+409 (a reload that was refused) or 503.
+
+Every state-changing request is logged and written to the relay's audit file
+(``admin.session_ended``, ``token.revoked``, ``admin.reload``) with the actor:
+the admin token's ``sub``, or ``unix:uid=N`` for the Unix socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import trio
+
+from auth import ADMIN_SCOPE, AuthError, verify_token
+from config import Config, format_address
+
+from .httpd import Handler, HttpRequest, HttpResponse, open_http_listeners, serve_http
+
+if TYPE_CHECKING:
+    from .server import Relay
+    from .session import Session
+
+__all__ = ["admin_listen_spec", "admin_handler", "serve_admin", "END_WAIT_TIMEOUT"]
+
+log = logging.getLogger("dbgrelay.admin")
+
+#: Seconds ``DELETE /v1/sessions/{id}`` waits for the tunnel's end record.
+END_WAIT_TIMEOUT = 5.0
+
+_MAX_REASON = 200
+_SESSION_ID = re.compile(r"[a-z2-7]{1,32}")
+
+
+def admin_listen_spec(config: Config) -> str:
+    """``[admin] listen`` as :func:`relay.httpd.open_http_listeners` takes it.
+
+    Returns:
+        ``"unix:/abs/path.sock"`` or ``"127.0.0.1:9465"``.
+    """
+    listen = config.admin.listen
+    if config.admin.unix_path is not None:
+        return f"unix:{config.admin.unix_path}"
+    return format_address(listen)  # type: ignore[arg-type]
+
+
+async def serve_admin(
+    relay: Relay,
+    *,
+    task_status: trio.TaskStatus[list[trio.abc.Listener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the admin API on the relay's ``[admin] listen`` until cancelled.
+
+    Start it with ``await nursery.start(serve_admin, relay)``: once that
+    returns, the socket accepts requests (and ``admin.listening`` is logged).
+
+    Raises:
+        LocalProtocolError: With ``reason="bad_listen"`` if the address
+            cannot be bound (for example another relay holds the socket).
+
+    Resource handling:
+        Opens the listeners itself; they are closed (and a Unix socket file
+        removed) when this returns or is cancelled.
+    """
+    spec = admin_listen_spec(relay.config)
+    unix = relay.config.admin.unix_path is not None
+    listeners = await open_http_listeners(spec)
+    for lst in listeners:
+        address = spec if unix else format_address(lst.socket.getsockname()[:2])
+        log.info("admin.listening", extra={"address": address, "auth": "file" if unix else "token"})
+    await serve_http(
+        listeners, admin_handler(relay, require_token=not unix), task_status=task_status
+    )
+
+
+# ---------------------------------------------------------------------------
+# Responses
+
+
+class _Refusal(Exception):
+    """Answer ``status`` with a JSON error; raised anywhere in a request."""
+
+    def __init__(
+        self, status: int, reason: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+
+    def response(self) -> HttpResponse:
+        return _json(self.status, {"error": str(self), "reason": self.reason}, self.headers)
+
+
+def _json(status: int, obj: Any, headers: dict[str, str] | None = None) -> HttpResponse:
+    body = json.dumps(obj, default=str, indent=1).encode() + b"\n"
+    return HttpResponse(status, body, headers=headers or {})
+
+
+# ---------------------------------------------------------------------------
+# Who is asking
+
+
+def _unix_actor(peer: str) -> str:
+    """``unix:uid=N`` from the server's ``unix:pid=N,uid=N`` peer name."""
+    match = re.search(r"uid=(\d+)", peer)
+    return f"unix:uid={match.group(1)}" if match else "unix"
+
+
+def _authenticate(relay: Relay, request: HttpRequest, require_token: bool) -> dict[str, str]:
+    """The actor fields for the audit trail, or a 401/403 refusal.
+
+    Raises:
+        _Refusal: 401 without a valid admin token, 403 for a valid token
+            without ``scope = "admin"``.
+    """
+    if not require_token:
+        return {"actor": _unix_actor(request.peer)}
+    challenge = {"www-authenticate": 'Bearer realm="dbgrelay-admin"'}
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise _Refusal(
+            401,
+            "missing",
+            "send an admin token as 'Authorization: Bearer <token>' "
+            "(dbgrelay token issue --scope admin)",
+            challenge,
+        )
+    config = relay.config
+    try:
+        claims = verify_token(
+            token,
+            relay.keys,
+            issuer=config.auth.issuer,
+            audience=config.auth.audience,
+            now=relay.wall_clock(),
+            leeway=config.auth.leeway,
+        )
+    except AuthError as exc:
+        raise _Refusal(
+            401, exc.reason, f"the admin token was refused: {exc.reason}", challenge
+        ) from None
+    if relay.revoked.is_revoked(claims):
+        raise _Refusal(401, "revoked", "the admin token has been revoked", challenge)
+    if claims.scope != ADMIN_SCOPE:
+        raise _Refusal(
+            403, "not_admin", f"the token of {claims.sub!r} is not an admin token (scope 'admin')"
+        )
+    return {"actor": claims.sub, "actor_jti": claims.jti}
+
+
+# ---------------------------------------------------------------------------
+# Routing
+
+
+def admin_handler(relay: Relay, *, require_token: bool) -> Handler:
+    """The request handler for :func:`relay.httpd.serve_http`.
+
+    Args:
+        relay: The running relay.
+        require_token: Demand an admin token (TCP); without it the caller is
+            named by its Unix socket credentials.
+    """
+
+    async def handle(request: HttpRequest) -> HttpResponse:
+        try:
+            route, params = _route(request)
+            actor = _authenticate(relay, request, require_token)
+            return await route(relay, request, actor, *params)
+        except _Refusal as refusal:
+            level = logging.WARNING if refusal.status in (401, 403) else logging.INFO
+            log.log(
+                level,
+                "admin.refused",
+                extra={
+                    "peer": request.peer,
+                    "method": request.method,
+                    "path": request.path,
+                    "status": refusal.status,
+                    "reason": refusal.reason,
+                },
+            )
+            return refusal.response()
+
+    return handle
+
+
+_Route = Callable[..., Any]
+
+
+def _route(request: HttpRequest) -> tuple[_Route, list[str]]:
+    """The function for the request's path and method, and its path parameters.
+
+    Unknown paths are 404 and wrong methods 405 before authentication, so a
+    typo is reported as such; neither reveals anything about the relay.
+    """
+    parts = request.path.split("/")
+    if len(parts) < 3 or parts[0] != "" or parts[1] != "v1":
+        raise _Refusal(404, "not_found", f"no such endpoint {request.path!r}; see /v1/health")
+    parts = [unquote(p) for p in parts[2:]]
+    table: dict[str, _Route]
+    params: list[str] = []
+    match parts:
+        case ["health"]:
+            table = {"GET": _health}
+        case ["sessions"]:
+            table = {"GET": _list_sessions}
+        case ["sessions", sid] if sid:
+            table, params = {"GET": _get_session, "DELETE": _end_session}, [sid]
+        case ["sessions", sid, "end"] if sid:
+            table, params = {"POST": _end_session}, [sid]
+        case ["tokens", jti, "revoke"] if jti:
+            table, params = {"POST": _revoke_token}, [jti]
+        case ["users", user, "revoke"] if user:
+            table, params = {"POST": _revoke_user}, [user]
+        case ["reload"]:
+            table = {"POST": _reload}
+        case _:
+            raise _Refusal(404, "not_found", f"no such endpoint {request.path!r}; see /v1/health")
+    if "GET" in table:
+        table["HEAD"] = table["GET"]
+    route = table.get(request.method)
+    if route is None:
+        allow = ", ".join(table)
+        raise _Refusal(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed on {request.path}; use {allow}",
+            {"allow": allow},
+        )
+    return route, params
+
+
+def _body(request: HttpRequest) -> dict[str, Any]:
+    """The optional JSON object body.
+
+    Raises:
+        _Refusal: 400 if the body is not a JSON object or ``reason`` is not a short string.
+    """
+    if not request.body.strip():
+        return {}
+    try:
+        body = json.loads(request.body)
+    except (ValueError, UnicodeDecodeError):
+        raise _Refusal(
+            400, "bad_json", 'the body must be a JSON object like {"reason": "..."}'
+        ) from None
+    if not isinstance(body, dict):
+        raise _Refusal(400, "bad_json", 'the body must be a JSON object like {"reason": "..."}')
+    reason = body.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > _MAX_REASON:
+        raise _Refusal(
+            400, "bad_reason", f"'reason' must be a string of at most {_MAX_REASON} characters"
+        )
+    return body
+
+
+def _describe(relay: Relay, session: Session) -> dict[str, Any]:
+    return session.describe() | {
+        "duration": round(max(0.0, relay.wall_clock() - session.started), 3),
+        "ending": session.end_reason,
+    }
+
+
+def _find(relay: Relay, sid: str) -> Session:
+    session = relay.sessions.get(sid) if _SESSION_ID.fullmatch(sid) else None
+    if session is None:
+        raise _Refusal(
+            404, "unknown_session", f"no live session {sid!r}; list them with GET /v1/sessions"
+        )
+    return session
+
+
+# ---------------------------------------------------------------------------
+# Endpoints
+
+
+async def _health(relay: Relay, request: HttpRequest, actor: dict) -> HttpResponse:
+    from .server import VERSION
+
+    return _json(
+        200,
+        {
+            "status": "draining" if relay.draining else "ok",
+            "version": VERSION,
+            "sessions": len(relay.sessions),
+            "targets": [t.name for t in relay.config.targets],
+            "managed_servers": sorted(n for n, s in relay.managed.items() if s.running),
+        },
+    )
+
+
+async def _list_sessions(relay: Relay, request: HttpRequest, actor: dict) -> HttpResponse:
+    sessions = sorted(relay.sessions.values(), key=lambda s: (s.started, s.id))
+    return _json(200, {"sessions": [_describe(relay, s) for s in sessions]})
+
+
+async def _get_session(relay: Relay, request: HttpRequest, actor: dict, sid: str) -> HttpResponse:
+    return _json(200, _describe(relay, _find(relay, sid)))
+
+
+async def _end_session(relay: Relay, request: HttpRequest, actor: dict, sid: str) -> HttpResponse:
+    _body(request)
+    session = _find(relay, sid)
+    fields = {"session_id": sid, "user": session.user, "target": session.target} | actor
+    log.info("admin.session_ended", extra=fields)
+    relay.audit_event("admin.session_ended", **fields)
+    session.end("ended_by_admin")
+    closed = await _wait_closed(relay, sid)
+    return _json(
+        200,
+        {
+            "id": sid,
+            "user": session.user,
+            "target": session.target,
+            "reason": session.end_reason,
+            "closed": closed,
+        },
+    )
+
+
+async def _wait_closed(relay: Relay, sid: str) -> bool:
+    """Whether the session left the relay (end record written) within the wait."""
+    with trio.move_on_after(END_WAIT_TIMEOUT):
+        await relay.wait_session_gone(sid)
+    return sid not in relay.sessions
+
+
+async def _revoke_token(relay: Relay, request: HttpRequest, actor: dict, jti: str) -> HttpResponse:
+    reason = _body(request).get("reason", "")
+    new = await _write_store(
+        relay, partial(relay.store.revoke, jti, now=relay.wall_clock(), reason=reason)
+    )
+    ended = _apply_revocations(relay)
+    fields = {"jti": jti, "reason": reason, "new": new, "sessions_ended": ended} | actor
+    log.info("token.revoked", extra=fields)
+    relay.audit_event("token.revoked", **fields)
+    return _json(200, {"jti": jti, "revoked": True, "new": new, "sessions_ended": ended})
+
+
+async def _revoke_user(relay: Relay, request: HttpRequest, actor: dict, user: str) -> HttpResponse:
+    reason = _body(request).get("reason", "")
+    now = relay.wall_clock()
+    count = await _write_store(
+        relay, partial(relay.store.revoke_user, user, now=now, reason=reason)
+    )
+    ended = _apply_revocations(relay)
+    fields = {"user": user, "reason": reason, "tokens": count, "sessions_ended": ended} | actor
+    log.info("token.revoked", extra=fields)
+    relay.audit_event("token.revoked", **fields)
+    return _json(200, {"user": user, "revoked": True, "tokens": count, "sessions_ended": ended})
+
+
+async def _write_store(relay: Relay, write: Callable[[], Any]) -> Any:
+    """Run a revocation-store write in a worker thread (SQLite may wait for its lock)."""
+    try:
+        return await trio.to_thread.run_sync(write)
+    except AuthError as exc:
+        log.error("admin.store_failed", extra={"error": str(exc)})
+        raise _Refusal(503, exc.reason, f"the revocation store cannot be written: {exc}") from exc
+    except ValueError as exc:
+        raise _Refusal(400, "bad_request", str(exc)) from None
+
+
+def _apply_revocations(relay: Relay) -> list[str]:
+    """Load the store's new state now and end revoked tunnels; their ids."""
+    live = [s for s in relay.sessions.values() if s.end_reason is None]
+    relay.refresh_revocations()
+    return sorted(s.id for s in live if s.end_reason == "revoked")
+
+
+async def _reload(relay: Relay, request: HttpRequest, actor: dict) -> HttpResponse:
+    _body(request)
+    result = relay.reload(actor=actor["actor"])
+    fields = {"ok": result.ok, "problems": list(result.problems)} | actor
+    log.info("admin.reload", extra=fields)
+    relay.audit_event("admin.reload", **fields)
+    body = {
+        "ok": result.ok,
+        "targets": list(result.targets),
+        "restart_needed": list(result.restart_needed),
+    }
+    if not result.ok:
+        return _json(
+            409,
+            body
+            | {
+                "error": "the new config was refused; the relay keeps the old one",
+                "reason": "reload_failed",
+                "problems": list(result.problems),
+            },
+        )
+    return _json(200, body)
