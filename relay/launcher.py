@@ -1,23 +1,31 @@
 """The shim that holds a managed debug server's whole process tree.
 
-The relay runs ``python -I relay/launcher.py CMD [ARG...]`` with a pipe on
-standard input.  The shim starts the server in a new process group, makes
-itself a child subreaper (so descendants that leave the group, as gdbserver's
-inferior does with ``setpgid``, are still its descendants), and then waits.
+The relay runs ``python -I relay/launcher.py --kill-grace SECONDS -- CMD
+[ARG...]`` with pipes on standard input and output.  The shim starts the
+server in a new session (so a terminal's Ctrl-C does not reach it), makes
+itself a child subreaper (so descendants that leave the server's process
+group, as gdbserver's inferior does with ``setpgid``, or that daemonise, stay
+its descendants), and then waits.
 
-It kills the tree (SIGTERM to every descendant, SIGKILL after the grace
-period) when:
+It kills the tree (SIGTERM to every descendant, SIGKILL to whatever is left
+after the grace period) when:
 
-* the relay writes ``k`` on the pipe (idle, shutdown, admin), or
+* the relay writes ``k`` on the pipe (idle, max_session, shutdown), or
 * the pipe reaches EOF: the relay has exited, ``kill -9`` included, since the
   kernel closes its end; or
 * the shim gets SIGTERM, SIGINT or SIGHUP.
+
+When the server exits by itself (``gdbserver --once`` after its client), the
+shim kills whatever the server left behind.  Either way it reaps what it
+killed before it reports, so a pid it reports as gone is gone.
 
 Why not ``PR_SET_PDEATHSIG`` on the server itself: the parent-death signal
 fires when the *thread* that forked the child exits, and trio spawns processes
 from worker threads that come and go.
 
-Protocol on standard output, one JSON object per line:
+Protocol on standard output, one JSON object per line (the server's own
+output goes to the shim's standard error, the server log, so nothing the
+server or its inferior prints can be mistaken for a report):
 ``{"event": "started", "pid": N}``, then at the end
 ``{"event": "exited", "pid": N, "returncode": R, "signal": NAME|null,
 "killed_by": null|"relay"|"relay_exited"|"signal"}``, or
@@ -39,18 +47,26 @@ import subprocess
 import sys
 import time
 
-GRACE_ENV = "DBGRELAY_KILL_GRACE"
 _PR_SET_CHILD_SUBREAPER = 36
+# How long the shim keeps killing and reaping leftovers after the server is gone.
+_REAP_TIMEOUT = 3.0
+USAGE = "usage: launcher.py [--kill-grace SECONDS] -- CMD [ARG...]\n"
 
 
 def _say(obj: dict) -> None:
-    with contextlib.suppress(OSError):
+    try:
         sys.stdout.write(json.dumps(obj) + "\n")
         sys.stdout.flush()
+    except OSError:
+        # The relay is gone.  Point stdout at /dev/null so the interpreter's
+        # final flush does not complain into the server log.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
 
 
 def _descendants(root: int) -> list[int]:
-    """Every live process below ``root``, found through /proc's parent links."""
+    """Every process below ``root``, found through /proc's parent links."""
     parents: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -71,30 +87,60 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-def _signal_tree(group: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(group, sig)
+def _signal_tree(group: int | None, sig: int) -> None:
+    """Signal the server's process group and every descendant of the shim."""
+    if group is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, sig)
     for pid in _descendants(os.getpid()):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
 
 
-def _reap_orphans() -> None:
-    """Collect exited descendants that were reparented to us (subreaper)."""
+def _kill_and_reap_rest() -> None:
+    """SIGKILL and reap everything still below the shim, bounded in time.
+
+    Called after the server itself has been reaped: what remains are
+    processes it left behind and zombies.  As a subreaper the shim is an
+    ancestor of every one of them, so the /proc walk finds them all (the
+    server's pid, and so its group id, may already be reused).
+    """
+    deadline = time.monotonic() + _REAP_TIMEOUT
     while True:
+        _signal_tree(None, signal.SIGKILL)
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return  # no child of ours is left, dead or alive
         if pid == 0:
-            return
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.01)
+
+
+def _parse(argv: list[str]) -> tuple[float, list[str]] | None:
+    grace = 5.0
+    args = list(argv)
+    while args and args[0] != "--":
+        if args[0] == "--kill-grace" and len(args) > 1:
+            try:
+                grace = float(args[1])
+            except ValueError:
+                return None
+            del args[:2]
+        else:
+            return None
+    if not args or args[0] != "--" or len(args) < 2 or grace < 0:
+        return None
+    return grace, args[1:]
 
 
 def main(argv: list[str]) -> int:
-    if not argv:
-        sys.stderr.write("usage: launcher.py CMD [ARG...]\n")
+    parsed = _parse(argv)
+    if parsed is None:
+        sys.stderr.write(USAGE)
         return 2
-    grace = float(os.environ.get(GRACE_ENV, "5"))
+    grace, command = parsed
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
@@ -105,9 +151,14 @@ def main(argv: list[str]) -> int:
         signal.signal(s, lambda *_: None)
 
     try:
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+        child = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=sys.stderr.fileno(),
+            start_new_session=True,
+        )
     except OSError as exc:
-        _say({"event": "failed", "error": f"{argv[0]}: {exc.strerror or exc}"})
+        _say({"event": "failed", "error": f"{command[0]}: {exc.strerror or exc}"})
         return 127
     _say({"event": "started", "pid": child.pid})
 
@@ -143,8 +194,7 @@ def main(argv: list[str]) -> int:
             deadline = None
     returncode = child.wait()
     # Whatever the server left behind (in its group or reparented to us) goes too.
-    _signal_tree(child.pid, signal.SIGKILL)
-    _reap_orphans()
+    _kill_and_reap_rest()
     sig = -returncode if returncode < 0 else None
     _say(
         {
