@@ -1,15 +1,37 @@
-"""Watching targets that nobody uses: forgotten servers and ``on_idle``.
+"""Watching targets that nobody uses: ``on_idle`` and forgotten servers.
 
-A debug server left running after its session is a standing target.  For
-targets the relay does not launch, it probes the backend address on the
-target's ``probe_interval``; a backend that accepts connections although it
-has had no tunnel for longer than ``idle_timeout`` is reported (log, audit,
-metric) and triggers the target's ``on_idle`` command.
+A debug server left running after its session is a standing target.  Two
+things notice it:
+
+* **The idle trigger.**  When a target's last tunnel has closed and no new
+  tunnel has opened for its ``idle_timeout``, its ``on_idle`` command runs.
+* **The forgotten-server probe.**  For targets the relay does not launch, the
+  backend address is probed every ``probe_interval`` (a connection opened and
+  closed at once; never while a tunnel to the target is open).  A backend
+  that accepts although the target has had no tunnel for longer than its
+  ``idle_timeout`` (counted from relay start if it never had one) is
+  reported: log and audit event ``server.forgotten``, and the metric
+  ``dbgrelay_forgotten_servers``.  It is reported once, not on every probe;
+  it is reported again only after a tunnel was opened or the backend stopped
+  accepting.  The report also runs ``on_idle``.
+
+An *idle spell* runs from a target's last tunnel closing (or relay start)
+until its next tunnel opens; ``on_idle`` runs at most once per spell,
+whichever trigger comes first.  Its exit status and (truncated) output go to
+the relay's audit log as ``on_idle.ran``.
+
+Probing a server that serves one client and then exits (``gdbserver --once``)
+would use up that one client: set ``probe_interval = "0"`` on such targets.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -21,77 +43,252 @@ from .backends import probe_backend
 if TYPE_CHECKING:
     from .server import Relay
 
-__all__ = ["run_watch", "run_probes", "run_on_idle"]
+__all__ = ["run_watch", "run_on_idle", "ON_IDLE_OUTPUT_LIMIT"]
 
 log = logging.getLogger("dbgrelay.watch")
 
+#: Bytes of an ``on_idle`` command's output kept for the audit record.
+ON_IDLE_OUTPUT_LIMIT = 2000
+# The longest the watcher sleeps when nothing is due.
+_MAX_NAP = 60.0
+# After on_idle exits, how long to keep reading output its children may hold open.
+_DRAIN_TIMEOUT = 1.0
+
+
+@dataclass(slots=True)
+class _TargetState:
+    """What the watcher remembers about one target between wake-ups."""
+
+    next_probe: float
+    probing: bool = False
+    # The idle spell (its start time) that was reported forgotten, or None.
+    reported_spell: float | None = None
+    # The idle spell on_idle last ran for, or None.
+    on_idle_spell: float | None = None
+    on_idle_running: bool = False
+
+
+class _Watcher:
+    def __init__(self, relay: Relay, nursery: trio.Nursery) -> None:
+        self.relay = relay
+        self.nursery = nursery
+        self.started = trio.current_time()
+        self.states: dict[str, _TargetState] = {}
+
+    def busy(self, name: str) -> bool:
+        return any(s.target == name for s in self.relay.sessions.values())
+
+    def spell(self, name: str) -> float:
+        """When the target's current idle spell began (relay start if it had no tunnel)."""
+        return self.relay.last_activity.get(name, self.started)
+
+    async def run(self) -> None:
+        while True:
+            now = trio.current_time()
+            wake = now + _MAX_NAP
+            for target in self.relay.config.targets:  # re-read: reload may change them
+                state = self.states.setdefault(target.name, _TargetState(next_probe=now))
+                if target.on_idle:
+                    wake = min(wake, self.check_idle(target, state, now))
+                if not target.managed and target.probe_interval:
+                    if state.next_probe <= now and not state.probing:
+                        state.probing = True
+                        self.nursery.start_soon(self.probe, target, state)
+                        state.next_probe += target.probe_interval
+                        if state.next_probe <= now:  # fell behind: no burst of probes
+                            state.next_probe = now + target.probe_interval
+                    wake = min(wake, state.next_probe)
+            await trio.sleep_until(wake)
+
+    def check_idle(self, target: TargetConfig, state: _TargetState, now: float) -> float:
+        """Run ``on_idle`` if the target has gone idle; return when to look again.
+
+        The watcher looks at least every ``idle_timeout``: a tunnel that
+        closes while it sleeps then cannot go idle before the next look.
+        """
+        name = target.name
+        again = now + target.idle_timeout
+        if name not in self.relay.last_activity or self.busy(name):
+            return again
+        spell = self.relay.last_activity[name]
+        due = spell + target.idle_timeout
+        if state.on_idle_spell == spell:
+            return again
+        if now >= due:
+            self.start_on_idle(target, state, spell, trigger="idle")
+            return again
+        return min(again, due)
+
+    def start_on_idle(
+        self, target: TargetConfig, state: _TargetState, spell: float, *, trigger: str
+    ) -> None:
+        state.on_idle_spell = spell
+        if state.on_idle_running:
+            log.warning(
+                "on_idle.skipped",
+                extra={"target": target.name, "trigger": trigger, "why": "still running"},
+            )
+            return
+        state.on_idle_running = True
+
+        async def run() -> None:
+            try:
+                await run_on_idle(self.relay, target, trigger=trigger)
+            finally:
+                state.on_idle_running = False
+
+        self.nursery.start_soon(run)
+
+    async def probe(self, target: TargetConfig, state: _TargetState) -> None:
+        relay, name = self.relay, target.name
+        try:
+            if self.busy(name):
+                # A tunnel is using it: it is up, and nobody forgot it.  A
+                # probe connection could disturb a one-client debug server.
+                relay.metrics.backend_up(name, True)
+                _mark_forgotten(relay, name, False)
+                return
+            up = await probe_backend(
+                target.backend, connect_timeout=target.connect_timeout, opener=relay.open_backend
+            )
+            relay.metrics.backend_up(name, up)
+            if self.busy(name):
+                return  # a tunnel opened while we probed
+            spell = self.spell(name)
+            idle_for = trio.current_time() - spell
+            if not up:
+                # Gone: if it comes back, it is a new standing target.
+                state.reported_spell = None
+            forgotten = up and idle_for >= target.idle_timeout
+            _mark_forgotten(relay, name, forgotten)
+            if not forgotten:
+                return
+            if state.reported_spell == spell:
+                return
+            state.reported_spell = spell
+            fields = {
+                "target": name,
+                "backend": target.backend_url,
+                "idle_seconds": round(idle_for, 3),
+            }
+            relay.audit_event("server.forgotten", **fields)
+            log.warning("server.forgotten", extra=fields)
+            if target.on_idle and state.on_idle_spell != spell:
+                self.start_on_idle(target, state, spell, trigger="forgotten")
+        finally:
+            state.probing = False
+
+
+def _mark_forgotten(relay: Relay, name: str, forgotten: bool) -> None:
+    relay.metrics.forgotten_server(name, forgotten)
+    if forgotten:
+        relay.forgotten.add(name)
+    else:
+        relay.forgotten.discard(name)
+
 
 async def run_watch(relay: Relay) -> None:
-    """All of the relay's watching of idle targets."""
-    await run_probes(relay)
+    """Run the idle trigger and the forgotten-server probes until cancelled.
 
+    Targets are re-read from ``relay.config`` on every wake-up, so a reload
+    takes effect at the next one.
 
-async def run_probes(relay: Relay) -> None:
-    """Forgotten-server detection for targets the relay does not launch.
-
-    A backend that accepts connections while it has had no tunnel for
-    longer than its ``idle_timeout`` is a standing target: report it
-    (log, audit, metric) once per idle spell and run ``on_idle``.
+    Cancellation:
+        Cancelling kills ``on_idle`` commands still running (their records
+        say so).
     """
-    next_probe: dict[str, float] = {}
-    while True:
-        now = trio.current_time()
-        soonest = now + 60
-        for target in relay.config.targets:
-            if target.managed or not target.probe_interval:
-                continue
-            due = next_probe.setdefault(target.name, now)
-            if due <= now:
-                await _probe(relay, target)
-                due = next_probe[target.name] = now + target.probe_interval
-            soonest = min(soonest, due)
-        await trio.sleep_until(soonest)
+    async with trio.open_nursery() as nursery:
+        await _Watcher(relay, nursery).run()
 
 
-async def _probe(relay: Relay, target: TargetConfig) -> None:
-    up = await probe_backend(target.backend, connect_timeout=target.connect_timeout)
-    relay.metrics.backend_up(target.name, up)
-    busy = any(s.target == target.name for s in relay.sessions.values())
-    idle_since = relay.last_activity.setdefault(target.name, trio.current_time())
-    forgotten = up and not busy and trio.current_time() - idle_since >= target.idle_timeout
-    if forgotten and target.name not in relay.forgotten:
-        relay.forgotten.add(target.name)
-        relay.metrics.forgotten_server(target.name, True)
-        relay.audit_event(
-            "server.forgotten",
-            target=target.name,
-            backend=target.backend_url,
-            idle_seconds=round(trio.current_time() - idle_since, 3),
-        )
-        log.warning("server.forgotten", extra={"target": target.name})
-        if target.on_idle:
-            await run_on_idle(relay, target)
-    elif not forgotten and target.name in relay.forgotten:
-        relay.forgotten.discard(target.name)
-        relay.metrics.forgotten_server(target.name, False)
+async def run_on_idle(relay: Relay, target: TargetConfig, *, trigger: str = "idle") -> None:
+    """Run the target's ``on_idle`` command once, bounded; audit its outcome.
 
+    The command runs in its own session with standard input from /dev/null;
+    standard output and error are read together and the first
+    :data:`ON_IDLE_OUTPUT_LIMIT` bytes kept.  After ``on_idle_timeout`` its
+    whole process group is killed.  The ``on_idle.ran`` record has
+    ``target``, ``argv``, ``trigger`` (``"idle"`` or ``"forgotten"``),
+    ``duration`` and either ``returncode`` (plus ``signal``), ``output`` and
+    ``output_truncated``, or ``error``.
 
-async def run_on_idle(relay: Relay, target: TargetConfig) -> None:
-    """Run the target's ``on_idle`` command once, bounded; audit its outcome."""
+    Args:
+        relay: For the audit log.
+        target: The target whose ``on_idle`` runs.
+        trigger: What started it, for the record.
+
+    Cancellation:
+        Kills the command's process group and records ``error`` before the
+        cancellation goes on.
+    """
     assert target.on_idle
-    fields: dict[str, Any] = {"target": target.name, "argv": list(target.on_idle)}
-    with trio.move_on_after(target.on_idle_timeout) as scope:
-        try:
-            done = await trio.run_process(
-                list(target.on_idle), capture_stdout=True, capture_stderr=True, check=False
-            )
-            fields |= {
-                "returncode": done.returncode,
-                "output": (done.stdout + done.stderr).decode(errors="replace")[:2000],
-            }
-        except OSError as exc:
-            fields["error"] = str(exc)
-    if scope.cancelled_caught:
-        fields["error"] = f"timed out after {target.on_idle_timeout:g}s"
+    argv = list(target.on_idle)
+    fields: dict[str, Any] = {"target": target.name, "argv": argv, "trigger": trigger}
+    started = trio.current_time()
+    try:
+        process = await trio.lowlevel.open_process(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        fields["error"] = f"cannot run {argv[0]}: {exc.strerror or exc}"
+        _report(relay, fields, started)
+        return
+    output = bytearray()
+    dropped = 0
+
+    async def read_output() -> None:
+        nonlocal dropped
+        assert process.stdout is not None
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while chunk := await process.stdout.receive_some(65536):
+                room = max(0, ON_IDLE_OUTPUT_LIMIT - len(output))
+                output.extend(chunk[:room])
+                dropped += len(chunk) - len(chunk[:room])
+
+    try:
+        with trio.move_on_after(target.on_idle_timeout) as limit:
+            async with trio.open_nursery() as nursery:
+                reader = trio.CancelScope()
+
+                async def read() -> None:
+                    with reader:
+                        await read_output()
+
+                nursery.start_soon(read)
+                await process.wait()
+                # Children that inherited the pipe may keep it open: bounded drain.
+                reader.deadline = trio.current_time() + _DRAIN_TIMEOUT
+        if limit.cancelled_caught:
+            fields["error"] = f"timed out after {target.on_idle_timeout:g}s; killed"
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                # Cancelled from outside: the relay is stopping.
+                fields.setdefault("error", "interrupted: the relay stopped while it ran; killed")
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                with trio.move_on_after(5):
+                    await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()
+            if process.returncode is not None:
+                fields["returncode"] = process.returncode
+                if process.returncode < 0:
+                    fields["signal"] = signal.Signals(-process.returncode).name
+            fields["output"] = output.decode(errors="replace")
+            fields["output_truncated"] = dropped > 0
+            _report(relay, fields, started)
+
+
+def _report(relay: Relay, fields: dict[str, Any], started: float) -> None:
+    fields["duration"] = round(trio.current_time() - started, 3)
     relay.audit_event("on_idle.ran", **fields)
-    log.info("on_idle.ran", extra=fields)
+    if "error" in fields or fields.get("returncode"):
+        log.warning("on_idle.ran", extra=fields)
+    else:
+        log.info("on_idle.ran", extra=fields)
