@@ -296,7 +296,7 @@ def _find(relay: Relay, sid: str) -> Session:
     session = relay.sessions.get(sid) if _SESSION_ID.fullmatch(sid) else None
     if session is None:
         raise _Refusal(
-            404, "unknown_session", f"no live session {sid!r}; list them with GET /v1/sessions"
+            404, "unknown_session", f"no live session {sid!r} (it may have ended already)"
         )
     return session
 

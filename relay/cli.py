@@ -266,6 +266,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
         print(f"revoked {what} through the running relay; {tunnels}", file=sys.stderr)
         return EXIT_OK
     now = time.time()
+    config.relay.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _store(args) as store:
         if args.user:
             n = store.revoke_user(args.user, now=now, reason=reason)
@@ -365,12 +366,17 @@ def _admin_token(args: argparse.Namespace) -> str | None:
     return token
 
 
-def _admin_client(args: argparse.Namespace):
-    from .admin_client import AdminClient, AdminEndpoint
-
+def _admin_config(args: argparse.Namespace) -> Any:
     if not args.config:
         raise UserError(f"{args.command} needs --config FILE (the relay's dbgrelay.toml)")
-    config = _load_config(Path(args.config))
+    return _load_config(Path(args.config))
+
+
+def _admin_client(args: argparse.Namespace, config: Any = None):
+    from .admin_client import AdminClient, AdminEndpoint
+
+    if config is None:
+        config = _admin_config(args)
     token = _admin_token(args)
     endpoint = AdminEndpoint.from_config(config, token=token)
     if endpoint.unix_path is None and token is None:
@@ -442,7 +448,14 @@ def cmd_sessions_end(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     from .admin_client import AdminError
 
-    client = _admin_client(args)
+    try:
+        config = _admin_config(args)
+    except UserError as exc:
+        raise UserError(
+            f"{exc}\nthe relay was not asked to reload and keeps its current config",
+            code=exc.code,
+        ) from None
+    client = _admin_client(args, config)
     try:
         answer = trio.run(client.reload)
     except AdminError as exc:
