@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from config import TargetConfig
+
 from .access import Grant, authorize
 from .audit import AuditWriter, ByteRecorder, session_audit_path
 from .backends import BackendError, ManagedServer
@@ -205,32 +207,12 @@ async def _serve(relay: Relay, raw: trio.SocketStream, sid: str, peer: str, ctx:
     metrics.tls_session(info.version, info.group)
     ctx |= {"tls_version": info.version, "tls_group": info.group}
 
-    # 2. The CONNECT (or OPTIONS) request, within the same deadline.
-    parser = PreambleParser()
-    request: TunnelRequested | None = None
-    with trio.move_on_at(deadline):
-        try:
-            request = await _read_preamble(tls, parser)
-        except RemoteProtocolError as exc:
-            await _refuse(relay, tls, exc, ctx, client=peer)
-            return
-        except _BROKEN as exc:
-            log.info("preamble.failed", extra=ctx | {"reason": "client_error", "error": str(exc)})
-            return
-    if request is None:
-        await _refuse(
-            relay,
-            tls,
-            RemoteProtocolError(
-                "the CONNECT request did not arrive in time", reason="timeout", status=408
-            ),
-            ctx,
-            client=peer,
-        )
-        return
-
-    # 3. Token and target: nothing touches a backend before this passes.
+    # 2-4. The request, the token, admission: each refusal is answered in one place.
+    fields: dict[str, Any] = {"client": peer}
     try:
+        request = await _receive_request(tls, deadline)
+        fields |= {"target": request.target} | relay.peek_token(request.token)
+        # Nothing touches a backend before this passes.
         grant = authorize(
             token=request.token,
             target_name=request.target,
@@ -239,89 +221,101 @@ async def _serve(relay: Relay, raw: trio.SocketStream, sid: str, peer: str, ctx:
             revoked=relay.revoked,
             now=relay.wall_clock(),
         )
+        claims, target = grant.claims, grant.target
+        fields = {"client": peer, "target": target.name, "sub": claims.sub, "jti": claims.jti}
+        ctx |= {"subject": claims.sub, "jti": claims.jti, "target": target.name}
+        _check_admission(relay, request, grant, info)
+        if request.method == "OPTIONS":
+            relay.audit_event("token.accepted", preflight=True, **fields)
+            log.info("preflight.answered", extra=ctx)
+            await _send_and_close(tls, render_preflight(headers=_preflight_headers(target)))
+            return
+        session = Session(id=sid, peer=peer, grant=grant, tls=info, started=relay.wall_clock())
+        await _open_audit(relay, session, ctx)
     except RemoteProtocolError as exc:
-        claimed = relay.peek_token(request.token)
-        await _refuse(relay, tls, exc, ctx, client=peer, target=request.target, **claimed)
+        await _refuse(relay, tls, exc, ctx, **fields)
         return
-    claims = grant.claims
+    except _BROKEN as exc:
+        log.info("preamble.failed", extra=ctx | {"reason": "client_error", "error": str(exc)})
+        return
+
+    relay.add_session(session)
+    metrics.session_opened(target.name)
+    relay.audit_event("token.accepted", session_id=sid, **fields)
+    log.info("session.opened", extra=ctx)
+    try:
+        await _run_tunnel(relay, session, tls, request, ctx)
+    finally:
+        relay.remove_session(session)
+
+
+async def _receive_request(tls: trio.abc.Stream, deadline: float) -> TunnelRequested:
+    """Read the CONNECT/OPTIONS head, by the handshake deadline.
+
+    Raises:
+        RemoteProtocolError: malformed (400/405) or too slow (408).
+    """
+    parser = PreambleParser()
+    with trio.move_on_at(deadline):
+        return await _read_preamble(tls, parser)
+    raise RemoteProtocolError(
+        "the CONNECT request did not arrive in time", reason="timeout", status=408
+    )
+
+
+def _check_admission(relay: Relay, request: TunnelRequested, grant: Grant, info: TLSInfo) -> None:
+    """Policy after the token: key exchange, draining, capacity.
+
+    Raises:
+        RemoteProtocolError: 403 ``pq_required`` or 503.
+    """
     target = grant.target
-    ctx |= {"subject": claims.sub, "jti": claims.jti, "target": target.name}
-
-    require_pq = target.require_pq if target.require_pq is not None else config.tls.require_pq
-    if require_pq and not is_pq_group(info.group):
-        await _refuse(
-            relay,
-            tls,
-            RemoteProtocolError(
-                f"target {target.name!r} requires post-quantum key exchange, negotiated {info.group}",
-                reason="pq_required",
-                status=403,
-            ),
-            ctx,
-            client=peer,
-            target=target.name,
-            sub=claims.sub,
-            jti=claims.jti,
+    if relay.config.requires_pq(target) and not is_pq_group(info.group):
+        raise RemoteProtocolError(
+            f"target {target.name!r} requires post-quantum key exchange, negotiated {info.group}",
+            reason="pq_required",
+            status=403,
         )
-        return
-
     if request.method == "OPTIONS":
-        headers = {"Dbgrelay-Target-Kind": target.kind}
-        if target.kd_transport:
-            headers["Dbgrelay-Kd-Transport"] = target.kd_transport
-        relay.audit_event(
-            "token.accepted",
-            client=peer,
-            sub=claims.sub,
-            jti=claims.jti,
-            target=target.name,
-            preflight=True,
-        )
-        log.info("preflight.answered", extra=ctx)
-        await _send_and_close(tls, render_preflight(headers=headers))
         return
-
     if relay.draining:
-        await _refuse(
-            relay,
-            tls,
-            RemoteProtocolError("the relay is shutting down", reason="shutting_down", status=503),
-            ctx,
-            client=peer,
+        raise RemoteProtocolError("the relay is shutting down", reason="shutting_down", status=503)
+    limit = relay.config.relay.max_sessions
+    if len(relay.sessions) >= limit:
+        raise RemoteProtocolError(
+            f"the relay is full ({limit} tunnels)", reason="relay_full", status=503
         )
-        return
-    if len(relay.sessions) >= config.relay.max_sessions:
-        await _refuse(
-            relay,
-            tls,
-            RemoteProtocolError(
-                f"the relay is full ({config.relay.max_sessions} tunnels)",
-                reason="relay_full",
-                status=503,
-            ),
-            ctx,
-            client=peer,
-        )
-        return
 
-    # 4. The session's audit file: fail closed if it cannot be written.
-    session = Session(id=sid, peer=peer, grant=grant, tls=info, started=relay.wall_clock())
+
+def _preflight_headers(target: TargetConfig) -> dict[str, str]:
+    headers = {"Dbgrelay-Target-Kind": target.kind}
+    if target.kd_transport:
+        headers["Dbgrelay-Kd-Transport"] = target.kd_transport
+    return headers
+
+
+async def _open_audit(relay: Relay, session: Session, ctx: dict) -> None:
+    """Create the session's audit file with its start record, on disk.
+
+    Raises:
+        RemoteProtocolError: 503 ``audit_unavailable`` (fail closed).
+    """
+    claims, target, info = session.grant.claims, session.grant.target, session.tls
+    started = datetime.fromtimestamp(session.started, UTC)
     try:
         session.audit = AuditWriter.create(
-            session_audit_path(
-                config.relay.audit_dir, sid, datetime.fromtimestamp(session.started, UTC)
-            ),
+            session_audit_path(relay.config.relay.audit_dir, session.id, started),
             kind="session",
-            session_id=sid,
+            session_id=session.id,
             signing_key=relay.audit_key,
             clock=relay.audit_clock,
         )
         session.audit.append(
             "session.opened",
-            session_id=sid,
+            session_id=session.id,
             user=claims.sub,
             jti=claims.jti,
-            client=peer,
+            client=session.peer,
             tls_version=info.version,
             tls_cipher=info.cipher,
             tls_group=info.group,
@@ -331,40 +325,17 @@ async def _serve(relay: Relay, raw: trio.SocketStream, sid: str, peer: str, ctx:
             kind=target.kind,
             backend=target.backend_url,
             token_exp=claims.exp,
-            start=datetime.fromtimestamp(session.started, UTC).isoformat(),
+            start=started.isoformat(),
         )
         await relay.sync_audit(session.audit)
     except (OSError, RelayError) as exc:
-        metrics.audit_write_error()
+        relay.metrics.audit_write_error()
         log.error("audit.unwritable", extra=ctx | {"error": str(exc)})
         if session.audit is not None:
             session.audit.close()
-        await _refuse(
-            relay,
-            tls,
-            RemoteProtocolError(
-                "the relay cannot write its audit log", reason="audit_unavailable", status=503
-            ),
-            ctx,
-            client=peer,
-        )
-        return
-
-    relay.add_session(session)
-    metrics.session_opened(target.name)
-    relay.audit_event(
-        "token.accepted",
-        client=peer,
-        sub=claims.sub,
-        jti=claims.jti,
-        target=target.name,
-        session_id=sid,
-    )
-    log.info("session.opened", extra=ctx)
-    try:
-        await _run_tunnel(relay, session, tls, request, ctx)
-    finally:
-        relay.remove_session(session)
+        raise RemoteProtocolError(
+            "the relay cannot write its audit log", reason="audit_unavailable", status=503
+        ) from exc
 
 
 async def _refuse(
