@@ -26,6 +26,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from auth import TOKEN_REJECT_REASONS
+
 __all__ = [
     "Metrics",
     "NilMetrics",
@@ -53,22 +55,9 @@ SESSION_OUTCOMES = (
 #: Outcomes of the TLS handshake plus preamble read.
 HANDSHAKE_OUTCOMES = ("ok", "tls_error", "timeout", "refused")
 
-#: Reasons a tunnel's token is refused (the ``reason`` of ``AuthError``).
-AUTH_FAILURE_REASONS = (
-    "missing",
-    "malformed",
-    "expired",
-    "not_yet_valid",
-    "bad_signature",
-    "bad_issuer",
-    "bad_audience",
-    "unknown_kid",
-    "bad_algorithm",
-    "revoked",
-    "not_granted",
-    "unknown_target",
-    "missing_claim",
-)
+#: Reasons a tunnel is refused after TLS: the token's own (``TokenRejected``)
+#: plus the relay's access decisions (:mod:`relay.access`).
+AUTH_FAILURE_REASONS = (*TOKEN_REJECT_REASONS, "unknown_target", "not_allowed", "pq_required")
 
 #: Debug sessions last from seconds (a failed attach) to a working day.
 SESSION_DURATION_BUCKETS = (
