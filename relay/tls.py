@@ -4,8 +4,9 @@ The relay and the connector never touch ``ssl`` or ``OpenSSL`` directly: they
 ask an engine to wrap a transport stream, run ``do_handshake()`` and read
 :class:`TLSInfo` afterwards.  Two engines exist:
 
-* ``stdlib``: :class:`trio.SSLStream` over the standard library's ``ssl``
-  module (bound to the system OpenSSL).
+* ``stdlib``: the standard library's :class:`ssl.SSLObject` (bound to the
+  system OpenSSL) in memory-BIO mode, driven by :class:`_StdlibStream`, which
+  also serves the pump's fast path (:mod:`relay.fastpath`).
 * ``pyopenssl``: :mod:`relay.tls_openssl`, pyOpenSSL in memory-BIO mode on the
   OpenSSL that ships with ``cryptography`` (hybrid post-quantum key exchange,
   real alerts on failed handshakes).
@@ -16,14 +17,19 @@ the current one so a reload can swap it while live tunnels keep theirs.
 
 from __future__ import annotations
 
+import contextlib
+import operator
+import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
 import trio
 
+from . import fastpath
 from .errors import LocalProtocolError
 
 __all__ = [
@@ -111,6 +117,30 @@ def _min_version(text: str) -> ssl.TLSVersion:
         ) from None
 
 
+class _State(Enum):
+    OK = "ok"
+    BROKEN = "broken"
+    CLOSED = "closed"
+
+
+class _ConflictDetector:
+    """Raise :class:`trio.BusyResourceError` when two tasks enter at once."""
+
+    __slots__ = ("_held", "_message")
+
+    def __init__(self, message: str) -> None:
+        self._held = False
+        self._message = message
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(self._message)
+        self._held = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._held = False
+
+
 def _subject_string(cert: dict) -> str | None:
     parts = []
     for rdn in cert.get("subject", ()):
@@ -120,42 +150,416 @@ def _subject_string(cert: dict) -> str | None:
 
 
 class _StdlibStream(trio.abc.Stream):
-    """:class:`trio.SSLStream` (which cannot be subclassed) plus :meth:`tls_info`.
+    """A TLS stream run by the standard library's :class:`ssl.SSLObject`.
 
-    The stream methods are the SSLStream's own bound methods, set on the
-    instance, so the wrapper adds no call of its own on the data path.
+    It behaves like ``trio.SSLStream(..., https_compatible=True)``: one task
+    may send while another receives, two concurrent senders (or receivers) get
+    :class:`trio.BusyResourceError`, TLS errors become
+    :class:`trio.BrokenResourceError` raised ``from`` the :class:`ssl.SSLError`,
+    and an EOF reads as ``b""`` with or without the peer's ``close_notify``.
+    Unlike ``https_compatible`` mode, :meth:`aclose` sends ``close_notify``.
+
+    It is also a :class:`relay.fastpath.Endpoint` (see :meth:`fast_endpoint`)
+    when the transport is a :class:`trio.SocketStream`: the pump then reads
+    and writes the socket itself and encrypts and decrypts in place, with no
+    await per chunk unless the socket would block.  Both ways of moving bytes
+    share the same state, so the stream can be used, and closed cleanly, after
+    a fast pump stops at any point.
+
+    Args:
+        transport_stream: The stream carrying TLS records.
+        context: The configured :class:`ssl.SSLContext`.
+        server_side: Whether this is the server end.
+        server_hostname: The name to check the server's certificate against
+            (client side only).
+
+    Resource handling:
+        The stream owns ``transport_stream``: :meth:`aclose` closes it.
     """
 
-    def __init__(self, ssl_stream: trio.SSLStream) -> None:
-        self.ssl_stream = ssl_stream
-        self.transport_stream = ssl_stream.transport_stream
-        self.do_handshake = ssl_stream.do_handshake
-        self.send_all = ssl_stream.send_all
-        self.receive_some = ssl_stream.receive_some
-        self.wait_send_all_might_not_block = ssl_stream.wait_send_all_might_not_block
-        self.aclose = ssl_stream.aclose
+    def __init__(
+        self,
+        transport_stream: trio.abc.Stream,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+    ) -> None:
+        self.transport_stream = transport_stream
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._obj = context.wrap_bio(
+            self._incoming,
+            self._outgoing,
+            server_side=server_side,
+            server_hostname=server_hostname,
+        )
+        self._state = _State.OK
+        self._handshake_ok = False
+        self._handshake_lock = trio.Lock()
+        # Ciphertext OpenSSL produced that is not on the wire yet: TLS 1.3
+        # session tickets held back after the handshake, or what the socket
+        # did not take on the fast path.  Every sender sends it first.
+        self._pending_out: bytes | memoryview = b""
+        # Bytes leave through one sender at a time, in the order OpenSSL wrote them.
+        self._send_lock = trio.StrictFIFOLock()
+        self._send_conflict = _ConflictDetector("another task is sending on this TLS stream")
+        self._recv_conflict = _ConflictDetector("another task is receiving on this TLS stream")
+        # Fast path state (see fast_endpoint()).  aclose() uses fd too.
+        self.fd = (
+            transport_stream.socket.fileno() if type(transport_stream) is trio.SocketStream else -1
+        )
+        self.maybe_readable = True
+        self._eof = False
+        self._decrypt_first = False
+        self._deferred_error: ssl.SSLError | None = None
 
-    # The class-level definitions satisfy trio.abc.Stream; instances use the
-    # SSLStream's bound methods assigned above.
-    async def do_handshake(self) -> None:  # pragma: no cover - shadowed per instance
-        await self.ssl_stream.do_handshake()
+    # -- state ----------------------------------------------------------------
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:  # pragma: no cover
-        await self.ssl_stream.send_all(data)
+    def _check_status(self) -> None:
+        if self._state is _State.BROKEN:
+            raise trio.BrokenResourceError("this TLS stream is broken by an earlier error")
+        if self._state is _State.CLOSED:
+            raise trio.ClosedResourceError("this TLS stream was closed")
 
-    async def receive_some(
-        self, max_bytes: int | None = None
-    ) -> bytes | bytearray:  # pragma: no cover
-        return await self.ssl_stream.receive_some(max_bytes)
+    def _broken(self, exc: BaseException) -> trio.BrokenResourceError:
+        """Mark the stream broken; the caller raises the result ``from exc``."""
+        self._state = _State.BROKEN
+        return trio.BrokenResourceError()
 
-    async def wait_send_all_might_not_block(self) -> None:  # pragma: no cover
-        await self.ssl_stream.wait_send_all_might_not_block()
+    # -- handshake --------------------------------------------------------------
 
-    async def aclose(self) -> None:  # pragma: no cover
-        await self.ssl_stream.aclose()
+    async def do_handshake(self) -> None:
+        """Run the TLS handshake now, or wait for the one already running.
+
+        Sending or receiving runs the handshake implicitly; call this to
+        authenticate the peer before anything else (and under a deadline).
+
+        Raises:
+            trio.BrokenResourceError: the handshake failed; the cause is the
+                :class:`ssl.SSLError` (certificate checks included).
+            trio.ClosedResourceError: the stream was closed.
+
+        Cancellation:
+            Cancelling a handshake midway leaves the stream broken: every later
+            call raises :class:`trio.BrokenResourceError`, and :meth:`aclose`
+            just closes the transport.
+        """
+        self._check_status()
+        if self._handshake_ok:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._ensure_handshake()
+
+    async def _ensure_handshake(self) -> None:
+        if self._handshake_ok:
+            return
+        async with self._handshake_lock:
+            if self._handshake_ok:
+                return
+            self._check_status()
+            try:
+                await self._handshake()
+            except BaseException:
+                self._state = _State.BROKEN
+                raise
+            self._handshake_ok = True
+
+    async def _handshake(self) -> None:
+        obj = self._obj
+        while True:
+            done = want_read = False
+            try:
+                obj.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                want_read = True
+            except ssl.SSLError as exc:
+                raise self._broken(exc) from exc
+            to_send = self._outgoing.read()
+            if done and obj.server_side and obj.version() == "TLSv1.3":
+                # A TLS 1.3 server ends its handshake by writing session
+                # tickets the client only reads when it next reads; over a
+                # transport without buffering, sending them now deadlocks.
+                # They go out with the first application data instead, as
+                # trio.SSLStream and BoringSSL do (openssl/openssl#7948).
+                self._pending_out, to_send = to_send, b""
+            if to_send:
+                async with self._send_lock:
+                    await self.transport_stream.send_all(to_send)
+            elif want_read:
+                data = await self.transport_stream.receive_some(fastpath.RECEIVE_SIZE)
+                if data:
+                    self._incoming.write(data)
+                else:
+                    self._incoming.write_eof()
+            if done:
+                return
+
+    # -- trio.abc.Stream ----------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Receive and decrypt some data; ``b""`` once the peer closed.
+
+        See :meth:`trio.abc.ReceiveStream.receive_some`.
+
+        Raises:
+            trio.BrokenResourceError: a TLS error or a broken transport.
+            trio.BusyResourceError: another task is receiving.
+            trio.ClosedResourceError: this stream was closed.
+        """
+        with self._recv_conflict:
+            if max_bytes is None:
+                max_bytes = fastpath.RECEIVE_SIZE
+            else:
+                max_bytes = operator.index(max_bytes)
+                if max_bytes < 1:
+                    raise ValueError("max_bytes must be >= 1")
+            self._check_status()
+            await self._ensure_handshake()
+            await trio.lowlevel.checkpoint_if_cancelled()
+            yielded = False
+            while True:
+                if self._deferred_error is not None:
+                    exc, self._deferred_error = self._deferred_error, None
+                    raise self._broken(exc) from exc
+                try:
+                    data = self._obj.read(max_bytes)
+                    break
+                except ssl.SSLWantReadError:
+                    pass
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    data = b""
+                    break
+                except ssl.SSLError as exc:
+                    raise self._broken(exc) from exc
+                yielded = True
+                if self._outgoing.pending:
+                    # A post-handshake message asked for an answer (KeyUpdate).
+                    await self._send_outgoing()
+                    continue
+                chunk = await self.transport_stream.receive_some(fastpath.RECEIVE_SIZE)
+                if chunk:
+                    self._incoming.write(chunk)
+                else:
+                    self._incoming.write_eof()
+            if not yielded:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt ``data`` and send it on the transport.
+
+        See :meth:`trio.abc.SendStream.send_all`.
+
+        Raises:
+            trio.BrokenResourceError: a TLS error or a broken transport.
+            trio.BusyResourceError: another task is sending.
+            trio.ClosedResourceError: this stream was closed.
+
+        Cancellation:
+            Cancelling may leave part of a record sent, so it breaks the
+            stream, as with :class:`trio.SSLStream`.
+        """
+        with self._send_conflict:
+            self._check_status()
+            await self._ensure_handshake()
+            if data:
+                # A memory BIO takes everything: this encrypts all of data.
+                try:
+                    self._obj.write(data)
+                except ssl.SSLError as exc:
+                    raise self._broken(exc) from exc
+            await self._send_outgoing()
+
+    async def _send_outgoing(self) -> None:
+        """Send pending ciphertext and whatever OpenSSL wrote since, in order."""
+        async with self._send_lock:
+            # Taken after the lock: whoever holds it sends everything queued
+            # so far, so records reach the wire in the order they were made.
+            out = self._take_outgoing()
+            if out:
+                try:
+                    await self.transport_stream.send_all(out)
+                except BaseException:
+                    # Some unknown part of a record may be on the wire.
+                    self._state = _State.BROKEN
+                    raise
+
+    def _take_outgoing(self) -> bytes:
+        out = self._outgoing.read()
+        if self._pending_out:
+            out = bytes(self._pending_out) + out
+            self._pending_out = b""
+        return out
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """See :meth:`trio.abc.SendStream.wait_send_all_might_not_block`."""
+        with self._send_conflict:
+            self._check_status()
+            async with self._send_lock:
+                await self.transport_stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        """Send ``close_notify`` (best effort), then close the transport.
+
+        Ciphertext a fast pump left queued goes out before ``close_notify``.
+        On a socket both are first written without waiting, so even a
+        cancelled close (:func:`trio.aclose_forcefully`) tells the peer the
+        stream ended cleanly whenever the socket has room.
+
+        Cancellation:
+            Safe: a cancelled ``aclose`` still closes the transport and leaves
+            the stream closed.
+        """
+        if self._state is _State.CLOSED:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._state is _State.BROKEN or not self._handshake_ok:
+            self._state = _State.CLOSED
+            await self.transport_stream.aclose()
+            return
+        self._state = _State.CLOSED
+        try:
+            with contextlib.suppress(ssl.SSLError):
+                # Writes close_notify; the peer's reply is not awaited (as
+                # trio.SSLStream does), so SSLWantReadError is expected.
+                self._obj.unwrap()
+            out = self._take_outgoing()
+            if out and self.fd >= 0:
+                with contextlib.suppress(OSError):
+                    out = out[os.write(self.fd, out) :]
+            if out:
+                with contextlib.suppress(trio.BrokenResourceError, trio.BusyResourceError):
+                    async with self._send_lock:
+                        await self.transport_stream.send_all(out)
+        except BaseException:
+            await trio.aclose_forcefully(self.transport_stream)
+            raise
+        await self.transport_stream.aclose()
+
+    # -- fast path (relay.fastpath.Endpoint) ------------------------------------------
+
+    def fast_endpoint(self) -> _StdlibStream | None:
+        """This stream as a :class:`relay.fastpath.Endpoint`, or ``None``.
+
+        Only a stream over a :class:`trio.SocketStream`, with its handshake
+        done and not broken or closed, qualifies.  The caller must not call
+        the stream's async methods while it uses the endpoint.
+        """
+        if self.fd < 0 or self._state is not _State.OK or not self._handshake_ok:
+            return None
+        self.maybe_readable = True
+        self._decrypt_first = bool(self._incoming.pending or self._obj.pending())
+        return self
+
+    def receive_nowait(self) -> memoryview | None:
+        """See :meth:`relay.fastpath.Endpoint.receive_nowait`.
+
+        Reads the socket once, then decrypts every complete record into the
+        shared plaintext buffer, so several records cost one call.
+        """
+        if self._deferred_error is not None:
+            exc, self._deferred_error = self._deferred_error, None
+            raise self._broken(exc) from exc
+        if self._eof:
+            return fastpath.EMPTY
+        incoming = self._incoming
+        if self._decrypt_first:
+            # Complete records may wait in OpenSSL: the plaintext buffer filled
+            # up last time, or they came in behind the tunnel request.
+            self._decrypt_first = False
+        else:
+            try:
+                n = os.readv(self.fd, (fastpath.RECEIVE_BUFFER,))
+            except BlockingIOError:
+                self.maybe_readable = False
+                return None
+            except OSError as exc:
+                raise self._broken(exc) from exc
+            if n:
+                incoming.write(fastpath.RECEIVE_VIEW[:n])
+            else:
+                incoming.write_eof()
+            self.maybe_readable = n == fastpath.RECEIVE_SIZE
+        obj = self._obj
+        view = fastpath.PLAINTEXT_VIEW
+        size = fastpath.PLAINTEXT_SIZE
+        got = 0
+        while True:
+            try:
+                count = obj.read(size - got, view[got:])
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                # EOF without close_notify counts as EOF, as in https_compatible mode.
+                self._eof = True
+                break
+            except ssl.SSLError as exc:
+                if not got:
+                    raise self._broken(exc) from exc
+                # Deliver what decrypted cleanly first.
+                self._deferred_error = exc
+                break
+            if not count:
+                # The ssl module reads close_notify as 0 bytes.
+                self._eof = True
+                break
+            got += count
+            if got == size:
+                self._decrypt_first = self.maybe_readable = True
+                break
+            if not incoming.pending and not obj.pending():
+                # Everything received is decrypted; skip the SSLWantReadError.
+                break
+        if self._outgoing.pending:
+            # A post-handshake message asked for an answer (KeyUpdate).  What
+            # the socket does not take now goes out ahead of the next send.
+            self._write_out(b"")
+        if got:
+            return view[:got]
+        return fastpath.EMPTY if self._eof else None
+
+    def send_nowait(self, data: memoryview) -> bool:
+        """See :meth:`relay.fastpath.Endpoint.send_nowait`."""
+        try:
+            self._obj.write(data)
+        except ssl.SSLError as exc:
+            raise self._broken(exc) from exc
+        return self._write_out(self._outgoing.read())
+
+    def flush_nowait(self) -> bool:
+        """See :meth:`relay.fastpath.Endpoint.flush_nowait`."""
+        if not self._pending_out:
+            return True
+        return self._write_out(b"")
+
+    def _write_out(self, out: bytes) -> bool:
+        if self._pending_out:
+            out = bytes(self._pending_out) + out
+        try:
+            sent = os.write(self.fd, out)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise self._broken(exc) from exc
+        if sent == len(out):
+            self._pending_out = b""
+            return True
+        self._pending_out = memoryview(out)[sent:]
+        return False
+
+    # -- introspection ----------------------------------------------------------
 
     def tls_info(self) -> TLSInfo:
-        obj = self.ssl_stream._ssl_object
+        """What the handshake negotiated.
+
+        Raises:
+            trio.NeedHandshakeError: the handshake has not completed.
+        """
+        if not self._handshake_ok:
+            raise trio.NeedHandshakeError("call do_handshake() before tls_info()")
+        obj = self._obj
         cipher = obj.cipher()
         peer = obj.getpeercert() if obj.server_side else None
         serial = None
@@ -195,6 +599,10 @@ class _StdlibServer:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         _harden(ctx, min_version)
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+        # No TLS 1.3 session tickets: the connector never resumes a session,
+        # and each client kept two of them (with the server's certificate),
+        # about 16 KiB per tunnel, besides the server's work to issue them.
+        ctx.num_tickets = 0
         try:
             ctx.load_cert_chain(str(cert), str(key))
             if client_ca is not None:
@@ -209,9 +617,7 @@ class _StdlibServer:
         self.context = ctx
 
     def wrap(self, transport: trio.abc.Stream) -> TLSStream:
-        return _StdlibStream(
-            trio.SSLStream(transport, self.context, server_side=True, https_compatible=True)
-        )
+        return _StdlibStream(transport, self.context, server_side=True)
 
 
 class _StdlibClient:
@@ -240,9 +646,7 @@ class _StdlibClient:
 
     def wrap(self, transport: trio.abc.Stream, server_hostname: str) -> TLSStream:
         return _StdlibStream(
-            trio.SSLStream(
-                transport, self.context, server_hostname=server_hostname, https_compatible=True
-            )
+            transport, self.context, server_side=False, server_hostname=server_hostname
         )
 
 

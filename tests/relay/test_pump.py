@@ -1,0 +1,448 @@
+"""The byte pump: semantics on memory streams, and the fast path on real sockets.
+
+The first half runs the generic loop on trio's memory streams (real TLS on top
+of the client's where it matters) under the autojump clock, so production
+timeouts pass in milliseconds.  The second half runs the fast path on
+loopback sockets with real TLS, on the real clock, or on a mock clock that
+only moves when the test jumps it (bytes in a kernel buffer must never race
+an autojump).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import struct
+
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from relay.fastpath import endpoint_for
+from relay.pump import PumpResult, Traffic, run_pump
+from relay.tls import make_client_engine, make_server_engine
+
+MIB = 1024 * 1024
+
+
+# -- TLS material -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def engines(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory):
+    """The stdlib engine's server and client sides, built from files like the relay's."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(folder / "server.pem")
+    cert.private_key_pem.write_to_path(folder / "server.key")
+    ca.cert_pem.write_to_path(folder / "ca.pem")
+    server = make_server_engine(
+        engine="stdlib", cert=folder / "server.pem", key=folder / "server.key"
+    )
+    client = make_client_engine(engine="stdlib", ca=folder / "ca.pem")
+    return server, client
+
+
+async def tls_pair(
+    engines, transport_pair, *, strict_client: bool = False
+) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    """A handshaken (client, server) pair of stdlib TLS streams over ``transport_pair``.
+
+    With ``strict_client``, the client is a :class:`trio.SSLStream` that reads an
+    EOF without ``close_notify`` as an error, so a test can tell the two apart.
+    """
+    server_engine, client_engine = engines
+    raw_client, raw_server = transport_pair
+    if strict_client:
+        client = trio.SSLStream(raw_client, client_engine.context, server_hostname="127.0.0.1")
+    else:
+        client = client_engine.wrap(raw_client, "127.0.0.1")
+    server = server_engine.wrap(raw_server)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.do_handshake)
+        nursery.start_soon(server.do_handshake)
+    return client, server
+
+
+async def socket_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Two ends of one loopback TCP connection."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    connecting = trio.socket.socket()
+    with listener:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(connecting.connect, listener.getsockname())
+            accepted, _ = await listener.accept()
+    return trio.SocketStream(connecting), trio.SocketStream(accepted)
+
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    got = bytearray()
+    while len(got) < size:
+        chunk = await stream.receive_some(size - len(got))
+        assert chunk, f"EOF after {len(got)} of {size} bytes"
+        got += chunk
+    return bytes(got)
+
+
+async def receive_until_eof(stream: trio.abc.ReceiveStream) -> bytes:
+    got = bytearray()
+    while chunk := await stream.receive_some(65536):
+        got += chunk
+    return bytes(got)
+
+
+class Tunnel:
+    """The pump between a developer (``user``) and a debug server (``server``).
+
+    ``client`` and ``backend`` are the pump's own ends of those connections.
+    """
+
+    def __init__(self, user, client, backend, server) -> None:
+        self.user, self.client, self.backend, self.server = user, client, backend, server
+        self.traffic = Traffic()
+        self.taps: list[tuple[str, bytes]] = []
+        self.result: PumpResult | None = None
+        self.idle = trio.CancelScope()
+        self.done = trio.Event()
+
+    async def run(self, **kw) -> None:
+        try:
+            with self.idle:
+                self.result = await run_pump(
+                    self.client,
+                    self.backend,
+                    self.traffic,
+                    activity=self.idle,
+                    tap=lambda direction, data: self.taps.append((direction, data)),
+                    **kw,
+                )
+        finally:
+            self.done.set()
+
+
+async def memory_tunnel(engines, nursery, **kw) -> Tunnel:
+    """A pump on memory streams: TLS from the user, plaintext to the server."""
+    user, client = await tls_pair(engines, trio.testing.memory_stream_pair())
+    backend, server = trio.testing.memory_stream_pair()
+    tunnel = Tunnel(user, client, backend, server)
+    assert endpoint_for(client) is None  # memory streams take the generic loop
+    nursery.start_soon(lambda: tunnel.run(**kw))
+    return tunnel
+
+
+async def socket_tunnel(engines, nursery, *, strict_user: bool = False, **kw) -> Tunnel:
+    """A pump on loopback sockets: TLS from the user, plaintext to the server."""
+    user, client = await tls_pair(engines, await socket_pair(), strict_client=strict_user)
+    backend, server = await socket_pair()
+    tunnel = Tunnel(user, client, backend, server)
+    assert endpoint_for(client) is not None and endpoint_for(backend) is not None
+    nursery.start_soon(lambda: tunnel.run(**kw))
+    return tunnel
+
+
+async def echo(stream: trio.abc.Stream) -> None:
+    """Echo until EOF, then close."""
+    async with stream:
+        while data := await stream.receive_some(65536):
+            await stream.send_all(data)
+
+
+# -- pump semantics on memory streams (generic loop) ----------------------------------
+
+
+async def test_bytes_move_both_ways_and_are_counted_and_tapped(engines, nursery, autojump_clock):
+    t = await memory_tunnel(engines, nursery, idle_timeout=300)
+    await t.user.send_all(b"ping")
+    assert await receive_exactly(t.server, 4) == b"ping"
+    await t.server.send_all(b"pong!")
+    assert await receive_exactly(t.user, 5) == b"pong!"
+    assert (t.traffic.to_backend, t.traffic.to_client) == (4, 5)
+    assert t.taps == [("c2b", b"ping"), ("b2c", b"pong!")]
+
+
+async def test_idle_timeout_fires_exactly_idle_timeout_after_the_last_byte(
+    engines, nursery, autojump_clock
+):
+    t = await memory_tunnel(engines, nursery, idle_timeout=300)
+    await t.user.send_all(b"x")
+    await receive_exactly(t.server, 1)
+    await trio.sleep(299.9)
+    assert not t.done.is_set()
+    await t.server.send_all(b"y")  # traffic either way restarts the timer
+    await receive_exactly(t.user, 1)
+    last_byte = trio.current_time()
+    await trio.sleep_until(last_byte + 299.9)
+    assert not t.done.is_set()
+    await t.done.wait()
+    assert trio.current_time() == pytest.approx(last_byte + 300, abs=1e-6)
+    assert t.idle.cancelled_caught and t.result is None
+
+
+async def test_a_busy_tunnel_is_never_idle(engines, nursery, autojump_clock):
+    t = await memory_tunnel(engines, nursery, idle_timeout=60)
+    for _ in range(30):  # 30 minutes, a byte every 59 s
+        await t.user.send_all(b".")
+        await receive_exactly(t.server, 1)
+        await trio.sleep(59)
+    assert not t.done.is_set()
+
+
+async def test_after_the_client_closes_the_backend_may_answer_for_close_timeout(
+    nursery, autojump_clock
+):
+    # Plaintext both ways, so the client can half-close.
+    user, client = trio.testing.memory_stream_pair()
+    backend, server = trio.testing.memory_stream_pair()
+    t = Tunnel(user, client, backend, server)
+    nursery.start_soon(lambda: t.run(idle_timeout=3600, close_timeout=5))
+    await user.send_all(b"last request")
+    await user.send_eof()
+    assert await receive_until_eof(server) == b"last request"  # EOF passed on
+    await trio.sleep(4.9)
+    await server.send_all(b"late reply")
+    assert await receive_exactly(user, 10) == b"late reply"
+    await t.done.wait()
+    assert trio.current_time() == pytest.approx(5, abs=1e-6)
+    assert t.result == PumpResult("client_closed")
+    assert t.traffic.to_client == 10 and not t.idle.cancelled_caught
+
+
+async def test_backend_closing_ends_the_tunnel_after_its_last_bytes(
+    engines, nursery, autojump_clock
+):
+    t = await memory_tunnel(engines, nursery, idle_timeout=300)
+    await t.server.send_all(b"bye")
+    await t.server.aclose()
+    await t.done.wait()
+    assert t.result == PumpResult("backend_closed")
+    assert await receive_exactly(t.user, 3) == b"bye"
+
+
+async def test_garbage_from_the_client_is_a_client_error(engines, nursery, autojump_clock):
+    t = await memory_tunnel(engines, nursery, idle_timeout=300)
+    # Write beneath the user's TLS layer: a record no TLS stack accepts.
+    await t.user.transport_stream.send_all(b"\x17\x03\x03\x00\x05hello")
+    await t.done.wait()
+    assert t.result is not None and t.result.reason == "client_error"
+    assert t.result.detail  # the TLS error's text, for the audit record
+
+
+async def test_a_backend_that_stops_reading_is_a_backend_error(engines, nursery, autojump_clock):
+    t = await memory_tunnel(engines, nursery, idle_timeout=300)
+    await t.server.receive_stream.aclose()  # still sending, no longer reading
+    await t.user.send_all(b"anyone there?")
+    await t.done.wait()
+    assert t.result is not None and t.result.reason == "backend_error"
+
+
+async def test_a_backend_stream_that_fails_under_the_pump_is_a_backend_error(
+    engines, nursery, autojump_clock
+):
+    t = await memory_tunnel(engines, nursery, idle_timeout=300)
+    await trio.testing.wait_all_tasks_blocked()
+    # The pump is waiting to receive from the backend; its stream fails under it.
+    await t.backend.receive_stream.aclose()
+    await t.done.wait()
+    assert t.result is not None and t.result.reason == "backend_error"
+    assert t.result.detail
+
+
+async def test_a_client_that_stops_reading_is_a_client_error(engines, nursery, autojump_clock):
+    t = await memory_tunnel(engines, nursery, idle_timeout=300)
+    await t.user.transport_stream.receive_stream.aclose()
+    await t.server.send_all(b"reply to nobody")
+    await t.done.wait()
+    assert t.result is not None and t.result.reason == "client_error"
+
+
+# -- the stdlib TLS stream ------------------------------------------------------------
+
+
+async def test_stdlib_tls_stream_is_a_well_behaved_trio_stream(engines):
+    async def stream_maker():
+        return await tls_pair(engines, trio.testing.memory_stream_pair())
+
+    async def clogged_stream_maker():
+        return await tls_pair(engines, trio.testing.lockstep_stream_pair())
+
+    await trio.testing.check_two_way_stream(stream_maker, clogged_stream_maker)
+
+
+async def test_stdlib_tls_stream_over_sockets_is_a_well_behaved_trio_stream(engines):
+    async def stream_maker():
+        return await tls_pair(engines, await socket_pair())
+
+    await trio.testing.check_two_way_stream(stream_maker, None)
+
+
+async def test_closing_sends_close_notify_even_when_cancelled(engines):
+    peer, ours = await tls_pair(engines, await socket_pair(), strict_client=True)
+    await trio.aclose_forcefully(ours)  # cancelled at once
+    # A strict trio.SSLStream raises on an EOF without close_notify.
+    assert await peer.receive_some() == b""
+    await peer.aclose()
+
+
+# -- the fast path on loopback sockets ------------------------------------------------
+
+
+async def test_fast_path_moves_64_mib_intact(engines, nursery):
+    t = await socket_tunnel(engines, nursery, idle_timeout=300)
+    payload = os.urandom(MIB)
+    expected = hashlib.sha256()
+    received = hashlib.sha256()
+
+    async def send() -> None:
+        for i in range(64):
+            block = payload[i:] + payload[:i]  # 64 different MiB
+            expected.update(block)
+            await t.user.send_all(block)
+
+    async def sink() -> None:
+        left = 64 * MIB
+        while left:
+            data = await t.server.receive_some(min(left, 1 << 20))
+            received.update(data)
+            left -= len(data)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(send)
+            inner.start_soon(sink)
+    assert received.digest() == expected.digest()
+    assert t.traffic.to_backend == 64 * MIB
+    assert ("c2b", payload[:100]) == (t.taps[0][0], t.taps[0][1][:100])
+    assert sum(len(data) for _, data in t.taps) == 64 * MIB
+
+
+async def test_fast_path_ping_pong_of_every_size(engines, nursery):
+    t = await socket_tunnel(engines, nursery, idle_timeout=300)
+    nursery.start_soon(echo, t.server)
+    sent = 0
+    with trio.fail_after(30):
+        for size in [1, 2, 63, 64, 1000, 16383, 16384, 16385, 65535, 65536, 65537, 200_000]:
+            for _ in range(3):
+                message = os.urandom(size)
+                await t.user.send_all(message)
+                assert await receive_exactly(t.user, size) == message
+                sent += size
+    assert (t.traffic.to_backend, t.traffic.to_client) == (sent, sent)
+    await t.user.aclose()
+    await t.done.wait()
+    assert t.result == PumpResult("client_closed")
+
+
+async def test_fast_path_bytes_behind_the_handshake_are_not_lost(engines, nursery):
+    # Records that arrive before the pump starts wait inside the TLS object,
+    # not in the socket: the pump must not wait for the socket first.
+    user, client = await tls_pair(engines, await socket_pair())
+    backend, server = await socket_pair()
+    await user.send_all(b"early")
+    await trio.testing.wait_all_tasks_blocked()
+    assert await client.receive_some(1) == b"e"  # leaves "arly" decrypted but unread
+    t = Tunnel(user, client, backend, server)
+    nursery.start_soon(t.run)
+    with trio.fail_after(5):
+        assert await receive_exactly(server, 4) == b"arly"
+
+
+async def test_fast_path_cancelled_mid_transfer_leaves_both_streams_closable(engines, nursery):
+    t = await socket_tunnel(engines, nursery, idle_timeout=300, strict_user=True)
+    sent = 0
+
+    async def flood() -> None:
+        nonlocal sent
+        # Ends when the pump's side closes with bytes unread (a reset).
+        with trio.move_on_after(10), contextlib.suppress(trio.BrokenResourceError):
+            while True:
+                await t.server.send_all(b"z" * 65536)
+                sent += 65536
+
+    nursery.start_soon(flood)
+    # The user does not read, so the pump ends up waiting with bytes queued.
+    await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+    assert 0 < t.traffic.to_client < sent
+    t.idle.cancel()
+    await t.done.wait()
+    got = b""
+
+    async def read_all() -> None:
+        nonlocal got
+        got = await receive_until_eof(t.user)  # strict: an EOF needs close_notify
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(read_all)
+            await t.client.aclose()  # sends what was queued, then close_notify
+            await t.backend.aclose()
+    # Everything the pump counted arrived, in whole records, then a clean close.
+    assert len(got) >= t.traffic.to_client and set(got) == {ord("z")}
+    assert t.result is None and t.idle.cancelled_caught
+
+
+async def test_fast_path_idle_timeout_on_a_frozen_clock(engines, nursery, mock_clock):
+    # mock_clock only moves when jumped: bytes go through the kernel in real
+    # time while trio's clock stands still.
+    t = await socket_tunnel(engines, nursery, idle_timeout=300)
+    nursery.start_soon(echo, t.server)
+    await t.user.send_all(b"x")
+    assert await receive_exactly(t.user, 1) == b"x"
+    mock_clock.jump(299.9)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not t.done.is_set()
+    await t.user.send_all(b"y")  # the last byte, at 299.9
+    assert await receive_exactly(t.user, 1) == b"y"
+    mock_clock.jump(299.9)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not t.done.is_set()
+    mock_clock.jump(0.1)  # 300 s after the last byte
+    await t.done.wait()
+    assert t.idle.cancelled_caught and t.result is None
+
+
+async def test_fast_path_half_close_between_plain_sockets(nursery):
+    user, client = await socket_pair()
+    backend, server = await socket_pair()
+    t = Tunnel(user, client, backend, server)
+    nursery.start_soon(lambda: t.run(close_timeout=30))
+    await user.send_all(b"request")
+    await user.send_eof()
+    with trio.fail_after(5):
+        assert await receive_until_eof(server) == b"request"
+        await server.send_all(b"reply after EOF")
+        await server.aclose()
+        assert await receive_exactly(user, 15) == b"reply after EOF"
+        await t.done.wait()
+    assert t.result == PumpResult("client_closed")
+    assert (t.traffic.to_backend, t.traffic.to_client) == (7, 15)
+
+
+async def test_fast_path_backend_reset_is_a_backend_error(engines, nursery):
+    t = await socket_tunnel(engines, nursery, idle_timeout=300)
+    # Close with SO_LINGER 0: the kernel sends RST instead of FIN.
+    t.server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await t.server.aclose()
+    await t.user.send_all(b"x" * 100_000)
+    with trio.fail_after(5):
+        await t.done.wait()
+    assert t.result is not None and t.result.reason == "backend_error"
+    assert "reset" in (t.result.detail or "").lower()
+
+
+async def test_fast_path_garbage_from_the_client_is_a_client_error(engines, nursery):
+    t = await socket_tunnel(engines, nursery, idle_timeout=300)
+    await t.user.transport_stream.send_all(b"\x17\x03\x03\x00\x05hello")
+    with trio.fail_after(5):
+        await t.done.wait()
+    assert t.result is not None and t.result.reason == "client_error"
+    assert t.result.detail  # OpenSSL's reason, whatever its wording
