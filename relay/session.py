@@ -467,9 +467,12 @@ async def _run_tunnel(
 
             tap = None
             if recorder is not None:
+                clock = trio.lowlevel.current_clock()
 
                 def tap(direction: str, data: bytes) -> None:
-                    recorder.add(direction, trio.current_time() - t0, data)
+                    # The pump may call this on its data-plane thread, where
+                    # trio.current_time() is not available: ask the clock.
+                    recorder.add(direction, clock.current_time() - t0, data)
 
             with trio.CancelScope() as idle:
                 result = await run_pump(

@@ -209,9 +209,10 @@ class _StdlibStream(trio.abc.Stream):
         self.fd = (
             transport_stream.socket.fileno() if type(transport_stream) is trio.SocketStream else -1
         )
-        self.maybe_readable = True
+        # Bytes (or an EOF, or an error) wait inside OpenSSL: receive again
+        # without waiting for the socket.
+        self.buffered = False
         self._eof = False
-        self._decrypt_first = False
         self._deferred_error: ssl.SSLError | None = None
 
     # -- state ----------------------------------------------------------------
@@ -449,8 +450,8 @@ class _StdlibStream(trio.abc.Stream):
         """
         if self.fd < 0 or self._state is not _State.OK or not self._handshake_ok:
             return None
-        self.maybe_readable = True
-        self._decrypt_first = bool(self._incoming.pending or self._obj.pending())
+        # Records may wait in OpenSSL, read behind the tunnel request.
+        self.buffered = bool(self._incoming.pending or self._obj.pending())
         return self
 
     def receive_nowait(self) -> memoryview | None:
@@ -459,21 +460,17 @@ class _StdlibStream(trio.abc.Stream):
         Reads the socket once, then decrypts every complete record into the
         shared plaintext buffer, so several records cost one call.
         """
+        buffered, self.buffered = self.buffered, False
         if self._deferred_error is not None:
             exc, self._deferred_error = self._deferred_error, None
             raise self._broken(exc) from exc
         if self._eof:
             return fastpath.EMPTY
         incoming = self._incoming
-        if self._decrypt_first:
-            # Complete records may wait in OpenSSL: the plaintext buffer filled
-            # up last time, or they came in behind the tunnel request.
-            self._decrypt_first = False
-        else:
+        if not buffered:
             try:
                 n = os.readv(self.fd, (fastpath.RECEIVE_BUFFER,))
             except BlockingIOError:
-                self.maybe_readable = False
                 return None
             except OSError as exc:
                 raise self._broken(exc) from exc
@@ -481,7 +478,6 @@ class _StdlibStream(trio.abc.Stream):
                 incoming.write(fastpath.RECEIVE_VIEW[:n])
             else:
                 incoming.write_eof()
-            self.maybe_readable = n == fastpath.RECEIVE_SIZE
         obj = self._obj
         view = fastpath.PLAINTEXT_VIEW
         size = fastpath.PLAINTEXT_SIZE
@@ -507,7 +503,7 @@ class _StdlibStream(trio.abc.Stream):
                 break
             got += count
             if got == size:
-                self._decrypt_first = self.maybe_readable = True
+                self.buffered = True
                 break
             if not incoming.pending and not obj.pending():
                 # Everything received is decrypted; skip the SSLWantReadError.
@@ -517,6 +513,8 @@ class _StdlibStream(trio.abc.Stream):
             # the socket does not take now goes out ahead of the next send.
             self._write_out(b"")
         if got:
+            if self._eof or self._deferred_error is not None:
+                self.buffered = True  # reported by the next call
             return view[:got]
         return fastpath.EMPTY if self._eof else None
 

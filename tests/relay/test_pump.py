@@ -320,6 +320,9 @@ async def test_fast_path_moves_64_mib_intact(engines, nursery):
             inner.start_soon(send)
             inner.start_soon(sink)
     assert received.digest() == expected.digest()
+    await t.user.aclose()
+    await t.server.aclose()
+    await t.done.wait()  # counters and taps are final once the pump stopped
     assert t.traffic.to_backend == 64 * MIB
     assert ("c2b", payload[:100]) == (t.taps[0][0], t.taps[0][1][:100])
     assert sum(len(data) for _, data in t.taps) == 64 * MIB
@@ -336,10 +339,10 @@ async def test_fast_path_ping_pong_of_every_size(engines, nursery):
                 await t.user.send_all(message)
                 assert await receive_exactly(t.user, size) == message
                 sent += size
-    assert (t.traffic.to_backend, t.traffic.to_client) == (sent, sent)
     await t.user.aclose()
     await t.done.wait()
     assert t.result == PumpResult("client_closed")
+    assert (t.traffic.to_backend, t.traffic.to_client) == (sent, sent)
 
 
 async def test_fast_path_bytes_behind_the_handshake_are_not_lost(engines, nursery):
@@ -446,3 +449,65 @@ async def test_fast_path_garbage_from_the_client_is_a_client_error(engines, nurs
         await t.done.wait()
     assert t.result is not None and t.result.reason == "client_error"
     assert t.result.detail  # OpenSSL's reason, whatever its wording
+
+
+async def test_fast_path_serves_many_tunnels_at_once(engines, nursery):
+    talkers = [await socket_tunnel(engines, nursery, idle_timeout=300) for _ in range(30)]
+    victims = [await socket_tunnel(engines, nursery, idle_timeout=300) for _ in range(10)]
+    for t in talkers:
+        nursery.start_soon(echo, t.server)
+
+    async def talk(t: Tunnel, seed: int) -> None:
+        for i in range(50):
+            message = bytes([seed]) * (1 + (seed * 97 + i * 31) % 3000)
+            await t.user.send_all(message)
+            assert await receive_exactly(t.user, len(message)) == message
+        await t.user.aclose()
+
+    async def flood(t: Tunnel) -> None:
+        # Bulk towards a user that reads, until the tunnel is cancelled.
+        with contextlib.suppress(trio.BrokenResourceError):
+            while not t.done.is_set():
+                await t.server.send_all(b"v" * 65536)
+
+    async def drain(t: Tunnel) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await receive_until_eof(t.user)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as inner:
+            for t in victims:
+                inner.start_soon(flood, t)
+                inner.start_soon(drain, t)
+            async with trio.open_nursery() as talking:
+                for seed, t in enumerate(talkers):
+                    talking.start_soon(talk, t, seed)
+                # The victims end (cancelled, as by an idle timeout) mid-transfer.
+                await trio.sleep(0.05)
+                for t in victims:
+                    t.idle.cancel()
+            for t in victims:
+                await t.done.wait()
+                await t.client.aclose()
+                await t.backend.aclose()
+            for t in talkers:
+                await t.done.wait()
+    for t in talkers:
+        assert t.result == PumpResult("client_closed")
+        assert t.traffic.to_backend == t.traffic.to_client > 0
+    for t in victims:
+        assert t.idle.cancelled_caught and t.traffic.to_client > 0
+
+
+async def test_fast_path_failing_tap_is_raised_to_the_caller(engines):
+    user, client = await tls_pair(engines, await socket_pair())
+    backend, server = await socket_pair()
+
+    def tap(direction: str, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    await user.send_all(b"recorded")
+    with trio.fail_after(5), pytest.raises(OSError, match="No space left"):
+        await run_pump(client, backend, Traffic(), tap=tap)
+    for stream in (user, client, backend, server):
+        await stream.aclose()
