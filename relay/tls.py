@@ -141,6 +141,12 @@ class _ConflictDetector:
         self._held = False
 
 
+# Bytes asked of the transport per receive outside the fast path (handshake,
+# tunnel request, memory streams in tests).  Below glibc's mmap threshold, so
+# each receive buffer is not a fresh mmap.
+_RECEIVE_SIZE = 65536
+
+
 def _subject_string(cert: dict) -> str | None:
     parts = []
     for rdn in cert.get("subject", ()):
@@ -289,7 +295,7 @@ class _StdlibStream(trio.abc.Stream):
                 async with self._send_lock:
                     await self.transport_stream.send_all(to_send)
             elif want_read:
-                data = await self.transport_stream.receive_some(fastpath.RECEIVE_SIZE)
+                data = await self.transport_stream.receive_some(_RECEIVE_SIZE)
                 if data:
                     self._incoming.write(data)
                 else:
@@ -311,7 +317,7 @@ class _StdlibStream(trio.abc.Stream):
         """
         with self._recv_conflict:
             if max_bytes is None:
-                max_bytes = fastpath.RECEIVE_SIZE
+                max_bytes = _RECEIVE_SIZE
             else:
                 max_bytes = operator.index(max_bytes)
                 if max_bytes < 1:
@@ -339,7 +345,7 @@ class _StdlibStream(trio.abc.Stream):
                     # A post-handshake message asked for an answer (KeyUpdate).
                     await self._send_outgoing()
                     continue
-                chunk = await self.transport_stream.receive_some(fastpath.RECEIVE_SIZE)
+                chunk = await self.transport_stream.receive_some(_RECEIVE_SIZE)
                 if chunk:
                     self._incoming.write(chunk)
                 else:
