@@ -148,9 +148,7 @@ async def run_pump(
     client_end = endpoint_for(client)
     backend_end = endpoint_for(backend) if client_end is not None else None
     if client_end is not None and backend_end is not None:
-        return await _run_fast(
-            client, client_end, backend, backend_end, traffic, timer, close_timeout, tap
-        )
+        return await _run_fast(client_end, backend, backend_end, traffic, timer, close_timeout, tap)
     return await _run_generic(client, backend, traffic, timer, close_timeout, tap)
 
 
@@ -244,7 +242,6 @@ async def _run_generic(
 
 
 async def _run_fast(
-    client: trio.abc.Stream,
     client_end: Endpoint,
     backend: trio.abc.Stream,
     backend_end: Endpoint,

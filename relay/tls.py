@@ -166,11 +166,11 @@ class _StdlibStream(trio.abc.Stream):
     Unlike ``https_compatible`` mode, :meth:`aclose` sends ``close_notify``.
 
     It is also a :class:`relay.fastpath.Endpoint` (see :meth:`fast_endpoint`)
-    when the transport is a :class:`trio.SocketStream`: the pump then reads
-    and writes the socket itself and encrypts and decrypts in place, with no
-    await per chunk unless the socket would block.  Both ways of moving bytes
-    share the same state, so the stream can be used, and closed cleanly, after
-    a fast pump stops at any point.
+    when the transport is a :class:`trio.SocketStream`: the pump's data-plane
+    thread then reads and writes the socket itself and decrypts and encrypts
+    without blocking.  Both ways of moving bytes share the same state (queued
+    ciphertext included), so once the tunnel is back from the data plane the
+    stream can be used, and closed cleanly, whenever the pump stopped.
 
     Args:
         transport_stream: The stream carrying TLS records.
