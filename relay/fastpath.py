@@ -309,6 +309,26 @@ class Tunnel:
         finished: Nothing more will move.
     """
 
+    __slots__ = (
+        "traffic",
+        "activity",
+        "tap",
+        "clock",
+        "c2b",
+        "b2c",
+        "client_fd",
+        "backend_fd",
+        "client_eof",
+        "reason",
+        "detail",
+        "error",
+        "finished",
+        "plane",
+        "masks",
+        "_token",
+        "_changed",
+    )
+
     def __init__(
         self,
         client: Endpoint,
