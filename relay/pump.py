@@ -5,14 +5,13 @@ why it stopped.  Everything that ends a tunnel from outside (idle timeout,
 maximum session length, revocation, shutdown) is a cancel scope owned by the
 session around the pump.
 
-There are two ways with the same behaviour.  When both streams have a
+There are two loops with the same behaviour.  When both streams have a
 :mod:`relay.fastpath` endpoint (a plaintext :class:`trio.SocketStream`, or
-the stdlib TLS stream over one, on Linux), the bytes move on the process's
-data-plane thread and trio only waits for the tunnel to change state (the
-client's EOF, the end) while it runs the timers and the half-close.  Any
-other pair of streams (the pyOpenSSL engine, memory streams in tests) goes
-through the generic loop, two trio tasks using nothing but the
-:class:`trio.abc.Stream` methods.
+the stdlib TLS stream over one), the fast loop drives the sockets without
+blocking and awaits only when the kernel says it would block: one scheduler
+trip per forwarded chunk instead of several.  Any other pair of streams (the
+pyOpenSSL engine, memory streams in tests) goes through the generic loop,
+which uses nothing but the :class:`trio.abc.Stream` methods.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 
 import trio
 
-from .fastpath import Endpoint, Tunnel, data_plane, endpoint_for
+from .fastpath import Endpoint, endpoint_for
 
 __all__ = ["Traffic", "PumpResult", "run_pump", "CHUNK"]
 
@@ -80,21 +79,20 @@ class _IdleTimer:
     ``timeout`` on a busy tunnel, and an idle one closes exactly on time.
     """
 
-    __slots__ = ("_scope", "_timeout", "last_activity")
+    __slots__ = ("_scope", "_timeout", "_last")
 
     def __init__(self, scope: trio.CancelScope, timeout: float) -> None:
         self._scope = scope
         self._timeout = timeout
-        #: trio time of the last chunk; the data plane writes it directly.
-        self.last_activity = trio.current_time()
+        self._last = trio.current_time()
 
     def touch(self) -> None:
-        self.last_activity = trio.current_time()
+        self._last = trio.current_time()
 
     async def run(self) -> None:
         """Cancel the scope once the tunnel has been idle for ``timeout`` seconds."""
         while True:
-            due = self.last_activity + self._timeout
+            due = self._last + self._timeout
             if trio.current_time() >= due:
                 self._scope.cancel()
                 return
@@ -130,8 +128,8 @@ async def run_pump(
             is cancelled.  Ignored without ``activity``.
         close_timeout: Seconds the backend may still send after the client's EOF.
         tap: Called with ``("c2b" | "b2c", data)`` for every chunk (recording),
-            after the chunk was delivered.  On the fast path it runs on the
-            data-plane thread, so it must not call into trio.
+            after the chunk was delivered.  An exception from it ends the
+            pump and propagates inside an :class:`ExceptionGroup`.
 
     Returns:
         Why the pump stopped.  Cancellation (idle, shutdown, ...) propagates;
@@ -148,7 +146,9 @@ async def run_pump(
     client_end = endpoint_for(client)
     backend_end = endpoint_for(backend) if client_end is not None else None
     if client_end is not None and backend_end is not None:
-        return await _run_fast(client_end, backend, backend_end, traffic, timer, close_timeout, tap)
+        return await _run_fast(
+            client, client_end, backend, backend_end, traffic, timer, close_timeout, tap
+        )
     return await _run_generic(client, backend, traffic, timer, close_timeout, tap)
 
 
@@ -242,6 +242,7 @@ async def _run_generic(
 
 
 async def _run_fast(
+    client: trio.abc.Stream,
     client_end: Endpoint,
     backend: trio.abc.Stream,
     backend_end: Endpoint,
@@ -250,25 +251,91 @@ async def _run_fast(
     close_timeout: float,
     tap: Tap | None,
 ) -> PumpResult:
-    """Hand the bytes to the data plane; handle half-close and the timers here."""
-    tunnel = Tunnel(client_end, backend_end, traffic, activity=timer, tap=tap)
-    plane = data_plane()
+    result: PumpResult | None = None
+
     async with trio.open_nursery() as nursery:
+
+        async def client_to_backend() -> None:
+            nonlocal result
+            stopped = await _forward(client_end, backend_end, traffic, timer, tap, to_backend=True)
+            if result is None:
+                result = stopped or PumpResult(CLIENT_CLOSED)
+            if stopped is not None:
+                nursery.cancel_scope.cancel()
+                return
+            await _half_close(backend, nursery, close_timeout)
+
+        async def backend_to_client() -> None:
+            nonlocal result
+            stopped = await _forward(backend_end, client_end, traffic, timer, tap, to_backend=False)
+            if result is None:
+                result = stopped or PumpResult(BACKEND_CLOSED)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(client_to_backend)
+        nursery.start_soon(backend_to_client)
         if timer is not None:
             nursery.start_soon(timer.run)
-        plane.add(tunnel)
+
+    assert result is not None
+    return result
+
+
+async def _forward(
+    src: Endpoint,
+    dst: Endpoint,
+    traffic: Traffic,
+    timer: _IdleTimer | None,
+    tap: Tap | None,
+    *,
+    to_backend: bool,
+) -> PumpResult | None:
+    """Copy ``src`` to ``dst`` until EOF (``None``) or an error (its result).
+
+    Each chunk is fully written before the next is read, so backpressure
+    reaches the sender and a chunk in a scratch buffer is never overwritten
+    while still needed.
+    """
+    wait_readable = trio.lowlevel.wait_readable
+    wait_writable = trio.lowlevel.wait_writable
+    if to_backend:
+        direction, src_error, dst_error = "c2b", CLIENT_ERROR, BACKEND_ERROR
+    else:
+        direction, src_error, dst_error = "b2c", BACKEND_ERROR, CLIENT_ERROR
+    while True:
+        waited = False
         try:
-            eof_passed_on = False
-            while not tunnel.finished:
-                await tunnel.wait_changed()
-                if tunnel.client_eof and not eof_passed_on:
-                    eof_passed_on = True
-                    await _half_close(backend, nursery, close_timeout)
-        finally:
-            # Back to trio: after this, the streams are ours to close.
-            plane.remove(tunnel)
-        nursery.cancel_scope.cancel()
-    if tunnel.error is not None:
-        raise tunnel.error
-    assert tunnel.reason is not None
-    return PumpResult(tunnel.reason, tunnel.detail)
+            # Try first only when the last read may have left data behind: after
+            # a short read, waiting first saves a failing system call.
+            data = src.receive_nowait() if src.maybe_readable else None
+            while data is None:
+                await wait_readable(src.fd)
+                waited = True
+                data = src.receive_nowait()
+        except _BROKEN as exc:
+            return PumpResult(src_error, _detail(exc))
+        size = len(data)
+        if not size:
+            return None
+        # data is a scratch buffer; the recording needs its own copy.
+        chunk = bytes(data) if tap is not None else None
+        try:
+            if not dst.send_nowait(data):
+                while True:
+                    await wait_writable(dst.fd)
+                    waited = True
+                    if dst.flush_nowait():
+                        break
+        except _BROKEN as exc:
+            return PumpResult(dst_error, _detail(exc))
+        if to_backend:
+            traffic.to_backend += size
+        else:
+            traffic.to_client += size
+        if timer is not None:
+            timer.touch()
+        if chunk is not None:
+            tap(direction, chunk)  # type: ignore[misc]
+        if not waited:
+            # Data kept coming without a wait: let the other tasks run.
+            await trio.lowlevel.checkpoint()

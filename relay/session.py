@@ -467,24 +467,28 @@ async def _run_tunnel(
 
             tap = None
             if recorder is not None:
-                clock = trio.lowlevel.current_clock()
 
                 def tap(direction: str, data: bytes) -> None:
-                    # The pump may call this on its data-plane thread, where
-                    # trio.current_time() is not available: ask the clock.
-                    recorder.add(direction, clock.current_time() - t0, data)
+                    recorder.add(direction, trio.current_time() - t0, data)
 
             with trio.CancelScope() as idle:
-                result = await run_pump(
-                    tls,
-                    backend,
-                    session.traffic,
-                    activity=idle,
-                    idle_timeout=target.idle_timeout,
-                    close_timeout=relay.config.relay.close_timeout,
-                    tap=tap,
-                )
-                reason, detail = result.reason, result.detail
+                try:
+                    result = await run_pump(
+                        tls,
+                        backend,
+                        session.traffic,
+                        activity=idle,
+                        idle_timeout=target.idle_timeout,
+                        close_timeout=relay.config.relay.close_timeout,
+                        tap=tap,
+                    )
+                    reason, detail = result.reason, result.detail
+                except* (OSError, RelayError) as group:
+                    # Only the recording tap raises these out of the pump: a
+                    # tunnel whose bytes cannot be recorded does not go on.
+                    relay.metrics.audit_write_error()
+                    reason = "error"
+                    detail = f"byte recording failed: {group.exceptions[0]}"
             if idle.cancelled_caught:
                 reason, detail = "idle", None
         if session.scope.cancelled_caught:

@@ -166,11 +166,11 @@ class _StdlibStream(trio.abc.Stream):
     Unlike ``https_compatible`` mode, :meth:`aclose` sends ``close_notify``.
 
     It is also a :class:`relay.fastpath.Endpoint` (see :meth:`fast_endpoint`)
-    when the transport is a :class:`trio.SocketStream`: the pump's data-plane
-    thread then reads and writes the socket itself and decrypts and encrypts
-    without blocking.  Both ways of moving bytes share the same state (queued
-    ciphertext included), so once the tunnel is back from the data plane the
-    stream can be used, and closed cleanly, whenever the pump stopped.
+    when the transport is a :class:`trio.SocketStream`: the pump then reads
+    and writes the socket itself and encrypts and decrypts in place, with no
+    await per chunk unless the socket would block.  Both ways of moving bytes
+    share the same state, so the stream can be used, and closed cleanly, after
+    a fast pump stops at any point.
 
     Args:
         transport_stream: The stream carrying TLS records.
@@ -215,10 +215,9 @@ class _StdlibStream(trio.abc.Stream):
         self.fd = (
             transport_stream.socket.fileno() if type(transport_stream) is trio.SocketStream else -1
         )
-        # Bytes (or an EOF, or an error) wait inside OpenSSL: receive again
-        # without waiting for the socket.
-        self.buffered = False
+        self.maybe_readable = True
         self._eof = False
+        self._decrypt_first = False
         self._deferred_error: ssl.SSLError | None = None
 
     # -- state ----------------------------------------------------------------
@@ -456,8 +455,8 @@ class _StdlibStream(trio.abc.Stream):
         """
         if self.fd < 0 or self._state is not _State.OK or not self._handshake_ok:
             return None
-        # Records may wait in OpenSSL, read behind the tunnel request.
-        self.buffered = bool(self._incoming.pending or self._obj.pending())
+        self.maybe_readable = True
+        self._decrypt_first = bool(self._incoming.pending or self._obj.pending())
         return self
 
     def receive_nowait(self) -> memoryview | None:
@@ -466,17 +465,21 @@ class _StdlibStream(trio.abc.Stream):
         Reads the socket once, then decrypts every complete record into the
         shared plaintext buffer, so several records cost one call.
         """
-        buffered, self.buffered = self.buffered, False
         if self._deferred_error is not None:
             exc, self._deferred_error = self._deferred_error, None
             raise self._broken(exc) from exc
         if self._eof:
             return fastpath.EMPTY
         incoming = self._incoming
-        if not buffered:
+        if self._decrypt_first:
+            # Complete records may wait in OpenSSL: the plaintext buffer filled
+            # up last time, or they came in behind the tunnel request.
+            self._decrypt_first = False
+        else:
             try:
                 n = os.readv(self.fd, (fastpath.RECEIVE_BUFFER,))
             except BlockingIOError:
+                self.maybe_readable = False
                 return None
             except OSError as exc:
                 raise self._broken(exc) from exc
@@ -484,6 +487,7 @@ class _StdlibStream(trio.abc.Stream):
                 incoming.write(fastpath.RECEIVE_VIEW[:n])
             else:
                 incoming.write_eof()
+            self.maybe_readable = n == fastpath.RECEIVE_SIZE
         obj = self._obj
         view = fastpath.PLAINTEXT_VIEW
         size = fastpath.PLAINTEXT_SIZE
@@ -509,7 +513,7 @@ class _StdlibStream(trio.abc.Stream):
                 break
             got += count
             if got == size:
-                self.buffered = True
+                self._decrypt_first = self.maybe_readable = True
                 break
             if not incoming.pending and not obj.pending():
                 # Everything received is decrypted; skip the SSLWantReadError.
@@ -519,8 +523,6 @@ class _StdlibStream(trio.abc.Stream):
             # the socket does not take now goes out ahead of the next send.
             self._write_out(b"")
         if got:
-            if self._eof or self._deferred_error is not None:
-                self.buffered = True  # reported by the next call
             return view[:got]
         return fastpath.EMPTY if self._eof else None
 
