@@ -31,7 +31,7 @@ from typing import Protocol
 
 import trio
 
-__all__ = ["Endpoint", "SocketEndpoint", "endpoint_for", "RECEIVE_SIZE"]
+__all__ = ["Endpoint", "SocketEndpoint", "endpoint_for", "write_nowait", "RECEIVE_SIZE"]
 
 #: Bytes asked of the kernel per receive.  Four full TLS records (16 KiB of
 #: plaintext each): large enough that a bulk transfer pays the per-chunk cost
@@ -96,6 +96,18 @@ class Endpoint(Protocol):
         ...
 
 
+def write_nowait(fd: int, data: bytes | memoryview) -> int:
+    """Write what the socket ``fd`` takes now: the number of bytes, 0 when full.
+
+    Raises:
+        OSError: The socket failed (anything but "would block").
+    """
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
+
+
 class SocketEndpoint:
     """A plaintext :class:`trio.SocketStream` as an :class:`Endpoint`.
 
@@ -125,9 +137,7 @@ class SocketEndpoint:
 
     def send_nowait(self, data: memoryview) -> bool:
         try:
-            sent = os.write(self.fd, data)
-        except BlockingIOError:
-            sent = 0
+            sent = write_nowait(self.fd, data)
         except OSError as exc:
             raise trio.BrokenResourceError(f"socket error: {exc}") from exc
         if sent == len(data):
@@ -140,9 +150,7 @@ class SocketEndpoint:
         if not self._pending:
             return True
         try:
-            sent = os.write(self.fd, self._pending)
-        except BlockingIOError:
-            return False
+            sent = write_nowait(self.fd, self._pending)
         except OSError as exc:
             raise trio.BrokenResourceError(f"socket error: {exc}") from exc
         self._pending = self._pending[sent:]

@@ -544,9 +544,7 @@ class _StdlibStream(trio.abc.Stream):
         if self._pending_out:
             out = bytes(self._pending_out) + out
         try:
-            sent = os.write(self.fd, out)
-        except BlockingIOError:
-            sent = 0
+            sent = fastpath.write_nowait(self.fd, out)
         except OSError as exc:
             raise self._broken(exc) from exc
         if sent == len(out):

@@ -36,9 +36,11 @@ error names the revoked serial.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import operator
+import os
 from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
@@ -52,6 +54,7 @@ from cryptography.x509 import ocsp
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 
+from . import fastpath
 from .errors import LocalProtocolError
 from .tls import ALPN, TLSInfo
 
@@ -87,6 +90,9 @@ _RECEIVE_SIZE = 65536
 # four records, i.e. 64 KiB plus up to 4 * 29 bytes of record overhead, so this
 # size drains a typical send_all() in one read instead of two plus a join.
 _BIO_READ_SIZE = 65536 + 4096
+
+# Plaintext asked of OpenSSL per SSL_read on the fast path: one full record.
+_RECORD_SIZE = 16384
 
 # Verification error codes by number, for readable messages
 # ("ERR_CERT_HAS_EXPIRED" rather than 10).
@@ -212,6 +218,13 @@ class OpenSSLStream(trio.abc.Stream):
         self._recv_conflict = _ConflictDetector(
             "another task is currently receiving data on this OpenSSLStream"
         )
+        # Fast path state (see fast_endpoint()).
+        self.fd = (
+            transport_stream.socket.fileno() if type(transport_stream) is trio.SocketStream else -1
+        )
+        self.maybe_readable = True
+        self._eof = False
+        self._records = _RecordCounter()
 
     # -- state ----------------------------------------------------------------
 
@@ -343,6 +356,7 @@ class OpenSSLStream(trio.abc.Stream):
                         data = await self.transport_stream.receive_some(_RECEIVE_SIZE)
                         if data:
                             self._conn.bio_write(data)
+                            self._records.feed(data)
                         else:
                             self._conn.bio_shutdown()
                         self._inner_recv_count += 1
@@ -505,12 +519,20 @@ class OpenSSLStream(trio.abc.Stream):
             await self.transport_stream.aclose()
             return
         try:
-            try:
+            if self.fd >= 0 and not self._inner_send_lock.locked():
+                # Over a socket nobody is sending on, close_notify goes out
+                # without waiting, so even aclose_forcefully() (cancelled at
+                # once) ends the session cleanly when the socket has room.
+                rest = self._shutdown_nowait()
+                if rest:
+                    async with self._inner_send_lock:
+                        await self.transport_stream.send_all(rest)
+            else:
                 await self._retry(self._shutdown, ignore_want_read=True)
-            except (trio.BrokenResourceError, trio.BusyResourceError):
-                # The peer went away or another task holds the transport:
-                # close without close_notify.
-                pass
+        except (trio.BrokenResourceError, trio.BusyResourceError):
+            # The peer went away or another task holds the transport:
+            # close without close_notify.
+            await trio.aclose_forcefully(self.transport_stream)
         except BaseException:
             await trio.aclose_forcefully(self.transport_stream)
             raise
@@ -518,6 +540,140 @@ class OpenSSLStream(trio.abc.Stream):
             await self.transport_stream.aclose()
         finally:
             self._state = _State.CLOSED
+
+    def _shutdown_nowait(self) -> bytes:
+        """Queue close_notify; send it, behind everything held back, as far as
+        the socket takes it now.  Returns the rest, still to be sent."""
+        with contextlib.suppress(SSL.Error):
+            self._conn.shutdown()
+        out = self._delayed_outgoing + self._drain_outgoing()
+        self._delayed_outgoing = b""
+        try:
+            return out[fastpath.write_nowait(self.fd, out) :]
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket error: {exc}") from exc
+
+    # -- fast path (relay.fastpath.Endpoint) ------------------------------------
+
+    def fast_endpoint(self) -> OpenSSLStream | None:
+        """This stream as a :class:`relay.fastpath.Endpoint`, or ``None``.
+
+        Only a stream over a :class:`trio.SocketStream`, with its handshake
+        done and not broken or closed, qualifies.  The caller must not call
+        the stream's async methods while it uses the endpoint; afterwards it
+        may, and :meth:`aclose` sends whatever the endpoint left queued
+        before ``close_notify``.
+        """
+        if self.fd < 0 or self._state is not _State.OK or not self._handshake_ok:
+            return None
+        self.maybe_readable = True
+        # Records may wait in the incoming BIO, read behind the tunnel request:
+        # decrypt until OpenSSL wants more before reading the socket.
+        self._records.forget()
+        return self
+
+    def _fast_broken(self, exc: BaseException) -> trio.BrokenResourceError:
+        self._mark_broken()
+        if isinstance(exc, SSL.Error):
+            return trio.BrokenResourceError(f"TLS error: {_describe(exc)}")
+        return trio.BrokenResourceError(f"socket error: {exc}")
+
+    def receive_nowait(self) -> memoryview | None:
+        """See :meth:`relay.fastpath.Endpoint.receive_nowait`.
+
+        Reads the socket once into the shared receive buffer, hands that to
+        OpenSSL, then decrypts every complete record, so several records cost
+        one system call.
+        """
+        if self._deferred_error is not None:
+            exc, self._deferred_error = self._deferred_error, None
+            raise self._fast_broken(exc) from exc
+        if self._eof:
+            return fastpath.EMPTY
+        conn = self._conn
+        records = self._records
+        if not records.pending:
+            try:
+                n = os.readv(self.fd, (fastpath.RECEIVE_BUFFER,))
+            except BlockingIOError:
+                self.maybe_readable = False
+                return None
+            except OSError as exc:
+                raise self._fast_broken(exc) from exc
+            if n:
+                data = fastpath.RECEIVE_VIEW[:n]
+                conn.bio_write(data)
+                records.feed(data)
+            else:
+                conn.bio_shutdown()
+                records.forget()  # OpenSSL tells a clean close from a cut
+            self.maybe_readable = n == fastpath.RECEIVE_SIZE
+        chunks: list[bytes] = []
+        got = 0
+        while records.pending:
+            try:
+                chunk = conn.recv(_RECORD_SIZE)
+            except SSL.WantReadError:
+                records.drained()
+                break
+            except SSL.ZeroReturnError:
+                self._eof = True
+                break
+            except SSL.Error as exc:
+                if not got:
+                    raise self._fast_broken(exc) from exc
+                # Deliver what decrypted cleanly first.
+                self._deferred_error = exc
+                break
+            records.consumed()
+            chunks.append(chunk)
+            got += len(chunk)
+            if got >= fastpath.RECEIVE_SIZE:
+                # Enough for one chunk; the rest stays in OpenSSL for next time.
+                self.maybe_readable = True
+                break
+        # A post-handshake message may have made OpenSSL queue an answer (a
+        # KeyUpdate of our own).  It goes out with the next send, which is when
+        # RFC 8446 section 4.6.3 wants it; draining here would cost a failing
+        # BIO read per chunk.
+        if got:
+            return memoryview(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        return fastpath.EMPTY if self._eof else None
+
+    def send_nowait(self, data: memoryview) -> bool:
+        """See :meth:`relay.fastpath.Endpoint.send_nowait`."""
+        conn = self._conn
+        try:
+            # pyOpenSSL enables partial writes: one SSL_write takes one record
+            # (16 KiB).  This loop is sendall() without its per-call cost,
+            # which is more than the encryption of a small chunk.
+            sent = conn.send(data)
+            while sent < len(data):
+                sent += conn.send(data[sent:])
+        except SSL.Error as exc:
+            raise self._fast_broken(exc) from exc
+        return self._write_out(self._drain_outgoing())
+
+    def flush_nowait(self) -> bool:
+        """See :meth:`relay.fastpath.Endpoint.flush_nowait`."""
+        return not self._delayed_outgoing or self._write_out(b"")
+
+    def _write_out(self, out: bytes) -> bool:
+        """Send held-back ciphertext, then ``out``; keep what the socket refuses.
+
+        The rest waits in ``_delayed_outgoing``, which every later sender
+        (this endpoint, or the stream's own :meth:`_retry`) sends first.
+        """
+        if self._delayed_outgoing:
+            out = self._delayed_outgoing + out
+        if not out:
+            return True
+        try:
+            sent = fastpath.write_nowait(self.fd, out)
+        except OSError as exc:
+            raise self._fast_broken(exc) from exc
+        self._delayed_outgoing = out[sent:]
+        return not self._delayed_outgoing
 
     # -- introspection --------------------------------------------------------
 
@@ -846,6 +1002,88 @@ def _server_cert_verifier(hostname: str, wanted: _Wanted) -> _Verifier:
         return True
 
     return verify
+
+
+class _RecordCounter:
+    """Counts the complete TLS records in a byte stream fed in any pieces.
+
+    The fast path hands OpenSSL everything the socket had, then calls
+    ``SSL_read`` once per complete record: without the count it would call
+    until OpenSSL says "want read", and with pyOpenSSL that failing call (an
+    exception built from OpenSSL's error state) costs about as much as
+    decrypting a small record.  A successful ``SSL_read`` consumes at least
+    one record, so calling it at most ``count`` times never leaves a complete
+    record unread.
+
+    A header that no TLS peer sends (unknown content type, wrong major
+    version, a length over the RFC 8446 limit) makes the count unbounded:
+    OpenSSL then reads it at once and reports the error.
+    """
+
+    __slots__ = ("_left", "_head", "_lost", "pending")
+
+    #: ``pending`` while the count is unknown: read until OpenSSL says stop.
+    UNKNOWN = 1 << 62
+
+    def __init__(self) -> None:
+        self._left = 0  # body bytes still to come of the record being received
+        self._head = b""  # an incomplete record header
+        self._lost = False  # framing lost to a bad header: never count again
+        #: Complete records fed and not yet known to be consumed.
+        self.pending = 0
+
+    def forget(self) -> None:
+        """Someone else read records: count as unknown until :meth:`drained`."""
+        self.pending = self.UNKNOWN
+
+    def consumed(self) -> None:
+        """One ``SSL_read`` returned data: it took at least one record."""
+        if self.pending:
+            self.pending -= 1
+
+    def drained(self) -> None:
+        """OpenSSL asked for more bytes: no complete record is left."""
+        if not self._lost:
+            self.pending = 0
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Account for ``data``, the next bytes written to OpenSSL's incoming BIO."""
+        if self._lost:
+            return
+        n = len(data)
+        i = self._left
+        if i > n:
+            self._left = i - n
+            return
+        count = 1 if i else 0
+        self._left = 0
+        head = self._head
+        while True:
+            if head:
+                take = 5 - len(head)
+                head += bytes(data[i : i + take])
+                i += take
+                if len(head) < 5:
+                    break
+                header, head = head, b""
+            elif i + 5 <= n:
+                header = data[i : i + 5]
+                i += 5
+            else:
+                head = bytes(data[i:n])
+                break
+            body = (header[3] << 8) | header[4]
+            if not 20 <= header[0] <= 23 or header[1] != 3 or body > 16384 + 2048:
+                self._lost = True
+                self.pending = self.UNKNOWN
+                return
+            i += body
+            if i > n:
+                self._left = i - n
+                break
+            count += 1
+        self._head = head
+        self.pending += count
 
 
 # -- streams ------------------------------------------------------------------

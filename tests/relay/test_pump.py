@@ -36,18 +36,18 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-@pytest.fixture(scope="module")
-def engines(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory):
-    """The stdlib engine's server and client sides, built from files like the relay's."""
+@pytest.fixture(scope="module", params=["stdlib", "pyopenssl"])
+def engines(request, ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory):
+    """One TLS engine's server and client sides, built from files like the relay's."""
     folder = tmp_path_factory.mktemp("tls")
     cert = ca.issue_cert("127.0.0.1")
     cert.cert_chain_pems[0].write_to_path(folder / "server.pem")
     cert.private_key_pem.write_to_path(folder / "server.key")
     ca.cert_pem.write_to_path(folder / "ca.pem")
     server = make_server_engine(
-        engine="stdlib", cert=folder / "server.pem", key=folder / "server.key"
+        engine=request.param, cert=folder / "server.pem", key=folder / "server.key"
     )
-    client = make_client_engine(engine="stdlib", ca=folder / "ca.pem")
+    client = make_client_engine(engine=request.param, ca=folder / "ca.pem")
     return server, client
 
 
@@ -56,12 +56,14 @@ async def tls_pair(
 ) -> tuple[trio.abc.Stream, trio.abc.Stream]:
     """A handshaken (client, server) pair of stdlib TLS streams over ``transport_pair``.
 
-    With ``strict_client``, the client is a :class:`trio.SSLStream` that reads an
-    EOF without ``close_notify`` as an error, so a test can tell the two apart.
+    With ``strict_client``, the client reads an EOF without ``close_notify`` as
+    an error, so a test can tell the two apart: a :class:`trio.SSLStream` for
+    the stdlib engine, whose own stream reads such an EOF as the end; the
+    pyOpenSSL engine's stream is strict already.
     """
     server_engine, client_engine = engines
     raw_client, raw_server = transport_pair
-    if strict_client:
+    if strict_client and client_engine.name == "stdlib":
         client = trio.SSLStream(raw_client, client_engine.context, server_hostname="127.0.0.1")
     else:
         client = client_engine.wrap(raw_client, "127.0.0.1")

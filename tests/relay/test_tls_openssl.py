@@ -897,3 +897,60 @@ def test_bad_options_are_config_errors(pki):
         ClientEngine(ca=pki.tmp / "missing-ca.pem", min_version="1.2")
     assert info.value.reason == "bad_tls_files"
     assert "missing-ca.pem" in str(info.value)
+
+
+# -- the fast path's record counter ----------------------------------------------------
+
+
+def _records(*lengths: int) -> tuple[bytes, list[int]]:
+    """TLS application-data records with these body lengths, and where each ends."""
+    stream, ends = b"", []
+    for length in lengths:
+        stream += bytes([23, 3, 3]) + length.to_bytes(2, "big") + os.urandom(length)
+        ends.append(len(stream))
+    return stream, ends
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_record_counter_counts_complete_records_however_the_bytes_are_cut(seed):
+    import random
+
+    from relay.tls_openssl import _RecordCounter
+
+    rng = random.Random(seed)
+    lengths = [rng.choice([0, 1, 4, 5, 86, 16401, rng.randrange(18000)]) for _ in range(6)]
+    stream, ends = _records(*lengths)
+    cuts = sorted(rng.sample(range(1, len(stream)), rng.randrange(min(8, len(stream) - 1))))
+    counter = _RecordCounter()
+    start = 0
+    for cut in [*cuts, len(stream)]:
+        counter.feed(memoryview(stream)[start:cut])
+        start = cut
+        assert counter.pending == sum(1 for end in ends if end <= cut)
+
+
+def test_record_counter_gives_up_on_a_header_no_tls_peer_sends():
+    from relay.tls_openssl import _RecordCounter
+
+    counter = _RecordCounter()
+    counter.feed(b"GET / HTTP/1.1\r\n")
+    assert counter.pending == _RecordCounter.UNKNOWN
+    counter.drained()  # framing stays lost: read until OpenSSL reports the error
+    counter.feed(_records(5)[0])
+    assert counter.pending == _RecordCounter.UNKNOWN
+
+
+def test_record_counter_consumed_forget_and_drained():
+    from relay.tls_openssl import _RecordCounter
+
+    counter = _RecordCounter()
+    counter.feed(_records(10, 20, 30)[0])
+    assert counter.pending == 3
+    counter.consumed()
+    assert counter.pending == 2
+    counter.forget()  # the generic path read some: unknown until drained
+    assert counter.pending == _RecordCounter.UNKNOWN
+    counter.drained()
+    assert counter.pending == 0
+    counter.consumed()
+    assert counter.pending == 0
