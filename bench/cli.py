@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     counts.add_argument("--roundtrips", type=_positive_int, help="ping-pong round trips per size")
     counts.add_argument("--bulk-mib", type=_positive_int, help="MiB per bulk run")
     counts.add_argument("--connections", type=_positive_int, help="sequential connections")
+    counts.add_argument("--handshakes", type=_positive_int, help="sequential TLS handshakes")
     counts.add_argument("--tunnels", type=_positive_ints, help="concurrency levels, e.g. 100,1000")
     counts.add_argument("--duration", type=_positive_float, help="seconds per concurrent run")
     counts.add_argument("--stepi", type=_positive_int, help="instructions gdb steps")
@@ -130,6 +131,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "roundtrips": args.roundtrips,
         "bulk_bytes": args.bulk_mib * MIB if args.bulk_mib else None,
         "connections": args.connections,
+        "handshakes": args.handshakes,
         "tunnels": args.tunnels,
         "duration": args.duration,
         "stepi": args.stepi,
@@ -243,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             echo_port=echo_port,
             sink_port=sink_port,
             workdir=workdir,
+            ca=certs.ca,
             gdb=tools.gdb,
         )
         # Workload outside, path inside: the paths compared in one row run

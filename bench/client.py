@@ -20,7 +20,7 @@ from array import array
 
 from .procs import raise_nofile_limit
 
-__all__ = ["ping_pong", "bulk", "connect_latency", "concurrent", "main"]
+__all__ = ["ping_pong", "bulk", "connect_latency", "handshakes", "concurrent", "main"]
 
 _CHUNK = 256 * 1024
 
@@ -169,6 +169,77 @@ def connect_latency(port: int, count: int, size: int) -> dict:
     }
 
 
+def _handshaker(engine: str, ca: str):
+    """A function that connects to a port and completes one TLS handshake.
+
+    ``stdlib`` is Python's ``ssl`` on the system OpenSSL (what stunnel and the
+    stdlib engine's connector use); ``pyopenssl`` is pyOpenSSL on the OpenSSL
+    in the ``cryptography`` wheel with its default groups, as the pyOpenSSL
+    engine's connector offers them (X25519MLKEM768 first).  Both verify the
+    chain and the address, and return the negotiated version and group.
+    """
+    if engine == "stdlib":
+        import ssl
+
+        context = ssl.create_default_context(cafile=ca)
+
+        def handshake(port: int) -> tuple[str, str]:
+            with (
+                _connect(port) as raw,
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+            ):
+                return tls.version() or "?", "unknown"
+
+        return handshake
+
+    from OpenSSL import SSL
+
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.load_verify_locations(ca)
+    context.set_verify(SSL.VERIFY_PEER, None)
+
+    def handshake(port: int) -> tuple[str, str]:
+        with _connect(port) as raw:
+            raw.settimeout(None)  # pyOpenSSL wants a blocking socket, not a timeout
+            conn = SSL.Connection(context, raw)
+            conn.set_connect_state()
+            try:
+                conn.do_handshake()
+            except SSL.Error as exc:
+                raise ConnectionError(f"TLS handshake failed: {exc}") from exc
+            return conn.get_protocol_version_name(), conn.get_group_name() or "unknown"
+
+    return handshake
+
+
+def handshakes(port: int, count: int, engine: str, ca: str) -> dict:
+    """Complete ``count`` TLS handshakes one after another, closing each connection.
+
+    Every handshake is a new TCP connection to the server side's TLS port.
+
+    Returns:
+        Handshakes per second, the median in milliseconds, and the TLS
+        version and key-exchange group the last handshake negotiated.
+    """
+    handshake = _handshaker(engine, ca)
+    samples = []
+    version = group = "?"
+    start = time.perf_counter()
+    for _ in range(count):
+        began = time.perf_counter()
+        version, group = handshake(port)
+        samples.append((time.perf_counter() - began) * 1000)
+    elapsed = time.perf_counter() - start
+    return {
+        "count": count,
+        "per_s": count / elapsed,
+        "median_ms": statistics.median(samples),
+        "version": version,
+        "group": group,
+    }
+
+
 def concurrent(port: int, tunnels: int, size: int, duration: float, setup_timeout: float) -> dict:
     """Keep ``tunnels`` connections doing ping-pong at once for ``duration`` seconds.
 
@@ -258,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--size", type=int, default=64)
+    p = sub.add_parser("handshake")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--engine", choices=("stdlib", "pyopenssl"), required=True)
+    p.add_argument("--ca", required=True)
     p = sub.add_parser("concurrent")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--tunnels", type=int, required=True)
@@ -273,11 +349,13 @@ def main(argv: list[str] | None = None) -> int:
             result = bulk(args.port, args.mode, args.bytes)
         elif args.workload == "connect":
             result = connect_latency(args.port, args.count, args.size)
+        elif args.workload == "handshake":
+            result = handshakes(args.port, args.count, args.engine, args.ca)
         else:
             result = concurrent(
                 args.port, args.tunnels, args.size, args.duration, args.setup_timeout
             )
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, ImportError) as exc:
         print(f"bench client {args.workload}: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(result))

@@ -26,10 +26,17 @@ class Deployment:
     Attributes:
         ports: Client-facing port per target name.
         relay: The relay-side processes (empty for the direct path).
+        tls_port: The server side's TLS port (the first target's), for the
+            handshake workload; ``None`` on the direct path.
+        tls_engine: The TLS library the path's own client side uses:
+            ``"stdlib"`` (Python's ``ssl``, on the system OpenSSL, like
+            stunnel) or ``"pyopenssl"``.
     """
 
     ports: dict[str, int]
     relay: tuple[Child, ...] = ()
+    tls_port: int | None = None
+    tls_engine: str = "stdlib"
 
 
 class DirectPath:
@@ -118,7 +125,9 @@ class StunnelPath:
             for child in relay:
                 sup.stop(child)
             raise
-        return Deployment(ports=client_ports, relay=tuple(relay))
+        return Deployment(
+            ports=client_ports, relay=tuple(relay), tls_port=next(iter(server_ports.values()))
+        )
 
     def teardown(self, sup: Supervisor, deployment: Deployment) -> None:
         for child in deployment.relay:
@@ -281,7 +290,7 @@ class DbgrelayPath:
             for child in relay:
                 sup.stop(child)
             raise
-        return Deployment(ports=ports, relay=tuple(relay))
+        return Deployment(ports=ports, relay=tuple(relay), tls_port=port, tls_engine=self.engine)
 
     def teardown(self, sup: Supervisor, deployment: Deployment) -> None:
         for child in deployment.relay:

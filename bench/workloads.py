@@ -43,6 +43,7 @@ class Settings:
         sizes: Ping-pong message sizes in bytes.
         bulk_bytes: Bytes sent one way in each bulk run.
         connections: Sequential connections in the connect workload.
+        handshakes: Sequential TLS handshakes in the handshake workload.
         tunnels: Concurrency levels of the concurrent workload.
         duration: Measured seconds of each concurrent run.
         stepi: Instructions gdb steps.
@@ -56,6 +57,7 @@ class Settings:
     sizes: tuple[int, ...] = (64, 1024)
     bulk_bytes: int = 256 * MIB
     connections: int = 200
+    handshakes: int = 500
     tunnels: tuple[int, ...] = (100, 1000)
     duration: float = 5.0
     stepi: int = 2000
@@ -69,6 +71,7 @@ QUICK = Settings(
     roundtrips=2000,
     bulk_bytes=16 * MIB,
     connections=20,
+    handshakes=50,
     tunnels=(50,),
     duration=1.0,
     stepi=200,
@@ -114,6 +117,9 @@ def metrics_for(workload: str, settings: Settings) -> list[Metric]:
     if workload == "connect":
         n = settings.connections
         return [Metric(workload, "connect_median_ms", f"connect+1st RT x{n} median", "ms", "lower")]
+    if workload == "handshake":
+        n = settings.handshakes
+        return [Metric(workload, "handshakes_per_s", f"TLS handshakes x{n}", "1/s", "higher")]
     if workload == "concurrent":
         rows = []
         for n in settings.tunnels:
@@ -137,6 +143,7 @@ class Context:
         echo_port: The backend's echo port.
         sink_port: The backend's sink port.
         workdir: Scratch folder.
+        ca: The CA certificate the paths' servers chain to.
         gdb: ``(gdb, gdbserver, gcc)`` or ``None``.
         gdb_program: The compiled test program, built on first use.
     """
@@ -148,6 +155,7 @@ class Context:
     echo_port: int
     sink_port: int
     workdir: Path
+    ca: Path | None = None
     gdb: tuple[str, str, str] | None = None
     gdb_program: Path | None = field(default=None)
 
@@ -175,8 +183,8 @@ class Context:
 
 
 #: Workloads in the order they run.
-WORKLOADS = ("pingpong", "bulk", "connect", "concurrent", "gdb")
-LATENCY_WORKLOADS = frozenset({"pingpong", "connect", "gdb"})
+WORKLOADS = ("pingpong", "bulk", "connect", "handshake", "concurrent", "gdb")
+LATENCY_WORKLOADS = frozenset({"pingpong", "connect", "handshake", "gdb"})
 
 
 def _pingpong(ctx: Context, path, record: dict) -> None:
@@ -240,6 +248,31 @@ def _connect(ctx: Context, path, record: dict) -> None:
             timeout=60 + s.connections * 0.5,
         )
         record["metrics"]["connect_median_ms"] = result["median_ms"]
+        record["detail"] = result
+    finally:
+        path.teardown(ctx.sup, deployment)
+
+
+def _handshake(ctx: Context, path, record: dict) -> None:
+    """TLS handshakes alone, against the server side of the path.
+
+    The client uses the TLS library of the path's own client side, so the
+    pyOpenSSL engine is measured with the hybrid group it negotiates.
+    """
+    s = ctx.settings
+    deployment = path.deploy(ctx.sup, {"echo": ctx.echo_port}, pinned=True)
+    try:
+        if deployment.tls_port is None:
+            record["metrics"]["handshakes_per_s"] = None  # the direct path has no TLS
+            return
+        result = ctx.client(
+            "handshake",
+            ["handshake", "--port", str(deployment.tls_port), "--count", str(s.handshakes),
+             "--engine", deployment.tls_engine, "--ca", str(ctx.ca)],
+            pinned=True,
+            timeout=60 + s.handshakes * 0.5,
+        )  # fmt: skip
+        record["metrics"]["handshakes_per_s"] = result["per_s"]
         record["detail"] = result
     finally:
         path.teardown(ctx.sup, deployment)
@@ -398,6 +431,7 @@ _RUNNERS: dict[str, Callable[[Context, object, dict], None]] = {
     "pingpong": _pingpong,
     "bulk": _bulk,
     "connect": _connect,
+    "handshake": _handshake,
     "concurrent": _concurrent,
     "gdb": _gdb,
 }

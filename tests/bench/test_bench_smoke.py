@@ -26,7 +26,7 @@ pytestmark = pytest.mark.bench
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "DBGRELAY_BENCH_MARKER"
-WORKLOADS = ["pingpong", "bulk", "connect", "concurrent", "gdb"]
+WORKLOADS = ["pingpong", "bulk", "connect", "handshake", "concurrent", "gdb"]
 # Small counts: the point is that every step runs, not how fast.
 TINY = [
     "--quick",
@@ -34,6 +34,7 @@ TINY = [
     "--warmup", "0.05",
     "--bulk-mib", "2",
     "--connections", "5",
+    "--handshakes", "5",
     "--tunnels", "8",
     "--duration", "0.3",
     "--runs", "1",
@@ -107,7 +108,7 @@ def test_quick_run_completes_every_workload_and_leaves_no_process(tmp_path):
     if shutil.which("stunnel4") or shutil.which("stunnel"):
         paths.append("stunnel")
     if _dbgrelay_cli_exists():
-        paths.append("dbgrelay-stdlib")
+        paths += ["dbgrelay-stdlib", "dbgrelay-pyopenssl"]
     workloads = WORKLOADS if _have_gdb() else WORKLOADS[:-1]
     out = tmp_path / "out.json"
     marker = uuid.uuid4().hex
@@ -130,10 +131,17 @@ def test_quick_run_completes_every_workload_and_leaves_no_process(tmp_path):
             assert record["status"] == "ok", f"{workload} on {path}: {record}"
             for metric in (m for m in report["metrics"] if m["workload"] == workload):
                 value = record["metrics"][metric["key"]]
-                if path == "direct" and metric["key"].endswith("_rss_mib"):
-                    assert value is None  # no relay processes to measure
+                if path == "direct" and (
+                    metric["key"].endswith("_rss_mib") or metric["key"] == "handshakes_per_s"
+                ):
+                    assert value is None  # no relay processes, no TLS to measure
                 else:
                     assert isinstance(value, float), f"{metric['key']} on {path}: {value!r}"
+    if "dbgrelay-pyopenssl" in paths:
+        # The pyOpenSSL engine's handshakes are measured with the hybrid group.
+        assert report["results"]["dbgrelay-pyopenssl"]["handshake"]["detail"]["group"] == (
+            "X25519MLKEM768"
+        )
     for key in ("date", "kernel", "cpu_model", "python", "openssl_stdlib"):
         assert report["machine"][key], key
     assert report["pids_started"], "the bench reported no processes"
