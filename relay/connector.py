@@ -37,6 +37,12 @@ log = logging.getLogger("dbgrelay.connect")
 
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 
+# Tunnels being opened (TCP, TLS handshake, request) at once.  A debugger that
+# opens many connections together (or a benchmark opening a thousand) would
+# otherwise run every handshake at once, and their buffers, freed in between
+# the tunnels that stay, leave the connector's heap at its burst size.
+_OPENING_AT_ONCE = 32
+
 
 class RelayRefused(RelayError):
     """The relay answered with a refusal (401, 403, 404, 502, 503...)."""
@@ -215,10 +221,12 @@ async def serve_connector(
     host, port = settings.listen
     check_loopback(host)
     listeners = await trio.open_tcp_listeners(port, host=host)
+    opening = trio.CapacityLimiter(_OPENING_AT_ONCE)
 
     async def handle(local: trio.SocketStream) -> None:
         try:
-            tls, session_id, first = await open_tunnel(settings)
+            async with opening:
+                tls, session_id, first = await open_tunnel(settings)
         except (RelayRefused, ConnectFailed) as exc:
             log.warning("tunnel.refused", extra={"reason": exc.reason, "error": str(exc)})
             if on_refused is not None:
