@@ -53,7 +53,7 @@ SESSION_OUTCOMES = (
 )
 
 #: Outcomes of the TLS handshake plus preamble read.
-HANDSHAKE_OUTCOMES = ("ok", "tls_error", "timeout", "refused")
+HANDSHAKE_OUTCOMES = ("ok", "tls_error", "timeout", "refused", "cert_revoked")
 
 #: Reasons a tunnel is refused after TLS: the token's own (``TokenRejected``)
 #: plus the relay's access decisions (:mod:`relay.access`).
@@ -145,7 +145,8 @@ class _Families:
         )
         self.handshakes = Counter(
             "dbgrelay_handshakes_total",
-            "Incoming connections by handshake outcome (ok, tls_error, timeout, refused).",
+            "Incoming connections by handshake outcome "
+            "(ok, tls_error, timeout, refused, cert_revoked).",
             ["outcome"],
             registry=r,
         )
@@ -333,7 +334,8 @@ class Metrics:
         """Count an incoming connection's handshake outcome.
 
         Args:
-            outcome: ``ok``, ``tls_error``, ``timeout`` or ``refused``.
+            outcome: ``ok``, ``tls_error``, ``timeout``, ``refused`` or
+                ``cert_revoked`` (a revoked client certificate, stdlib engine).
             seconds: How long the TLS handshake took, when it finished.
         """
         child = self._handshakes.get(outcome)

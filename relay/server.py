@@ -324,7 +324,10 @@ class Relay:
         self._revocation_version = version
         self.revoked = self.store.snapshot()
         for session in list(self.sessions.values()):
-            if self.revoked.is_revoked(session.grant.claims):
+            serial = session.tls.peer_serial
+            if self.revoked.is_revoked(session.grant.claims) or (
+                serial is not None and self.revoked.is_serial_revoked(serial)
+            ):
                 log.info(
                     "session.revoked",
                     extra={"session_id": session.id, "jti": session.grant.claims.jti},

@@ -203,6 +203,15 @@ async def _serve(relay: Relay, raw: trio.SocketStream, sid: str, peer: str, ctx:
         relay.audit_event("handshake.failed", client=peer, reason="timeout")
         return
     info = tls.tls_info()
+    if info.peer_serial is not None and relay.is_serial_revoked(info.peer_serial):
+        # The pyOpenSSL engine refuses these during the handshake; the stdlib
+        # engine has no hook there, so the check runs before a byte is read.
+        metrics.handshake("cert_revoked")
+        log.info("handshake.failed", extra=ctx | {"reason": "cert_revoked"})
+        relay.audit_event(
+            "handshake.failed", client=peer, reason="cert_revoked", serial=str(info.peer_serial)
+        )
+        return
     metrics.handshake("ok", seconds=trio.current_time() - started)
     metrics.tls_session(info.version, info.group)
     ctx |= {"tls_version": info.version, "tls_group": info.group}

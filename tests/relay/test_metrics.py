@@ -46,7 +46,7 @@ def test_per_target_series_exist_at_zero_before_any_event():
             assert value(m, "dbgrelay_sessions_total", target=target, outcome=outcome) == 0
     for reason in AUTH_FAILURE_REASONS:
         assert value(m, "dbgrelay_auth_failures_total", reason=reason) == 0
-    for outcome in ("ok", "tls_error", "timeout", "refused"):
+    for outcome in ("ok", "tls_error", "timeout", "refused", "cert_revoked"):
         assert value(m, "dbgrelay_handshakes_total", outcome=outcome) == 0
     # No probe has run: a 0 here would fire the backend-down alert.
     assert value(m, "dbgrelay_backend_up", target="win") is None

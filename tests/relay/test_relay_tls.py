@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from auth import issue_client_cert
-from relay.connector import RelayRefused, open_tunnel
+from relay.connector import ConnectFailed, RelayRefused, open_tunnel
 from relay.tls import make_client_engine
 
 from .conftest import start_echo, start_relay
@@ -90,6 +90,64 @@ async def test_revoked_client_certificate_is_refused_during_the_handshake(
         await tls.receive_some(10)
     assert backend.connections == 0
     assert running.relay.sessions == {}
+    running.stop.set()
+
+
+def relay_events(config) -> list[dict]:
+    (path,) = config.relay.audit_dir.glob("relay-*.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("engine", ["stdlib", "pyopenssl"])
+async def test_revoked_client_certificate_never_reaches_a_backend(
+    engine, nursery, make_config, token_for, pki, alice_cert
+):
+    # The attack: a developer whose certificate was revoked still holds a valid token.
+    backend = await start_echo(nursery)
+    config = make_config([target(backend.port)], tls=mtls(pki) | {"engine": engine})
+    running = await start_relay(nursery, config, pki)
+    running.relay.store.revoke_serial(alice_cert.serial, now=0)
+    running.relay.refresh_revocations()
+    client = make_client_engine(
+        engine=engine, ca=pki / "ca.pem", cert=alice_cert.cert, key=alice_cert.key
+    )
+    settings = dataclasses.replace(running.settings(token_for()), engine=client)
+    with pytest.raises(ConnectFailed):
+        await open_tunnel(settings)
+    assert backend.connections == 0
+    assert running.relay.sessions == {}
+    if engine == "stdlib":
+        # No hook inside the stdlib handshake: refused right after it, before the request.
+        assert sample(running.metrics, "dbgrelay_handshakes_total", outcome="cert_revoked") == 1
+        failed = [e for e in relay_events(config) if e.get("event") == "handshake.failed"]
+        assert [(e["reason"], e["serial"]) for e in failed] == [
+            ("cert_revoked", str(alice_cert.serial))
+        ]
+    running.stop.set()
+
+
+@pytest.mark.parametrize("engine", ["stdlib", "pyopenssl"])
+async def test_revoking_a_client_certificate_ends_its_live_tunnel(
+    engine, nursery, make_config, token_for, pki, alice_cert
+):
+    backend = await start_echo(nursery)
+    config = make_config([target(backend.port)], tls=mtls(pki) | {"engine": engine})
+    running = await start_relay(nursery, config, pki)
+    client = make_client_engine(
+        engine=engine, ca=pki / "ca.pem", cert=alice_cert.cert, key=alice_cert.key
+    )
+    settings = dataclasses.replace(running.settings(token_for()), engine=client)
+    tls, session_id, _ = await open_tunnel(settings)
+    await tls.send_all(b"hi")
+    assert await tls.receive_some(10) == b"hi"
+    running.relay.store.revoke_serial(alice_cert.serial, now=0)
+    running.relay.refresh_revocations()
+    with trio.fail_after(5):
+        await running.relay.wait_no_sessions()
+    (path,) = config.relay.audit_dir.glob(f"*/{session_id}.jsonl")
+    closed = json.loads(path.read_text().splitlines()[-1])
+    assert closed["reason"] == "revoked"
+    await tls.aclose()
     running.stop.set()
 
 
