@@ -9,7 +9,11 @@ ask an engine to wrap a transport stream, run ``do_handshake()`` and read
   also serves the pump's fast path (:mod:`relay.fastpath`).
 * ``pyopenssl``: :mod:`relay.tls_openssl`, pyOpenSSL in memory-BIO mode on the
   OpenSSL that ships with ``cryptography`` (hybrid post-quantum key exchange,
-  real alerts on failed handshakes).
+  client certificates checked against revocation during the handshake).
+
+Both send OpenSSL's alert when a handshake fails, which :class:`trio.SSLStream`
+does not, so a client reads "protocol version" or "certificate required"
+rather than a bare EOF.
 
 The server engine is rebuilt from files on reload; :class:`ServerTLS` holds
 the current one so a reload can swap it while live tunnels keep theirs.
@@ -163,7 +167,8 @@ class _StdlibStream(trio.abc.Stream):
     :class:`trio.BusyResourceError`, TLS errors become
     :class:`trio.BrokenResourceError` raised ``from`` the :class:`ssl.SSLError`,
     and an EOF reads as ``b""`` with or without the peer's ``close_notify``.
-    Unlike ``https_compatible`` mode, :meth:`aclose` sends ``close_notify``.
+    Unlike ``https_compatible`` mode, :meth:`aclose` sends ``close_notify``,
+    and a failed handshake sends OpenSSL's alert before raising.
 
     It is also a :class:`relay.fastpath.Endpoint` (see :meth:`fast_endpoint`)
     when the transport is a :class:`trio.SocketStream`: the pump then reads
@@ -281,6 +286,14 @@ class _StdlibStream(trio.abc.Stream):
             except ssl.SSLWantReadError:
                 want_read = True
             except ssl.SSLError as exc:
+                # OpenSSL queued a fatal alert: send it, best effort, so the
+                # peer reads "protocol version" or "certificate required"
+                # rather than a bare EOF (trio.SSLStream drops it).
+                alert = self._outgoing.read()
+                if alert:
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        async with self._send_lock:
+                            await self.transport_stream.send_all(alert)
                 raise self._broken(exc) from exc
             to_send = self._outgoing.read()
             if done and obj.server_side and obj.version() == "TLSv1.3":

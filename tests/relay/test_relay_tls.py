@@ -59,10 +59,12 @@ async def test_client_certificate_is_required_and_recorded(
     running.stop.set()
 
 
+@pytest.mark.parametrize("engine", ["stdlib", "pyopenssl"])
 async def test_client_without_certificate_gets_certificate_required_alert(
-    nursery, make_config, pki
+    engine, nursery, make_config, pki
 ):
-    running = await start_relay(nursery, make_config([], tls=mtls(pki)), pki)
+    config = make_config([], tls=mtls(pki) | {"engine": engine})
+    running = await start_relay(nursery, config, pki)
     ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
     stream = trio.SSLStream(
         await trio.open_tcp_stream("127.0.0.1", running.port), ctx, server_hostname="127.0.0.1"
