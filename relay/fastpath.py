@@ -31,7 +31,14 @@ from typing import Protocol
 
 import trio
 
-__all__ = ["Endpoint", "SocketEndpoint", "endpoint_for", "write_nowait", "RECEIVE_SIZE"]
+__all__ = [
+    "Endpoint",
+    "SocketEndpoint",
+    "endpoint_for",
+    "read_nowait",
+    "write_nowait",
+    "RECEIVE_SIZE",
+]
 
 #: Bytes asked of the kernel per receive.  Four full TLS records (16 KiB of
 #: plaintext each): large enough that a bulk transfer pays the per-chunk cost
@@ -96,6 +103,27 @@ class Endpoint(Protocol):
         ...
 
 
+def read_nowait(end: Endpoint) -> memoryview | None:
+    """Read what ``end``'s socket holds into the shared receive buffer.
+
+    Sets ``end.maybe_readable``: a short read means the socket is drained.
+
+    Returns:
+        A view of the bytes (valid until the next ``await``), an empty view at
+        EOF, or ``None`` when the socket has nothing now.
+
+    Raises:
+        OSError: The socket failed.
+    """
+    try:
+        n = os.readv(end.fd, (RECEIVE_BUFFER,))
+    except BlockingIOError:
+        end.maybe_readable = False
+        return None
+    end.maybe_readable = n == RECEIVE_SIZE
+    return RECEIVE_VIEW[:n]
+
+
 def write_nowait(fd: int, data: bytes | memoryview) -> int:
     """Write what the socket ``fd`` takes now: the number of bytes, 0 when full.
 
@@ -125,15 +153,9 @@ class SocketEndpoint:
 
     def receive_nowait(self) -> memoryview | None:
         try:
-            n = os.readv(self.fd, (RECEIVE_BUFFER,))
-        except BlockingIOError:
-            self.maybe_readable = False
-            return None
+            return read_nowait(self)
         except OSError as exc:
             raise trio.BrokenResourceError(f"socket error: {exc}") from exc
-        # A short read means the socket buffer is empty now.
-        self.maybe_readable = n == RECEIVE_SIZE
-        return RECEIVE_VIEW[:n]
 
     def send_nowait(self, data: memoryview) -> bool:
         try:

@@ -490,17 +490,15 @@ class _StdlibStream(trio.abc.Stream):
             self._decrypt_first = False
         else:
             try:
-                n = os.readv(self.fd, (fastpath.RECEIVE_BUFFER,))
-            except BlockingIOError:
-                self.maybe_readable = False
-                return None
+                data = fastpath.read_nowait(self)
             except OSError as exc:
                 raise self._broken(exc) from exc
-            if n:
-                incoming.write(fastpath.RECEIVE_VIEW[:n])
+            if data is None:
+                return None
+            if data:
+                incoming.write(data)
             else:
                 incoming.write_eof()
-            self.maybe_readable = n == fastpath.RECEIVE_SIZE
         obj = self._obj
         view = fastpath.PLAINTEXT_VIEW
         size = fastpath.PLAINTEXT_SIZE

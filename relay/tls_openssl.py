@@ -40,7 +40,6 @@ import contextlib
 import ipaddress
 import logging
 import operator
-import os
 from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
@@ -594,20 +593,17 @@ class OpenSSLStream(trio.abc.Stream):
         records = self._records
         if not records.pending:
             try:
-                n = os.readv(self.fd, (fastpath.RECEIVE_BUFFER,))
-            except BlockingIOError:
-                self.maybe_readable = False
-                return None
+                data = fastpath.read_nowait(self)
             except OSError as exc:
                 raise self._fast_broken(exc) from exc
-            if n:
-                data = fastpath.RECEIVE_VIEW[:n]
+            if data is None:
+                return None
+            if data:
                 conn.bio_write(data)
                 records.feed(data)
             else:
                 conn.bio_shutdown()
                 records.forget()  # OpenSSL tells a clean close from a cut
-            self.maybe_readable = n == fastpath.RECEIVE_SIZE
         chunks: list[bytes] = []
         got = 0
         while records.pending:

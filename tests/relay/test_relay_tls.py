@@ -95,6 +95,18 @@ async def test_revoked_client_certificate_is_refused_during_the_handshake(
     running.stop.set()
 
 
+async def alice_over_mtls(engine, nursery, make_config, token_for, pki, alice_cert):
+    """An echo backend, a relay requiring client certificates, and alice's connector settings."""
+    backend = await start_echo(nursery)
+    config = make_config([target(backend.port)], tls=mtls(pki) | {"engine": engine})
+    running = await start_relay(nursery, config, pki)
+    client = make_client_engine(
+        engine=engine, ca=pki / "ca.pem", cert=alice_cert.cert, key=alice_cert.key
+    )
+    settings = dataclasses.replace(running.settings(token_for()), engine=client)
+    return backend, config, running, settings
+
+
 def relay_events(config) -> list[dict]:
     (path,) = config.relay.audit_dir.glob("relay-*.jsonl")
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -105,15 +117,11 @@ async def test_revoked_client_certificate_never_reaches_a_backend(
     engine, nursery, make_config, token_for, pki, alice_cert
 ):
     # The attack: a developer whose certificate was revoked still holds a valid token.
-    backend = await start_echo(nursery)
-    config = make_config([target(backend.port)], tls=mtls(pki) | {"engine": engine})
-    running = await start_relay(nursery, config, pki)
+    backend, config, running, settings = await alice_over_mtls(
+        engine, nursery, make_config, token_for, pki, alice_cert
+    )
     running.relay.store.revoke_serial(alice_cert.serial, now=0)
     running.relay.refresh_revocations()
-    client = make_client_engine(
-        engine=engine, ca=pki / "ca.pem", cert=alice_cert.cert, key=alice_cert.key
-    )
-    settings = dataclasses.replace(running.settings(token_for()), engine=client)
     with pytest.raises(ConnectFailed):
         await open_tunnel(settings)
     assert backend.connections == 0
@@ -132,13 +140,9 @@ async def test_revoked_client_certificate_never_reaches_a_backend(
 async def test_revoking_a_client_certificate_ends_its_live_tunnel(
     engine, nursery, make_config, token_for, pki, alice_cert
 ):
-    backend = await start_echo(nursery)
-    config = make_config([target(backend.port)], tls=mtls(pki) | {"engine": engine})
-    running = await start_relay(nursery, config, pki)
-    client = make_client_engine(
-        engine=engine, ca=pki / "ca.pem", cert=alice_cert.cert, key=alice_cert.key
+    _, config, running, settings = await alice_over_mtls(
+        engine, nursery, make_config, token_for, pki, alice_cert
     )
-    settings = dataclasses.replace(running.settings(token_for()), engine=client)
     tls, session_id, _ = await open_tunnel(settings)
     await tls.send_all(b"hi")
     assert await tls.receive_some(10) == b"hi"
