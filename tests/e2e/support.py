@@ -244,7 +244,9 @@ class ProcGroup:
             proc.stop()
 
 
-def config_text(targets: list[dict[str, Any]], *, audit_key: bool = True) -> str:
+def config_text(
+    targets: list[dict[str, Any]], *, audit_key: bool = True, engine: str = "stdlib"
+) -> str:
     """A relay config on a free loopback port, with the given ``[[targets]]``.
 
     ``shutdown_grace`` is short so stopping a relay with a live tunnel
@@ -258,6 +260,7 @@ def config_text(targets: list[dict[str, Any]], *, audit_key: bool = True) -> str
         "[tls]",
         'cert = "pki/server.pem"',
         'key = "pki/server.key"',
+        f'engine = "{engine}"',
         "[auth]",
         'jwks = "keys/jwks.json"',
     ]

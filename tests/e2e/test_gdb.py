@@ -9,6 +9,8 @@ import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from .conftest import GdbTools
 from .support import Proc, ProcGroup, clean_env, config_text, free_port, run_cli, start_relay
 
@@ -24,12 +26,15 @@ def _issue_token(home: Path, target: str) -> Path:
     return token_file
 
 
-def _start_connector(procs: ProcGroup, home: Path, relay_addr: str, target: str) -> str:
+def _start_connector(
+    procs: ProcGroup, home: Path, relay_addr: str, target: str, engine: str = "stdlib"
+) -> str:
     """Start ``dbgrelay connect`` for ``target``; return the loopback address gdb should use."""
     token_file = _issue_token(home, target)
     connect = procs.dbgrelay(
         "connect", "--relay", relay_addr, "--ca", "pki/ca.pem", "--target", target,
-        "--token-file", token_file, "--listen", "127.0.0.1:0", cwd=home, name="connect",
+        "--token-file", token_file, "--listen", "127.0.0.1:0", "--tls-engine", engine,
+        cwd=home, name="connect",
     )  # fmt: skip
     command = connect.wait_line("gdb -ex", stream="stdout")
     listening = connect.wait_line("listening on 127.0.0.1:")
@@ -91,8 +96,9 @@ def _audit_records(home: Path, relay: Proc, target: str) -> list[dict]:
     return records
 
 
+@pytest.mark.parametrize("engine", ["stdlib", "pyopenssl"])
 def test_gdb_debugs_through_relay_and_connector(
-    procs: ProcGroup, home: Path, gdb_tools: GdbTools
+    engine: str, procs: ProcGroup, home: Path, gdb_tools: GdbTools
 ) -> None:
     port = free_port()
     gdbserver = procs.start(
@@ -111,11 +117,12 @@ def test_gdb_debugs_through_relay_and_connector(
                     # A probe connection would be gdbserver --once's only client.
                     "probe_interval": "0",
                 }
-            ]
+            ],
+            engine=engine,
         )
     )
     relay, relay_addr = start_relay(procs, home)
-    local = _start_connector(procs, home, relay_addr, "build42")
+    local = _start_connector(procs, home, relay_addr, "build42", engine)
 
     output = _run_gdb(gdb_tools, home, local)
 
@@ -128,6 +135,8 @@ def test_gdb_debugs_through_relay_and_connector(
     opened = records[1]
     assert opened["user"] == "alice" and opened["target"] == "build42", opened
     assert opened["backend"] == f"tcp://127.0.0.1:{port}", opened
+    # The pyOpenSSL engine negotiates the hybrid post-quantum group with its connector.
+    assert opened["tls_group"] == ("X25519MLKEM768" if engine == "pyopenssl" else "unknown")
     assert records[-1]["reason"] == "client_closed", records[-1]
 
 
