@@ -534,6 +534,10 @@ class _StdlibStream(trio.abc.Stream):
             # the socket does not take now goes out ahead of the next send.
             self._write_out(b"")
         if got:
+            if self._eof or self._deferred_error is not None:
+                # Reported by the next call, which must not wait for the
+                # socket: the peer may send nothing more.
+                self.maybe_readable = True
             return view[:got]
         return fastpath.EMPTY if self._eof else None
 

@@ -633,6 +633,10 @@ class OpenSSLStream(trio.abc.Stream):
         # RFC 8446 section 4.6.3 wants it; draining here would cost a failing
         # BIO read per chunk.
         if got:
+            if self._eof or self._deferred_error is not None:
+                # Reported by the next call, which must not wait for the
+                # socket: the peer may send nothing more.
+                self.maybe_readable = True
             return memoryview(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         return fastpath.EMPTY if self._eof else None
 

@@ -512,3 +512,72 @@ async def test_fast_path_failing_tap_is_raised_to_the_caller(engines):
     assert "No space left" in str(info.value.exceptions[0])
     for stream in (user, client, backend, server):
         await stream.aclose()
+
+
+class Corked(trio.abc.Stream):
+    """A transport whose sends can be held back and then written in one piece.
+
+    With ``held`` set to ``b""``, sends collect there; the test writes them to
+    the socket itself, so records the TLS stream produced in separate calls
+    reach the pump in one read.  ``aclose`` leaves the socket open.
+    """
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+        self.held: bytes | None = None
+
+    async def send_all(self, data) -> None:
+        if self.held is None:
+            await self.inner.send_all(data)
+        else:
+            self.held += bytes(data)
+            await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def corked_tunnel(engines, nursery) -> tuple[Tunnel, Corked]:
+    raw_user, raw_client = await socket_pair()
+    corked = Corked(raw_user)
+    user, client = await tls_pair(engines, (corked, raw_client))
+    backend, server = await socket_pair()
+    tunnel = Tunnel(user, client, backend, server)
+    nursery.start_soon(lambda: tunnel.run(idle_timeout=300))
+    return tunnel, corked
+
+
+async def test_fast_path_reports_an_error_behind_good_records_at_once(engines, nursery):
+    t, corked = await corked_tunnel(engines, nursery)
+    corked.held = b""
+    await t.user.send_all(b"data")
+    held, corked.held = corked.held + b"\x17\x03\x03\x00\x05hello", None
+    # A good record and a forged one in one write; the socket then stays quiet.
+    await corked.inner.send_all(held)
+    with trio.fail_after(5):
+        assert await receive_exactly(t.server, 4) == b"data"
+        await t.done.wait()
+    assert t.result is not None and t.result.reason == "client_error"
+    await corked.inner.aclose()
+
+
+async def test_fast_path_sees_close_notify_behind_data_at_once(engines, nursery):
+    t, corked = await corked_tunnel(engines, nursery)
+    corked.held = b""
+    await t.user.send_all(b"data")
+    await t.user.aclose()  # close_notify, held back; the TCP connection stays open
+    held, corked.held = corked.held, None
+    await corked.inner.send_all(held)
+    with trio.fail_after(5):
+        assert await receive_until_eof(t.server) == b"data"
+    await t.server.aclose()
+    with trio.fail_after(5):
+        await t.done.wait()
+    assert t.result == PumpResult("client_closed")
+    await corked.inner.aclose()
