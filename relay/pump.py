@@ -272,10 +272,11 @@ async def _run_fast(
                 result = stopped or PumpResult(BACKEND_CLOSED)
             nursery.cancel_scope.cancel()
 
-        nursery.start_soon(client_to_backend)
         nursery.start_soon(backend_to_client)
         if timer is not None:
             nursery.start_soon(timer.run)
+        # One direction runs in this task: a tunnel holds one task fewer.
+        await client_to_backend()
 
     assert result is not None
     return result
