@@ -66,13 +66,20 @@ class Interrupted(BaseException):
 
 
 def install_signal_handlers() -> None:
-    """Make SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread."""
+    """Make SIGTERM and SIGHUP raise :class:`Interrupted`, SIGINT KeyboardInterrupt.
+
+    SIGINT is set explicitly: a shell starts background jobs with SIGINT
+    ignored, Python keeps an inherited "ignore", and a bench started from a
+    script and then sent ``kill -INT`` would otherwise run on with every
+    process it started.
+    """
 
     def handler(signum: int, frame: object) -> None:
         raise Interrupted(signum)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGHUP, handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _die_with_parent() -> None:
