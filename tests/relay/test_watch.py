@@ -265,7 +265,9 @@ async def test_a_forgotten_server_is_reported_once_and_triggers_on_idle(
 
     (forgotten,) = audit_events.all("server.forgotten")
     assert forgotten["backend"] == "tcp://127.0.0.1:9"
-    assert forgotten["idle_seconds"] == pytest.approx(900, abs=1)
+    # The 900 s probe runs once the clock has jumped to 901, plus the real
+    # time the clock has run since (well under 0.5 s even on a loaded machine).
+    assert forgotten["idle_seconds"] == pytest.approx(901, abs=0.5)
     assert ran["trigger"] == "forgotten" and ran["output"] == "stopping the forgotten server\n"
     assert r.metric("dbgrelay_forgotten_servers") == 1
     assert len(r.audit_records("server.forgotten")) == 1
