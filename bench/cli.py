@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = [p.name for p in runnable]
     metrics = [m for w in workloads for m in metrics_for(w, settings)]
     method = [
-        f"latency workloads (ping-pong, connect, gdb) pinned to CPU {settings.pin_cpu}"
+        f"latency workloads (ping-pong, connect, handshake, gdb) pinned to CPU {settings.pin_cpu}"
         + ("" if pin_command else " [NOT pinned: no taskset]")
         + f"; bulk and concurrent unpinned, best of {settings.throughput_runs} runs; "
         f"gdb median of {settings.gdb_runs} runs; MB = 10^6 bytes",

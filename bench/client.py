@@ -176,7 +176,8 @@ def _handshaker(engine: str, ca: str):
     stdlib engine's connector use); ``pyopenssl`` is pyOpenSSL on the OpenSSL
     in the ``cryptography`` wheel with its default groups, as the pyOpenSSL
     engine's connector offers them (X25519MLKEM768 first).  Both verify the
-    chain and the address, and return the negotiated version and group.
+    certificate chain (the stdlib client also the address; neither cost is
+    the server's) and return the negotiated version and group.
     """
     if engine == "stdlib":
         import ssl
