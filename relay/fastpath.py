@@ -13,8 +13,9 @@ trip.
 An :class:`Endpoint` is one side of a tunnel seen this way: plaintext comes
 out of :meth:`~Endpoint.receive_nowait` and goes in through
 :meth:`~Endpoint.send_nowait`.  :class:`SocketEndpoint` wraps a plaintext
-:class:`trio.SocketStream`; the stdlib TLS stream in :mod:`relay.tls` is an
-endpoint itself (it decrypts and encrypts between the socket and the caller).
+:class:`trio.SocketStream`; the TLS streams of both engines (:mod:`relay.tls`,
+:mod:`relay.tls_openssl`) are endpoints themselves (they decrypt and encrypt
+between the socket and the caller).
 
 Scratch buffers: received bytes land in two module-wide buffers rather than
 per-tunnel ones, so a thousand idle tunnels do not hold a thousand buffers.
@@ -183,8 +184,8 @@ def endpoint_for(stream: trio.abc.Stream) -> Endpoint | None:
     """The fast-path endpoint for ``stream``, or ``None`` if it has none.
 
     Plaintext :class:`trio.SocketStream` objects qualify, and so does any
-    stream with a ``fast_endpoint()`` method (the stdlib TLS stream over a
-    socket), which may itself return ``None``.
+    stream with a ``fast_endpoint()`` method (either engine's TLS stream over
+    a socket), which may itself return ``None``.
     """
     if type(stream) is trio.SocketStream:
         return SocketEndpoint(stream)

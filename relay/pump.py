@@ -7,11 +7,11 @@ session around the pump.
 
 There are two loops with the same behaviour.  When both streams have a
 :mod:`relay.fastpath` endpoint (a plaintext :class:`trio.SocketStream`, or
-the stdlib TLS stream over one), the fast loop drives the sockets without
-blocking and awaits only when the kernel says it would block: one scheduler
-trip per forwarded chunk instead of several.  Any other pair of streams (the
-pyOpenSSL engine, memory streams in tests) goes through the generic loop,
-which uses nothing but the :class:`trio.abc.Stream` methods.
+either engine's TLS stream over one), the fast loop drives the sockets
+without blocking and awaits only when the kernel says it would block: one
+scheduler trip per forwarded chunk instead of several.  Any other pair of
+streams (memory streams in tests, TLS over another transport) goes through
+the generic loop, which uses nothing but the :class:`trio.abc.Stream` methods.
 """
 
 from __future__ import annotations

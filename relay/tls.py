@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import os
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -447,7 +446,7 @@ class _StdlibStream(trio.abc.Stream):
             out = self._take_outgoing()
             if out and self.fd >= 0:
                 with contextlib.suppress(OSError):
-                    out = out[os.write(self.fd, out) :]
+                    out = out[fastpath.write_nowait(self.fd, out) :]
             if out:
                 with contextlib.suppress(trio.BrokenResourceError, trio.BusyResourceError):
                     async with self._send_lock:
