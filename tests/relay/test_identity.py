@@ -9,6 +9,7 @@ wall clock is ``T0 + trio.current_time()``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from config import Config, config_from_dict
 from relay.connector import RelayRefused, open_tunnel, preflight
 from relay.metrics import Metrics
 from relay.server import Relay, serve_relay
+from relay.tls import make_client_engine
 
 from ..idp import FakeIdP
 from .conftest import RunningRelay, start_echo
@@ -107,9 +109,16 @@ async def start(nursery: trio.Nursery, config: Config, pki: Path) -> RunningRela
     )
 
 
-async def echo_through(running: RunningRelay, token: str, target: str = "build42", **kw) -> str:
+def settings_for(running: RunningRelay, token: str, target: str, engine: Any = None):
+    settings = running.settings(token, target)
+    return settings if engine is None else dataclasses.replace(settings, engine=engine)
+
+
+async def echo_through(
+    running: RunningRelay, token: str, target: str = "build42", engine: Any = None
+) -> str:
     """Open a real tunnel with ``token``, echo a line through it; return the session id."""
-    tls, session_id, first = await open_tunnel(running.settings(token, target, **kw))
+    tls, session_id, first = await open_tunnel(settings_for(running, token, target, engine))
     try:
         await tls.send_all(b"ping\n")
         got = bytearray(first)
@@ -123,9 +132,11 @@ async def echo_through(running: RunningRelay, token: str, target: str = "build42
     return session_id
 
 
-async def refused(running: RunningRelay, token: str, target: str = "build42", **kw) -> RelayRefused:
+async def refused(
+    running: RunningRelay, token: str, target: str = "build42", engine: Any = None
+) -> RelayRefused:
     with pytest.raises(RelayRefused) as info:
-        await preflight(running.settings(token, target, **kw))
+        await preflight(settings_for(running, token, target, engine))
     return info.value
 
 
@@ -362,4 +373,167 @@ async def test_a_thousand_unknown_kids_make_at_most_one_fetch_per_cooldown(
         assert keys.fetches_started(idp.issuer) == started + 1
     assert idp.jwks_hits == 4
     await echo_through(running, idp.mint(key, now=wall(), targets=["build42"]))
+    running.stop.set()
+
+
+# -- groups -----------------------------------------------------------------------
+
+
+async def test_groups_grant_and_refuse(
+    nursery, mock_clock, idp, idp_ca_file, tmp_path, pki, keydir, caplog
+) -> None:
+    caplog.set_level(logging.INFO)
+    key = idp.add_key("RS256")
+    backend = await start_echo(nursery)
+    targets = [
+        echo_target(backend.port, allow_groups=["firmware"]),
+        echo_target(backend.port, name="lab1", allow_users=["bob"], allow_groups=["lab-admins"]),
+    ]
+    config = identity_config(
+        tmp_path,
+        pki,
+        keydir,
+        idp,
+        idp_ca_file,
+        targets=targets,
+        identity={"group_targets": {"firmware": ["build*"]}},
+    )
+    running = await start(nursery, config, pki)
+
+    def token(**claims: Any) -> str:
+        return idp.mint(key, now=wall(), **claims)
+
+    # A group maps to the target: no targets claim needed.
+    await echo_through(running, token(groups=["sales", "firmware"]))
+    accepted = [r for r in audit_events(caplog, "token.accepted") if r.name == "audit"]
+    assert (accepted[-1].granted_by, accepted[-1].admitted_by) == (
+        "group:firmware",
+        "group:firmware",
+    )
+    # No group maps to it and no targets claim: 403 before anything about the target.
+    exc = await refused(running, token(groups=["sales"]))
+    assert (exc.status, exc.reason) == (403, "not_granted")
+    # Granted by the token, but neither the user nor a group passes lab1's allow lists.
+    exc = await refused(running, token(targets=["lab1"], groups=["firmware"]), "lab1")
+    assert (exc.status, exc.reason) == (403, "not_allowed")
+    # A group in allow_groups admits; so does the user in allow_users.
+    await echo_through(running, token(targets=["lab1"], groups=["lab-admins"]), "lab1")
+    accepted = [r for r in audit_events(caplog, "token.accepted") if r.name == "audit"]
+    assert (accepted[-1].granted_by, accepted[-1].admitted_by) == ("token", "group:lab-admins")
+    await echo_through(running, token(sub="bob", targets=["lab1"]), "lab1")
+    # A locally issued token has no groups: allow_groups does not admit it.
+    local = issue_token(
+        load_signing_key(keydir / "signing.key"),
+        user="carol",
+        targets=["build42"],
+        ttl=3600,
+        issuer="dbgrelay",
+        audience="dbgrelay",
+        now=wall(),
+    )
+    exc = await refused(running, local)
+    assert (exc.status, exc.reason) == (403, "not_allowed")
+    # The connector is told whom the relay sees.
+    headers = await preflight(running.settings(token(groups=["firmware", "x y"])))
+    assert headers["dbgrelay-user"] == "alice"
+    assert headers["dbgrelay-groups"] == "firmware,x y"
+    running.stop.set()
+
+
+async def test_admin_rights_from_a_group(
+    nursery, mock_clock, idp, idp_ca_file, tmp_path, pki, keydir
+) -> None:
+    from config import AdminSection
+    from relay.admin_client import AdminClient, AdminError
+
+    from .test_admin import start_admin
+
+    key = idp.add_key("ES256")
+    backend = await start_echo(nursery)
+    config = identity_config(
+        tmp_path,
+        pki,
+        keydir,
+        idp,
+        idp_ca_file,
+        targets=[echo_target(backend.port)],
+        identity={"admin_groups": ["dbg-admins"]},
+    )
+    config = dataclasses.replace(config, admin=AdminSection(listen=("127.0.0.1", 0)))
+    running = await start(nursery, config, pki)
+    endpoint = await start_admin(nursery, running)
+    member = idp.mint(key, now=wall(), sub="root", groups=["dbg-admins"])
+    admin = AdminClient(dataclasses.replace(endpoint, token=member))
+    assert await admin.sessions() == []
+    outsider = idp.mint(key, now=wall(), sub="eve", groups=["firmware"])
+    with pytest.raises(AdminError) as info:
+        await AdminClient(dataclasses.replace(endpoint, token=outsider)).health()
+    assert (info.value.status, info.value.reason) == (403, "not_admin")
+    running.stop.set()
+
+
+# -- client certificate bound to the user -----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def client_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def client_engine(tmp_path: Path, running: RunningRelay, ca: trustme.CA, *names: str, cn: str):
+    cert = ca.issue_cert(*names, common_name=cn)
+    cert_path, key_path = tmp_path / f"{cn}.pem", tmp_path / f"{cn}.key"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    return make_client_engine(
+        engine=running.relay.config.tls.engine,
+        ca=running.ca,
+        min_version="1.2",
+        cert=cert_path,
+        key=key_path,
+    )
+
+
+@pytest.mark.parametrize("engine", ["stdlib", "pyopenssl"])
+async def test_certificate_user_rule_admits_and_refuses(
+    nursery, mock_clock, idp, idp_ca_file, tmp_path, pki, keydir, client_ca, engine, caplog
+) -> None:
+    caplog.set_level(logging.INFO)
+    key = idp.add_key("RS256")
+    backend = await start_echo(nursery)
+    ca_file = tmp_path / "client-ca.pem"
+    client_ca.cert_pem.write_to_path(str(ca_file))
+    config = identity_config(
+        tmp_path,
+        pki,
+        keydir,
+        idp,
+        idp_ca_file,
+        oidc={"user_claim": "email"},
+        tls={"client_ca": str(ca_file), "engine": engine},
+        targets=[
+            echo_target(backend.port, cert_user="cn"),
+            echo_target(backend.port, name="lab1", cert_user="san"),
+        ],
+    )
+    running = await start(nursery, config, pki)
+    token = idp.mint(key, now=wall(), email="alice@corp.example", targets=["build42", "lab1"])
+    alice_cn = client_engine(
+        tmp_path, running, client_ca, "laptop.corp.example", cn="alice@corp.example"
+    )
+    alice_san = client_engine(tmp_path, running, client_ca, "alice@corp.example", cn="laptop-7")
+    mallory = client_engine(
+        tmp_path, running, client_ca, "mallory@corp.example", cn="mallory@corp.example"
+    )
+
+    await echo_through(running, token, "build42", engine=alice_cn)
+    await echo_through(running, token, "lab1", engine=alice_san)
+    accepted = [r for r in audit_events(caplog, "token.accepted") if r.name == "audit"]
+    assert accepted[-1].cert_rule == "san"
+    for target, engine_ in [("build42", alice_san), ("lab1", alice_cn), ("build42", mallory)]:
+        exc = await refused(running, token, target, engine=engine_)
+        assert (exc.status, exc.reason) == (403, "cert_user_mismatch")
+    # Without a client certificate the rule cannot be met either.
+    exc = await refused(running, token, "build42")
+    assert (exc.status, exc.reason) == (403, "cert_user_mismatch")
     running.stop.set()
