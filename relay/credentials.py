@@ -33,6 +33,8 @@ log = logging.getLogger("dbgrelay.connect")
 REFRESH_MARGIN = 300.0
 #: After a failed command run, try again this long later (or sooner near expiry).
 RETRY_INTERVAL = 10.0
+#: Longest single sleep while waiting to refresh, so a suspend/resume is noticed.
+WAKE_INTERVAL = 30.0
 #: Largest token a command may print.
 MAX_TOKEN_BYTES = 16384
 
@@ -199,7 +201,12 @@ class TokenSource:
             when = retry_at if retry_at is not None else self.next_refresh()
             if when is None:
                 return  # no exp: nothing tells us when to refresh
-            await trio.sleep(max(0.0, when - self.wall_clock()))
+            # Sleep in short steps against the wall clock: trio's clock stops
+            # while a laptop is suspended, the token's expiry does not.
+            left = when - self.wall_clock()
+            while left > 0:
+                await trio.sleep(min(left, WAKE_INTERVAL))
+                left = when - self.wall_clock()
             previous = self.token
             try:
                 token = await self.refresh()

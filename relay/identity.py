@@ -185,12 +185,14 @@ class IdentityKeys:
         """
         async with trio.open_nursery() as nursery:
             for state in self._issuers.values():
-                await nursery.start(self._run_issuer, state)
+                nursery.start_soon(self._run_issuer, state)
+            # The first fetches run side by side: start-up waits for the slowest,
+            # not for the sum.
+            for issuer in self._issuers:
+                await self.wait_attempt(issuer, 0)
             task_status.started()
 
-    async def _run_issuer(
-        self, state: _Issuer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
+    async def _run_issuer(self, state: _Issuer) -> None:
         item = state.config
         async with httpx.AsyncClient(
             verify=_ssl_context(item),
@@ -198,14 +200,10 @@ class IdentityKeys:
             follow_redirects=False,
             trust_env=False,
         ) as client:
-            started = False
             while True:
                 state.wanted = trio.Event()  # kid misses before this fetch are answered by it
                 ok = await self._fetch(client, state)
                 last = trio.current_time()
-                if not started:
-                    task_status.started()
-                    started = True
                 wait = item.refresh_interval if ok else min(item.refresh_interval, RETRY_INTERVAL)
                 with trio.move_on_after(wait):
                     await state.wanted.wait()

@@ -537,3 +537,25 @@ async def test_certificate_user_rule_admits_and_refuses(
     exc = await refused(running, token, "build42")
     assert (exc.status, exc.reason) == (403, "cert_user_mismatch")
     running.stop.set()
+
+
+async def test_relay_starts_while_the_idp_is_down_and_catches_up(
+    nursery, mock_clock, idp, idp_ca_file, tmp_path, pki, keydir
+) -> None:
+    key = idp.add_key("RS256")
+    idp.mode = "down"
+    backend = await start_echo(nursery)
+    config = identity_config(
+        tmp_path, pki, keydir, idp, idp_ca_file, targets=[echo_target(backend.port)]
+    )
+    running = await start(nursery, config, pki)
+    token = idp.mint(key, now=wall(), targets=["build42"])
+    exc = await refused(running, token)
+    assert (exc.status, exc.reason) == (401, "keys_unavailable")
+    idp.mode = "up"
+    keys = running.relay.identity
+    done = keys.attempts(idp.issuer)
+    mock_clock.jump(30)
+    await keys.wait_attempt(idp.issuer, done)
+    await echo_through(running, token)
+    running.stop.set()
