@@ -42,8 +42,9 @@ from auth import (
 from config import OidcIssuerConfig
 
 from .access import issuer_policy
+from .errors import LocalProtocolError
 
-__all__ = ["IdentityKeys", "FetchError", "fetch_issuer_keys"]
+__all__ = ["IdentityKeys", "FetchError", "fetch_issuer_keys", "issuer_ssl_contexts"]
 
 log = logging.getLogger("dbgrelay.identity")
 # httpx logs every request at INFO; our own identity.* events say what matters.
@@ -71,10 +72,26 @@ class _Issuer:
     last_error: str | None = None
 
 
-def _ssl_context(item: OidcIssuerConfig) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(item.ca) if item.ca else None)
+def _ssl_context(item: OidcIssuerConfig, index: int) -> ssl.SSLContext:
+    try:
+        ctx = ssl.create_default_context(cafile=str(item.ca) if item.ca else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise LocalProtocolError(
+            f"identity.oidc[{index}].ca: cannot load {item.ca} as a PEM CA bundle ({exc}); "
+            "give the CA certificate(s) that signed the IdP's HTTPS certificate",
+            reason="bad_config",
+        ) from exc
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
+
+
+def issuer_ssl_contexts(issuers: tuple[OidcIssuerConfig, ...]) -> tuple[ssl.SSLContext, ...]:
+    """The HTTPS client context of each issuer, so a bad ``ca`` file fails at start or reload.
+
+    Raises:
+        LocalProtocolError: A ``ca`` file is not a usable PEM bundle; the message names the key.
+    """
+    return tuple(_ssl_context(item, index) for index, item in enumerate(issuers))
 
 
 async def _get(client: httpx.AsyncClient, url: str, what: str) -> bytes:
@@ -141,6 +158,7 @@ class IdentityKeys:
     ) -> None:
         self.wall_clock = wall_clock
         self._audit = audit or (lambda event, **fields: None)
+        self._contexts = issuer_ssl_contexts(issuers)
         self._issuers = {
             item.issuer: _Issuer(config=item, index=i) for i, item in enumerate(issuers)
         }
@@ -195,7 +213,7 @@ class IdentityKeys:
     async def _run_issuer(self, state: _Issuer) -> None:
         item = state.config
         async with httpx.AsyncClient(
-            verify=_ssl_context(item),
+            verify=self._contexts[state.index],
             timeout=item.fetch_timeout,
             follow_redirects=False,
             trust_env=False,

@@ -33,7 +33,7 @@ from config import Config, TargetConfig, format_address, load_config
 from .audit import AuditWriter, relay_audit_path
 from .backends import ManagedServer, open_backend
 from .errors import LocalProtocolError, RelayError
-from .identity import IdentityKeys
+from .identity import IdentityKeys, issuer_ssl_contexts
 from .metrics import Metrics, NilMetrics
 from .session import Session, handle_connection
 from .tls import ServerTLS, make_server_engine
@@ -122,6 +122,7 @@ def load_runtime(
         ocsp_response=config.tls.ocsp_response,
     )
     audit_key = load_audit_key(config.auth.audit_key) if config.auth.audit_key else None
+    issuer_ssl_contexts(config.identity.oidc)  # a bad identity.oidc ca fails here, not later
     return Runtime(config=config, keys=keys, tls_engine=engine, audit_key=audit_key)
 
 

@@ -559,3 +559,17 @@ async def test_relay_starts_while_the_idp_is_down_and_catches_up(
     await keys.wait_attempt(idp.issuer, done)
     await echo_through(running, token)
     running.stop.set()
+
+
+def test_a_bad_idp_ca_file_is_refused_at_start(tmp_path, pki, keydir, idp_ca_file) -> None:
+    from relay.errors import LocalProtocolError
+    from relay.server import load_runtime
+
+    bad = tmp_path / "not-a-ca.pem"
+    bad.write_text("hello\n")
+    provider = FakeIdP(ca=trustme.CA(), port=8443)
+    config = identity_config(
+        tmp_path, pki, keydir, provider, idp_ca_file, targets=[], oidc={"ca": str(bad)}
+    )
+    with pytest.raises(LocalProtocolError, match=r"identity\.oidc\[0\]\.ca: cannot load"):
+        load_runtime(config)
