@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 from typing import Any
 
@@ -154,9 +156,6 @@ def test_hmac_signed_with_the_public_key_is_refused() -> None:
             ).encode()
         ).rstrip(b"=")
     )
-    import hashlib
-    import hmac
-
     sig = base64.urlsafe_b64encode(hmac.new(pem, signing_input, hashlib.sha256).digest()).rstrip(
         b"="
     )
