@@ -271,8 +271,11 @@ async def test_idp_outage_keys_kept_until_max_staleness_then_refused(
     assert audit_events(caplog, "identity.fetch_failed")
     await echo_through(running, idp.mint(key, now=wall(), targets=["build42"]))
 
-    # Just inside the staleness limit: still verifying.
+    # Just inside the staleness limit: still verifying.  (The jump passes a
+    # retry time: wait for that fetch to fail, so none is in flight below.)
+    done = keys.attempts(idp.issuer)
     mock_clock.jump(fetched_at + STALENESS - wall())
+    await keys.wait_attempt(idp.issuer, done)
     await echo_through(running, idp.mint(key, now=wall(), ttl=60, targets=["build42"]))
 
     # One second past it: refused, with the reason stated.
