@@ -30,6 +30,9 @@ TOKEN_REJECT_REASONS: tuple[str, ...] = (
     "revoked",
     "not_granted",
     "missing_claim",
+    "bad_azp",
+    "keys_unavailable",
+    "keys_stale",
 )
 
 

@@ -82,6 +82,9 @@ class Claims:
         targets: Glob patterns of the targets the token grants.
         scope: Optional scope, e.g. ``"admin"``.
         kid: ID of the key that signed the token.
+        groups: Groups the IdP says the user is in (empty for local tokens).
+        oidc: Whether the token came from an OpenID Connect issuer
+            (:mod:`auth.oidc`) rather than ``dbgrelay token issue``.
     """
 
     sub: str
@@ -94,6 +97,8 @@ class Claims:
     targets: tuple[str, ...]
     scope: str | None
     kid: str
+    groups: tuple[str, ...] = ()
+    oidc: bool = False
 
     def __post_init__(self) -> None:
         for name in ("sub", "jti", "iss", "kid"):
@@ -106,7 +111,10 @@ class Claims:
             object.__setattr__(self, "targets", tuple(self.targets))
         if not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError("Claims.targets must hold non-empty strings")
-        if not self.targets and self.scope != ADMIN_SCOPE:
+        if not isinstance(self.groups, tuple):
+            object.__setattr__(self, "groups", tuple(self.groups))
+        # An IdP token's access usually comes from its groups, not a targets claim.
+        if not self.targets and self.scope != ADMIN_SCOPE and not self.oidc:
             raise ValueError(f"Claims.targets may be empty only with scope {ADMIN_SCOPE!r}")
         for name in ("iat", "nbf", "exp"):
             value = getattr(self, name)

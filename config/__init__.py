@@ -10,14 +10,17 @@ from .durations import format_duration, parse_duration
 from .errors import ConfigError
 from .load import config_from_dict, load_config, parse_backend_url, parse_listen_address
 from .schema import (
+    CERT_USER_RULES,
     TARGET_KINDS,
     Address,
     AdminSection,
     AuthSection,
     Backend,
     Config,
+    IdentitySection,
     MetricsSection,
     NpipeBackend,
+    OidcIssuerConfig,
     RelaySection,
     TargetConfig,
     TargetKind,
@@ -28,6 +31,9 @@ from .schema import (
 )
 
 __all__ = [
+    "CERT_USER_RULES",
+    "IdentitySection",
+    "OidcIssuerConfig",
     "Address",
     "AdminSection",
     "AuthSection",

@@ -31,14 +31,17 @@ from typing import Any
 from .durations import parse_duration
 from .errors import ConfigError
 from .schema import (
+    CERT_USER_RULES,
     TARGET_KINDS,
     Address,
     AdminSection,
     AuthSection,
     Backend,
     Config,
+    IdentitySection,
     MetricsSection,
     NpipeBackend,
+    OidcIssuerConfig,
     RelaySection,
     TargetConfig,
     TcpBackend,
@@ -74,13 +77,17 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "ocsp_response",
     ),
     "auth": ("issuer", "audience", "jwks", "leeway", "audit_key"),
+    "identity": ("oidc", "group_targets", "admin_groups"),
     "metrics": ("listen",),
     "admin": ("listen",),
     "targets": (
         "name",
         "kind",
         "backend",
+        "allow_users",
         "allow",
+        "allow_groups",
+        "cert_user",
         "connect_timeout",
         "idle_timeout",
         "max_session",
@@ -98,6 +105,19 @@ _KEYS: dict[str, tuple[str, ...]] = {
     ),
 }
 _TABLES = tuple(_KEYS)
+# [[identity.oidc]] entries.
+_OIDC_KEYS: tuple[str, ...] = (
+    "issuer",
+    "audience",
+    "algorithms",
+    "ca",
+    "user_claim",
+    "groups_claim",
+    "refresh_interval",
+    "unknown_kid_cooldown",
+    "max_staleness",
+    "fetch_timeout",
+)
 
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
@@ -676,6 +696,126 @@ class _Validator:
             "audit_key": self.path(table, w, "audit_key", None, readable=True),
         }
 
+    def names(self, value: Any, name: str, example: str) -> Any:
+        """A list of non-empty strings, as a tuple, or ``_BAD``."""
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(item, str) and item.strip() for item in value
+        ):
+            self.problem(name, f"expected a list of names like {example}, got {_show(value)}")
+            return _BAD
+        return tuple(value)
+
+    def identity(self, data: Mapping[str, Any], tls: Mapping[str, Any]) -> dict[str, Any]:
+        table = self.table(data, "identity")
+        if table is None:
+            return {}
+        out: dict[str, Any] = {}
+        issuers = table.get("oidc", [])
+        if not isinstance(issuers, list | tuple) or not all(
+            isinstance(item, Mapping) for item in issuers
+        ):
+            self.problem("identity.oidc", "expected [[identity.oidc]] tables (an array of tables)")
+            issuers = []
+        parsed = []
+        seen: dict[str, int] = {}
+        for index, item in enumerate(issuers):
+            entry = self.oidc_issuer(item, f"identity.oidc[{index}]")
+            issuer = entry.get("issuer")
+            if isinstance(issuer, str):
+                if issuer in seen:
+                    self.problem(
+                        f"identity.oidc[{index}].issuer",
+                        f"issuer {json.dumps(issuer)} is listed twice (also identity.oidc"
+                        f"[{seen[issuer]}])",
+                    )
+                seen[issuer] = index
+            parsed.append(entry)
+        out["oidc"] = parsed
+        mapping = table.get("group_targets", {})
+        pairs: list[tuple[str, tuple[str, ...]]] = []
+        if not isinstance(mapping, Mapping):
+            self.problem(
+                "identity.group_targets",
+                'expected a table of group = ["target glob", ...], like '
+                '[identity.group_targets] "firmware" = ["build*"]',
+            )
+        else:
+            for group, globs in mapping.items():
+                value = self.names(globs, f"identity.group_targets.{group}", '["build*", "lab1"]')
+                if value is not _BAD:
+                    pairs.append((str(group), value))
+        out["group_targets"] = tuple(pairs)
+        admin = table.get("admin_groups", _MISSING)
+        out["admin_groups"] = (
+            () if admin is _MISSING else self.names(admin, "identity.admin_groups", '["ops"]')
+        )
+        return out
+
+    def oidc_issuer(self, table: Mapping[str, Any], w: str) -> dict[str, Any]:
+        self.unknown_keys(table, w, _OIDC_KEYS)
+        out: dict[str, Any] = {}
+        issuer = self.string(
+            table,
+            w,
+            "issuer",
+            None,
+            required='the IdP\'s issuer URL, like issuer = "https://idp.example.com/realms/dev"',
+        )
+        if issuer is not _BAD and (
+            not issuer.startswith("https://") or len(issuer) <= len("https://") or " " in issuer
+        ):
+            self.problem(
+                f"{w}.issuer",
+                f"expected an https:// URL (keys are fetched over HTTPS only), got {_show(issuer)}",
+            )
+            issuer = _BAD
+        out["issuer"] = issuer
+        audience = table.get("audience", _MISSING)
+        if audience is _MISSING:
+            self.problem(
+                f"{w}.audience",
+                "required key is missing; the client ID or API the tokens are issued for, "
+                'like audience = "dbgrelay"',
+            )
+            out["audience"] = _BAD
+        elif isinstance(audience, str) and audience.strip():
+            out["audience"] = (audience,)
+        else:
+            out["audience"] = self.names(audience, f"{w}.audience", '["dbgrelay"]')
+            if out["audience"] == ():
+                self.problem(f"{w}.audience", "name at least one audience")
+                out["audience"] = _BAD
+        algorithms = table.get("algorithms", _MISSING)
+        if algorithms is _MISSING:
+            out["algorithms"] = ("RS256", "ES256")
+        elif (
+            not isinstance(algorithms, list | tuple)
+            or not algorithms
+            or not all(a in ("RS256", "ES256", "EdDSA") for a in algorithms)
+        ):
+            self.problem(
+                f"{w}.algorithms",
+                'expected a list of "RS256", "ES256" or "EdDSA" (never "none" or HMAC), '
+                f"got {_show(algorithms)}",
+            )
+            out["algorithms"] = _BAD
+        else:
+            out["algorithms"] = tuple(dict.fromkeys(algorithms))
+        out["ca"] = self.path(table, w, "ca", None, readable=True)
+        out["user_claim"] = self.string(
+            table, w, "user_claim", "sub", choices=("sub", "email", "preferred_username", "upn")
+        )
+        out["groups_claim"] = self.string(table, w, "groups_claim", "groups")
+        out["refresh_interval"] = self.duration(
+            table, w, "refresh_interval", 3600.0, zero="forbidden"
+        )
+        out["unknown_kid_cooldown"] = self.duration(
+            table, w, "unknown_kid_cooldown", 300.0, zero="forbidden"
+        )
+        out["max_staleness"] = self.duration(table, w, "max_staleness", 86400.0, zero="forbidden")
+        out["fetch_timeout"] = self.duration(table, w, "fetch_timeout", 10.0, zero="forbidden")
+        return out
+
     def metrics(self, data: Mapping[str, Any]) -> dict[str, Any]:
         table = self.table(data, "metrics")
         if table is None:
@@ -785,19 +925,42 @@ class _Validator:
         )
         out["kind"] = kind
 
-        allow = table.get("allow", _MISSING)
+        allow = table.get("allow_users", _MISSING)
+        allow_key = "allow_users"
+        if "allow" in table:
+            allow_key = "allow"
+            # The older spelling: a list of user names, like allow_users.
+            if allow is not _MISSING:
+                self.problem(
+                    f"{w}.allow",
+                    "allow and allow_users are the same list; keep only allow_users",
+                )
+            allow = table["allow"]
         if allow is _MISSING:
             out["allow"] = None
         elif not isinstance(allow, list | tuple) or not all(
             isinstance(user, str) and user.strip() for user in allow
         ):
             self.problem(
-                f"{w}.allow",
+                f"{w}.{allow_key}",
                 f'expected a list of user names like ["alice", "bob"], got {_show(allow)}',
             )
             out["allow"] = _BAD
         else:
             out["allow"] = tuple(allow)
+        groups = table.get("allow_groups", _MISSING)
+        out["allow_groups"] = (
+            None
+            if groups is _MISSING
+            else self.names(groups, f"{w}.allow_groups", '["firmware", "debug-admins"]')
+        )
+        out["cert_user"] = self.string(table, w, "cert_user", None, choices=CERT_USER_RULES)
+        if out["cert_user"] not in (None, _BAD) and tls.get("client_ca") is None:
+            self.problem(
+                f"{w}.cert_user",
+                "needs tls.client_ca: without client certificates there is nothing to tie "
+                "to the user",
+            )
 
         out["connect_timeout"] = self.duration(table, w, "connect_timeout", 5.0, zero="forbidden")
         out["idle_timeout"] = self.duration(table, w, "idle_timeout", 900.0, zero="forbidden")
@@ -942,6 +1105,7 @@ class _Validator:
         relay = self.relay(data)
         tls = self.tls(data)
         auth = self.auth(data)
+        identity = self.identity(data, tls)
         metrics = self.metrics(data)
         admin = self.admin(data, relay.get("state_dir", _BAD))
         targets = self.targets(data, tls)
@@ -954,6 +1118,11 @@ class _Validator:
             auth=AuthSection(**auth),
             metrics=MetricsSection(**metrics),
             admin=AdminSection(**admin),
+            identity=IdentitySection(
+                oidc=tuple(OidcIssuerConfig(**item) for item in identity.get("oidc", ())),
+                group_targets=identity.get("group_targets", ()),
+                admin_groups=identity.get("admin_groups", ()),
+            ),
             targets=tuple(TargetConfig(**target) for target in targets),
             source=source,
         )

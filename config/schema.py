@@ -29,6 +29,9 @@ __all__ = [
     "RelaySection",
     "TLSSection",
     "AuthSection",
+    "OidcIssuerConfig",
+    "IdentitySection",
+    "CERT_USER_RULES",
     "MetricsSection",
     "AdminSection",
     "TargetConfig",
@@ -232,6 +235,76 @@ class AuthSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OidcIssuerConfig:
+    """``[[identity.oidc]]``: one OpenID Connect provider whose tokens are accepted.
+
+    Attributes:
+        issuer: The exact ``iss`` value, an ``https://`` URL; discovery is
+            read from ``<issuer>/.well-known/openid-configuration``.  Required.
+        audience: Accepted ``aud`` values (one or more; the file may give a
+            string).  ``azp`` must be one of them when a token has several
+            audiences.  Required.
+        algorithms: Accepted signature algorithms, some of ``RS256``,
+            ``ES256``, ``EdDSA``.  Default ``("RS256", "ES256")``.
+        ca: PEM bundle the IdP's HTTPS certificate is checked against;
+            ``None`` (default) uses the system store.
+        user_claim: Claim naming the user: ``sub`` (default), ``email``,
+            ``preferred_username`` or ``upn``.
+        groups_claim: Claim listing the user's groups.  Default ``"groups"``.
+        refresh_interval: Seconds between key set fetches.  Default 3600.
+        unknown_kid_cooldown: Least seconds between fetches caused by tokens
+            with an unknown ``kid``.  Default 300.
+        max_staleness: Seconds the last good key set stays in use while
+            fetches fail; after that the issuer's tokens are refused.
+            Default 86400.
+        fetch_timeout: Seconds one fetch (discovery plus key set) may take.
+            Default 10.
+    """
+
+    issuer: str
+    audience: tuple[str, ...]
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    ca: Path | None = None
+    user_claim: str = "sub"
+    groups_claim: str = "groups"
+    refresh_interval: float = 3600.0
+    unknown_kid_cooldown: float = 300.0
+    max_staleness: float = 86400.0
+    fetch_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdentitySection:
+    """``[identity]``: tokens from the company's identity provider, and groups.
+
+    Attributes:
+        oidc: The accepted OpenID Connect issuers, ``[[identity.oidc]]``.
+            Default none: only tokens from ``dbgrelay token issue``.
+        group_targets: ``[identity.group_targets]``: group name to target
+            globs; a member reaches those targets without a ``targets`` claim.
+            Default none.
+        admin_groups: Members of these groups may use the admin API with
+            their IdP token.  Default none.
+    """
+
+    oidc: tuple[OidcIssuerConfig, ...] = ()
+    group_targets: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    admin_groups: tuple[str, ...] = ()
+
+    def issuer(self, iss: str) -> OidcIssuerConfig | None:
+        """The configured issuer whose ``issuer`` is exactly ``iss``, or ``None``."""
+        for item in self.oidc:
+            if item.issuer == iss:
+                return item
+        return None
+
+
+#: How a target may tie the client certificate to the token's user: the
+#: subject's common name, a subjectAltName (email, DNS, URI), or either.
+CERT_USER_RULES: tuple[str, ...] = ("cn", "san", "cn_or_san")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MetricsSection:
     """``[metrics]``: the Prometheus endpoint.
 
@@ -275,8 +348,14 @@ class TargetConfig:
         kind: One of :data:`TARGET_KINDS`.  Required.
         backend: Where the debug server listens.  Required.
         backend_url: ``backend`` as written in the file.
-        allow: User names allowed in addition to a valid token; ``None``
-            (default) allows every token holder.
+        allow: User names allowed in addition to a valid token (the file's
+            ``allow_users``, or its older spelling ``allow``); ``None``
+            (default) allows every token holder unless ``allow_groups`` is set.
+        allow_groups: Groups whose members are allowed; ``None`` (default)
+            means no group check.  With both lists set, either admits.
+        cert_user: ``"cn"``, ``"san"`` or ``"cn_or_san"``: the client
+            certificate must name the token's user there.  ``None`` (default)
+            does not tie the certificate to the user.
         connect_timeout: Seconds to connect to the backend.  Default 5.
         idle_timeout: Seconds without a byte either way before the tunnel is
             closed (and a managed server killed).  Default 900.
@@ -309,6 +388,8 @@ class TargetConfig:
     backend: Backend
     backend_url: str
     allow: tuple[str, ...] | None = None
+    allow_groups: tuple[str, ...] | None = None
+    cert_user: Literal["cn", "san", "cn_or_san"] | None = None
     connect_timeout: float = 5.0
     idle_timeout: float = 900.0
     max_session: float | None = None
@@ -329,12 +410,23 @@ class TargetConfig:
         """Whether the relay launches this target's server per tunnel."""
         return self.launch is not None
 
-    def allows(self, user: str) -> bool:
-        """Whether ``user`` passes this target's ``allow`` list.
+    def allows(self, user: str, groups: tuple[str, ...] = ()) -> bool:
+        """Whether ``user`` (in ``groups``) passes this target's allow lists.
 
         A valid token is still required; this is the extra per-target check.
         """
-        return self.allow is None or user in self.allow
+        return self.admitted_by(user, groups) is not None
+
+    def admitted_by(self, user: str, groups: tuple[str, ...] = ()) -> str | None:
+        """Which allow rule admits ``user``: ``"open"``, ``"user"``, ``"group:NAME"``, or ``None``."""
+        if self.allow is None and self.allow_groups is None:
+            return "open"
+        if self.allow is not None and user in self.allow:
+            return "user"
+        for group in self.allow_groups or ():
+            if group in groups:
+                return f"group:{group}"
+        return None
 
     def launch_command(self, port: int) -> tuple[str, ...]:
         """The ``launch`` command with every ``{port}`` replaced by ``port``.
@@ -357,6 +449,7 @@ class Config:
         auth: ``[auth]``.
         metrics: ``[metrics]``.
         admin: ``[admin]``.
+        identity: ``[identity]``.
         targets: ``[[targets]]`` in file order.
         source: The config file it was loaded from, or ``None`` when built by
             :func:`config.config_from_dict`.
@@ -367,6 +460,7 @@ class Config:
     auth: AuthSection
     metrics: MetricsSection = field(default_factory=MetricsSection)
     admin: AdminSection = field(default_factory=AdminSection)
+    identity: IdentitySection = field(default_factory=IdentitySection)
     targets: tuple[TargetConfig, ...] = ()
     source: Path | None = None
 

@@ -41,9 +41,10 @@ from urllib.parse import unquote
 
 import trio
 
-from auth import ADMIN_SCOPE, AuthError, verify_token
+from auth import AuthError
 from config import Config, format_address
 
+from .access import is_admin, verify_identity
 from .httpd import Handler, HttpRequest, HttpResponse, open_http_listeners, serve_http
 
 if TYPE_CHECKING:
@@ -158,13 +159,12 @@ def _authenticate(relay: Relay, request: HttpRequest, require_token: bool) -> di
         )
     config = relay.config
     try:
-        claims = verify_token(
+        claims = verify_identity(
             token,
-            relay.keys,
-            issuer=config.auth.issuer,
-            audience=config.auth.audience,
+            config=config,
+            keys=relay.keys,
+            oidc=relay.identity.trust(),
             now=relay.wall_clock(),
-            leeway=config.auth.leeway,
         )
     except AuthError as exc:
         raise _Refusal(
@@ -172,11 +172,18 @@ def _authenticate(relay: Relay, request: HttpRequest, require_token: bool) -> di
         ) from None
     if relay.revoked.is_revoked(claims):
         raise _Refusal(401, "revoked", "the admin token has been revoked", challenge)
-    if claims.scope != ADMIN_SCOPE:
+    admin_by = is_admin(claims, config)
+    if admin_by is None:
         raise _Refusal(
-            403, "not_admin", f"the token of {claims.sub!r} is not an admin token (scope 'admin')"
+            403,
+            "not_admin",
+            f"the token of {claims.sub!r} is not an admin token (scope 'admin', or a group "
+            "in identity.admin_groups)",
         )
-    return {"actor": claims.sub, "actor_jti": claims.jti}
+    actor = {"actor": claims.sub, "actor_jti": claims.jti}
+    if claims.oidc:
+        actor |= {"actor_issuer": claims.iss, "admin_by": admin_by}
+    return actor
 
 
 # ---------------------------------------------------------------------------

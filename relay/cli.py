@@ -9,6 +9,7 @@ exits 3; a traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import trio
 
@@ -103,9 +105,12 @@ def _load_config(path: Path):
 
 def _read_token(args: argparse.Namespace) -> str:
     if args.token_file is None:
-        token = os.environ.get("DBGRELAY_TOKEN", "").strip()
+        name = getattr(args, "token_env", None) or "DBGRELAY_TOKEN"
+        token = os.environ.get(name, "").strip()
         if not token:
-            raise UserError("no token: pass --token-file FILE (or set DBGRELAY_TOKEN)")
+            raise UserError(
+                f"no token: pass --token-file FILE or --token-command CMD (or set ${name})"
+            )
         return token
     try:
         token = Path(args.token_file).read_text().strip()
@@ -554,8 +559,19 @@ def cmd_connect(args: argparse.Namespace) -> int:
         preflight,
         serve_connector,
     )
+    from .credentials import TokenSource, TokenSourceError, token_summary
 
-    token = _read_token(args)
+    if args.token_command is not None and args.token_file is not None:
+        raise UserError("give either --token-file or --token-command, not both")
+    command = None
+    if args.token_command is not None:
+        try:
+            command = TokenSource.split_command(args.token_command)
+        except TokenSourceError as exc:
+            raise UserError(str(exc)) from None
+        token = ""
+    else:
+        token = _read_token(args)
     try:
         settings = make_settings(
             relay=args.relay,
@@ -567,6 +583,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
             server_name=args.server_name,
             cert=Path(args.cert) if args.cert else None,
             key=Path(args.key) if args.key else None,
+            token_source=TokenSource(token=token) if command is None else None,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -578,7 +595,23 @@ def cmd_connect(args: argparse.Namespace) -> int:
             reported.add(key)
             _err(str(exc))
 
+    def identity_line(headers: dict[str, str], token: str) -> str:
+        user = unquote(headers.get("dbgrelay-user", "?"))
+        groups = [unquote(g) for g in headers.get("dbgrelay-groups", "").split(",") if g]
+        shown = ", ".join(groups) if groups else "none"
+        return f"identity {user}, groups: {shown} ({token_summary(token)})"
+
     async def run() -> int:
+        nonlocal settings
+        if command is not None:
+            try:
+                source = await TokenSource.open_command(command)
+            except TokenSourceError as exc:
+                _err(str(exc))
+                return EXIT_FAIL
+            settings = dataclasses.replace(settings, token_source=source)
+        source = settings.token_source
+        assert source is not None
         try:
             headers = await preflight(settings)
         except RelayRefused as exc:
@@ -587,18 +620,41 @@ def cmd_connect(args: argparse.Namespace) -> int:
         except ConnectFailed as exc:
             _err(str(exc))
             return EXIT_FAIL
+        print(
+            f"dbgrelay connect: using {identity_line(headers, source.token)}",
+            file=sys.stderr,
+            flush=True,
+        )
         kind = args.kind or headers.get("dbgrelay-target-kind", "tcp")
+
+        async def refreshed(token: str) -> None:
+            try:
+                answer = await preflight(settings)
+            except (RelayRefused, ConnectFailed) as exc:
+                _err(f"the refreshed token does not work: {exc}")
+                return
+            print(
+                f"dbgrelay connect: token refreshed; {identity_line(answer, token)}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        def refresh_failed(exc: TokenSourceError) -> None:
+            _err(f"{exc}; keeping the current token and trying again")
+
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(
                 lambda task_status: serve_connector(
                     settings, on_refused=on_refused, task_status=task_status
                 )
             )
+            nursery.start_soon(source.run_refresh, refreshed, refresh_failed)
             host, port = listeners[0].socket.getsockname()[:2]
             print(
                 f"dbgrelay connect: listening on {host}:{port}, tunnelling to target {args.target} "
                 f"via {args.relay} (Ctrl-C to stop)",
                 file=sys.stderr,
+                flush=True,
             )
             print(
                 debugger_command(
@@ -754,6 +810,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--target", required=True)
     p.add_argument("--token-file", help="file holding the JWT (default: $DBGRELAY_TOKEN)")
+    p.add_argument(
+        "--token-env",
+        metavar="NAME",
+        help="environment variable holding the JWT when no --token-file (default DBGRELAY_TOKEN)",
+    )
+    p.add_argument(
+        "--token-command",
+        metavar="CMD",
+        help="command that prints a fresh JWT on stdout (split like a shell, no pipes); "
+        "run again before each token expires",
+    )
     p.add_argument(
         "--listen",
         default="127.0.0.1:5005",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from .credentials import TokenSource
 from .errors import RelayError, RemoteProtocolError
 from .preamble import NEED_DATA, ResponseParser, TunnelResponse, render_request
 from .pump import Traffic, run_pump
@@ -71,6 +72,8 @@ class ConnectorSettings:
         listen: Loopback ``(host, port)`` for the debugger; port 0 picks one.
         engine: The client TLS engine.
         handshake_timeout: Seconds for TLS plus the relay's answer.
+        token_source: Where a fresh token comes from; when set, its current
+            token is sent instead of ``token``.
     """
 
     relay_host: str
@@ -81,6 +84,12 @@ class ConnectorSettings:
     listen: tuple[str, int]
     engine: ClientEngine
     handshake_timeout: float = 15.0
+    token_source: TokenSource | None = None
+
+    @property
+    def current_token(self) -> str:
+        """The token the next request sends."""
+        return self.token_source.token if self.token_source is not None else self.token
 
 
 def check_loopback(host: str) -> None:
@@ -149,7 +158,7 @@ async def _exchange(
                 render_request(
                     method=method,
                     target=settings.target,
-                    token=settings.token,
+                    token=settings.current_token,
                     host=settings.target,
                 )
             )
@@ -278,6 +287,7 @@ def make_settings(
     cert: Path | None = None,
     key: Path | None = None,
     min_version: str = "1.2",
+    token_source: TokenSource | None = None,
 ) -> ConnectorSettings:
     """Build settings from command-line strings.
 
@@ -296,6 +306,7 @@ def make_settings(
         token=token,
         listen=(listen_host, listen_port),
         engine=client,
+        token_source=token_source,
     )
 
 

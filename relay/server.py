@@ -33,6 +33,7 @@ from config import Config, TargetConfig, format_address, load_config
 from .audit import AuditWriter, relay_audit_path
 from .backends import ManagedServer, open_backend
 from .errors import LocalProtocolError, RelayError
+from .identity import IdentityKeys, issuer_ssl_contexts
 from .metrics import Metrics, NilMetrics
 from .session import Session, handle_connection
 from .tls import ServerTLS, make_server_engine
@@ -65,7 +66,7 @@ class ReloadResult:
         problems: Why the new config was refused (empty when ``ok``).
         restart_needed: Changed keys that only a restart applies
             (``relay.listen``, ``relay.state_dir``, ``metrics.listen``,
-            ``admin.listen``); the running relay keeps their old values.
+            ``admin.listen``, ``identity.oidc``); the running relay keeps their old values.
         targets: The target names in use after the reload.
     """
 
@@ -84,6 +85,7 @@ _RESTART_KEYS: tuple[tuple[str, Callable[[Config], Any]], ...] = (
     ("relay.state_dir", lambda c: c.relay.state_dir),
     ("metrics.listen", lambda c: c.metrics.listen),
     ("admin.listen", lambda c: c.admin.listen),
+    ("identity.oidc", lambda c: c.identity.oidc),
 )
 
 
@@ -96,6 +98,7 @@ def _keep_bound(new: Config, old: Config) -> Config:
         ),
         metrics=old.metrics,
         admin=old.admin,
+        identity=dataclasses.replace(new.identity, oidc=old.identity.oidc),
     )
 
 
@@ -119,6 +122,7 @@ def load_runtime(
         ocsp_response=config.tls.ocsp_response,
     )
     audit_key = load_audit_key(config.auth.audit_key) if config.auth.audit_key else None
+    issuer_ssl_contexts(config.identity.oidc)  # a bad identity.oidc ca fails here, not later
     return Runtime(config=config, keys=keys, tls_engine=engine, audit_key=audit_key)
 
 
@@ -166,6 +170,10 @@ class Relay:
             self.store.close()
             raise
         self.tls = ServerTLS(self.runtime.tls_engine)
+        # Signing keys of the OIDC issuers, refreshed by serve_relay's identity task.
+        self.identity = IdentityKeys(
+            config.identity.oidc, wall_clock=wall_clock, audit=self.audit_event
+        )
         self._relay_audit: AuditWriter | None = None
         self._relay_audit_day: str | None = None
         # Monotonic (trio) time each target last saw a tunnel end, for forgotten-server checks.
@@ -471,6 +479,7 @@ async def serve_relay(
             relay._managed_nursery = managed_nursery
             async with trio.open_nursery() as sessions:
                 async with trio.open_nursery() as main:
+                    await main.start(relay.identity.serve)
                     main.start_soon(relay.run_housekeeping)
                     main.start_soon(run_watch, relay)
                     accept = trio.CancelScope()

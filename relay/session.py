@@ -21,12 +21,13 @@ import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import trio
 
 from config import TargetConfig
 
-from .access import Grant, authorize
+from .access import ClientCertNames, Grant, authorize
 from .audit import AuditWriter, ByteRecorder, session_audit_path
 from .backends import BackendError, ManagedServer
 from .errors import RelayError, RemoteProtocolError
@@ -229,15 +230,20 @@ async def _serve(relay: Relay, raw: trio.SocketStream, sid: str, peer: str, ctx:
             keys=relay.keys,
             revoked=relay.revoked,
             now=relay.wall_clock(),
+            oidc=relay.identity.trust(),
+            client_cert=ClientCertNames(cn=info.peer_cn, sans=info.peer_sans)
+            if info.peer_subject is not None
+            else None,
         )
         claims, target = grant.claims, grant.target
         fields = {"client": peer, "target": target.name, "sub": claims.sub, "jti": claims.jti}
+        fields |= _grant_fields(grant)
         ctx |= {"subject": claims.sub, "jti": claims.jti, "target": target.name}
         _check_admission(relay, request, grant, info)
         if request.method == "OPTIONS":
             relay.audit_event("token.accepted", preflight=True, **fields)
             log.info("preflight.answered", extra=ctx)
-            await _send_and_close(tls, render_preflight(headers=_preflight_headers(target)))
+            await _send_and_close(tls, render_preflight(headers=_preflight_headers(target, claims)))
             return
         session = Session(id=sid, peer=peer, grant=grant, tls=info, started=relay.wall_clock())
         await _open_audit(relay, session, ctx)
@@ -296,10 +302,28 @@ def _check_admission(relay: Relay, request: TunnelRequested, grant: Grant, info:
         )
 
 
-def _preflight_headers(target: TargetConfig) -> dict[str, str]:
+def _grant_fields(grant: Grant) -> dict[str, Any]:
+    """Audit fields naming the issuer and the rules that let the user in."""
+    fields: dict[str, Any] = {
+        "issuer": grant.claims.iss,
+        "granted_by": grant.granted_by,
+        "admitted_by": grant.admitted_by,
+    }
+    if grant.cert_rule is not None:
+        fields["cert_rule"] = grant.cert_rule
+    return fields
+
+
+def _preflight_headers(target: TargetConfig, claims: Any = None) -> dict[str, str]:
     headers = {"Dbgrelay-Target-Kind": target.kind}
     if target.kd_transport:
         headers["Dbgrelay-Kd-Transport"] = target.kd_transport
+    if claims is not None:
+        # The connector prints whom the relay sees (percent-encoded: header values are ASCII).
+        headers["Dbgrelay-User"] = quote(claims.sub, safe="@.+-_:/")
+        groups = ",".join(quote(g, safe="@.+-_:/ ") for g in claims.groups[:64])
+        if groups:
+            headers["Dbgrelay-Groups"] = groups[:4000]
     return headers
 
 
@@ -331,6 +355,7 @@ async def _open_audit(relay: Relay, session: Session, ctx: dict) -> None:
             client_cert=info.peer_subject,
             client_cert_serial=str(info.peer_serial) if info.peer_serial is not None else None,
             target=target.name,
+            **_grant_fields(session.grant),
             kind=target.kind,
             backend=target.backend_url,
             token_exp=claims.exp,
@@ -379,11 +404,15 @@ _PEER_MESSAGES = {
     "bad_issuer": "the token was issued for another relay",
     "bad_audience": "the token was issued for another relay",
     "unknown_kid": "the token was signed with a key this relay does not know",
-    "bad_algorithm": "the token must be signed with EdDSA",
+    "bad_algorithm": "the token's signature algorithm is not accepted",
     "missing_claim": "the token lacks a required claim",
     "revoked": "the token has been revoked",
     "not_granted": "the token does not grant this target",
     "not_allowed": "this user may not use this target",
+    "cert_user_mismatch": "this target needs a client certificate that names your user",
+    "bad_azp": "the token was issued to another client (azp)",
+    "keys_unavailable": "the relay has not yet fetched the signing keys of the token's issuer",
+    "keys_stale": "the relay cannot reach the token's identity provider; try again later",
     "unknown_target": "no such target",
     "pq_required": "this target requires post-quantum key exchange (X25519MLKEM768)",
     "relay_full": "too many tunnels; try again later",

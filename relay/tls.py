@@ -76,6 +76,8 @@ class TLSInfo:
         peer_subject: The client certificate's subject (RFC 4514) when one was
             presented and verified.
         peer_serial: That certificate's serial number.
+        peer_cn: Its subject's common name, if any.
+        peer_sans: Its subjectAltName email, DNS and URI values.
     """
 
     version: str
@@ -84,6 +86,8 @@ class TLSInfo:
     alpn: str | None
     peer_subject: str | None = None
     peer_serial: int | None = None
+    peer_cn: str | None = None
+    peer_sans: tuple[str, ...] = ()
 
 
 class TLSStream(Protocol):
@@ -148,6 +152,19 @@ class _ConflictDetector:
 # tunnel request, memory streams in tests).  Below glibc's mmap threshold, so
 # each receive buffer is not a fresh mmap.
 _RECEIVE_SIZE = 65536
+
+
+def _cert_names(cert: dict) -> tuple[str | None, tuple[str, ...]]:
+    """Common name and subjectAltName values (email, DNS, URI) of a ``getpeercert()`` dict."""
+    cn = None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName" and cn is None:
+                cn = value
+    sans = tuple(
+        value for kind, value in cert.get("subjectAltName", ()) if kind in ("email", "DNS", "URI")
+    )
+    return cn, sans
 
 
 def _subject_string(cert: dict) -> str | None:
@@ -583,6 +600,7 @@ class _StdlibStream(trio.abc.Stream):
         serial = None
         if peer and peer.get("serialNumber"):
             serial = int(peer["serialNumber"], 16)
+        cn, sans = _cert_names(peer) if peer else (None, ())
         return TLSInfo(
             version=obj.version() or "unknown",
             cipher=cipher[0] if cipher else "unknown",
@@ -591,6 +609,8 @@ class _StdlibStream(trio.abc.Stream):
             alpn=obj.selected_alpn_protocol(),
             peer_subject=_subject_string(peer) if peer else None,
             peer_serial=serial,
+            peer_cn=cn,
+            peer_sans=sans,
         )
 
 

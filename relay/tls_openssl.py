@@ -690,12 +690,14 @@ class OpenSSLStream(trio.abc.Stream):
             raise trio.NeedHandshakeError("call do_handshake() before tls_info()")
         conn = self._conn
         alpn = conn.get_alpn_proto_negotiated()
-        subject = serial = None
+        subject = serial = cn = None
+        sans: tuple[str, ...] = ()
         if self._server_side:
             peer = conn.get_peer_certificate(as_cryptography=True)
             if peer is not None:
                 subject = peer.subject.rfc4514_string()
                 serial = peer.serial_number
+                cn, sans = _cert_names(peer)
         return TLSInfo(
             version=conn.get_protocol_version_name(),
             cipher=conn.get_cipher_name() or "unknown",
@@ -703,7 +705,25 @@ class OpenSSLStream(trio.abc.Stream):
             alpn=alpn.decode("ascii", "replace") if alpn else None,
             peer_subject=subject,
             peer_serial=serial,
+            peer_cn=cn,
+            peer_sans=sans,
         )
+
+
+def _cert_names(cert: x509.Certificate) -> tuple[str | None, tuple[str, ...]]:
+    """Common name and subjectAltName values (email, DNS, URI) of a certificate."""
+    cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    cn = cns[0].value if cns and isinstance(cns[0].value, str) else None
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return cn, ()
+    sans = [
+        *ext.get_values_for_type(x509.RFC822Name),
+        *ext.get_values_for_type(x509.DNSName),
+        *ext.get_values_for_type(x509.UniformResourceIdentifier),
+    ]
+    return cn, tuple(sans)
 
 
 # -- contexts -----------------------------------------------------------------

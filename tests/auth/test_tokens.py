@@ -432,6 +432,9 @@ def test_every_reason_has_a_fixed_spelling() -> None:
         "revoked",
         "not_granted",
         "missing_claim",
+        "bad_azp",
+        "keys_unavailable",
+        "keys_stale",
     }
     with pytest.raises(ValueError, match="reason"):
         TokenRejected("typo", reason="expird")
