@@ -52,13 +52,8 @@ class Admission:
         self.peer = peer
         self.authenticated = False
 
-    def begin_auth(self) -> Refused | None:
-        """Before a token check: ``None``, or ``auth_rate`` with its Retry-After."""
-        return self.ticket.begin_auth(trio.current_time())
-
     def passed(self) -> None:
-        """The token checked out: no longer unauthenticated; the failure token comes back."""
-        self.ticket.auth_passed(trio.current_time())
+        """The token checked out: the connection no longer counts as unauthenticated."""
         self.ticket.authenticated()
         self.authenticated = True
         self._gate.update_gauge()

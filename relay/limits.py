@@ -13,9 +13,11 @@ Per source the :class:`Limiter` keeps two token buckets and a counter:
 
 - handshakes: every accepted connection takes a token; an empty bucket
   closes the connection at once, before the TLS handshake;
-- failed authentication: a request takes a token before its token is
-  checked and gets it back if the check passes; an empty bucket answers
-  ``429`` with ``Retry-After``;
+- failed authentication: a failed TLS handshake or a refused request takes
+  a token; once the bucket is empty, failures are answered ``429`` with
+  ``Retry-After`` (or closed, before a request was read) and reported only
+  in summary.  A valid token is still checked and let through, so an
+  attacker behind the same NAT address as an office cannot lock it out;
 - connections not yet authenticated, capped per source and in total.
 
 Memory is bounded: the table of sources holds at most ``max_sources``
@@ -175,49 +177,21 @@ class Ticket:
         source: The source key the connection counts against.
     """
 
-    __slots__ = ("source", "_limiter", "_entry", "_counted", "_reserved")
+    __slots__ = ("source", "_limiter", "_entry", "_counted")
 
     def __init__(self, limiter: Limiter, source: str, entry: _Source) -> None:
         self.source = source
         self._limiter = limiter
         self._entry = entry
         self._counted = True
-        self._reserved = False
-
-    def begin_auth(self, now: float) -> Refused | None:
-        """Take a failed-authentication token before checking a request's token.
-
-        Returns:
-            ``None`` when the check may go ahead, or a :class:`Refused`
-            (``auth_rate``) with the seconds until a token is available.
-        """
-        bucket = self._entry.failures
-        if self._reserved:
-            return None
-        if not bucket.take(now):
-            return Refused("auth_rate", retry_after=max(1, math.ceil(bucket.wait_time(now))))
-        self._reserved = True
-        return None
-
-    def auth_passed(self, now: float) -> None:
-        """The token checked out: give back the token :meth:`begin_auth` took."""
-        if self._reserved:
-            self._reserved = False
-            self._entry.failures.give_back(now)
 
     def auth_failed(self, now: float) -> Refused | None:
         """The handshake or request failed: it costs one failed-authentication token.
-
-        The token :meth:`begin_auth` took stays spent; a failure before the
-        token check (a TLS error, a malformed request) takes one now.
 
         Returns:
             ``None``, or ``auth_rate`` when the source had no token left:
             the source is over its rate, so the failure is answered quietly.
         """
-        if self._reserved:
-            self._reserved = False
-            return None
         bucket = self._entry.failures
         if bucket.take(now):
             return None

@@ -249,10 +249,6 @@ async def _serve(
     try:
         request = await _receive_request(tls, deadline)
         fields |= {"target": request.target} | relay.peek_token(request.token)
-        if admission is not None and (refused := admission.begin_auth()) is not None:
-            # Over its failure rate: refused before the token is even checked.
-            await _throttle(tls, admission, refused)
-            return
         # Nothing touches a backend before this passes.
         grant = authorize(
             token=request.token,
