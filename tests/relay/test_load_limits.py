@@ -326,9 +326,7 @@ async def test_one_token_cannot_exceed_the_per_user_cap(
 
 
 def proxy_v4(src: str, sport: int, dst: str = "127.0.0.1", dport: int = 7443) -> bytes:
-    body = (
-        socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!HH", sport, dport)
-    )
+    body = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!HH", sport, dport)
     return SIGNATURE + struct.pack("!BBH", 0x21, 0x11, len(body)) + body
 
 
@@ -379,7 +377,9 @@ async def test_proxy_v2_from_an_untrusted_address_or_without_a_header_is_refused
     )
     running = await start_relay(nursery, config, pki)
     forged = proxy_v4("10.9.9.9", 1)
-    event, _ = await attempt(running.port, running.ca, token_for(), source="127.0.0.2", prefix=forged)
+    event, _ = await attempt(
+        running.port, running.ca, token_for(), source="127.0.0.2", prefix=forged
+    )
     assert event is None
     assert sample(running.metrics, "dbgrelay_refusals_total", reason="proxy_untrusted") == 1
     # A trusted address that skips the header: its ClientHello is not a header.
