@@ -51,6 +51,7 @@ class Admission:
         self.source = ticket.source
         self.peer = peer
         self.authenticated = False
+        self._session: Any = None
 
     def passed(self) -> None:
         """The token checked out: the connection no longer counts as unauthenticated."""
@@ -67,6 +68,21 @@ class Admission:
         """
         return self.ticket.auth_failed(trio.current_time())
 
+    def opening(self, session: Any) -> None:
+        """``session`` passed admission and is being set up (not in ``relay.sessions`` yet)."""
+        self._session = session
+        self._gate.opening.add(session)
+
+    def opened(self) -> None:
+        """The session is registered with the relay (or never will be)."""
+        if self._session is not None:
+            self._gate.opening.discard(self._session)
+            self._session = None
+
+    def others_opening(self, grant: Any) -> list[Any]:
+        """Sessions of other connections past admission and not yet registered."""
+        return [s for s in self._gate.opening if s.grant is not grant]
+
     def throttled(self, reason: str, **fields: Any) -> None:
         """Count and (rate-limited) report a refusal of this connection."""
         self._gate.refused(reason, self.source, **fields)
@@ -82,6 +98,9 @@ class Gate:
     def __init__(self, relay: Any) -> None:
         self.relay = relay
         self.limiter = Limiter(relay.config.limits)
+        # Sessions past the per-user check whose audit file is still being
+        # written: they count against their user's cap until registered.
+        self.opening: set[Any] = set()
         self._throttle = LogThrottle(REFUSAL_LOG_INTERVAL)
 
     def update_gauge(self) -> None:
@@ -142,9 +161,11 @@ class Gate:
             self.refused(ticket.reason, source)
             return
         self.update_gauge()
+        admission = Admission(self, ticket, peer)
         try:
-            await handle(self.relay, stream, admission=Admission(self, ticket, peer))
+            await handle(self.relay, stream, admission=admission)
         finally:
+            admission.opened()
             ticket.release()
             self.update_gauge()
 

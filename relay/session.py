@@ -263,13 +263,16 @@ async def _serve(
         claims, target = grant.claims, grant.target
         fields = {"client": peer, "target": target.name, "sub": claims.sub, "jti": claims.jti}
         ctx |= {"subject": claims.sub, "jti": claims.jti, "target": target.name}
-        _check_admission(relay, request, grant, info)
+        _check_admission(relay, request, grant, info, admission)
         if request.method == "OPTIONS":
             relay.audit_event("token.accepted", preflight=True, **fields)
             log.info("preflight.answered", extra=ctx)
             await _send_and_close(tls, render_preflight(headers=_preflight_headers(target)))
             return
         session = Session(id=sid, peer=peer, grant=grant, tls=info, started=relay.wall_clock())
+        if admission is not None:
+            # Counted against the user's cap while its audit file is written.
+            admission.opening(session)
         await _open_audit(relay, session, ctx)
     except RemoteProtocolError as exc:
         if (
@@ -287,6 +290,8 @@ async def _serve(
         return
 
     relay.add_session(session)
+    if admission is not None:
+        admission.opened()
     metrics.session_opened(target.name)
     relay.audit_event("token.accepted", session_id=sid, **fields)
     log.info("session.opened", extra=ctx)
@@ -310,7 +315,13 @@ async def _receive_request(tls: trio.abc.Stream, deadline: float) -> TunnelReque
     )
 
 
-def _check_admission(relay: Relay, request: TunnelRequested, grant: Grant, info: TLSInfo) -> None:
+def _check_admission(
+    relay: Relay,
+    request: TunnelRequested,
+    grant: Grant,
+    info: TLSInfo,
+    admission: Admission | None = None,
+) -> None:
     """Policy after the token: key exchange, draining, capacity.
 
     Raises:
@@ -336,7 +347,11 @@ def _check_admission(relay: Relay, request: TunnelRequested, grant: Grant, info:
     # (a 503 would page whoever watches the relay's health).
     per_user = relay.config.limits.max_sessions_per_user
     user = grant.claims.sub
-    if sum(1 for s in relay.sessions.values() if s.user == user) >= per_user:
+    opening = admission.others_opening(grant) if admission is not None else ()
+    live = [
+        s for s in (*relay.sessions.values(), *opening) if s.user == user and s.grant is not grant
+    ]
+    if len(live) >= per_user:
         raise RemoteProtocolError(
             f"user {user!r} already has {per_user} tunnels open", reason="user_sessions", status=429
         )

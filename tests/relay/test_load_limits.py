@@ -393,3 +393,29 @@ async def test_proxy_v2_from_an_untrusted_address_or_without_a_header_is_refused
     assert event is None
     assert sample(running.metrics, "dbgrelay_refusals_total", reason="proxy_invalid") == 2
     assert not [r for r in relay_audit(config) if r.get("event") == "token.accepted"]
+
+
+async def test_concurrent_opens_with_one_token_stay_within_the_per_user_cap(
+    nursery, clock, make_config, token_for, pki
+):
+    backend = await start_echo(nursery)
+    config = make_config([target(backend.port)], limits={"max_sessions_per_user": 2})
+    running = await start_relay(nursery, config, pki)
+    alice = token_for("alice")
+    opened: list[trio.abc.Stream] = []
+    refused: list[int] = []
+
+    async def one() -> None:
+        try:
+            tls, _, _ = await open_tunnel(running.settings(alice))
+        except RelayRefused as exc:
+            refused.append(exc.status)
+        else:
+            opened.append(tls)
+
+    async with trio.open_nursery() as inner:
+        for _ in range(12):
+            inner.start_soon(one)
+    assert len(opened) == 2 and refused == [429] * 10
+    for tls in opened:
+        await tls.aclose()
