@@ -17,13 +17,18 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .errors import RemoteProtocolError
 from .limits import Limiter, LogThrottle, Refused, Ticket, source_key
 from .proxy_protocol import NEED_DATA, ProxyHeader, ProxyHeaderParser
+
+if TYPE_CHECKING:
+    from .access import Grant
+    from .server import Relay
+    from .session import Session
 
 __all__ = ["Admission", "Gate"]
 
@@ -51,7 +56,7 @@ class Admission:
         self.source = ticket.source
         self.peer = peer
         self.authenticated = False
-        self._session: Any = None
+        self._session: Session | None = None
 
     def passed(self) -> None:
         """The token checked out: the connection no longer counts as unauthenticated."""
@@ -68,7 +73,7 @@ class Admission:
         """
         return self.ticket.auth_failed(trio.current_time())
 
-    def opening(self, session: Any) -> None:
+    def opening(self, session: Session) -> None:
         """``session`` passed admission and is being set up (not in ``relay.sessions`` yet)."""
         self._session = session
         self._gate.opening.add(session)
@@ -79,7 +84,7 @@ class Admission:
             self._gate.opening.discard(self._session)
             self._session = None
 
-    def others_opening(self, grant: Any) -> list[Any]:
+    def others_opening(self, grant: Grant) -> list[Session]:
         """Sessions of other connections past admission and not yet registered."""
         return [s for s in self._gate.opening if s.grant is not grant]
 
@@ -95,12 +100,12 @@ class Gate:
         relay: The relay (its config, metrics and audit trail).
     """
 
-    def __init__(self, relay: Any) -> None:
+    def __init__(self, relay: Relay) -> None:
         self.relay = relay
         self.limiter = Limiter(relay.config.limits)
         # Sessions past the per-user check whose audit file is still being
         # written: they count against their user's cap until registered.
-        self.opening: set[Any] = set()
+        self.opening: set[Session] = set()
         self._throttle = LogThrottle(REFUSAL_LOG_INTERVAL)
 
     def update_gauge(self) -> None:

@@ -3,7 +3,7 @@
 ::
 
     main nursery
-    ├─ serve_listeners(...)        one task per connection -> session.handle_connection
+    ├─ accept.serve_listeners(...) one task per connection -> gate -> session.handle_connection
     ├─ housekeeping                audit fsync + checkpoints, byte metrics, revocation
     ├─ probes                      forgotten-server detection for unmanaged targets
     ├─ metrics / admin endpoints
