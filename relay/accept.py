@@ -125,10 +125,11 @@ async def _serve_one_listener(
             handler_nursery.start_soon(_run_handler, stream, handler)
 
 
-def _address(listener: trio.SocketListener) -> str:
+def _address(listener: trio.abc.Listener) -> str:
+    sock = getattr(listener, "socket", None)
     try:
-        host, port = listener.socket.getsockname()[:2]
-    except OSError:
+        host, port = sock.getsockname()[:2]
+    except (AttributeError, OSError, ValueError):
         return "unknown"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
