@@ -419,3 +419,39 @@ async def test_concurrent_opens_with_one_token_stay_within_the_per_user_cap(
     assert len(opened) == 2 and refused == [429] * 10
     for tls in opened:
         await tls.aclose()
+
+
+async def test_failed_handshakes_and_garbage_requests_stop_being_audited_one_by_one(
+    nursery, clock, make_config, token_for, pki
+):
+    backend = await start_echo(nursery)
+    limits = {"auth_failure_burst": 3, "auth_failure_rate": SLOW}
+    config = make_config([target(backend.port)], limits=limits)
+    running = await start_relay(nursery, config, pki)
+    # Not TLS at all: the handshake fails.
+    for _ in range(10):
+        stream = await connect_from("127.0.0.1", running.port, b"GET / HTTP/1.0\r\n\r\n")
+        with trio.fail_after(20):
+            while await stream.receive_some(4096):
+                pass
+        await stream.aclose()
+    records = relay_audit(config)
+    assert sum(r.get("event") == "handshake.failed" for r in records) == 3
+    assert sample(running.metrics, "dbgrelay_handshakes_total", outcome="tls_error") == 10
+    # TLS, then a malformed request: 429 instead of 400, and no record each.
+    raw = await connect_from("127.0.0.1", running.port)
+    tls = make_client_engine(engine="stdlib", ca=running.ca).wrap(raw, "127.0.0.1")
+    with trio.fail_after(20):
+        await tls.do_handshake()
+        await tls.send_all(b"BREW /pot HTTP/1.1\r\n\r\n")
+        parser = ResponseParser()
+        while (event := parser.next_event()) is NEED_DATA:
+            parser.receive_data(await tls.receive_some(4096))
+    assert (event.status, event.reason) == (429, "auth_rate")
+    assert "retry-after" in event.headers
+    await trio.aclose_forcefully(tls)
+    assert not [r for r in relay_audit(config) if r.get("event") == "tunnel.refused"]
+    # Another address is unaffected: its bad token still gets a plain 401.
+    event, tls = await attempt(running.port, running.ca, "x", source="127.0.0.2")
+    assert (event.status, event.reason) == (401, "malformed")
+    await trio.aclose_forcefully(tls)
