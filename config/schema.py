@@ -211,7 +211,7 @@ class LimitsSection:
             sustained.  Default 0.5.
         auth_failure_burst: Failed authentications a source may have
             before it is throttled.  Default 20.
-        max_sources: Sources remembered at once (bounds memory; about 300
+        max_sources: Sources remembered at once (bounds memory; about 400
             bytes each).  Default 65536.
         max_sessions_per_user: Live tunnels one user (token ``sub``) may
             hold; more get 429.  Default 16.

@@ -142,6 +142,8 @@ class Gate:
         if config.relay.proxy_protocol:
             trusted = config.relay.proxy_trusted
             ip = ipaddress.ip_address(host.split("%", 1)[0])
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped  # a dual-stack listener's view of an IPv4 balancer
             if not any(ip in net for net in trusted):
                 self.refused("proxy_untrusted", source_key(host), client=peer)
                 return
