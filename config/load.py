@@ -39,6 +39,7 @@ from .schema import (
     Backend,
     Config,
     IdentitySection,
+    LimitsSection,
     MetricsSection,
     NpipeBackend,
     OidcIssuerConfig,
@@ -65,6 +66,8 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "revocation_interval",
         "checkpoint_interval",
         "audit_fsync_interval",
+        "proxy_protocol",
+        "proxy_trusted",
     ),
     "tls": (
         "cert",
@@ -80,6 +83,16 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "identity": ("oidc", "group_targets", "admin_groups"),
     "metrics": ("listen",),
     "admin": ("listen",),
+    "limits": (
+        "max_unauthenticated",
+        "max_unauthenticated_per_source",
+        "handshake_rate",
+        "handshake_burst",
+        "auth_failure_rate",
+        "auth_failure_burst",
+        "max_sources",
+        "max_sessions_per_user",
+    ),
     "targets": (
         "name",
         "kind",
@@ -626,6 +639,82 @@ class _Validator:
             table, w, "checkpoint_interval", 300.0, zero="forbidden"
         )
         out["audit_fsync_interval"] = self.duration(table, w, "audit_fsync_interval", 2.0)
+        out["proxy_protocol"] = self.boolean(table, w, "proxy_protocol", False)
+        out["proxy_trusted"] = self.networks(table, w, "proxy_trusted")
+        if out["proxy_protocol"] is True and out["proxy_trusted"] == ():
+            self.problem(
+                "relay.proxy_trusted",
+                "relay.proxy_protocol = true needs the load balancers' networks here, "
+                'like proxy_trusted = ["10.0.0.0/8"]; a PROXY header from anyone else '
+                "would let them pick their own address",
+            )
+        return out
+
+    def networks(self, table: Mapping[str, Any], where: str, key: str) -> Any:
+        """Read a list of CIDR networks (a bare address is a /32 or /128)."""
+        value = table.get(key, _MISSING)
+        if value is _MISSING:
+            return ()
+        name = f"{where}.{key}"
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            self.problem(
+                name,
+                f'expected a list of networks like ["10.0.0.0/8", "fd00::/8"], got {_show(value)}',
+            )
+            return _BAD
+        networks = []
+        for index, text in enumerate(value):
+            try:
+                networks.append(ipaddress.ip_network(text, strict=True))
+            except ValueError as exc:
+                self.problem(
+                    f"{name}[{index}]",
+                    f'expected a network like "10.0.0.0/8" or "fd00::/8", got {_show(text)} ({exc})',
+                )
+                return _BAD
+        return tuple(networks)
+
+    def rate(self, table: Mapping[str, Any], where: str, key: str, default: float) -> Any:
+        """Read a positive number of events per second."""
+        value = table.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0 < value < float("inf")
+        ):
+            self.problem(
+                f"{where}.{key}", f"expected a positive number per second, got {_show(value)}"
+            )
+            return _BAD
+        return float(value)
+
+    def limits(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        table = self.table(data, "limits")
+        if table is None:
+            return {}
+        w = "limits"
+        d = LimitsSection()
+        out: dict[str, Any] = {}
+        for key in (
+            "max_unauthenticated",
+            "max_unauthenticated_per_source",
+            "handshake_burst",
+            "auth_failure_burst",
+            "max_sources",
+            "max_sessions_per_user",
+        ):
+            out[key] = self.positive_int(table, w, key, getattr(d, key))
+        for key in ("handshake_rate", "auth_failure_rate"):
+            out[key] = self.rate(table, w, key, getattr(d, key))
+        total, sources = out["max_unauthenticated"], out["max_sources"]
+        if _BAD not in (total, sources) and sources <= total:
+            self.problem(
+                "limits.max_sources",
+                f"must be larger than limits.max_unauthenticated ({total}), got {sources}; "
+                "every source holding a connection needs a place in the table",
+            )
         return out
 
     def tls(self, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -1108,6 +1197,7 @@ class _Validator:
         identity = self.identity(data, tls)
         metrics = self.metrics(data)
         admin = self.admin(data, relay.get("state_dir", _BAD))
+        limits = self.limits(data)
         targets = self.targets(data, tls)
         self.check_address_clashes(relay, metrics, admin)
         if self.problems:
@@ -1123,6 +1213,7 @@ class _Validator:
                 group_targets=identity.get("group_targets", ()),
                 admin_groups=identity.get("admin_groups", ()),
             ),
+            limits=LimitsSection(**limits),
             targets=tuple(TargetConfig(**target) for target in targets),
             source=source,
         )

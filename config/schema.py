@@ -14,6 +14,7 @@ loader, which knows the config file's folder.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -34,6 +35,7 @@ __all__ = [
     "CERT_USER_RULES",
     "MetricsSection",
     "AdminSection",
+    "LimitsSection",
     "TargetConfig",
     "Config",
     "format_address",
@@ -169,6 +171,12 @@ class RelaySection:
             long session.  Default 300.
         audit_fsync_interval: Audit records are fsync'd at least this often,
             in seconds; 0 means after every record.  Default 2.
+        proxy_protocol: Every connection to ``listen`` starts with a PROXY
+            protocol v2 header from a load balancer; limits and audit use
+            the client address it carries.  Default false.
+        proxy_trusted: Networks the PROXY header is accepted from; a
+            connection from elsewhere is closed.  Required (non-empty) when
+            ``proxy_protocol`` is true.  Default empty.
     """
 
     listen: tuple[Address, ...] = (("127.0.0.1", 7443),)
@@ -181,6 +189,45 @@ class RelaySection:
     revocation_interval: float = 2.0
     checkpoint_interval: float = 300.0
     audit_fsync_interval: float = 2.0
+    proxy_protocol: bool = False
+    proxy_trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsSection:
+    """``[limits]``: bounds on unauthenticated load and on each user.
+
+    A *source* is an IPv4 address or an IPv6 /64 network (the client address
+    from the PROXY header when ``relay.proxy_protocol`` is on).  Connections
+    over a cap or rate are closed before the TLS handshake; requests over the
+    failed-authentication rate get ``429`` with ``Retry-After``.
+
+    Attributes:
+        max_unauthenticated: Connections accepted and not yet through the
+            token check, in total.  Default 256.
+        max_unauthenticated_per_source: The same, per source.  Default 32.
+        handshake_rate: New connections per second per source, sustained.
+            Default 20.
+        handshake_burst: New connections a source may open at once.
+            Default 100.
+        auth_failure_rate: Failed authentications per second per source,
+            sustained.  Default 0.5.
+        auth_failure_burst: Failed authentications a source may have
+            before it is throttled.  Default 20.
+        max_sources: Sources remembered at once (bounds memory; about 400
+            bytes each).  Default 65536.
+        max_sessions_per_user: Live tunnels one user (token ``sub``) may
+            hold; more get 429.  Default 16.
+    """
+
+    max_unauthenticated: int = 256
+    max_unauthenticated_per_source: int = 32
+    handshake_rate: float = 20.0
+    handshake_burst: int = 100
+    auth_failure_rate: float = 0.5
+    auth_failure_burst: int = 20
+    max_sources: int = 65536
+    max_sessions_per_user: int = 16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -450,6 +497,7 @@ class Config:
         metrics: ``[metrics]``.
         admin: ``[admin]``.
         identity: ``[identity]``.
+        limits: ``[limits]``.
         targets: ``[[targets]]`` in file order.
         source: The config file it was loaded from, or ``None`` when built by
             :func:`config.config_from_dict`.
@@ -461,6 +509,7 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     admin: AdminSection = field(default_factory=AdminSection)
     identity: IdentitySection = field(default_factory=IdentitySection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
     targets: tuple[TargetConfig, ...] = ()
     source: Path | None = None
 

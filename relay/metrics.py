@@ -34,6 +34,7 @@ __all__ = [
     "SESSION_OUTCOMES",
     "HANDSHAKE_OUTCOMES",
     "AUTH_FAILURE_REASONS",
+    "REFUSAL_REASONS",
     "SESSION_DURATION_BUCKETS",
     "TLS_HANDSHAKE_BUCKETS",
 ]
@@ -58,6 +59,21 @@ HANDSHAKE_OUTCOMES = ("ok", "tls_error", "timeout", "refused", "cert_revoked")
 #: Reasons a tunnel is refused after TLS: the token's own (``TokenRejected``)
 #: plus the relay's access decisions (:mod:`relay.access`).
 AUTH_FAILURE_REASONS = (*TOKEN_REJECT_REASONS, "unknown_target", "not_allowed", "pq_required")
+
+#: Refusal reasons pre-created so ``rate()`` sees the first one: the limits'
+#: (:data:`relay.limits.LIMIT_REASONS`), the PROXY header's, the per-user cap
+#: and relay capacity.  Token and access reasons are added on first use.
+REFUSAL_REASONS = (
+    "unauthenticated_total",
+    "unauthenticated_per_source",
+    "handshake_rate",
+    "auth_rate",
+    "source_table_full",
+    "proxy_untrusted",
+    "proxy_invalid",
+    "user_sessions",
+    "relay_full",
+)
 
 #: Debug sessions last from seconds (a failed attach) to a working day.
 SESSION_DURATION_BUCKETS = (
@@ -115,6 +131,10 @@ class _Families:
         "idle_kills",
         "forgotten_servers",
         "audit_write_errors",
+        "refusals",
+        "unauthenticated",
+        "accept_errors",
+        "accept_paused",
         "build_info",
         "labelled",
     )
@@ -209,6 +229,28 @@ class _Families:
             "Audit records that could not be written.",
             registry=r,
         )
+        self.refusals = Counter(
+            "dbgrelay_refusals_total",
+            "Connections and requests refused, by reason (limits, tokens, access, capacity).",
+            ["reason"],
+            registry=r,
+        )
+        self.unauthenticated = Gauge(
+            "dbgrelay_unauthenticated_connections",
+            "Connections accepted and not yet through the token check.",
+            registry=r,
+        )
+        self.accept_errors = Counter(
+            "dbgrelay_accept_errors_total",
+            "accept() failures for lack of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM), by errno.",
+            ["errno"],
+            registry=r,
+        )
+        self.accept_paused = Gauge(
+            "dbgrelay_accept_paused",
+            "1 while accepting is backing off for lack of resources, else 0.",
+            registry=r,
+        )
         self.build_info = Gauge(
             "dbgrelay_build_info", "Always 1; the version is a label.", ["version"], registry=r
         )
@@ -227,6 +269,8 @@ class _Families:
             (self.managed_servers, 1),
             (self.idle_kills, 1),
             (self.forgotten_servers, 1),
+            (self.refusals, 1),
+            (self.accept_errors, 1),
             (self.build_info, 1),
         ]
 
@@ -297,6 +341,8 @@ class Metrics:
             self._series(target)
         self._handshakes = {o: self._f.handshakes.labels(o) for o in HANDSHAKE_OUTCOMES}
         self._auth = {r: self._f.auth_failures.labels(r) for r in AUTH_FAILURE_REASONS}
+        self._refusals = {r: self._f.refusals.labels(r) for r in REFUSAL_REASONS}
+        self._f.accept_paused.set(0)
         self._f.build_info.labels(version).set(1)
 
     def _series(self, target: str) -> _TargetSeries:
@@ -388,6 +434,25 @@ class Metrics:
         """Count an audit record that could not be written."""
         self._f.audit_write_errors.inc()
 
+    def refusal(self, reason: str) -> None:
+        """Count a refused connection or request (``handshake_rate``, ``expired``, ...)."""
+        child = self._refusals.get(reason)
+        if child is None:
+            child = self._refusals[reason] = self._f.refusals.labels(reason)
+        child.inc()
+
+    def unauthenticated(self, count: int) -> None:
+        """Set how many connections wait for their token check."""
+        self._f.unauthenticated.set(count)
+
+    def accept_error(self, errno_name: str) -> None:
+        """Count an ``accept()`` that failed for lack of resources."""
+        self._f.accept_errors.labels(errno_name).inc()
+
+    def accept_paused(self, paused: bool) -> None:
+        """Mark whether accepting is backing off."""
+        self._f.accept_paused.set(1 if paused else 0)
+
     def render(self) -> tuple[bytes, str]:
         """Return the exposition body and its ``Content-Type``."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -446,6 +511,18 @@ class NilMetrics:
         """Do nothing."""
 
     def audit_write_error(self) -> None:
+        """Do nothing."""
+
+    def refusal(self, reason: str) -> None:
+        """Do nothing."""
+
+    def unauthenticated(self, count: int) -> None:
+        """Do nothing."""
+
+    def accept_error(self, errno_name: str) -> None:
+        """Do nothing."""
+
+    def accept_paused(self, paused: bool) -> None:
         """Do nothing."""
 
     def render(self) -> tuple[bytes, str]:

@@ -560,7 +560,9 @@ def _sanitize_message(message: str) -> str:
     return _CONTROL_RE.sub(" ", str(message))[:_MAX_MESSAGE]
 
 
-def render_refusal(status: int, reason: str, message: str) -> bytes:
+def render_refusal(
+    status: int, reason: str, message: str, *, headers: Mapping[str, str] = _NO_HEADERS
+) -> bytes:
     """Render a complete refusal: status line, headers and a one-line body.
 
     The body is ``"<reason>: <message>\\n"``.  Control characters in
@@ -571,6 +573,8 @@ def render_refusal(status: int, reason: str, message: str) -> bytes:
         status: An HTTP error status with a standard phrase (400 to 599).
         reason: The machine-readable code, such as ``"bad_target"``.
         message: A short explanation for the person at the other end.
+        headers: Extra headers, such as ``Retry-After`` on a 429; framing
+            headers cannot be overridden.
 
     Returns:
         The response bytes, ending with ``Connection: close`` framing.
@@ -592,6 +596,7 @@ def render_refusal(status: int, reason: str, message: str) -> bytes:
             f"refusal reason must match {_REASON_CODE_RE.pattern}, got {_show(str(reason))}",
             reason="bad_argument",
         )
+    extra = _check_headers(headers, _FRAMING_HEADERS | {"content-type"})
     body = f"{reason}: {_sanitize_message(message)}\n".encode()
     conn = _primed_server("CONNECT")
     head = conn.send(
@@ -602,6 +607,7 @@ def render_refusal(status: int, reason: str, message: str) -> bytes:
                 ("Content-Type", "text/plain; charset=utf-8"),
                 ("Content-Length", str(len(body))),
                 ("Connection", "close"),
+                *extra,
             ],
         )
     )

@@ -3,7 +3,7 @@
 ::
 
     main nursery
-    ├─ serve_listeners(...)        one task per connection -> session.handle_connection
+    ├─ accept.serve_listeners(...) one task per connection -> gate -> session.handle_connection
     ├─ housekeeping                audit fsync + checkpoints, byte metrics, revocation
     ├─ probes                      forgotten-server detection for unmanaged targets
     ├─ metrics / admin endpoints
@@ -30,9 +30,11 @@ import trio
 from auth import KeySet, RevocationSet, RevocationStore, load_audit_key, load_jwks, peek_unverified
 from config import Config, TargetConfig, format_address, load_config
 
+from .accept import serve_listeners
 from .audit import AuditWriter, relay_audit_path
 from .backends import ManagedServer, open_backend
 from .errors import LocalProtocolError, RelayError
+from .gate import Gate
 from .identity import IdentityKeys, issuer_ssl_contexts
 from .metrics import Metrics, NilMetrics
 from .session import Session, handle_connection
@@ -433,10 +435,6 @@ class Relay:
         self.store.close()
 
 
-async def _handle(relay: Relay, stream: trio.SocketStream) -> None:
-    await handle_connection(relay, stream)
-
-
 async def serve_relay(
     relay: Relay,
     *,
@@ -483,11 +481,15 @@ async def serve_relay(
                     main.start_soon(relay.run_housekeeping)
                     main.start_soon(run_watch, relay)
                     accept = trio.CancelScope()
+                    gate = Gate(relay)
 
                     async def accept_loop() -> None:
                         with accept:
-                            await trio.serve_listeners(
-                                partial(_handle, relay), listeners, handler_nursery=sessions
+                            await serve_listeners(
+                                partial(gate.serve, handle=handle_connection),
+                                listeners,
+                                handler_nursery=sessions,
+                                metrics=relay.metrics,
                             )
 
                     main.start_soon(accept_loop)

@@ -43,6 +43,8 @@ from .pump import Traffic, run_pump
 from .tls import TLSInfo, is_pq_group
 
 if TYPE_CHECKING:
+    from .gate import Admission
+    from .limits import Refused
     from .server import Relay
 
 __all__ = ["Session", "handle_connection", "new_session_id"]
@@ -155,21 +157,30 @@ async def _close(stream: trio.abc.Stream) -> None:
         await trio.aclose_forcefully(stream)
 
 
-async def handle_connection(relay: Relay, stream: trio.SocketStream) -> None:
+async def handle_connection(
+    relay: Relay, stream: trio.SocketStream, *, admission: Admission | None = None
+) -> None:
     """Serve one accepted connection until its tunnel ends.
 
     Expected failures (a broken peer, a refused token, an unreachable
     backend) become log events with a reason; anything else is logged as
     ``session.crashed`` with a traceback, and the relay keeps running.
 
+    Args:
+        relay: The relay.
+        stream: The accepted connection.
+        admission: What :class:`relay.gate.Gate` admitted it as: the
+            client's address (from a PROXY header, maybe) and its source's
+            failed-authentication budget.  ``None`` applies no limits.
+
     Resource handling:
         Closes ``stream`` (and everything opened for it) before returning.
     """
     sid = new_session_id()
-    peer = _peer(stream)
+    peer = admission.peer if admission is not None else _peer(stream)
     ctx: dict[str, Any] = {"session_id": sid, "peer": peer}
     try:
-        await _serve(relay, stream, sid, peer, ctx)
+        await _serve(relay, stream, sid, peer, ctx, admission)
     except* RelayError as group:
         for exc in group.exceptions:
             log.warning("session.crashed", extra=ctx | {"error": str(exc)}, exc_info=exc)
@@ -180,7 +191,22 @@ async def handle_connection(relay: Relay, stream: trio.SocketStream) -> None:
         await _close(stream)
 
 
-async def _serve(relay: Relay, raw: trio.SocketStream, sid: str, peer: str, ctx: dict) -> None:
+def _quiet(admission: Admission | None, reason: str) -> bool:
+    """Whether a failure is over its source's rate: then it is reported rate-limited only."""
+    if admission is None or admission.failed() is None:
+        return False
+    admission.throttled("auth_rate", failure=reason)
+    return True
+
+
+async def _serve(
+    relay: Relay,
+    raw: trio.SocketStream,
+    sid: str,
+    peer: str,
+    ctx: dict,
+    admission: Admission | None = None,
+) -> None:
     config = relay.config
     metrics = relay.metrics
     tls = relay.tls.wrap(raw)
@@ -195,13 +221,15 @@ async def _serve(relay: Relay, raw: trio.SocketStream, sid: str, peer: str, ctx:
             metrics.handshake("tls_error")
             # The pyOpenSSL engine says why in the error itself; trio's SSLStream in its cause.
             error = str(exc) or str(exc.__cause__ or type(exc).__name__)
-            log.info("handshake.failed", extra=ctx | {"reason": "tls_error", "error": error})
-            relay.audit_event("handshake.failed", client=peer, reason="tls_error", error=error)
+            if not _quiet(admission, "tls_error"):
+                log.info("handshake.failed", extra=ctx | {"reason": "tls_error", "error": error})
+                relay.audit_event("handshake.failed", client=peer, reason="tls_error", error=error)
             return
     if scope.cancelled_caught:
         metrics.handshake("timeout")
-        log.info("handshake.failed", extra=ctx | {"reason": "timeout"})
-        relay.audit_event("handshake.failed", client=peer, reason="timeout")
+        if not _quiet(admission, "timeout"):
+            log.info("handshake.failed", extra=ctx | {"reason": "timeout"})
+            relay.audit_event("handshake.failed", client=peer, reason="timeout")
         return
     info = tls.tls_info()
     if info.peer_serial is not None and relay.is_serial_revoked(info.peer_serial):
@@ -235,19 +263,32 @@ async def _serve(relay: Relay, raw: trio.SocketStream, sid: str, peer: str, ctx:
             if info.peer_subject is not None
             else None,
         )
+        if admission is not None:
+            admission.passed()
         claims, target = grant.claims, grant.target
         fields = {"client": peer, "target": target.name, "sub": claims.sub, "jti": claims.jti}
         fields |= _grant_fields(grant)
         ctx |= {"subject": claims.sub, "jti": claims.jti, "target": target.name}
-        _check_admission(relay, request, grant, info)
+        _check_admission(relay, request, grant, info, admission)
         if request.method == "OPTIONS":
             relay.audit_event("token.accepted", preflight=True, **fields)
             log.info("preflight.answered", extra=ctx)
             await _send_and_close(tls, render_preflight(headers=_preflight_headers(target, claims)))
             return
         session = Session(id=sid, peer=peer, grant=grant, tls=info, started=relay.wall_clock())
+        if admission is not None:
+            # Counted against the user's cap while its audit file is written.
+            admission.opening(session)
         await _open_audit(relay, session, ctx)
     except RemoteProtocolError as exc:
+        if (
+            admission is not None
+            and not admission.authenticated
+            and 400 <= exc.status < 500
+            and (refused := admission.failed()) is not None
+        ):
+            await _throttle(tls, admission, refused, failure=exc.reason)
+            return
         await _refuse(relay, tls, exc, ctx, **fields)
         return
     except _BROKEN as exc:
@@ -255,6 +296,8 @@ async def _serve(relay: Relay, raw: trio.SocketStream, sid: str, peer: str, ctx:
         return
 
     relay.add_session(session)
+    if admission is not None:
+        admission.opened()
     metrics.session_opened(target.name)
     relay.audit_event("token.accepted", session_id=sid, **fields)
     log.info("session.opened", extra=ctx)
@@ -278,7 +321,13 @@ async def _receive_request(tls: trio.abc.Stream, deadline: float) -> TunnelReque
     )
 
 
-def _check_admission(relay: Relay, request: TunnelRequested, grant: Grant, info: TLSInfo) -> None:
+def _check_admission(
+    relay: Relay,
+    request: TunnelRequested,
+    grant: Grant,
+    info: TLSInfo,
+    admission: Admission | None = None,
+) -> None:
     """Policy after the token: key exchange, draining, capacity.
 
     Raises:
@@ -299,6 +348,18 @@ def _check_admission(relay: Relay, request: TunnelRequested, grant: Grant, info:
     if len(relay.sessions) >= limit:
         raise RemoteProtocolError(
             f"the relay is full ({limit} tunnels)", reason="relay_full", status=503
+        )
+    # 429, not 503: this user is over their own quota; the relay is fine
+    # (a 503 would page whoever watches the relay's health).
+    per_user = relay.config.limits.max_sessions_per_user
+    user = grant.claims.sub
+    opening = admission.others_opening(grant) if admission is not None else ()
+    live = [
+        s for s in (*relay.sessions.values(), *opening) if s.user == user and s.grant is not grant
+    ]
+    if len(live) >= per_user:
+        raise RemoteProtocolError(
+            f"user {user!r} already has {per_user} tunnels open", reason="user_sessions", status=429
         )
 
 
@@ -380,6 +441,7 @@ async def _refuse(
     **fields: Any,
 ) -> None:
     """Answer with a status and one-line reason, log and count it, close."""
+    relay.metrics.refusal(exc.reason)
     if exc.status in (401, 403, 404):
         relay.metrics.auth_failure(exc.reason)
         event = "token.rejected"
@@ -416,6 +478,7 @@ _PEER_MESSAGES = {
     "unknown_target": "no such target",
     "pq_required": "this target requires post-quantum key exchange (X25519MLKEM768)",
     "relay_full": "too many tunnels; try again later",
+    "user_sessions": "you have too many tunnels open; close one and try again",
     "shutting_down": "the relay is shutting down; try again later",
     "audit_unavailable": "the relay cannot record sessions right now",
     "backend_unreachable": "the debug server is not reachable",
@@ -423,6 +486,18 @@ _PEER_MESSAGES = {
     "backend_unsupported": "this relay cannot reach that kind of debug server",
     "launch_failed": "the debug server could not be started",
 }
+
+
+async def _throttle(
+    tls: trio.abc.Stream, admission: Admission, refused: Refused, **fields: Any
+) -> None:
+    """Answer 429 with Retry-After; counted, and reported at most every few seconds."""
+    admission.throttled(refused.reason, **fields)
+    retry = str(refused.retry_after or 1)
+    message = f"too many failed attempts from your address; retry in {retry} s"
+    await _send_and_close(
+        tls, render_refusal(429, refused.reason, message, headers={"Retry-After": retry})
+    )
 
 
 async def _run_tunnel(

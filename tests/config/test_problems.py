@@ -31,7 +31,8 @@ def test_unknown_key_names_the_known_keys(config_dir: Path) -> None:
     assert line == (
         f"{F}: relay.idle_timeout: unknown key (it belongs in [[targets]]); known keys: "
         "listen, state_dir, audit_dir, handshake_timeout, close_timeout, shutdown_grace, "
-        "max_sessions, revocation_interval, checkpoint_interval, audit_fsync_interval"
+        "max_sessions, revocation_interval, checkpoint_interval, audit_fsync_interval, "
+        "proxy_protocol, proxy_trusted"
     )
 
 
@@ -49,7 +50,7 @@ def test_unknown_key_in_a_target(config_dir: Path) -> None:
 
 def test_unknown_tables_and_top_level_keys(config_dir: Path) -> None:
     lines = problems_of(config_dir, 'listen = "x"\n' + MINIMAL + "[logging]\nlevel = 1\n")
-    known = "known tables: relay, tls, auth, identity, metrics, admin, targets"
+    known = "known tables: relay, tls, auth, identity, metrics, admin, limits, targets"
     assert lines == [f"{F}: listen: unknown key; {known}", f"{F}: logging: unknown table; {known}"]
 
 

@@ -27,7 +27,7 @@ def test_promtool_check_config():
 def test_promtool_check_rules():
     result = promtool("check", "rules", "dbgrelay.rules.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 rules found" in result.stdout
+    assert "6 rules found" in result.stdout
 
 
 def test_alerts_fire_when_they_should():
@@ -60,6 +60,7 @@ def test_rule_expressions_use_only_metrics_the_relay_exports():
         "dbgrelay_auth_failures_total",
         "dbgrelay_backend_up",
         "dbgrelay_audit_write_errors_total",
+        "dbgrelay_accept_paused",
     }
     assert used - known == set()
 
@@ -72,6 +73,7 @@ def test_every_alert_explains_itself():
         "DbgrelayAuthFailureSpike",
         "DbgrelayBackendDown",
         "DbgrelayAuditWriteErrors",
+        "DbgrelayAcceptPaused",
     }
     for name, block in alerts.items():
         assert re.search(r"^\s*summary: \S", block, flags=re.MULTILINE), name

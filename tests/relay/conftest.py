@@ -42,9 +42,15 @@ def engine() -> str:
 
 @pytest.fixture
 def make_config(tmp_path: Path, pki: Path, keydir: Path, engine: str) -> Callable[..., Config]:
-    """Build a validated config; keyword arguments override [relay] keys."""
+    """Build a validated config; keyword arguments override [relay] keys, ``limits`` is [limits]."""
 
-    def make(targets: list[dict[str, Any]], *, tls: dict | None = None, **relay: Any) -> Config:
+    def make(
+        targets: list[dict[str, Any]],
+        *,
+        tls: dict | None = None,
+        limits: dict | None = None,
+        **relay: Any,
+    ) -> Config:
         tls_section = {
             "cert": str(pki / "server.pem"),
             "key": str(pki / "server.key"),
@@ -57,6 +63,8 @@ def make_config(tmp_path: Path, pki: Path, keydir: Path, engine: str) -> Callabl
             "metrics": {"listen": ""},
             "targets": targets,
         }
+        if limits is not None:
+            data["limits"] = limits
         return config_from_dict(data, base_dir=tmp_path)
 
     return make

@@ -168,6 +168,10 @@ def exercise(m) -> None:
     m.idle_kill("t")
     m.forgotten_server("t", True)
     m.audit_write_error()
+    m.refusal("handshake_rate")
+    m.unauthenticated(3)
+    m.accept_error("EMFILE")
+    m.accept_paused(True)
 
 
 def test_metric_names_is_exactly_what_render_emits():
