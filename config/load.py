@@ -62,6 +62,9 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "revocation_interval",
         "checkpoint_interval",
         "audit_fsync_interval",
+        "final_write_timeout",
+        "session_end_timeout",
+        "server_stop_timeout",
     ),
     "tls": (
         "cert",
@@ -606,6 +609,12 @@ class _Validator:
             table, w, "checkpoint_interval", 300.0, zero="forbidden"
         )
         out["audit_fsync_interval"] = self.duration(table, w, "audit_fsync_interval", 2.0)
+        for key, default in (
+            ("final_write_timeout", 2.0),
+            ("session_end_timeout", 10.0),
+            ("server_stop_timeout", 30.0),
+        ):
+            out[key] = self.duration(table, w, key, default, zero="forbidden")
         return out
 
     def tls(self, data: Mapping[str, Any]) -> dict[str, Any]:

@@ -166,6 +166,14 @@ class RelaySection:
             long session.  Default 300.
         audit_fsync_interval: Audit records are fsync'd at least this often,
             in seconds; 0 means after every record.  Default 2.
+        final_write_timeout: Seconds for each last step with a peer: sending
+            a refusal or error line, closing a connection (TLS
+            close_notify), closing a listener at shutdown.  Default 2.
+        session_end_timeout: Seconds tunnels ended at shutdown (after
+            ``shutdown_grace``) get to write their end records and close
+            before they are cancelled.  Default 10.
+        server_stop_timeout: Seconds launched debug servers get to exit at
+            shutdown before the relay stops waiting for them.  Default 30.
     """
 
     listen: tuple[Address, ...] = (("127.0.0.1", 7443),)
@@ -178,6 +186,9 @@ class RelaySection:
     revocation_interval: float = 2.0
     checkpoint_interval: float = 300.0
     audit_fsync_interval: float = 2.0
+    final_write_timeout: float = 2.0
+    session_end_timeout: float = 10.0
+    server_stop_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -7,7 +7,9 @@ Order matters, so that target names never leak to strangers:
 2. a valid token whose ``targets`` do not match the requested name, or a user
    missing from the target's ``allow`` list -> 403 ``not_granted`` /
    ``not_allowed``;
-3. a granted name that is not configured    -> 404 ``unknown_target``.
+3. a granted name that is not configured    -> 404 ``unknown_target``;
+4. a token already past ``exp`` (accepted only thanks to the leeway) for a
+   target that ends tunnels at token expiry -> 401 ``expired``.
 
 A token that grants ``build*`` may learn that ``build99`` does not exist; a
 token for ``build42`` cannot tell ``build99`` from ``secret-box``.
@@ -93,5 +95,15 @@ def authorize(
             f"user {claims.sub!r} is not in the allow list of target {target_name!r}",
             reason="not_allowed",
             status=403,
+        )
+    if target.end_on_token_expiry and claims.exp <= now:
+        # Inside the leeway the token still verifies, but this target ends
+        # tunnels when the token expires: the tunnel would end before it
+        # opened, so say so now instead of closing without an answer.
+        raise RemoteProtocolError(
+            f"the token expired at {claims.exp} and target {target_name!r} ends tunnels "
+            "when their token expires",
+            reason="expired",
+            status=401,
         )
     return Grant(claims=claims, target=target)
