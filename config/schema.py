@@ -171,7 +171,9 @@ class RelaySection:
             close_notify), closing a listener at shutdown.  Default 2.
         session_end_timeout: Seconds tunnels ended at shutdown (after
             ``shutdown_grace``) get to write their end records and close
-            before they are cancelled.  Default 10.
+            before they are cancelled; also the limit of each end record's
+            fsync and of the relay audit file's last fsync, so a hung disk
+            cannot hang a teardown.  Default 10.
         server_stop_timeout: Seconds launched debug servers get to exit at
             shutdown before the relay stops waiting for them.  Default 30.
     """

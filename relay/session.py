@@ -458,6 +458,23 @@ async def _answer(relay: Relay, tls: trio.abc.Stream, status: int, reason: str) 
             pass
 
 
+async def _sync_end_record(relay: Relay, audit: AuditWriter) -> None:
+    """fsync the end record within ``relay.session_end_timeout``: a hung disk
+    must not hold the session's teardown, or the relay's shutdown, forever.
+
+    Raises:
+        RelayError: the fsync did not finish in time (the record may not be durable).
+    """
+    limit = relay.config.relay.session_end_timeout
+    with trio.move_on_after(limit) as scope:
+        await relay.sync_audit(audit)
+    if scope.cancelled_caught:
+        raise RelayError(
+            f"{audit.path}: fsync did not finish within {limit:g}s (relay.session_end_timeout)",
+            reason="audit_failed",
+        )
+
+
 def _backend_gone(backend: trio.abc.Stream) -> str | None:
     """``backend_reset``/``backend_closed`` if the backend already dropped the connection.
 
@@ -632,7 +649,7 @@ async def _run_tunnel(
                 fields |= {"bytes_hash": bytes_hash, "bytes_records": bytes_records}
             try:
                 audit.close_session(**fields)
-                await relay.sync_audit(audit)
+                await _sync_end_record(relay, audit)
             except (OSError, RelayError) as exc:
                 relay.metrics.audit_write_error()
                 log.error("audit.unwritable", extra=ctx | {"error": str(exc)})

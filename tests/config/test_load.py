@@ -38,6 +38,9 @@ max_sessions = 64
 revocation_interval = "500ms"
 checkpoint_interval = "10m"
 audit_fsync_interval = 0
+final_write_timeout = "500ms"
+session_end_timeout = "20s"
+server_stop_timeout = "1m"
 
 [tls]
 cert = "server.pem"
@@ -114,6 +117,9 @@ def test_full_config_round_trips_into_the_model(config_dir: Path) -> None:
         revocation_interval=0.5,
         checkpoint_interval=600.0,
         audit_fsync_interval=0.0,
+        final_write_timeout=0.5,
+        session_end_timeout=20.0,
+        server_stop_timeout=60.0,
     )
     assert config.tls == TLSSection(
         cert=config_dir / "server.pem",
@@ -191,6 +197,9 @@ def test_minimal_config_gets_every_default(config_dir: Path) -> None:
         revocation_interval=2.0,
         checkpoint_interval=300.0,
         audit_fsync_interval=2.0,
+        final_write_timeout=2.0,
+        session_end_timeout=10.0,
+        server_stop_timeout=30.0,
     )
     assert config.tls == TLSSection(cert=config_dir / "server.pem", key=config_dir / "server.key")
     assert config.tls.min_version == "1.2"

@@ -211,7 +211,14 @@ def test_malformed_durations(config_dir: Path, line: str, shown: str) -> None:
 
 @pytest.mark.parametrize(
     "key",
-    ["handshake_timeout", "revocation_interval", "checkpoint_interval"],
+    [
+        "handshake_timeout",
+        "revocation_interval",
+        "checkpoint_interval",
+        "final_write_timeout",
+        "session_end_timeout",
+        "server_stop_timeout",
+    ],
 )
 def test_zero_where_a_positive_duration_is_needed(config_dir: Path, key: str) -> None:
     assert problems_of(config_dir, MINIMAL + f'[relay]\n{key} = "0s"\n') == [

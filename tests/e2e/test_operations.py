@@ -485,13 +485,15 @@ def event_time(record: dict) -> datetime:
     return datetime.fromisoformat(record["time"])
 
 
-def test_sigterm_drains_live_tunnels_for_the_grace_then_exits_0(
+def test_sigterm_stops_accepting_at_once_and_lets_live_tunnels_finish_then_exits_0(
     procs: ProcGroup, home: Path, echo_server: EchoServer
 ) -> None:
+    # A grace far longer than the test: the tunnel works during the drain
+    # whatever the machine's load, and the relay exits when it ends.
     write_config(
         home,
         [target("build42", echo_server.port)],
-        **{'shutdown_grace = "1s"': 'shutdown_grace = "2s"'},
+        **{'shutdown_grace = "1s"': 'shutdown_grace = "1h"'},
     )
     relay, address = start_relay(procs, home)
     token = issue(home)
@@ -502,7 +504,10 @@ def test_sigterm_drains_live_tunnels_for_the_grace_then_exits_0(
     relay.send_signal(signal.SIGTERM)
     draining = relay.wait_event("relay.draining")
 
-    assert draining["sessions"] == 1 and draining["shutdown_grace"] == 2
+    # relay.draining is logged once the listening sockets are closed, so a
+    # connection from here on is refused (it was accepted, about half the
+    # time under load, while the log line came before the close).
+    assert draining["sessions"] == 1 and draining["shutdown_grace"] == 3600
     host, port = address.rsplit(":", 1)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((host, int(port)), timeout=5)
@@ -510,19 +515,39 @@ def test_sigterm_drains_live_tunnels_for_the_grace_then_exits_0(
     assert (answer.status, answer.reason) == (503, "shutting_down")
     early.close()
     echo(tls, b"the live tunnel works during the grace")
+    tls.close()
 
-    wait_eof(tls)
-    code = relay.wait(timeout=20)
+    code = relay.wait(timeout=EOF_TIMEOUT)
+
+    assert code == 0, relay.output()
+    closed = relay.wait_event("session.closed", session_id=sid)
+    assert closed["reason"] == "client_closed"
+    (stopped,) = [r for r in relay_audit(home) if r.get("event") == "relay.stopped"]
+    assert stopped["sessions_left"] == 0
+    assert not (home / "admin.sock").exists()
+
+
+def test_sigterm_ends_tunnels_still_open_after_the_grace_then_exits_0(
+    procs: ProcGroup, home: Path, echo_server: EchoServer
+) -> None:
+    write_config(home, [target("build42", echo_server.port)])  # shutdown_grace = "1s"
+    relay, address = start_relay(procs, home)
+    tls, sid = open_tunnel(home, address, "build42", issue(home))
+
+    relay.send_signal(signal.SIGTERM)
+    draining = relay.wait_event("relay.draining")
+    wait_eof(tls)  # the relay ends the tunnel when the grace is over
+    code = relay.wait(timeout=EOF_TIMEOUT)
 
     assert code == 0, relay.output()
     closed = relay.wait_event("session.closed", session_id=sid)
     assert closed["reason"] == "shutdown"
-    assert (event_time(closed) - event_time(draining)).total_seconds() >= 1.9
+    # The grace starts after relay.draining is logged, so this holds on any machine.
+    assert (event_time(closed) - event_time(draining)).total_seconds() >= 1
     end = session_end(home, sid)
     assert end["event"] == "session.closed" and end["reason"] == "shutdown" and "sig" in end
     (stopped,) = [r for r in relay_audit(home) if r.get("event") == "relay.stopped"]
     assert stopped["sessions_left"] == 0
-    assert not (home / "admin.sock").exists()
 
 
 def test_text_log_format_is_one_readable_line_per_event(procs: ProcGroup, home: Path) -> None:
