@@ -77,7 +77,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "ocsp_response",
     ),
     "auth": ("issuer", "audience", "jwks", "leeway", "audit_key"),
-    "metrics": ("listen",),
+    "metrics": ("listen", "bearer_token_file", "tls_cert", "tls_key", "client_ca"),
     "admin": ("listen",),
     "targets": (
         "name",
@@ -690,11 +690,27 @@ class _Validator:
         if table is None:
             return {}
         value = table.get("listen", _MISSING)
+        out: dict[str, Any] = {}
         if value is _MISSING:
-            return {"listen": ("127.0.0.1", 9464)}
-        if value == "":
-            return {"listen": None}
-        return {"listen": self.address(value, "metrics.listen")}
+            out["listen"] = ("127.0.0.1", 9464)
+        elif value == "":
+            out["listen"] = None
+        else:
+            out["listen"] = self.address(value, "metrics.listen")
+        w = "metrics"
+        out["bearer_token_file"] = self.path(table, w, "bearer_token_file", None, readable=True)
+        tls_keys = ("tls_cert", "tls_key", "client_ca")
+        for key in tls_keys:
+            out[key] = self.path(table, w, key, None, readable=True)
+        given = [key for key in tls_keys if key in table]
+        if given and len(given) != len(tls_keys):
+            missing = ", ".join(f"metrics.{key}" for key in tls_keys if key not in table)
+            self.problem(
+                f"metrics.{given[0]}",
+                f"HTTPS for /metrics needs tls_cert, tls_key and client_ca together "
+                f"(scrapers must present a client certificate); add {missing}",
+            )
+        return out
 
     def admin(self, data: Mapping[str, Any], state_dir: Any) -> dict[str, Any]:
         table = self.table(data, "admin")

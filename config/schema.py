@@ -248,17 +248,41 @@ class AuthSection:
 class MetricsSection:
     """``[metrics]``: the Prometheus endpoint.
 
+    ``/metrics`` names every target, so it is on loopback by default; to
+    serve it further, require credentials with either or both of the ways
+    Prometheus authenticates a scrape.
+
     Attributes:
         listen: Address to serve ``/metrics`` on, or ``None`` when the file
             says ``listen = ""``.  Default ``("127.0.0.1", 9464)``.
+        bearer_token_file: File holding the token a scrape must send as
+            ``Authorization: Bearer <token>`` (Prometheus'
+            ``authorization.credentials_file``); surrounding whitespace is
+            ignored.  ``/healthz`` stays open.  Default ``None``: no token.
+        tls_cert: PEM certificate chain; with ``tls_key`` and ``client_ca``
+            the endpoint serves HTTPS and requires a client certificate
+            signed by ``client_ca`` (Prometheus' ``tls_config``).  Default
+            ``None``: plain HTTP.
+        tls_key: PEM private key of ``tls_cert``.  Default ``None``.
+        client_ca: PEM bundle that scrapers' client certificates are
+            verified against.  Default ``None``.
     """
 
     listen: Address | None = ("127.0.0.1", 9464)
+    bearer_token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
 
     @property
     def enabled(self) -> bool:
         """Whether the metrics endpoint runs at all."""
         return self.listen is not None
+
+    @property
+    def tls(self) -> bool:
+        """Whether the endpoint serves HTTPS with client certificates."""
+        return self.tls_cert is not None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

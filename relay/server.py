@@ -64,7 +64,7 @@ class ReloadResult:
         ok: The new config, certificates and keys are in use.
         problems: Why the new config was refused (empty when ``ok``).
         restart_needed: Changed keys that only a restart applies
-            (``relay.listen``, ``relay.state_dir``, ``metrics.listen``,
+            (``relay.listen``, ``relay.state_dir``, the ``[metrics]`` keys,
             ``admin.listen``); the running relay keeps their old values.
         targets: The target names in use after the reload.
     """
@@ -83,6 +83,10 @@ _RESTART_KEYS: tuple[tuple[str, Callable[[Config], Any]], ...] = (
     ("relay.listen", lambda c: c.relay.listen),
     ("relay.state_dir", lambda c: c.relay.state_dir),
     ("metrics.listen", lambda c: c.metrics.listen),
+    ("metrics.bearer_token_file", lambda c: c.metrics.bearer_token_file),
+    ("metrics.tls_cert", lambda c: c.metrics.tls_cert),
+    ("metrics.tls_key", lambda c: c.metrics.tls_key),
+    ("metrics.client_ca", lambda c: c.metrics.client_ca),
     ("admin.listen", lambda c: c.admin.listen),
 )
 

@@ -61,6 +61,10 @@ audit_key = "audit.key"
 
 [metrics]
 listen = "127.0.0.1:9100"
+bearer_token_file = "audit.key"
+tls_cert = "server.pem"
+tls_key = "server.key"
+client_ca = "clients-ca.pem"
 
 [admin]
 listen = "127.0.0.1:9465"
@@ -138,7 +142,14 @@ def test_full_config_round_trips_into_the_model(config_dir: Path) -> None:
         leeway=45.0,
         audit_key=config_dir / "audit.key",
     )
-    assert config.metrics == MetricsSection(listen=("127.0.0.1", 9100))
+    assert config.metrics == MetricsSection(
+        listen=("127.0.0.1", 9100),
+        bearer_token_file=config_dir / "audit.key",
+        tls_cert=config_dir / "server.pem",
+        tls_key=config_dir / "server.key",
+        client_ca=config_dir / "clients-ca.pem",
+    )
+    assert config.metrics.tls
     assert config.admin == AdminSection(listen=("127.0.0.1", 9465))
     assert config.admin.unix_path is None
 
@@ -212,8 +223,9 @@ def test_minimal_config_gets_every_default(config_dir: Path) -> None:
     assert (config.auth.issuer, config.auth.audience) == ("dbgrelay", "dbgrelay")
     assert config.auth.leeway == 30.0
     assert config.auth.audit_key is None
-    assert config.metrics.listen == ("127.0.0.1", 9464)
-    assert config.metrics.enabled
+    assert config.metrics == MetricsSection(listen=("127.0.0.1", 9464))
+    assert config.metrics.enabled and not config.metrics.tls
+    assert config.metrics.bearer_token_file is None
     assert config.admin.listen == state / "admin.sock"
     assert config.admin.unix_path == state / "admin.sock"
     assert config.targets == ()

@@ -616,3 +616,28 @@ def test_config_file_that_is_not_utf8(config_dir: Path) -> None:
     assert info.value.problems == [
         f"{F}: the config file is not valid UTF-8 (bad byte at offset 14)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("given", "missing"),
+    [
+        ('tls_cert = "server.pem"', "metrics.tls_key, metrics.client_ca"),
+        ('tls_cert = "server.pem"\ntls_key = "server.key"', "metrics.client_ca"),
+        ('client_ca = "clients-ca.pem"', "metrics.tls_cert, metrics.tls_key"),
+    ],
+)
+def test_metrics_https_needs_certificate_key_and_client_ca_together(
+    config_dir: Path, given: str, missing: str
+) -> None:
+    (line,) = problems_of(config_dir, MINIMAL + f"[metrics]\n{given}\n")
+    first = given.split(" ", 1)[0]
+    assert line == (
+        f"{F}: metrics.{first}: HTTPS for /metrics needs tls_cert, tls_key and client_ca "
+        f"together (scrapers must present a client certificate); add {missing}"
+    )
+
+
+def test_metrics_bearer_token_file_must_exist(config_dir: Path) -> None:
+    (line,) = problems_of(config_dir, MINIMAL + '[metrics]\nbearer_token_file = "absent"\n')
+    assert line.startswith(f"{F}: metrics.bearer_token_file: ")
+    assert "absent" in line

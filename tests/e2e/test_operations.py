@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
@@ -232,6 +233,55 @@ def test_metrics_endpoint_counts_sessions_bytes_failures_and_handshakes(
     assert metric(samples, "dbgrelay_tls_handshake_seconds_count") == 4
     assert metric(samples, "dbgrelay_session_duration_seconds_count", target="build42") == 1
     assert metric(samples, "dbgrelay_build_info", version=version("dbgrelay")) == 1
+
+
+def test_metrics_with_credentials_need_a_client_certificate_and_the_bearer_token(
+    procs: ProcGroup, home: Path
+) -> None:
+    import trustme
+
+    server_ca, scrapers_ca = trustme.CA(), trustme.CA()
+    server_ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        home / "metrics.pem"
+    )
+    scrapers_ca.cert_pem.write_to_path(home / "scrapers-ca.pem")
+    (home / "metrics.token").write_text("0c8f1e2d3b4a59687766554433221100\n")
+    port = free_port()
+    write_config(
+        home,
+        [target("build42", free_port())],
+        **{
+            '[metrics]\nlisten = ""': f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
+            'bearer_token_file = "metrics.token"\n'
+            'tls_cert = "metrics.pem"\ntls_key = "metrics.pem"\nclient_ca = "scrapers-ca.pem"'
+        },
+    )
+    relay, _ = start_relay(procs, home)
+    listening = relay.wait_event("metrics.listening")
+    assert listening["auth"] == ["client_cert", "bearer_token"]
+
+    def get(context: ssl.SSLContext, token: str | None) -> int:
+        request = urllib.request.Request(f"https://127.0.0.1:{port}/metrics")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=context) as answer:
+                assert b"dbgrelay_build_info" in answer.read()
+                return answer.status
+        except urllib.error.HTTPError as exc:
+            assert b"build42" not in exc.read()
+            return exc.code
+
+    prometheus = ssl.create_default_context()
+    server_ca.configure_trust(prometheus)
+    scrapers_ca.issue_cert("prometheus").configure_cert(prometheus)
+    assert get(prometheus, "0c8f1e2d3b4a59687766554433221100") == 200
+    assert get(prometheus, "wrong") == 401
+    assert get(prometheus, None) == 401
+    stranger = ssl.create_default_context()
+    server_ca.configure_trust(stranger)
+    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+        get(stranger, "0c8f1e2d3b4a59687766554433221100")
 
 
 # ---------------------------------------------------------------------------
