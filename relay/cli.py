@@ -423,7 +423,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         print(json.dumps(sessions, indent=2))
         return EXIT_OK
     rows = [
-        s | {"age": _age(s.get("duration", 0)), "state": s.get("ending") or "open"}
+        s | {"age": _age(s.get("duration", 0)), "state": s.get("ending") or s.get("state", "open")}
         for s in sessions
     ]
     _table(

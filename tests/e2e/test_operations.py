@@ -304,11 +304,13 @@ def test_sessions_json_lists_a_live_tunnel_with_user_target_and_bytes(
     assert listed["id"] == sid and listed["user"] == "alice" and listed["target"] == "build42"
     assert listed["jti"] == peek_unverified(token)["jti"]
     assert listed["bytes_to_backend"] == 4321 and listed["bytes_to_client"] == 4321
+    assert listed["state"] == "open" and listed["ending"] is None
     table = run_cli("sessions", "--config", "dbgrelay.toml", cwd=home)
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()
     assert header.split()[:4] == ["ID", "USER", "TARGET", "CLIENT"]
     assert row.split()[:3] == [sid, "alice", "build42"] and "4321" in row.split()
+    assert header.split()[-1] == "STATE" and row.split()[-1] == "open"
     # The relay's own log line for the tunnel is structured JSON with who and where.
     opened = relay.wait_event("session.opened", session_id=sid)
     assert opened["level"] == "info" and opened["target"] == "build42"
