@@ -251,6 +251,12 @@ async def _serve(relay: Relay, raw: trio.SocketStream, sid: str, peer: str, ctx:
         claims, target = grant.claims, grant.target
         fields = {"client": peer, "target": target.name, "sub": claims.sub, "jti": claims.jti}
         ctx |= {"subject": claims.sub, "jti": claims.jti, "target": target.name}
+        if info.peer_serial is not None and relay.is_serial_revoked(info.peer_serial):
+            # Revoked while the request was read: the check after the
+            # handshake is stale, so check again with the token.
+            raise RemoteProtocolError(
+                "the client certificate has been revoked", reason="cert_revoked", status=403
+            )
         _check_admission(relay, request, grant, info)
         if request.method == "OPTIONS":
             relay.audit_event("token.accepted", preflight=True, **fields)
@@ -421,6 +427,7 @@ _PEER_MESSAGES = {
     "bad_algorithm": "the token must be signed with EdDSA",
     "missing_claim": "the token lacks a required claim",
     "revoked": "the token has been revoked",
+    "cert_revoked": "this client certificate has been revoked",
     "not_granted": "the token does not grant this target",
     "not_allowed": "this user may not use this target",
     "unknown_target": "no such target",
