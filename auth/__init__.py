@@ -53,6 +53,7 @@ _EXPORTS = {
     "ALGORITHM": "tokens",
     "Claims": "tokens",
     "issue_token": "tokens",
+    "MAX_TIME_CLAIM": "tokens",
     "MAX_TOKEN_LENGTH": "tokens",
     "peek_unverified": "tokens",
     "verify_token": "tokens",

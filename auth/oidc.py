@@ -25,7 +25,7 @@ import jwt
 from jwt import PyJWK, PyJWKSet
 
 from .errors import TokenRejected
-from .tokens import MAX_TOKEN_LENGTH, Claims, _is_number
+from .tokens import MAX_TIME_CLAIM, MAX_TOKEN_LENGTH, Claims, _is_time
 
 __all__ = [
     "OIDC_ALGORITHMS",
@@ -368,8 +368,12 @@ def verify_oidc_token(
             "bad_azp",
         )
     for name in ("exp", "iat", "nbf"):
-        if name in payload and not _is_number(payload[name]):
-            raise _reject(f"token claim {name!r} must be a number of seconds", "malformed")
+        if name in payload and not _is_time(payload[name]):
+            raise _reject(
+                f"token claim {name!r} must be a number of seconds since 1970 "
+                f"no later than {MAX_TIME_CLAIM} (year 9999)",
+                "malformed",
+            )
     if payload["exp"] <= now - leeway:
         raise _reject(
             f"token expired at {payload['exp']} (now {now:.0f}, leeway {leeway:g}s)", "expired"

@@ -38,6 +38,7 @@ __all__ = [
     "ALGORITHM",
     "ADMIN_SCOPE",
     "MAX_TOKEN_LENGTH",
+    "MAX_TIME_CLAIM",
 ]
 
 #: The only signature algorithm issued or accepted (RFC 8037 EdDSA with Ed25519).
@@ -48,6 +49,12 @@ ADMIN_SCOPE = "admin"
 MAX_TOKEN_LENGTH = 8192
 #: Longest ``sub``/``jti`` returned by :func:`peek_unverified`.
 _PEEK_MAX = 256
+#: Time claims must lie in 1970-01-01T00:00:00Z .. 9999-12-31T23:59:59Z.  JSON
+#: numbers have no bound, and a signed ``exp`` of ``10**400`` once reached the
+#: session's deadline arithmetic and raised OverflowError there (issue 11).
+#: Inside this range every claim converts to a float, a datetime and an SQLite
+#: INTEGER.
+MAX_TIME_CLAIM = 253402300799
 
 _REQUIRED = ("iss", "aud", "sub", "iat", "nbf", "exp", "jti", "targets")
 
@@ -215,12 +222,12 @@ def _reject(message: str, reason: str) -> TokenRejected:
     return TokenRejected(message, reason=reason)
 
 
-def _is_number(value: object) -> bool:
-    if isinstance(value, bool):
+def _is_time(value: object) -> bool:
+    """A number of seconds between 1970 and the end of year 9999 (NaN and Infinity are not)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return False
-    if isinstance(value, int):
-        return True  # may be huge; ints compare exactly with floats, no overflow
-    return isinstance(value, float) and math.isfinite(value)  # json accepts NaN/Infinity
+    # json accepts NaN/Infinity and integers of any size; NaN fails both comparisons.
+    return 0 <= value <= MAX_TIME_CLAIM
 
 
 def verify_token(
@@ -308,8 +315,12 @@ def verify_token(
         if not isinstance(payload[name], str) or not payload[name]:
             raise _reject(f"token claim {name!r} must be a non-empty string", "malformed")
     for name in ("iat", "nbf", "exp"):
-        if not _is_number(payload[name]):
-            raise _reject(f"token claim {name!r} must be a number of seconds", "malformed")
+        if not _is_time(payload[name]):
+            raise _reject(
+                f"token claim {name!r} must be a number of seconds since 1970 "
+                f"no later than {MAX_TIME_CLAIM} (year 9999)",
+                "malformed",
+            )
     aud = payload["aud"]
     if isinstance(aud, list):
         if not aud or not all(isinstance(a, str) for a in aud):

@@ -66,6 +66,9 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "revocation_interval",
         "checkpoint_interval",
         "audit_fsync_interval",
+        "final_write_timeout",
+        "session_end_timeout",
+        "server_stop_timeout",
         "proxy_protocol",
         "proxy_trusted",
     ),
@@ -81,7 +84,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     ),
     "auth": ("issuer", "audience", "jwks", "leeway", "audit_key"),
     "identity": ("oidc", "group_targets", "admin_groups"),
-    "metrics": ("listen",),
+    "metrics": ("listen", "bearer_token_file", "tls_cert", "tls_key", "client_ca"),
     "admin": ("listen",),
     "limits": (
         "max_unauthenticated",
@@ -639,6 +642,12 @@ class _Validator:
             table, w, "checkpoint_interval", 300.0, zero="forbidden"
         )
         out["audit_fsync_interval"] = self.duration(table, w, "audit_fsync_interval", 2.0)
+        for key, default in (
+            ("final_write_timeout", 2.0),
+            ("session_end_timeout", 10.0),
+            ("server_stop_timeout", 30.0),
+        ):
+            out[key] = self.duration(table, w, key, default, zero="forbidden")
         out["proxy_protocol"] = self.boolean(table, w, "proxy_protocol", False)
         out["proxy_trusted"] = self.networks(table, w, "proxy_trusted")
         if out["proxy_protocol"] is True and out["proxy_trusted"] == ():
@@ -910,11 +919,27 @@ class _Validator:
         if table is None:
             return {}
         value = table.get("listen", _MISSING)
+        out: dict[str, Any] = {}
         if value is _MISSING:
-            return {"listen": ("127.0.0.1", 9464)}
-        if value == "":
-            return {"listen": None}
-        return {"listen": self.address(value, "metrics.listen")}
+            out["listen"] = ("127.0.0.1", 9464)
+        elif value == "":
+            out["listen"] = None
+        else:
+            out["listen"] = self.address(value, "metrics.listen")
+        w = "metrics"
+        out["bearer_token_file"] = self.path(table, w, "bearer_token_file", None, readable=True)
+        tls_keys = ("tls_cert", "tls_key", "client_ca")
+        for key in tls_keys:
+            out[key] = self.path(table, w, key, None, readable=True)
+        given = [key for key in tls_keys if key in table]
+        if given and len(given) != len(tls_keys):
+            missing = ", ".join(f"metrics.{key}" for key in tls_keys if key not in table)
+            self.problem(
+                f"metrics.{given[0]}",
+                f"HTTPS for /metrics needs tls_cert, tls_key and client_ca together "
+                f"(scrapers must present a client certificate); add {missing}",
+            )
+        return out
 
     def admin(self, data: Mapping[str, Any], state_dir: Any) -> dict[str, Any]:
         table = self.table(data, "admin")

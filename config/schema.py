@@ -171,6 +171,16 @@ class RelaySection:
             long session.  Default 300.
         audit_fsync_interval: Audit records are fsync'd at least this often,
             in seconds; 0 means after every record.  Default 2.
+        final_write_timeout: Seconds for each last step with a peer: sending
+            a refusal or error line, closing a connection (TLS
+            close_notify), closing a listener at shutdown.  Default 2.
+        session_end_timeout: Seconds tunnels ended at shutdown (after
+            ``shutdown_grace``) get to write their end records and close
+            before they are cancelled; also the limit of each end record's
+            fsync and of the relay audit file's last fsync, so a hung disk
+            cannot hang a teardown.  Default 10.
+        server_stop_timeout: Seconds launched debug servers get to exit at
+            shutdown before the relay stops waiting for them.  Default 30.
         proxy_protocol: Every connection to ``listen`` starts with a PROXY
             protocol v2 header from a load balancer; limits and audit use
             the client address it carries.  Default false.
@@ -189,6 +199,9 @@ class RelaySection:
     revocation_interval: float = 2.0
     checkpoint_interval: float = 300.0
     audit_fsync_interval: float = 2.0
+    final_write_timeout: float = 2.0
+    session_end_timeout: float = 10.0
+    server_stop_timeout: float = 30.0
     proxy_protocol: bool = False
     proxy_trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
@@ -355,17 +368,41 @@ CERT_USER_RULES: tuple[str, ...] = ("cn", "san", "cn_or_san")
 class MetricsSection:
     """``[metrics]``: the Prometheus endpoint.
 
+    ``/metrics`` names every target, so it is on loopback by default; to
+    serve it further, require credentials with either or both of the ways
+    Prometheus authenticates a scrape.
+
     Attributes:
         listen: Address to serve ``/metrics`` on, or ``None`` when the file
             says ``listen = ""``.  Default ``("127.0.0.1", 9464)``.
+        bearer_token_file: File holding the token a scrape must send as
+            ``Authorization: Bearer <token>`` (Prometheus'
+            ``authorization.credentials_file``); surrounding whitespace is
+            ignored.  ``/healthz`` stays open.  Default ``None``: no token.
+        tls_cert: PEM certificate chain; with ``tls_key`` and ``client_ca``
+            the endpoint serves HTTPS and requires a client certificate
+            signed by ``client_ca`` (Prometheus' ``tls_config``).  Default
+            ``None``: plain HTTP.
+        tls_key: PEM private key of ``tls_cert``.  Default ``None``.
+        client_ca: PEM bundle that scrapers' client certificates are
+            verified against.  Default ``None``.
     """
 
     listen: Address | None = ("127.0.0.1", 9464)
+    bearer_token_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
 
     @property
     def enabled(self) -> bool:
         """Whether the metrics endpoint runs at all."""
         return self.listen is not None
+
+    @property
+    def tls(self) -> bool:
+        """Whether the endpoint serves HTTPS with client certificates."""
+        return self.tls_cert is not None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

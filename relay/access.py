@@ -14,7 +14,9 @@ Order matters, so that target names never leak to strangers:
 3. a granted name that is not configured    -> 404 ``unknown_target``;
 4. a user missing from the target's ``allow_users``/``allow_groups`` -> 403
    ``not_allowed``; a client certificate that does not name the user where
-   the target's ``cert_user`` says -> 403 ``cert_user_mismatch``.
+   the target's ``cert_user`` says -> 403 ``cert_user_mismatch``;
+5. a token already past ``exp`` (accepted only thanks to the leeway) for a
+   target that ends tunnels at token expiry -> 401 ``expired``.
 
 A token that grants ``build*`` may learn that ``build99`` does not exist; a
 token for ``build42`` cannot tell ``build99`` from ``secret-box``.
@@ -235,6 +237,16 @@ def authorize(
             f"(cert_user = {target.cert_user!r})",
             reason="cert_user_mismatch",
             status=403,
+        )
+    if target.end_on_token_expiry and claims.exp <= now:
+        # Inside the leeway the token still verifies, but this target ends
+        # tunnels when the token expires: the tunnel would end before it
+        # opened, so say so now instead of closing without an answer.
+        raise RemoteProtocolError(
+            f"the token expired at {claims.exp} and target {target_name!r} ends tunnels "
+            "when their token expires",
+            reason="expired",
+            status=401,
         )
     return Grant(
         claims=claims,

@@ -428,7 +428,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         print(json.dumps(sessions, indent=2))
         return EXIT_OK
     rows = [
-        s | {"age": _age(s.get("duration", 0)), "state": s.get("ending") or "open"}
+        s | {"age": _age(s.get("duration", 0)), "state": s.get("ending") or s.get("state", "open")}
         for s in sessions
     ]
     _table(
@@ -522,17 +522,35 @@ def _make_metrics(config):
 
 async def _start_side_services(nursery: trio.Nursery, relay: Any, metrics: Any) -> None:
     """The metrics endpoint and the admin API, when configured."""
+    import ipaddress
+
     from config import format_address
 
-    from .httpd import metrics_handler, open_http_listeners, serve_http
+    from .httpd import listener_address, serve_metrics
 
     config = relay.config
-    if config.metrics.listen is not None:
-        listeners = await open_http_listeners(format_address(config.metrics.listen))
-        await nursery.start(serve_http, listeners, metrics_handler(metrics))
+    section = config.metrics
+    if section.listen is not None:
+        listeners = await nursery.start(serve_metrics, section, metrics)
+        auth = ["client_cert"] if section.tls else []
+        auth += ["bearer_token"] if section.bearer_token_file is not None else []
         for lst in listeners:
             logging.getLogger("dbgrelay.relay").info(
-                "metrics.listening", extra={"address": format_address(lst.socket.getsockname()[:2])}
+                "metrics.listening",
+                extra={"address": listener_address(lst), "auth": auth or ["none"]},
+            )
+        try:
+            loopback = ipaddress.ip_address(section.listen[0]).is_loopback
+        except ValueError:
+            loopback = section.listen[0] == "localhost"
+        if not loopback and not auth:
+            # /metrics names every target: off loopback it should need credentials.
+            logging.getLogger("dbgrelay.relay").warning(
+                "metrics.unauthenticated",
+                extra={
+                    "address": format_address(section.listen),
+                    "note": "set [metrics] bearer_token_file or tls_cert/tls_key/client_ca",
+                },
             )
     try:
         from .admin import serve_admin

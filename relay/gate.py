@@ -26,9 +26,7 @@ from .limits import Limiter, LogThrottle, Refused, Ticket, source_key
 from .proxy_protocol import NEED_DATA, ProxyHeader, ProxyHeaderParser
 
 if TYPE_CHECKING:
-    from .access import Grant
     from .server import Relay
-    from .session import Session
 
 __all__ = ["Admission", "Gate"]
 
@@ -56,7 +54,6 @@ class Admission:
         self.source = ticket.source
         self.peer = peer
         self.authenticated = False
-        self._session: Session | None = None
 
     def passed(self) -> None:
         """The token checked out: the connection no longer counts as unauthenticated."""
@@ -72,21 +69,6 @@ class Admission:
         and :meth:`throttled` reports it.
         """
         return self.ticket.auth_failed(trio.current_time())
-
-    def opening(self, session: Session) -> None:
-        """``session`` passed admission and is being set up (not in ``relay.sessions`` yet)."""
-        self._session = session
-        self._gate.opening.add(session)
-
-    def opened(self) -> None:
-        """The session is registered with the relay (or never will be)."""
-        if self._session is not None:
-            self._gate.opening.discard(self._session)
-            self._session = None
-
-    def others_opening(self, grant: Grant) -> list[Session]:
-        """Sessions of other connections past admission and not yet registered."""
-        return [s for s in self._gate.opening if s.grant is not grant]
 
     def throttled(self, reason: str, **fields: Any) -> None:
         """Count and (rate-limited) report a refusal of this connection."""
@@ -105,7 +87,6 @@ class Gate:
         self.limiter = Limiter(relay.config.limits)
         # Sessions past the per-user check whose audit file is still being
         # written: they count against their user's cap until registered.
-        self.opening: set[Session] = set()
         self._throttle = LogThrottle(REFUSAL_LOG_INTERVAL)
 
     def update_gauge(self) -> None:
@@ -172,7 +153,6 @@ class Gate:
         try:
             await handle(self.relay, stream, admission=admission)
         finally:
-            admission.opened()
             ticket.release()
             self.update_gauge()
 

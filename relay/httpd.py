@@ -1,7 +1,8 @@
 """A small HTTP/1.1 server on trio and h11.
 
-It serves ``/metrics`` and ``/healthz`` for Prometheus and health checks, and
-the admin JSON API on a Unix socket.  prometheus-client's own server runs in a
+It serves ``/metrics`` and ``/healthz`` for Prometheus and health checks (over
+HTTPS with client certificates, and/or behind a bearer token, when
+``[metrics]`` asks for it), and the admin JSON API on a Unix socket.  prometheus-client's own server runs in a
 thread, outside the relay's task tree; this one is an ordinary trio service
 started with ``nursery.start`` like every other listener.
 
@@ -14,20 +15,25 @@ internet.
 from __future__ import annotations
 
 import errno
+import hmac
 import json
 import logging
 import os
 import socket as stdlib_socket
+import ssl
 import stat
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import h11
 import trio
+
+from config import MetricsSection, format_address
 
 from .errors import LocalProtocolError
 
@@ -42,6 +48,10 @@ __all__ = [
     "serve_http",
     "open_http_listeners",
     "metrics_handler",
+    "metrics_tls_context",
+    "load_bearer_token",
+    "serve_metrics",
+    "listener_address",
 ]
 
 logger = logging.getLogger("dbgrelay.http")
@@ -332,6 +342,7 @@ _SO_PEERCRED = getattr(stdlib_socket, "SO_PEERCRED", None)
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:
+    stream = getattr(stream, "transport_stream", stream)  # HTTPS: the TCP stream under TLS
     sock = getattr(stream, "socket", None)
     if sock is None:
         return "unknown"
@@ -469,13 +480,21 @@ async def _remove_stale_socket(listen: str, path: str) -> None:
         pass
 
 
-def metrics_handler(metrics: Metrics | NilMetrics) -> Handler:
+def metrics_handler(metrics: Metrics | NilMetrics, *, bearer_token: str | None = None) -> Handler:
     """The handler for the metrics endpoint.
 
     ``GET /metrics`` returns the exposition, ``GET /healthz`` returns
     ``200 ok``, other paths 404.  ``HEAD`` is served like ``GET`` without a
     body (RFC 9110 section 9.3.2); other methods get 405.
+
+    Args:
+        metrics: What ``/metrics`` renders.
+        bearer_token: When given, ``/metrics`` answers only requests with
+            ``Authorization: Bearer <bearer_token>`` (RFC 6750), compared in
+            constant time; others get 401 with ``WWW-Authenticate``.
+            ``/healthz`` says nothing but "ok" and stays open for health checks.
     """
+    expected = bearer_token.encode() if bearer_token is not None else None
 
     async def handle(request: HttpRequest) -> HttpResponse:
         path = request.path
@@ -489,7 +508,119 @@ def metrics_handler(metrics: Metrics | NilMetrics) -> Handler:
             )
         if path == "/healthz":
             return HttpResponse(200, b"ok\n", content_type="text/plain; charset=utf-8")
+        if expected is not None:
+            refusal = _check_bearer(request, expected)
+            if refusal is not None:
+                logger.info("metrics.unauthorized", extra={"peer": request.peer})
+                return refusal
         body, content_type = metrics.render()
         return HttpResponse(200, body, content_type=content_type)
 
     return handle
+
+
+def _check_bearer(request: HttpRequest, expected: bytes) -> HttpResponse | None:
+    """None if the request carries the bearer token, else the 401 to send."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        challenge = 'Bearer realm="dbgrelay metrics"'
+        error = "missing_token"
+    else:
+        given = credentials.strip().encode("latin-1")
+        if hmac.compare_digest(given, expected):
+            return None
+        challenge = 'Bearer realm="dbgrelay metrics", error="invalid_token"'
+        error = "invalid_token"
+    return HttpResponse(
+        401,
+        json.dumps({"error": error}).encode(),
+        headers={"www-authenticate": challenge},
+    )
+
+
+def load_bearer_token(path: Path) -> str:
+    """Read the scrape token from ``[metrics] bearer_token_file``.
+
+    Raises:
+        LocalProtocolError: the file cannot be read, is empty, or holds more
+            than one word.
+    """
+    try:
+        token = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LocalProtocolError(
+            f"metrics.bearer_token_file {path}: {getattr(exc, 'strerror', None) or exc}; "
+            "it must be a readable file holding one ASCII token",
+            reason="bad_config",
+        ) from exc
+    if not token or any(c.isspace() or not c.isprintable() for c in token):
+        raise LocalProtocolError(
+            f"metrics.bearer_token_file {path} must hold one token (printable ASCII, no "
+            "spaces), for example from: openssl rand -hex 32",
+            reason="bad_config",
+        )
+    return token
+
+
+def metrics_tls_context(section: MetricsSection) -> ssl.SSLContext:
+    """The HTTPS context of the metrics endpoint: the relay's hardened TLS
+    settings, and a client certificate signed by ``client_ca`` required.
+
+    Raises:
+        LocalProtocolError: the certificate, key or CA cannot be loaded.
+    """
+    from .tls import make_server_engine
+
+    assert section.tls_cert is not None and section.tls_key is not None
+    engine = make_server_engine(
+        engine="stdlib",
+        cert=section.tls_cert,
+        key=section.tls_key,
+        client_ca=section.client_ca,
+        require_client_cert=True,
+    )
+    return engine.context  # type: ignore[attr-defined,no-any-return]
+
+
+async def serve_metrics(
+    section: MetricsSection,
+    metrics: Metrics | NilMetrics,
+    *,
+    task_status: trio.TaskStatus[list[trio.abc.Listener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``/metrics`` and ``/healthz`` as ``[metrics]`` says, until cancelled.
+
+    Plain HTTP, or HTTPS that requires a client certificate (``tls_cert``,
+    ``tls_key``, ``client_ca``), and/or a bearer token
+    (``bearer_token_file``).  The TLS handshake runs within the request
+    timeout, like the rest of a request.
+
+    Raises:
+        LocalProtocolError: a file cannot be used or the address cannot be
+            bound; the message names the key.
+
+    Resource handling:
+        Binds the listeners itself and closes them when this returns.
+    """
+    assert section.listen is not None
+    token = None
+    if section.bearer_token_file is not None:
+        token = load_bearer_token(section.bearer_token_file)
+    context = metrics_tls_context(section) if section.tls else None
+    listeners: list[trio.abc.Listener] = list(
+        await open_http_listeners(format_address(section.listen))
+    )
+    if context is not None:
+        listeners = [
+            trio.SSLListener(lst, context, https_compatible=True)  # type: ignore[arg-type]
+            for lst in listeners
+        ]
+    await serve_http(
+        listeners, metrics_handler(metrics, bearer_token=token), task_status=task_status
+    )
+
+
+def listener_address(listener: trio.abc.Listener) -> str:
+    """``host:port`` a TCP listener (plain or TLS) is bound to."""
+    inner = getattr(listener, "transport_listener", listener)
+    return format_address(inner.socket.getsockname()[:2])  # type: ignore[attr-defined]

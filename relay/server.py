@@ -67,7 +67,7 @@ class ReloadResult:
         ok: The new config, certificates and keys are in use.
         problems: Why the new config was refused (empty when ``ok``).
         restart_needed: Changed keys that only a restart applies
-            (``relay.listen``, ``relay.state_dir``, ``metrics.listen``,
+            (``relay.listen``, ``relay.state_dir``, the ``[metrics]`` keys,
             ``admin.listen``, ``identity.oidc``); the running relay keeps their old values.
         targets: The target names in use after the reload.
     """
@@ -86,6 +86,10 @@ _RESTART_KEYS: tuple[tuple[str, Callable[[Config], Any]], ...] = (
     ("relay.listen", lambda c: c.relay.listen),
     ("relay.state_dir", lambda c: c.relay.state_dir),
     ("metrics.listen", lambda c: c.metrics.listen),
+    ("metrics.bearer_token_file", lambda c: c.metrics.bearer_token_file),
+    ("metrics.tls_cert", lambda c: c.metrics.tls_cert),
+    ("metrics.tls_key", lambda c: c.metrics.tls_key),
+    ("metrics.client_ca", lambda c: c.metrics.client_ca),
     ("admin.listen", lambda c: c.admin.listen),
     ("identity.oidc", lambda c: c.identity.oidc),
 )
@@ -252,7 +256,8 @@ class Relay:
         """Flush and fsync one audit file, off the event loop."""
         writer.flush()
         if self.fsync_in_thread:
-            await trio.to_thread.run_sync(writer.sync)
+            # Abandoned on cancel, so a deadline can bound a hung disk.
+            await trio.to_thread.run_sync(writer.sync, abandon_on_cancel=True)
         else:
             writer.sync()
 
@@ -502,10 +507,12 @@ async def serve_relay(
                     await stop.wait()
                     # Drain: no new connections; new preambles get 503.
                     relay.draining = True
-                    # Cancelling serve_listeners closes the listening sockets
-                    # (it holds each in ``async with``): new connections are
-                    # refused from here on.
+                    # Cancelling serve_listeners would close the listening
+                    # sockets only once its task runs again; a connection in
+                    # that window was still accepted after relay.draining was
+                    # logged (issue 11).  So close them here, and log after.
                     accept.cancel()
+                    await _close_listeners(listeners, relay.config.relay.final_write_timeout)
                     grace = relay.config.relay.shutdown_grace  # as of the last reload
                     log.info(
                         "relay.draining",
@@ -517,21 +524,49 @@ async def serve_relay(
                     main.cancel_scope.cancel()
                 # Sessions end (and write their end records) on their own now;
                 # give them a bounded moment, then cancel what is left.
-                sessions.cancel_scope.deadline = trio.current_time() + 10
+                sessions.cancel_scope.deadline = (
+                    trio.current_time() + relay.config.relay.session_end_timeout
+                )
             for server in relay.managed.values():
                 server.kill("shutdown")
-            managed_nursery.cancel_scope.deadline = trio.current_time() + 30
+            managed_nursery.cancel_scope.deadline = (
+                trio.current_time() + relay.config.relay.server_stop_timeout
+            )
     finally:
-        for lst in listeners:
-            with trio.CancelScope(shield=True):
-                await lst.aclose()
+        await _close_listeners(listeners, relay.config.relay.final_write_timeout)
         relay.audit_event("relay.stopped", sessions_left=len(relay.sessions))
         if relay._relay_audit is not None:
             try:
                 relay._relay_audit.checkpoint()
-                relay._relay_audit.sync()
+                await _final_sync(relay, relay._relay_audit)
             except (OSError, RelayError) as exc:
                 log.error("audit.unwritable", extra={"error": str(exc)})
+
+
+async def _close_listeners(listeners: list[trio.SocketListener], limit: float) -> None:
+    """Close listening sockets, each shielded and bounded by ``limit`` seconds."""
+    for lst in listeners:
+        with trio.CancelScope(shield=True), trio.move_on_after(limit):
+            await lst.aclose()
+
+
+async def _final_sync(relay: Relay, writer: AuditWriter) -> None:
+    """The last fsync of the relay's audit file, shielded but bounded.
+
+    A hung disk must not hang shutdown: the fsync runs in a thread that is
+    abandoned after ``relay.session_end_timeout`` seconds.
+
+    Raises:
+        RelayError: the fsync did not finish in time.
+    """
+    limit = relay.config.relay.session_end_timeout
+    with trio.CancelScope(shield=True), trio.move_on_after(limit) as scope:
+        await relay.sync_audit(writer)
+    if scope.cancelled_caught:
+        raise RelayError(
+            f"{writer.path}: fsync did not finish within {limit:g}s (relay.session_end_timeout)",
+            reason="audit_failed",
+        )
 
 
 async def run_signals(relay: Relay, stop: trio.Event) -> None:

@@ -18,6 +18,7 @@ import base64
 import logging
 import math
 import secrets
+import socket as stdlib_socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,7 @@ from .preamble import (
     render_preflight,
     render_refusal,
 )
-from .pump import Traffic, run_pump
+from .pump import BACKEND_ERROR, Traffic, run_pump
 from .tls import TLSInfo, is_pq_group
 
 if TYPE_CHECKING:
@@ -74,6 +75,12 @@ def _peer(stream: trio.abc.Stream) -> str:
 class Session:
     """A live, authorised tunnel (what the admin API lists).
 
+    A session is registered with the relay as soon as its token passes, so
+    that revocation, an admin's end and shutdown reach it from then on; while
+    its audit file is being made durable it is listed with state
+    ``"opening"``, then ``"open"``.  An opening session that is ended gets a
+    refusal instead of its 200.
+
     Attributes:
         id: Short unique id, in every log and audit line and sent to the client.
         peer: The client's address.
@@ -81,6 +88,7 @@ class Session:
         tls: What the handshake negotiated.
         started: Unix time the tunnel was authorised.
         traffic: Bytes each way so far.
+        opening: True until the start record is on disk.
     """
 
     id: str
@@ -94,6 +102,7 @@ class Session:
     audit: AuditWriter | None = None
     # Bytes already pushed into metrics (the pump's counters run ahead).
     reported: Traffic = field(default_factory=Traffic)
+    opening: bool = True
 
     @property
     def user(self) -> str:
@@ -115,6 +124,7 @@ class Session:
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "state": "opening" if self.opening else "open",
             "user": self.user,
             "jti": self.grant.claims.jti,
             "target": self.target,
@@ -136,19 +146,27 @@ async def _read_preamble(stream: trio.abc.Stream, parser: PreambleParser) -> Tun
         parser.receive_data(await stream.receive_some(16384))
 
 
-async def _send_and_close(stream: trio.abc.Stream, data: bytes) -> None:
-    """Best-effort: write a final answer, then close (TLS close_notify), bounded."""
-    with trio.move_on_after(2):
+async def _send_and_close(stream: trio.abc.Stream, data: bytes, *, limit: float) -> None:
+    """Best-effort: write a final answer, then close (TLS close_notify).
+
+    Each step gets ``limit`` seconds (``relay.final_write_timeout``).
+    """
+    with trio.move_on_after(limit):
         try:
             await stream.send_all(data)
         except _BROKEN:
             pass
-    await _close(stream)
+    await _close(stream, limit=limit)
 
 
-async def _close(stream: trio.abc.Stream) -> None:
-    """Close a stream, bounded and shielded, so cleanup cannot hang or be skipped."""
-    with trio.CancelScope(shield=True), trio.move_on_after(2) as scope:
+async def _close(stream: trio.abc.Stream, *, limit: float) -> None:
+    """Close a stream, shielded and bounded by ``limit`` seconds.
+
+    Shielded so that cleanup is not skipped when the session is cancelled;
+    bounded so that a peer that never reads cannot hold it: after
+    ``limit`` the stream is closed without a goodbye.
+    """
+    with trio.CancelScope(shield=True), trio.move_on_after(limit) as scope:
         try:
             await stream.aclose()
         except _BROKEN:
@@ -188,7 +206,7 @@ async def handle_connection(
         for exc in group.exceptions:
             log.error("session.crashed", extra=ctx | {"error": repr(exc)}, exc_info=exc)
     finally:
-        await _close(stream)
+        await _close(stream, limit=relay.config.relay.final_write_timeout)
 
 
 def _quiet(admission: Admission | None, reason: str) -> bool:
@@ -269,17 +287,29 @@ async def _serve(
         fields = {"client": peer, "target": target.name, "sub": claims.sub, "jti": claims.jti}
         fields |= _grant_fields(grant)
         ctx |= {"subject": claims.sub, "jti": claims.jti, "target": target.name}
-        _check_admission(relay, request, grant, info, admission)
+        if info.peer_serial is not None and relay.is_serial_revoked(info.peer_serial):
+            # Revoked while the request was read: the check after the
+            # handshake is stale, so check again with the token.
+            raise RemoteProtocolError(
+                "the client certificate has been revoked", reason="cert_revoked", status=403
+            )
+        _check_admission(relay, request, grant, info)
         if request.method == "OPTIONS":
             relay.audit_event("token.accepted", preflight=True, **fields)
             log.info("preflight.answered", extra=ctx)
-            await _send_and_close(tls, render_preflight(headers=_preflight_headers(target, claims)))
+            await _send_and_close(
+                tls,
+                render_preflight(headers=_preflight_headers(target, claims)),
+                limit=config.relay.final_write_timeout,
+            )
             return
         session = Session(id=sid, peer=peer, grant=grant, tls=info, started=relay.wall_clock())
-        if admission is not None:
-            # Counted against the user's cap while its audit file is written.
-            admission.opening(session)
-        await _open_audit(relay, session, ctx)
+        # Registered in the same step as the revocation check in authorize():
+        # no await between them, so a revocation applied from here on finds
+        # the session and ends it, and one applied before was seen by the
+        # check.  Until then an await (the audit fsync below) was a window in
+        # which a revocation ended nothing (issue 11).
+        relay.add_session(session)
     except RemoteProtocolError as exc:
         if (
             admission is not None
@@ -287,7 +317,7 @@ async def _serve(
             and 400 <= exc.status < 500
             and (refused := admission.failed()) is not None
         ):
-            await _throttle(tls, admission, refused, failure=exc.reason)
+            await _throttle(relay, tls, admission, refused, failure=exc.reason)
             return
         await _refuse(relay, tls, exc, ctx, **fields)
         return
@@ -295,9 +325,15 @@ async def _serve(
         log.info("preamble.failed", extra=ctx | {"reason": "client_error", "error": str(exc)})
         return
 
-    relay.add_session(session)
-    if admission is not None:
-        admission.opened()
+    try:
+        await _open_audit(relay, session, ctx)
+    except BaseException as exc:
+        relay.remove_session(session)
+        if isinstance(exc, RemoteProtocolError):
+            await _refuse(relay, tls, exc, ctx, **fields)
+            return
+        raise
+    session.opening = False
     metrics.session_opened(target.name)
     relay.audit_event("token.accepted", session_id=sid, **fields)
     log.info("session.opened", extra=ctx)
@@ -321,13 +357,7 @@ async def _receive_request(tls: trio.abc.Stream, deadline: float) -> TunnelReque
     )
 
 
-def _check_admission(
-    relay: Relay,
-    request: TunnelRequested,
-    grant: Grant,
-    info: TLSInfo,
-    admission: Admission | None = None,
-) -> None:
+def _check_admission(relay: Relay, request: TunnelRequested, grant: Grant, info: TLSInfo) -> None:
     """Policy after the token: key exchange, draining, capacity.
 
     Raises:
@@ -353,10 +383,9 @@ def _check_admission(
     # (a 503 would page whoever watches the relay's health).
     per_user = relay.config.limits.max_sessions_per_user
     user = grant.claims.sub
-    opening = admission.others_opening(grant) if admission is not None else ()
-    live = [
-        s for s in (*relay.sessions.values(), *opening) if s.user == user and s.grant is not grant
-    ]
+    # Sessions still writing their start record are registered too, so
+    # concurrent opens with one token cannot slip past the cap.
+    live = [s for s in relay.sessions.values() if s.user == user]
     if len(live) >= per_user:
         raise RemoteProtocolError(
             f"user {user!r} already has {per_user} tunnels open", reason="user_sessions", status=429
@@ -453,13 +482,17 @@ async def _refuse(
     message = _PEER_MESSAGES.get(
         exc.reason, str(exc) if exc.status in (400, 405, 408) else exc.reason
     )
-    await _send_and_close(tls, render_refusal(exc.status, exc.reason, message))
+    await _send_and_close(
+        tls,
+        render_refusal(exc.status, exc.reason, message),
+        limit=relay.config.relay.final_write_timeout,
+    )
 
 
 # What a refused peer is told: short, and never the token, paths or internals.
 _PEER_MESSAGES = {
     "missing": "send the token as Proxy-Authorization: Bearer <token>",
-    "malformed": "the token is not a JWT",
+    "malformed": "the token is malformed; ask an admin for a new one",
     "expired": "the token has expired; ask an admin for a new one",
     "not_yet_valid": "the token is not valid yet; check this machine's clock",
     "bad_signature": "the token's signature does not verify",
@@ -469,6 +502,7 @@ _PEER_MESSAGES = {
     "bad_algorithm": "the token's signature algorithm is not accepted",
     "missing_claim": "the token lacks a required claim",
     "revoked": "the token has been revoked",
+    "cert_revoked": "this client certificate has been revoked",
     "not_granted": "the token does not grant this target",
     "not_allowed": "this user may not use this target",
     "cert_user_mismatch": "this target needs a client certificate that names your user",
@@ -485,19 +519,83 @@ _PEER_MESSAGES = {
     "backend_timeout": "the debug server did not answer in time",
     "backend_unsupported": "this relay cannot reach that kind of debug server",
     "launch_failed": "the debug server could not be started",
+    "backend_reset": "the debug server dropped the connection before the tunnel opened",
+    "backend_closed": "the debug server closed the connection before the tunnel opened",
+    "ended_by_admin": "an admin ended this tunnel",
 }
 
 
 async def _throttle(
-    tls: trio.abc.Stream, admission: Admission, refused: Refused, **fields: Any
+    relay: Relay, tls: trio.abc.Stream, admission: Admission, refused: Refused, **fields: Any
 ) -> None:
     """Answer 429 with Retry-After; counted, and reported at most every few seconds."""
     admission.throttled(refused.reason, **fields)
     retry = str(refused.retry_after or 1)
     message = f"too many failed attempts from your address; retry in {retry} s"
     await _send_and_close(
-        tls, render_refusal(429, refused.reason, message, headers={"Retry-After": retry})
+        tls,
+        render_refusal(429, refused.reason, message, headers={"Retry-After": retry}),
+        limit=relay.config.relay.final_write_timeout,
     )
+
+
+# How a tunnel ended before its 200 is answered: (status, reason code).
+_ENDED_BEFORE_OPEN = {
+    "revoked": (401, "revoked"),
+    "token_expired": (401, "expired"),
+    "shutdown": (503, "shutting_down"),
+    "audit_failed": (503, "audit_unavailable"),
+    "ended_by_admin": (503, "ended_by_admin"),
+}
+
+
+async def _answer(relay: Relay, tls: trio.abc.Stream, status: int, reason: str) -> None:
+    """Send a refusal line inside a tunnel that was authorised; bounded, best effort."""
+    message = _PEER_MESSAGES.get(reason, reason)
+    with trio.move_on_after(relay.config.relay.final_write_timeout):
+        try:
+            await tls.send_all(render_refusal(status, reason, message))
+        except _BROKEN:
+            pass
+
+
+async def _sync_end_record(relay: Relay, audit: AuditWriter) -> None:
+    """fsync the end record within ``relay.session_end_timeout``: a hung disk
+    must not hold the session's teardown, or the relay's shutdown, forever.
+
+    Raises:
+        RelayError: the fsync did not finish in time (the record may not be durable).
+    """
+    limit = relay.config.relay.session_end_timeout
+    with trio.move_on_after(limit) as scope:
+        await relay.sync_audit(audit)
+    if scope.cancelled_caught:
+        raise RelayError(
+            f"{audit.path}: fsync did not finish within {limit:g}s (relay.session_end_timeout)",
+            reason="audit_failed",
+        )
+
+
+def _backend_gone(backend: trio.abc.Stream) -> str | None:
+    """``backend_reset``/``backend_closed`` if the backend already dropped the connection.
+
+    A non-blocking peek at the socket: it reports only what has already
+    arrived, and never waits.  A server that resets later is seen by the
+    pump instead.  Streams without a socket (tests' memory streams) pass.
+    """
+    sock = getattr(backend, "socket", None)
+    if sock is None:
+        return None
+    probe = stdlib_socket.socket(fileno=sock.fileno())
+    try:
+        data = probe.recv(1, stdlib_socket.MSG_PEEK | getattr(stdlib_socket, "MSG_DONTWAIT", 0))
+    except BlockingIOError:
+        return None
+    except OSError:
+        return "backend_reset"
+    finally:
+        probe.detach()
+    return None if data else "backend_closed"
 
 
 async def _run_tunnel(
@@ -511,6 +609,7 @@ async def _run_tunnel(
     backend: trio.abc.Stream | None = None
     managed: ManagedServer | None = None
     recorder: ByteRecorder | None = None
+    established = False
     t0 = trio.current_time()
     try:
         with session.scope:
@@ -546,15 +645,18 @@ async def _run_tunnel(
                 reason, detail = exc.reason, str(exc)
                 audit.append("backend.failed", reason=exc.reason, error=str(exc))
                 log.warning("backend.failed", extra=ctx | {"reason": exc.reason, "error": str(exc)})
-                try:
-                    with trio.move_on_after(2):
-                        await tls.send_all(
-                            render_refusal(
-                                502, exc.reason, _PEER_MESSAGES.get(exc.reason, exc.reason)
-                            )
-                        )
-                except _BROKEN:
-                    pass
+                await _answer(relay, tls, 502, exc.reason)
+                return
+            gone = _backend_gone(backend)
+            if gone is not None:
+                # Connected, but the server already reset or closed it (a
+                # server that accepts and drops, a port held by something
+                # else): say 502 while the client can still be told.
+                relay.metrics.backend_connect_error(target.name)
+                reason, detail = gone, "the backend closed the connection before the tunnel opened"
+                audit.append("backend.failed", reason=gone, error=detail)
+                log.warning("backend.failed", extra=ctx | {"reason": gone, "error": detail})
+                await _answer(relay, tls, 502, gone)
                 return
             audit.append("backend.connected", backend=str(backend_addr))
 
@@ -567,7 +669,16 @@ async def _run_tunnel(
                 )
 
             try:
-                await tls.send_all(render_established(session_id=session.id))
+                established = True
+                # All of the 200 or none of it: an end (revocation, admin)
+                # arriving while it is written takes effect right after it,
+                # instead of leaving the client half a status line.
+                limit = relay.config.relay.final_write_timeout
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + limit) as ok:
+                    await tls.send_all(render_established(session_id=session.id))
+                if ok.cancelled_caught:
+                    reason, detail = "client_error", f"the 200 was not taken within {limit:g}s"
+                    return
                 if request.trailing:
                     # Bytes sent right behind the request head belong to the debugger.
                     await backend.send_all(request.trailing)
@@ -596,6 +707,11 @@ async def _run_tunnel(
                         tap=tap,
                     )
                     reason, detail = result.reason, result.detail
+                    traffic = session.traffic
+                    if reason == BACKEND_ERROR and not (traffic.to_backend or traffic.to_client):
+                        # Reset before a byte moved: the client saw 200 then EOF;
+                        # the end record at least names the cause.
+                        reason = "backend_reset"
                 except* (OSError, RelayError) as group:
                     # Only the recording tap raises these out of the pump: a
                     # tunnel whose bytes cannot be recorded does not go on.
@@ -606,13 +722,18 @@ async def _run_tunnel(
                 reason, detail = "idle", None
         if session.scope.cancelled_caught:
             reason, detail = session.end_reason or life_reason or "error", None
+            if not established:
+                # Ended (revoked, by an admin, at shutdown, token expired)
+                # before the 200: the client gets a refusal, not a bare close.
+                status, code = _ENDED_BEFORE_OPEN.get(reason, (503, reason))
+                await _answer(relay, tls, status, code)
     finally:
         with trio.CancelScope(shield=True):
             if reason is None:
                 # Cancelled from outside the session's own scope.
                 reason = session.end_reason or ("shutdown" if relay.draining else "error")
             if backend is not None:
-                await _close(backend)
+                await _close(backend, limit=relay.config.relay.final_write_timeout)
             if managed is not None:
                 managed.tunnel_closed()
             duration = trio.current_time() - t0
@@ -629,7 +750,7 @@ async def _run_tunnel(
                 fields |= {"bytes_hash": bytes_hash, "bytes_records": bytes_records}
             try:
                 audit.close_session(**fields)
-                await relay.sync_audit(audit)
+                await _sync_end_record(relay, audit)
             except (OSError, RelayError) as exc:
                 relay.metrics.audit_write_error()
                 log.error("audit.unwritable", extra=ctx | {"error": str(exc)})
@@ -638,4 +759,4 @@ async def _run_tunnel(
             relay.flush_bytes(session)
             relay.metrics.session_closed(target.name, outcome=reason, duration=duration)
             log.info("session.closed", extra=ctx | fields)
-            await _close(tls)
+            await _close(tls, limit=relay.config.relay.final_write_timeout)

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from auth import (
+    MAX_TIME_CLAIM,
     MAX_TOKEN_LENGTH,
     TOKEN_REJECT_REASONS,
     Claims,
@@ -370,9 +371,57 @@ def test_nan_expiry_is_malformed(signing_key: SigningKey, keyset: KeySet) -> Non
     rejected(token, keyset, "malformed")
 
 
-def test_huge_integer_expiry_is_just_far_future(signing_key: SigningKey, keyset: KeySet) -> None:
-    claims = verify(sign(good_payload() | {"exp": 10**400}, signing_key), keyset)
-    assert claims.exp == 10**400
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"exp": 10**400},
+        {"exp": MAX_TIME_CLAIM + 1},
+        {"exp": 1e308},
+        {"nbf": 10**400},
+        {"iat": 10**400},
+        {"iat": -(10**400)},
+        {"nbf": -1},
+        {"exp": -(10**400)},
+    ],
+    ids=[
+        "exp=10**400",
+        "exp=max+1",
+        "exp=1e308",
+        "nbf=10**400",
+        "iat=10**400",
+        "iat=-10**400",
+        "nbf=-1",
+        "exp=-10**400",
+    ],
+)
+def test_time_claims_out_of_range_are_malformed(
+    signing_key: SigningKey, keyset: KeySet, change: dict[str, Any]
+) -> None:
+    # 10**400 once passed verification and raised OverflowError in the session.
+    exc = rejected(sign(good_payload() | change, signing_key), keyset, "malformed")
+    (name,) = change
+    assert str(exc) == (
+        f"token claim {name!r} must be a number of seconds since 1970 no later than "
+        f"{MAX_TIME_CLAIM} (year 9999)"
+    )
+
+
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity"])
+@pytest.mark.parametrize("name", ["exp", "nbf", "iat"])
+def test_infinite_time_claims_are_malformed(
+    signing_key: SigningKey, keyset: KeySet, name: str, value: str
+) -> None:
+    payload = good_payload() | {name: "PLACEHOLDER"}
+    body = json.dumps(payload).replace('"PLACEHOLDER"', value)
+    token = jwt.api_jws.encode(
+        body.encode(), signing_key.private_key, algorithm="EdDSA", headers={"kid": signing_key.kid}
+    )
+    rejected(token, keyset, "malformed")
+
+
+def test_latest_time_claim_is_accepted(signing_key: SigningKey, keyset: KeySet) -> None:
+    claims = verify(sign(good_payload() | {"exp": MAX_TIME_CLAIM}, signing_key), keyset)
+    assert claims.exp == MAX_TIME_CLAIM
 
 
 # -- garbage ----------------------------------------------------------------

@@ -38,6 +38,9 @@ max_sessions = 64
 revocation_interval = "500ms"
 checkpoint_interval = "10m"
 audit_fsync_interval = 0
+final_write_timeout = "500ms"
+session_end_timeout = "20s"
+server_stop_timeout = "1m"
 
 [tls]
 cert = "server.pem"
@@ -58,6 +61,10 @@ audit_key = "audit.key"
 
 [metrics]
 listen = "127.0.0.1:9100"
+bearer_token_file = "audit.key"
+tls_cert = "server.pem"
+tls_key = "server.key"
+client_ca = "clients-ca.pem"
 
 [admin]
 listen = "127.0.0.1:9465"
@@ -114,6 +121,9 @@ def test_full_config_round_trips_into_the_model(config_dir: Path) -> None:
         revocation_interval=0.5,
         checkpoint_interval=600.0,
         audit_fsync_interval=0.0,
+        final_write_timeout=0.5,
+        session_end_timeout=20.0,
+        server_stop_timeout=60.0,
     )
     assert config.tls == TLSSection(
         cert=config_dir / "server.pem",
@@ -132,7 +142,14 @@ def test_full_config_round_trips_into_the_model(config_dir: Path) -> None:
         leeway=45.0,
         audit_key=config_dir / "audit.key",
     )
-    assert config.metrics == MetricsSection(listen=("127.0.0.1", 9100))
+    assert config.metrics == MetricsSection(
+        listen=("127.0.0.1", 9100),
+        bearer_token_file=config_dir / "audit.key",
+        tls_cert=config_dir / "server.pem",
+        tls_key=config_dir / "server.key",
+        client_ca=config_dir / "clients-ca.pem",
+    )
+    assert config.metrics.tls
     assert config.admin == AdminSection(listen=("127.0.0.1", 9465))
     assert config.admin.unix_path is None
 
@@ -191,6 +208,9 @@ def test_minimal_config_gets_every_default(config_dir: Path) -> None:
         revocation_interval=2.0,
         checkpoint_interval=300.0,
         audit_fsync_interval=2.0,
+        final_write_timeout=2.0,
+        session_end_timeout=10.0,
+        server_stop_timeout=30.0,
     )
     assert config.tls == TLSSection(cert=config_dir / "server.pem", key=config_dir / "server.key")
     assert config.tls.min_version == "1.2"
@@ -203,8 +223,9 @@ def test_minimal_config_gets_every_default(config_dir: Path) -> None:
     assert (config.auth.issuer, config.auth.audience) == ("dbgrelay", "dbgrelay")
     assert config.auth.leeway == 30.0
     assert config.auth.audit_key is None
-    assert config.metrics.listen == ("127.0.0.1", 9464)
-    assert config.metrics.enabled
+    assert config.metrics == MetricsSection(listen=("127.0.0.1", 9464))
+    assert config.metrics.enabled and not config.metrics.tls
+    assert config.metrics.bearer_token_file is None
     assert config.admin.listen == state / "admin.sock"
     assert config.admin.unix_path == state / "admin.sock"
     assert config.targets == ()

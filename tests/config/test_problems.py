@@ -32,7 +32,7 @@ def test_unknown_key_names_the_known_keys(config_dir: Path) -> None:
         f"{F}: relay.idle_timeout: unknown key (it belongs in [[targets]]); known keys: "
         "listen, state_dir, audit_dir, handshake_timeout, close_timeout, shutdown_grace, "
         "max_sessions, revocation_interval, checkpoint_interval, audit_fsync_interval, "
-        "proxy_protocol, proxy_trusted"
+        "final_write_timeout, session_end_timeout, server_stop_timeout, proxy_protocol, proxy_trusted"
     )
 
 
@@ -211,7 +211,14 @@ def test_malformed_durations(config_dir: Path, line: str, shown: str) -> None:
 
 @pytest.mark.parametrize(
     "key",
-    ["handshake_timeout", "revocation_interval", "checkpoint_interval"],
+    [
+        "handshake_timeout",
+        "revocation_interval",
+        "checkpoint_interval",
+        "final_write_timeout",
+        "session_end_timeout",
+        "server_stop_timeout",
+    ],
 )
 def test_zero_where_a_positive_duration_is_needed(config_dir: Path, key: str) -> None:
     assert problems_of(config_dir, MINIMAL + f'[relay]\n{key} = "0s"\n') == [
@@ -609,3 +616,28 @@ def test_config_file_that_is_not_utf8(config_dir: Path) -> None:
     assert info.value.problems == [
         f"{F}: the config file is not valid UTF-8 (bad byte at offset 14)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("given", "missing"),
+    [
+        ('tls_cert = "server.pem"', "metrics.tls_key, metrics.client_ca"),
+        ('tls_cert = "server.pem"\ntls_key = "server.key"', "metrics.client_ca"),
+        ('client_ca = "clients-ca.pem"', "metrics.tls_cert, metrics.tls_key"),
+    ],
+)
+def test_metrics_https_needs_certificate_key_and_client_ca_together(
+    config_dir: Path, given: str, missing: str
+) -> None:
+    (line,) = problems_of(config_dir, MINIMAL + f"[metrics]\n{given}\n")
+    first = given.split(" ", 1)[0]
+    assert line == (
+        f"{F}: metrics.{first}: HTTPS for /metrics needs tls_cert, tls_key and client_ca "
+        f"together (scrapers must present a client certificate); add {missing}"
+    )
+
+
+def test_metrics_bearer_token_file_must_exist(config_dir: Path) -> None:
+    (line,) = problems_of(config_dir, MINIMAL + '[metrics]\nbearer_token_file = "absent"\n')
+    assert line.startswith(f"{F}: metrics.bearer_token_file: ")
+    assert "absent" in line

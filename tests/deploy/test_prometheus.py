@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 
 from relay.metrics import Metrics
@@ -22,6 +23,35 @@ def test_promtool_check_config():
     result = promtool("check", "config", "prometheus.yml")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 rule files found" in result.stdout
+
+
+def test_promtool_check_config_of_the_remote_example(tmp_path):
+    """The credentials example passes promtool, given the files it names
+    (promtool checks that they exist): a token, a CA, a client certificate."""
+    import trustme
+
+    folder = tmp_path / "prometheus"
+    shutil.copytree(PROMETHEUS, folder)
+    secrets = folder / "secrets"
+    secrets.mkdir()
+    (secrets / "dbgrelay-metrics.token").write_text("3f9c2b7e4d1a8f60\n")
+    server_ca, client_ca = trustme.CA(), trustme.CA()
+    server_ca.cert_pem.write_to_path(secrets / "dbgrelay-metrics-ca.pem")
+    client = client_ca.issue_cert("prometheus@monitoring")
+    client.cert_chain_pems[0].write_to_path(secrets / "prometheus-client.pem")
+    client.private_key_pem.write_to_path(secrets / "prometheus-client.key")
+    tool = require_tool("promtool")
+    result = subprocess.run(
+        [tool, "check", "config", "prometheus-remote.yml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=folder,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 rule files found" in result.stdout
+    text = (PROMETHEUS / "prometheus-remote.yml").read_text()
+    assert "job_name: dbgrelay\n" in text and "scheme: https" in text
 
 
 def test_promtool_check_rules():

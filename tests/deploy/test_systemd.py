@@ -105,12 +105,15 @@ def test_unit_has_no_capabilities_and_a_syscall_allow_list():
 
 def load_example(path: Path, tmp_path: Path):
     """Load an example config with its key and certificate files replaced by stand-ins."""
-    data = tomllib.loads(path.read_text())
+    return load_example_data(tomllib.loads(path.read_text()), tmp_path, path.name)
+
+
+def load_example_data(data: dict, tmp_path: Path, name: str):
     for section, key in (("tls", "cert"), ("tls", "key"), ("auth", "jwks")):
         stand_in = tmp_path / f"{section}-{key}"
         stand_in.write_text("stand-in\n")
         data[section][key] = str(stand_in)
-    return config_from_dict(data, base_dir=tmp_path, source_name=path.name)
+    return config_from_dict(data, base_dir=tmp_path, source_name=name)
 
 
 def test_systemd_example_config_is_valid_and_matches_the_unit(tmp_path):
@@ -129,7 +132,9 @@ def test_systemd_example_config_is_valid_and_matches_the_unit(tmp_path):
 def test_container_example_config_is_valid(tmp_path):
     config = load_example(DEPLOY / "container" / "dbgrelay.toml", tmp_path)
     # The image's HEALTHCHECK fetches 127.0.0.1:9464, and its volume is /var/lib/dbgrelay.
-    assert config.metrics.listen is not None and config.metrics.listen[1] == 9464
+    # /metrics asks for no credentials here, so it must stay on loopback.
+    assert config.metrics.listen == ("127.0.0.1", 9464)
+    assert config.metrics.bearer_token_file is None and not config.metrics.tls
     assert config.relay.state_dir == Path("/var/lib/dbgrelay")
     assert config.relay.audit_dir.is_relative_to(Path("/var/lib/dbgrelay"))
 
@@ -207,3 +212,33 @@ def test_pyopenssl_callbacks_need_write_execute_memory_as_the_unit_says():
     # MemoryDenyWriteExecute off; this checks that advice is still needed.
     assert "MemoryDenyWriteExecute=no" in UNIT.read_text()
     assert run_under_mdwe(_PYOPENSSL_CALLBACK) == "refused"
+
+
+_METRICS_AUTH_KEYS = ("listen", "bearer_token_file", "tls_cert", "tls_key", "client_ca")
+
+
+@pytest.mark.parametrize("example", ["container", "systemd"])
+def test_commented_metrics_credentials_in_the_examples_are_valid(tmp_path, example):
+    """Uncommenting the [metrics] lines the examples offer gives a valid config
+    that serves metrics off loopback only with credentials."""
+    path = DEPLOY / example / "dbgrelay.toml"
+    data = tomllib.loads(path.read_text())
+    section, offered = data["metrics"], {}
+    in_metrics = False
+    for line in path.read_text().splitlines():
+        if line.startswith("["):
+            in_metrics = line.strip() == "[metrics]"
+        elif in_metrics and line.startswith("#") and "=" in line:
+            key, _, value = line[1:].partition("=")
+            if key.strip() in _METRICS_AUTH_KEYS:
+                offered[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+    assert set(offered) == set(_METRICS_AUTH_KEYS)
+    assert offered["listen"] == "0.0.0.0:9464"
+    for key in _METRICS_AUTH_KEYS[1:]:
+        stand_in = tmp_path / key
+        stand_in.write_text("stand-in\n")
+        offered[key] = str(stand_in)
+    section.update(offered)
+    config = load_example_data(data, tmp_path, path.name)
+    assert config.metrics.listen == ("0.0.0.0", 9464)
+    assert config.metrics.tls and config.metrics.bearer_token_file is not None

@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
@@ -234,6 +235,55 @@ def test_metrics_endpoint_counts_sessions_bytes_failures_and_handshakes(
     assert metric(samples, "dbgrelay_build_info", version=version("dbgrelay")) == 1
 
 
+def test_metrics_with_credentials_need_a_client_certificate_and_the_bearer_token(
+    procs: ProcGroup, home: Path
+) -> None:
+    import trustme
+
+    server_ca, scrapers_ca = trustme.CA(), trustme.CA()
+    server_ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(
+        home / "metrics.pem"
+    )
+    scrapers_ca.cert_pem.write_to_path(home / "scrapers-ca.pem")
+    (home / "metrics.token").write_text("0c8f1e2d3b4a59687766554433221100\n")
+    port = free_port()
+    write_config(
+        home,
+        [target("build42", free_port())],
+        **{
+            '[metrics]\nlisten = ""': f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
+            'bearer_token_file = "metrics.token"\n'
+            'tls_cert = "metrics.pem"\ntls_key = "metrics.pem"\nclient_ca = "scrapers-ca.pem"'
+        },
+    )
+    relay, _ = start_relay(procs, home)
+    listening = relay.wait_event("metrics.listening")
+    assert listening["auth"] == ["client_cert", "bearer_token"]
+
+    def get(context: ssl.SSLContext, token: str | None) -> int:
+        request = urllib.request.Request(f"https://127.0.0.1:{port}/metrics")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10, context=context) as answer:
+                assert b"dbgrelay_build_info" in answer.read()
+                return answer.status
+        except urllib.error.HTTPError as exc:
+            assert b"build42" not in exc.read()
+            return exc.code
+
+    prometheus = ssl.create_default_context()
+    server_ca.configure_trust(prometheus)
+    scrapers_ca.issue_cert("prometheus").configure_cert(prometheus)
+    assert get(prometheus, "0c8f1e2d3b4a59687766554433221100") == 200
+    assert get(prometheus, "wrong") == 401
+    assert get(prometheus, None) == 401
+    stranger = ssl.create_default_context()
+    server_ca.configure_trust(stranger)
+    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+        get(stranger, "0c8f1e2d3b4a59687766554433221100")
+
+
 # ---------------------------------------------------------------------------
 # admin commands
 
@@ -254,11 +304,13 @@ def test_sessions_json_lists_a_live_tunnel_with_user_target_and_bytes(
     assert listed["id"] == sid and listed["user"] == "alice" and listed["target"] == "build42"
     assert listed["jti"] == peek_unverified(token)["jti"]
     assert listed["bytes_to_backend"] == 4321 and listed["bytes_to_client"] == 4321
+    assert listed["state"] == "open" and listed["ending"] is None
     table = run_cli("sessions", "--config", "dbgrelay.toml", cwd=home)
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()
     assert header.split()[:4] == ["ID", "USER", "TARGET", "CLIENT"]
     assert row.split()[:3] == [sid, "alice", "build42"] and "4321" in row.split()
+    assert header.split()[-1] == "STATE" and row.split()[-1] == "open"
     # The relay's own log line for the tunnel is structured JSON with who and where.
     opened = relay.wait_event("session.opened", session_id=sid)
     assert opened["level"] == "info" and opened["target"] == "build42"
@@ -485,13 +537,15 @@ def event_time(record: dict) -> datetime:
     return datetime.fromisoformat(record["time"])
 
 
-def test_sigterm_drains_live_tunnels_for_the_grace_then_exits_0(
+def test_sigterm_stops_accepting_at_once_and_lets_live_tunnels_finish_then_exits_0(
     procs: ProcGroup, home: Path, echo_server: EchoServer
 ) -> None:
+    # A grace far longer than the test: the tunnel works during the drain
+    # whatever the machine's load, and the relay exits when it ends.
     write_config(
         home,
         [target("build42", echo_server.port)],
-        **{'shutdown_grace = "1s"': 'shutdown_grace = "2s"'},
+        **{'shutdown_grace = "1s"': 'shutdown_grace = "1h"'},
     )
     relay, address = start_relay(procs, home)
     token = issue(home)
@@ -502,7 +556,10 @@ def test_sigterm_drains_live_tunnels_for_the_grace_then_exits_0(
     relay.send_signal(signal.SIGTERM)
     draining = relay.wait_event("relay.draining")
 
-    assert draining["sessions"] == 1 and draining["shutdown_grace"] == 2
+    # relay.draining is logged once the listening sockets are closed, so a
+    # connection from here on is refused (it was accepted, about half the
+    # time under load, while the log line came before the close).
+    assert draining["sessions"] == 1 and draining["shutdown_grace"] == 3600
     host, port = address.rsplit(":", 1)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((host, int(port)), timeout=5)
@@ -510,19 +567,39 @@ def test_sigterm_drains_live_tunnels_for_the_grace_then_exits_0(
     assert (answer.status, answer.reason) == (503, "shutting_down")
     early.close()
     echo(tls, b"the live tunnel works during the grace")
+    tls.close()
 
-    wait_eof(tls)
-    code = relay.wait(timeout=20)
+    code = relay.wait(timeout=EOF_TIMEOUT)
+
+    assert code == 0, relay.output()
+    closed = relay.wait_event("session.closed", session_id=sid)
+    assert closed["reason"] == "client_closed"
+    (stopped,) = [r for r in relay_audit(home) if r.get("event") == "relay.stopped"]
+    assert stopped["sessions_left"] == 0
+    assert not (home / "admin.sock").exists()
+
+
+def test_sigterm_ends_tunnels_still_open_after_the_grace_then_exits_0(
+    procs: ProcGroup, home: Path, echo_server: EchoServer
+) -> None:
+    write_config(home, [target("build42", echo_server.port)])  # shutdown_grace = "1s"
+    relay, address = start_relay(procs, home)
+    tls, sid = open_tunnel(home, address, "build42", issue(home))
+
+    relay.send_signal(signal.SIGTERM)
+    draining = relay.wait_event("relay.draining")
+    wait_eof(tls)  # the relay ends the tunnel when the grace is over
+    code = relay.wait(timeout=EOF_TIMEOUT)
 
     assert code == 0, relay.output()
     closed = relay.wait_event("session.closed", session_id=sid)
     assert closed["reason"] == "shutdown"
-    assert (event_time(closed) - event_time(draining)).total_seconds() >= 1.9
+    # The grace starts after relay.draining is logged, so this holds on any machine.
+    assert (event_time(closed) - event_time(draining)).total_seconds() >= 1
     end = session_end(home, sid)
     assert end["event"] == "session.closed" and end["reason"] == "shutdown" and "sig" in end
     (stopped,) = [r for r in relay_audit(home) if r.get("event") == "relay.stopped"]
     assert stopped["sessions_left"] == 0
-    assert not (home / "admin.sock").exists()
 
 
 def test_text_log_format_is_one_readable_line_per_event(procs: ProcGroup, home: Path) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import ssl
+import struct
 import time
 import warnings
 from pathlib import Path
 
+import jwt
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -389,4 +392,145 @@ async def test_backend_closing_ends_the_tunnel_after_its_last_bytes(
         await running.relay.wait_no_sessions()
     (session_file,) = config.relay.audit_dir.glob(f"*/{session_id}.jsonl")
     assert audit_records(session_file)[-1]["reason"] == "backend_closed"
+    running.stop.set()
+
+
+async def start_resetting_backend(nursery, *, after: trio.Event | None = None):
+    """A server that accepts and then resets (RST) each connection: at once, or once
+    ``after`` is set.  Returns its port and an event set after each reset."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    reset = trio.Event()
+
+    async def drop(stream: trio.SocketStream) -> None:
+        if after is not None:
+            await after.wait()
+        # SO_LINGER with a zero timeout: close() sends RST instead of FIN.
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()
+        reset.set()
+
+    await nursery.start(trio.serve_listeners, drop, listeners)
+    return listeners[0].socket.getsockname()[1], reset
+
+
+async def test_backend_that_resets_before_the_tunnel_opens_gets_502(
+    nursery, make_config, token_for, pki
+):
+    port, reset = await start_resetting_backend(nursery)
+    config = make_config([gdb_target("build42", port)])
+    running = await start_relay(nursery, config, pki)
+    opened = running.relay.open_backend
+
+    async def open_after_the_reset(backend, *, connect_timeout):
+        stream = await opened(backend, connect_timeout=connect_timeout)
+        # The RST has reached this socket once it is readable: from here the
+        # relay's check sees it, without any assumption about timing.
+        await reset.wait()
+        await trio.lowlevel.wait_readable(stream.socket)
+        return stream
+
+    running.relay.open_backend = open_after_the_reset
+    with pytest.raises(RelayRefused) as info:
+        await open_tunnel(running.settings(token_for()))
+    assert (info.value.status, info.value.reason) == (502, "backend_reset")
+    assert info.value.message == "the debug server dropped the connection before the tunnel opened"
+    with trio.fail_after(5):
+        await running.relay.wait_no_sessions()
+    (session_file,) = config.relay.audit_dir.glob("*/*.jsonl")
+    events = [r.get("event") for r in audit_records(session_file)]
+    assert "backend.failed" in events and "backend.connected" not in events
+    assert audit_records(session_file)[-1]["reason"] == "backend_reset"
+    assert sample(running.metrics, "dbgrelay_backend_connect_errors_total", target="build42") == 1
+    running.stop.set()
+
+
+async def test_backend_reset_after_the_200_before_any_byte_is_named_in_the_end_record(
+    nursery, make_config, token_for, pki
+):
+    go = trio.Event()
+    port, reset = await start_resetting_backend(nursery, after=go)
+    config = make_config([gdb_target("build42", port)])
+    running = await start_relay(nursery, config, pki)
+    tls, session_id, _ = await open_tunnel(running.settings(token_for()))
+    go.set()
+    with trio.fail_after(5):
+        try:
+            assert await tls.receive_some(100) == b""
+        except trio.BrokenResourceError:
+            pass
+        await running.relay.wait_no_sessions()
+    (session_file,) = config.relay.audit_dir.glob(f"*/{session_id}.jsonl")
+    assert audit_records(session_file)[-1]["reason"] == "backend_reset"
+    running.stop.set()
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [{"exp": 10**400}, {"nbf": 10**400}, {"iat": 10**400}, {"exp": -(10**400)}],
+    ids=["exp", "nbf", "iat", "negative-exp"],
+)
+async def test_signed_token_with_an_absurd_time_claim_gets_401_malformed(
+    nursery, make_config, pki, keydir, claims
+):
+    # exp = 10**400 used to pass verification and raise OverflowError in the
+    # session: no status line, audit reason "error".
+    from auth import load_signing_key
+
+    backend = await start_echo(nursery)
+    config = make_config([gdb_target("build42", backend.port)])
+    running = await start_relay(nursery, config, pki)
+    key = load_signing_key(keydir / "signing.key")
+    now = int(time.time())
+    payload = {
+        "iss": "dbgrelay",
+        "aud": "dbgrelay",
+        "sub": "mallory",
+        "jti": "a" * 32,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 3600,
+        "targets": ["build42"],
+    } | claims
+    token = jwt.encode(payload, key.private_key, algorithm="EdDSA", headers={"kid": key.kid})
+    event, tls = await raw_request(
+        running.port, running.ca, render_request(method="CONNECT", target="build42", token=token)
+    )
+    assert (event.status, event.reason) == (401, "malformed")
+    assert event.message == "the token is malformed; ask an admin for a new one"
+    assert await tls.receive_some(100) == b""
+    assert backend.connections == 0
+    await eventually(
+        lambda: sample(running.metrics, "dbgrelay_auth_failures_total", reason="malformed") == 1
+    )
+    relay_file = next(config.relay.audit_dir.glob("relay-*.jsonl"))
+    (rejected,) = [r for r in audit_records(relay_file) if r.get("event") == "token.rejected"]
+    assert rejected["reason"] == "malformed" and rejected["status"] == 401
+    assert not list(config.relay.audit_dir.glob("*/*.jsonl"))  # no session began
+    running.stop.set()
+
+
+async def test_token_expired_within_the_leeway_gets_401_expired(
+    nursery, make_config, token_for, pki
+):
+    backend = await start_echo(nursery)
+    config = make_config(
+        [
+            gdb_target("build42", backend.port),
+            gdb_target("lenient", backend.port, end_on_token_expiry=False),
+        ]
+    )
+    running = await start_relay(nursery, config, pki)
+    # Expired 10 s ago: inside the default 30 s leeway, so the token verifies.
+    token = token_for(targets=["build42", "lenient"], now=time.time() - 70, ttl=60)
+    event, tls = await raw_request(
+        running.port, running.ca, render_request(method="CONNECT", target="build42", token=token)
+    )
+    assert (event.status, event.reason) == (401, "expired")
+    assert event.message == "the token has expired; ask an admin for a new one"
+    assert backend.connections == 0
+    # A target that lets tunnels outlive their token still takes it.
+    lenient, _, _ = await open_tunnel(running.settings(token, target="lenient"))
+    await lenient.send_all(b"ping")
+    assert await lenient.receive_some(10) == b"ping"
+    await lenient.aclose()
     running.stop.set()

@@ -15,7 +15,7 @@ from relay.connector import ConnectFailed, RelayRefused, open_tunnel
 from relay.tls import make_client_engine
 
 from .conftest import start_echo, start_relay
-from .test_relay import sample
+from .test_relay import eventually, sample
 
 
 def target(port: int, **extra) -> dict:
@@ -179,4 +179,32 @@ async def test_require_pq_refuses_classical_key_exchange(nursery, make_config, t
     opened = json.loads(path.read_text().splitlines()[1])
     assert (opened["tls_group"], opened["tls_version"]) == ("X25519MLKEM768", "TLSv1.3")
     assert sample(running.metrics, "dbgrelay_tls_sessions_total", group="X25519MLKEM768") >= 1
+    running.stop.set()
+
+
+@pytest.mark.parametrize("engine", ["stdlib", "pyopenssl"])
+async def test_certificate_revoked_between_handshake_and_request_is_refused(
+    engine, nursery, make_config, token_for, pki, alice_cert
+):
+    from relay.preamble import NEED_DATA, ResponseParser, render_request
+
+    backend, config, running, settings = await alice_over_mtls(
+        engine, nursery, make_config, token_for, pki, alice_cert
+    )
+    tls = settings.engine.wrap(await trio.open_tcp_stream("127.0.0.1", running.port), "127.0.0.1")
+    await tls.do_handshake()
+    # The relay has finished its side of the handshake, and its check after it, ...
+    await eventually(
+        lambda: sample(running.metrics, "dbgrelay_handshakes_total", outcome="ok") == 1
+    )
+    # ... when the certificate is revoked, before the CONNECT arrives.
+    running.relay.store.revoke_serial(alice_cert.serial, now=0)
+    running.relay.refresh_revocations()
+    await tls.send_all(render_request(method="CONNECT", target="build42", token=settings.token))
+    parser = ResponseParser()
+    while (event := parser.next_event()) is NEED_DATA:
+        parser.receive_data(await tls.receive_some(4096))
+    assert (event.status, event.reason) == (403, "cert_revoked")
+    assert backend.connections == 0
+    assert running.relay.sessions == {}
     running.stop.set()

@@ -215,3 +215,49 @@ async def test_stalled_tls_handshake_is_dropped(autojump_clock, harness):
     with trio.fail_after(60):
         await done.wait()
     assert trio.current_time() == pytest.approx(10, abs=0.01)
+
+
+async def test_token_expiring_before_the_tunnel_opens_gets_401_not_a_bare_close(
+    autojump_clock, harness, token_for
+):
+    h = harness(idle_timeout="8h")
+
+    async def never_answers(backend, *, connect_timeout: float):
+        await trio.sleep_forever()
+
+    h.relay.open_backend = never_answers
+    tls, event = await h.connect(token_for(now=wall(), ttl=10))
+    assert (event.status, event.reason) == (401, "expired")
+    assert event.message == "the token has expired; ask an admin for a new one"
+    assert trio.current_time() == pytest.approx(10, abs=0.01)
+    (path,) = h.relay.config.relay.audit_dir.glob("*/*.jsonl")
+    assert closed_reason(h.relay, path.stem) == "token_expired"
+
+
+async def test_session_ended_by_an_admin_before_its_200_is_told_so(
+    autojump_clock, harness, token_for, nursery
+):
+    h = harness(idle_timeout="8h")
+    connecting = trio.Event()
+
+    async def slow_backend(backend, *, connect_timeout: float):
+        connecting.set()
+        await trio.sleep_forever()
+
+    h.relay.open_backend = slow_backend
+    answer: list = []
+    answered = trio.Event()
+
+    async def client() -> None:
+        answer.append(await h.connect(token_for(now=wall())))
+        answered.set()
+
+    nursery.start_soon(client)
+    await connecting.wait()
+    (session,) = h.relay.sessions.values()
+    assert session.describe()["state"] == "open"
+    session.end("ended_by_admin")
+    await answered.wait()
+    _, event = answer[0]
+    assert (event.status, event.reason) == (503, "ended_by_admin")
+    assert closed_reason(h.relay, session.id) == "ended_by_admin"
