@@ -166,6 +166,14 @@ class RelaySection:
             long session.  Default 300.
         audit_fsync_interval: Audit records are fsync'd at least this often,
             in seconds; 0 means after every record.  Default 2.
+        user: The account ``dbgrelay serve`` drops to when started as root;
+            a small privileged helper keeps root only to start managed
+            servers.  ``None`` (default): no drop.
+        run_as: The account managed servers (and everything they start)
+            run as, unless a target says otherwise.  Never root nor the
+            relay's own account, except the relay's own account named
+            explicitly by a relay that is not root (development).
+            Default ``"dbgrelay-target"``.
     """
 
     listen: tuple[Address, ...] = (("127.0.0.1", 7443),)
@@ -178,6 +186,8 @@ class RelaySection:
     revocation_interval: float = 2.0
     checkpoint_interval: float = 300.0
     audit_fsync_interval: float = 2.0
+    user: str | None = None
+    run_as: str = "dbgrelay-target"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -256,9 +266,15 @@ class AdminSection:
         listen: A :class:`~pathlib.Path` for a Unix socket (the file says
             ``"unix:PATH"``), or a loopback ``(host, port)``.  Default
             ``<state_dir>/admin.sock``.
+        users: Accounts (names) admitted on the Unix socket besides root
+            and the relay's own account.  Default none.
+        groups: Groups (names) whose members are admitted on the Unix
+            socket.  Default none.
     """
 
     listen: Path | Address = Path("state/admin.sock")
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
 
     @property
     def unix_path(self) -> Path | None:
@@ -302,6 +318,8 @@ class TargetConfig:
             connector prints (``"net:port=50000,key=..."``).  Default ``None``.
         require_pq: Per-target override of ``tls.require_pq``; ``None``
             (default) inherits it.
+        run_as: The account this target's managed server runs as; ``None``
+            (default) means ``relay.run_as``.
     """
 
     name: str
@@ -323,6 +341,7 @@ class TargetConfig:
     record_max_bytes: int = 64 * 1024 * 1024
     kd_transport: str | None = None
     require_pq: bool | None = None
+    run_as: str | None = None
 
     @property
     def managed(self) -> bool:
@@ -376,6 +395,10 @@ class Config:
             if target.name == name:
                 return target
         return None
+
+    def run_as(self, target: TargetConfig) -> str:
+        """The account ``target``'s managed server runs as."""
+        return target.run_as or self.relay.run_as
 
     def requires_pq(self, target: TargetConfig) -> bool:
         """Whether tunnels to ``target`` must use post-quantum key exchange."""

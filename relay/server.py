@@ -34,6 +34,7 @@ from .audit import AuditWriter, relay_audit_path
 from .backends import ManagedServer, open_backend
 from .errors import LocalProtocolError, RelayError
 from .metrics import Metrics, NilMetrics
+from .privsep import Launchers
 from .session import Session, handle_connection
 from .tls import ServerTLS, make_server_engine
 from .watch import run_watch
@@ -153,6 +154,8 @@ class Relay:
         self.managed: dict[str, ManagedServer] = {}
         self._launch_locks: dict[str, trio.Lock] = {}
         self._managed_nursery: trio.Nursery | None = None
+        # Starts managed servers' launchers; `dbgrelay serve` passes the privileged helper.
+        self.launchers = Launchers()
         self.listeners: list[trio.SocketListener] = []
         state = config.relay.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -277,6 +280,8 @@ class Relay:
                 target,
                 log_dir=self.config.relay.state_dir / "servers",
                 on_event=partial(self._server_event, target.name),
+                run_as=self.config.run_as(target),
+                launchers=self.launchers,
             )
             assert self._managed_nursery is not None
             self.managed[target.name] = server

@@ -31,7 +31,8 @@ def test_unknown_key_names_the_known_keys(config_dir: Path) -> None:
     assert line == (
         f"{F}: relay.idle_timeout: unknown key (it belongs in [[targets]]); known keys: "
         "listen, state_dir, audit_dir, handshake_timeout, close_timeout, shutdown_grace, "
-        "max_sessions, revocation_interval, checkpoint_interval, audit_fsync_interval"
+        "max_sessions, revocation_interval, checkpoint_interval, audit_fsync_interval, "
+        "user, run_as"
     )
 
 
