@@ -115,6 +115,7 @@ class _Families:
         "idle_kills",
         "forgotten_servers",
         "audit_write_errors",
+        "admin_refusals",
         "build_info",
         "labelled",
     )
@@ -209,6 +210,12 @@ class _Families:
             "Audit records that could not be written.",
             registry=r,
         )
+        self.admin_refusals = Counter(
+            "dbgrelay_admin_refusals_total",
+            "Admin API requests refused for want of credentials, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.build_info = Gauge(
             "dbgrelay_build_info", "Always 1; the version is a label.", ["version"], registry=r
         )
@@ -227,6 +234,7 @@ class _Families:
             (self.managed_servers, 1),
             (self.idle_kills, 1),
             (self.forgotten_servers, 1),
+            (self.admin_refusals, 1),
             (self.build_info, 1),
         ]
 
@@ -388,6 +396,10 @@ class Metrics:
         """Count an audit record that could not be written."""
         self._f.audit_write_errors.inc()
 
+    def admin_refused(self, reason: str) -> None:
+        """Count an admin request refused with 401 or 403."""
+        self._f.admin_refusals.labels(reason).inc()
+
     def render(self) -> tuple[bytes, str]:
         """Return the exposition body and its ``Content-Type``."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -446,6 +458,9 @@ class NilMetrics:
         """Do nothing."""
 
     def audit_write_error(self) -> None:
+        """Do nothing."""
+
+    def admin_refused(self, reason: str) -> None:
         """Do nothing."""
 
     def render(self) -> tuple[bytes, str]:

@@ -168,6 +168,7 @@ def exercise(m) -> None:
     m.idle_kill("t")
     m.forgotten_server("t", True)
     m.audit_write_error()
+    m.admin_refused("peer_not_allowed")
 
 
 def test_metric_names_is_exactly_what_render_emits():
