@@ -272,16 +272,18 @@ def drop_privileges(user: str, own: Iterable[Path]) -> pwd.struct_passwd:
     try:
         for folder in own:
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            for root, dirs, files in os.walk(folder):
-                for name in [*dirs, *files]:
-                    os.chown(
-                        os.path.join(root, name),
-                        account.pw_uid,
-                        account.pw_gid,
-                        follow_symlinks=False,
-                    )
-            os.chown(folder, account.pw_uid, account.pw_gid)
-            os.chmod(folder, 0o700)
+            info = folder.stat()
+            if info.st_uid != account.pw_uid:
+                # First start under relay.user (say after running as root):
+                # hand over what is there.  Later starts find it done, so the
+                # walk needs no capability to read folders relay.user owns.
+                for root, dirs, files in os.walk(folder):
+                    for name in [*dirs, *files]:
+                        path = os.path.join(root, name)
+                        os.chown(path, account.pw_uid, account.pw_gid, follow_symlinks=False)
+                os.chown(folder, account.pw_uid, account.pw_gid)
+            if info.st_mode & 0o777 != 0o700:
+                os.chmod(folder, 0o700)
         os.initgroups(user, account.pw_gid)
         os.setgid(account.pw_gid)
         os.setuid(account.pw_uid)
