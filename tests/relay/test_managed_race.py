@@ -12,6 +12,7 @@ listens in the launcher's private network namespace, so the host's
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -32,10 +33,27 @@ from .test_managed import (
 LAUNCHES = 50
 
 # Polls /proc for gdbserver command lines, takes the port from them and
-# connects to 127.0.0.1:PORT in a loop until its standard input closes.
+# connects to 127.0.0.1:PORT in a loop until its standard input closes.  It
+# goes only for the servers this test's relay launched (descendants of
+# argv[1]): other gdbservers on a shared machine are none of its business.
 RACER = r"""
 import json, os, re, select, socket, sys
+relay = int(sys.argv[1])
 seen, attempts, got_in = set(), 0, []
+
+def launched_by_relay(pid):
+    for _ in range(16):
+        try:
+            stat = open(f"/proc/{pid}/stat", "rb").read()
+        except OSError:
+            return False
+        pid = int(stat[stat.rfind(b")") + 2 :].split()[1])
+        if pid == relay:
+            return True
+        if pid <= 1:
+            return False
+    return False
+
 while not select.select([0], [], [], 0)[0]:
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -44,7 +62,7 @@ while not select.select([0], [], [], 0)[0]:
             argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
         except OSError:
             continue
-        if not argv[0].endswith(b"gdbserver"):
+        if not argv[0].endswith(b"gdbserver") or not launched_by_relay(int(pid)):
             continue
         for arg in argv:
             m = re.fullmatch(rb"127\.0\.0\.1:(\d+)", arg)
@@ -71,7 +89,9 @@ async def test_a_racing_local_client_never_gets_in_over_50_launches(
     running.relay.fsync_in_thread = True  # real clock here: keep the disk off the loop
     token = token_for(ttl=LONG_TOKEN)
     racer = await trio.lowlevel.open_process(
-        [sys.executable, "-c", RACER], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        [sys.executable, "-c", RACER, str(os.getpid())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )
     exited = 0
     try:
