@@ -252,6 +252,7 @@ def _connect(host: str, port: int, reply: socket.socket) -> None:
         with socket.socket(family, socket.SOCK_STREAM) as conn:
             conn.settimeout(_CONNECT_TIMEOUT)
             conn.connect((host, port))
+            conn.setblocking(True)  # hand it back as a fresh socket would be
             _say({"event": "connected"}, reply, [conn.fileno()])
     except OSError as exc:
         _say({"event": "connect_failed", "error": exc.strerror or str(exc)}, reply)

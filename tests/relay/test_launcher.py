@@ -293,6 +293,7 @@ def test_c_hands_back_a_connection_to_the_server_made_inside_its_namespace(shim)
     assert s.report() == {"event": "listening"}
     answer, conn = s.connect()
     assert answer == {"event": "connected"} and conn is not None
+    conn.settimeout(WAIT)
     assert conn.recv(100) == f"hello from {port}".encode()
     conn.close()
     s.exited()
