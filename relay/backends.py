@@ -284,7 +284,7 @@ class ManagedServer:
             )
         except LaunchError as exc:
             self._done.set()
-            log.error("server.launch_refused", extra={"target": target.name, "error": str(exc)})
+            # The tunnel logs it once, as backend.failed with this message.
             raise BackendError(str(exc), reason="launch_failed") from exc
         finally:
             os.close(log_fd)

@@ -61,14 +61,14 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-def _config(home: Path, run_as: str) -> str:
+def _config(home: Path, run_as: str, *, user: bool = True) -> str:
     # Not python -I: the debuggee imports the relay's own library to re-sign.
     return f"""
 [relay]
 listen = ["127.0.0.1:0"]
 state_dir = "state"
 shutdown_grace = "1s"
-user = "{RELAY_USER}"
+{f'user = "{RELAY_USER}"' if user else ""}
 run_as = "{run_as}"
 [tls]
 cert = "pki/server.pem"
@@ -263,3 +263,31 @@ def test_check_config_warns_in_one_line_about_development_mode(
         "and audit files",
         "dbgrelay.toml: ok (1 targets)",
     ]
+
+
+def test_a_relay_without_root_refuses_launches_as_another_account_saying_what_to_do(
+    procs: ProcGroup, relay_home: Path, relay_user: pwd.struct_passwd, target_account: str
+) -> None:
+    home = relay_home
+    (home / "dbgrelay.toml").write_text(_config(home, target_account, user=False))
+    relay = procs.start(
+        ["setpriv", "--reuid", RELAY_USER, "--regid", RELAY_USER, "--clear-groups"]
+        + [accounts.public_python(), "-m", "relay", "serve", "--config", "dbgrelay.toml"],
+        cwd=home,
+        name="relay",
+        env=_env(home),
+    )
+    relay_addr = relay.wait_event("relay.listening")["address"]
+    conn = _tunnel(procs, home, relay_addr)
+    conn.settimeout(30)
+    assert conn.recv(100) == b""  # the connector closes: the relay answered 502
+    failed = relay.wait_event("backend.failed")
+    assert failed["reason"] == "launch_failed"
+    assert failed["error"] == (
+        f"cannot start processes as '{target_account}': the relay runs as '{RELAY_USER}' "
+        "without its privileged helper; start 'dbgrelay serve' as root with relay.user set, "
+        f'or for development set run_as = "{RELAY_USER}"'
+    )
+    assert len(relay.events("backend.failed")) == 1
+    assert relay.events("server.launched") == []
+    conn.close()
