@@ -65,8 +65,9 @@ class ReloadResult:
         ok: The new config, certificates and keys are in use.
         problems: Why the new config was refused (empty when ``ok``).
         restart_needed: Changed keys that only a restart applies
-            (``relay.listen``, ``relay.state_dir``, ``metrics.listen``,
-            ``admin.listen``); the running relay keeps their old values.
+            (``relay.listen``, ``relay.state_dir``, ``relay.user``,
+            ``metrics.listen``, ``admin.listen``); the running relay keeps
+            their old values.
         targets: The target names in use after the reload.
     """
 
@@ -83,6 +84,7 @@ class ReloadResult:
 _RESTART_KEYS: tuple[tuple[str, Callable[[Config], Any]], ...] = (
     ("relay.listen", lambda c: c.relay.listen),
     ("relay.state_dir", lambda c: c.relay.state_dir),
+    ("relay.user", lambda c: c.relay.user),
     ("metrics.listen", lambda c: c.metrics.listen),
     ("admin.listen", lambda c: c.admin.listen),
 )
@@ -93,7 +95,7 @@ def _keep_bound(new: Config, old: Config) -> Config:
     return dataclasses.replace(
         new,
         relay=dataclasses.replace(
-            new.relay, listen=old.relay.listen, state_dir=old.relay.state_dir
+            new.relay, listen=old.relay.listen, state_dir=old.relay.state_dir, user=old.relay.user
         ),
         metrics=old.metrics,
         admin=old.admin,
