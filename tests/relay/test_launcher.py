@@ -41,6 +41,7 @@ class Shim:
         run_as: str | None = None,
         listen: str | None = None,
         forbid_uid: int | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> None:
         self.log = log
         self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -50,7 +51,8 @@ class Shim:
             args += ["--listen", listen]
         with open(log, "ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", str(LAUNCHER), *args, "--", *command],
+                [*prefix, PY if prefix else sys.executable, "-I", str(LAUNCHER), *args]
+                + ["--", *command],
                 stdin=theirs.fileno(),
                 stdout=subprocess.DEVNULL,
                 stderr=err,
@@ -344,3 +346,36 @@ def test_an_unknown_account_is_refused_with_what_to_do(shim):
     report = s.report()
     assert report["event"] == "failed"
     assert "does not exist; create it (useradd" in report["error"]
+
+
+@pytest.mark.skipif(not accounts.is_root(), reason=accounts.NOT_ROOT)
+def test_development_mode_a_shim_without_root_runs_the_server_as_itself_in_a_user_namespace(
+    shim,
+):
+    # As a relay not started as root would: its own account, named explicitly.
+    port = 40000 + (os.getpid() + 2) % 20000
+    nobody = ("setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups")
+    s = shim(PY, "-c", SERVE, str(port), listen=f"127.0.0.1:{port}", run_as="nobody", prefix=nobody)
+    pid = s.started()
+    assert s.report() == {"event": "listening"}
+    uid = pwd.getpwnam("nobody").pw_uid
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}" in status
+    assert "CapEff:\t0000000000000000" in status
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    answer, conn = s.connect()
+    assert answer == {"event": "connected"} and conn is not None
+    conn.settimeout(WAIT)
+    assert conn.recv(100) == f"hello from {port}".encode()
+    conn.close()
+    s.exited()
+
+
+@pytest.mark.skipif(not accounts.is_root(), reason=accounts.NOT_ROOT)
+def test_a_shim_without_root_refuses_any_account_but_its_own(shim):
+    nobody = ("setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups")
+    s = shim("sleep", "1000", run_as=accounts.TARGET, prefix=nobody)
+    report = s.report()
+    assert report["event"] == "failed"
+    assert "without root; start 'dbgrelay serve' as root with relay.user set" in report["error"]
