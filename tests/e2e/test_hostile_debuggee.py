@@ -26,7 +26,9 @@ from pathlib import Path
 import pytest
 
 from .. import accounts
+from .conftest import GdbTools
 from .support import ProcGroup, clean_env, run_cli
+from .test_gdb import _assert_debugged, _run_gdb, _start_connector
 
 pytestmark = pytest.mark.skipif(not accounts.is_root(), reason=accounts.NOT_ROOT)
 
@@ -291,3 +293,43 @@ def test_a_relay_without_root_refuses_launches_as_another_account_saying_what_to
     assert len(relay.events("backend.failed")) == 1
     assert relay.events("server.launched") == []
     conn.close()
+
+
+def test_gdb_debugs_a_managed_gdbserver_started_through_the_privileged_helper(
+    procs: ProcGroup,
+    relay_home: Path,
+    relay_user: pwd.struct_passwd,
+    target_account: str,
+    gdb_tools: GdbTools,
+) -> None:
+    # The deployed shape: root start, relay.user, helper, gdbserver as the target account.
+    home = relay_home
+    config = _config(home, target_account).split("[[targets]]")[0] + "\n".join(
+        [
+            "[[targets]]",
+            'name = "build42"',
+            'kind = "gdbserver"',
+            'backend = "tcp://127.0.0.1:{port}"',
+            "launch = "
+            + json.dumps([gdb_tools.gdbserver, "--once", "127.0.0.1:{port}", str(gdb_tools.prog)]),
+            "",
+        ]
+    )
+    (home / "dbgrelay.toml").write_text(config)
+    relay = procs.start(
+        [accounts.public_python(), "-m", "relay", "serve", "--config", "dbgrelay.toml"],
+        cwd=home,
+        name="relay",
+        env=_env(home),
+    )
+    relay.wait_event("relay.privileges_dropped")
+    relay_addr = relay.wait_event("relay.listening")["address"]
+    local = _start_connector(procs, home, relay_addr, "build42")
+
+    output = _run_gdb(gdb_tools, home, local)
+
+    _assert_debugged(output + relay.output())
+    launched = relay.wait_event("server.launched", target="build42")
+    exited = relay.wait_event("server.exited", target="build42")
+    assert exited["reason"] == "exited" and exited["returncode"] == 0, exited
+    assert launched["argv"][:2] == [gdb_tools.gdbserver, "--once"], launched
