@@ -258,8 +258,8 @@ class ManagedServer:
         target = self.target
         assert isinstance(target.backend, TcpBackend)
         # The server listens in the shim's private network namespace, where
-        # any port is free; picking one free here too keeps the port a
-        # developer sees in the audit trail meaningful on the host.
+        # any port is free; one that is also free on the host keeps the logs
+        # and the audit trail from naming the port of a host service.
         self.port = pick_free_port(target.backend.host)
         argv = list(target.launch_command(self.port))
         try:

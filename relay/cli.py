@@ -478,13 +478,14 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .privsep import development_mode_warning
+    from .privsep import development_mode_warning, missing_account_warnings
     from .server import load_runtime
 
     config = _load_config(Path(args.config))
     load_runtime(config)
-    warning = development_mode_warning(config)
-    if warning is not None:
+    warnings = missing_account_warnings(config)
+    warnings += [w for w in [development_mode_warning(config)] if w is not None]
+    for warning in warnings:
         print(f"{args.config}: {warning}", file=sys.stderr)
     print(f"{args.config}: ok ({len(config.targets)} targets)", file=sys.stderr)
     return EXIT_OK

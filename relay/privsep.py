@@ -48,6 +48,7 @@ __all__ = [
     "Launchers",
     "check_platform",
     "development_mode_warning",
+    "missing_account_warnings",
     "drop_privileges",
     "run_as_accounts",
     "start_helper",
@@ -83,6 +84,22 @@ def development_mode_warning(config: Config) -> str | None:
             "(development mode): a debuggee there can read the relay's keys and audit files"
         )
     return None
+
+
+def missing_account_warnings(config: Config) -> list[str]:
+    """One line per account the config names that does not exist on this host."""
+    named = [("relay.user", config.relay.user)] if config.relay.user else []
+    named += [("run_as", name) for name in run_as_accounts(config)]
+    lines = []
+    for key, name in named:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            lines.append(
+                f"warning: {key} account {name!r} does not exist on this host; create it "
+                "(deploy/systemd/dbgrelay.sysusers) before the relay starts"
+            )
+    return lines
 
 
 def _account_name(uid: int) -> str:

@@ -333,3 +333,18 @@ def test_gdb_debugs_a_managed_gdbserver_started_through_the_privileged_helper(
     exited = relay.wait_event("server.exited", target="build42")
     assert exited["reason"] == "exited" and exited["returncode"] == 0, exited
     assert launched["argv"][:2] == [gdb_tools.gdbserver, "--once"], launched
+
+
+def test_check_config_warns_about_accounts_that_do_not_exist(relay_home: Path) -> None:
+    home = relay_home
+    text = _config(home, "no-such-target-acct").replace(RELAY_USER, "no-such-relay-acct")
+    (home / "dbgrelay.toml").write_text(text)
+    done = run_cli("check-config", "--config", "dbgrelay.toml", cwd=home)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "dbgrelay.toml: warning: relay.user account 'no-such-relay-acct' does not exist on this "
+        "host; create it (deploy/systemd/dbgrelay.sysusers) before the relay starts",
+        "dbgrelay.toml: warning: run_as account 'no-such-target-acct' does not exist on this "
+        "host; create it (deploy/systemd/dbgrelay.sysusers) before the relay starts",
+        "dbgrelay.toml: ok (1 targets)",
+    ]
