@@ -18,8 +18,10 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -348,3 +350,52 @@ def test_check_config_warns_about_accounts_that_do_not_exist(relay_home: Path) -
         "host; create it (deploy/systemd/dbgrelay.sysusers) before the relay starts",
         "dbgrelay.toml: ok (1 targets)",
     ]
+
+
+def test_kill_9_of_a_dropped_relay_ends_its_helper_and_every_server_it_launched(
+    procs: ProcGroup, relay_home: Path, relay_user: pwd.struct_passwd, target_account: str
+) -> None:
+    home = relay_home
+    (home / "dbgrelay.toml").write_text(_config(home, target_account))
+    relay = procs.start(
+        [accounts.public_python(), "-m", "relay", "serve", "--config", "dbgrelay.toml"],
+        cwd=home,
+        name="relay",
+        env=_env(home),
+    )
+    relay_addr = relay.wait_event("relay.listening")["address"]
+    mark = f"privhelper.py\0--relay-uid\0{relay_user.pw_uid}\0".encode()
+    helpers = [pid for pid, argv in _cmdlines() if mark in argv]
+    assert len(helpers) == 1, helpers
+    conn = _tunnel(procs, home, relay_addr)
+    server = relay.wait_event("server.launched", target="build42")["pid"]
+    assert not _gone(server)
+
+    relay.popen.send_signal(signal.SIGKILL)  # no cleanup code runs in the relay
+    assert relay.wait() == -signal.SIGKILL
+
+    # The helper and the launcher see their sockets from the relay close.
+    deadline = time.monotonic() + 20
+    while not (_gone(server) and _gone(helpers[0])):
+        assert time.monotonic() < deadline, "the server or the helper outlived the relay"
+        time.sleep(0.02)
+    conn.close()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rfind(")") + 2] == "Z"
+
+
+def _cmdlines() -> list[tuple[int, bytes]]:
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                found.append((int(name), Path(f"/proc/{name}/cmdline").read_bytes()))
+            except OSError:
+                continue  # it exited meanwhile
+    return found
