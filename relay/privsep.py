@@ -131,6 +131,11 @@ class Launchers:
     Args:
         helper: The relay's end of the helper's socket pair, or None to
             start shims directly.
+
+    Resource handling:
+        The helper's socket stays open for the relay's life; the kernel
+        closes it when the relay exits, however it exits, and the helper
+        then exits too.
     """
 
     def __init__(self, helper: socket.socket | None = None) -> None:
@@ -210,11 +215,6 @@ class Launchers:
             )
         control = socket.socket(fileno=fds[0])
         return Launched(trio.socket.from_stdlib_socket(control), int(answer["pid"]), None)
-
-    async def aclose(self) -> None:
-        """Close the helper's socket: the helper exits."""
-        if self._helper is not None:
-            self._helper.close()
 
 
 async def receive_message(sock: trio.socket.SocketType) -> tuple[bytes, list[int]]:
