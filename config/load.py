@@ -71,6 +71,8 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "server_stop_timeout",
         "proxy_protocol",
         "proxy_trusted",
+        "user",
+        "run_as",
     ),
     "tls": (
         "cert",
@@ -85,7 +87,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "auth": ("issuer", "audience", "jwks", "leeway", "audit_key"),
     "identity": ("oidc", "group_targets", "admin_groups"),
     "metrics": ("listen", "bearer_token_file", "tls_cert", "tls_key", "client_ca"),
-    "admin": ("listen",),
+    "admin": ("listen", "users", "groups"),
     "limits": (
         "max_unauthenticated",
         "max_unauthenticated_per_source",
@@ -118,6 +120,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "record_max_bytes",
         "kd_transport",
         "require_pq",
+        "run_as",
     ),
 }
 _TABLES = tuple(_KEYS)
@@ -139,6 +142,7 @@ _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _PORT = re.compile(r"\d{1,5}")
 _PORT_PLACEHOLDER = "{port}"
+_ACCOUNT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
 _LOOPBACK_NAMES = ("localhost",)
 
 _DURATION_FORMS = 'expected a duration like "30s", "15m" or "8h"'
@@ -642,6 +646,8 @@ class _Validator:
             table, w, "checkpoint_interval", 300.0, zero="forbidden"
         )
         out["audit_fsync_interval"] = self.duration(table, w, "audit_fsync_interval", 2.0)
+        out["user"] = self.account(table, w, "user", None)
+        out["run_as"] = self.account(table, w, "run_as", "dbgrelay-target")
         for key, default in (
             ("final_write_timeout", 2.0),
             ("session_end_timeout", 10.0),
@@ -941,10 +947,42 @@ class _Validator:
             )
         return out
 
+    def account(self, table: Mapping[str, Any], where: str, key: str, default: Any) -> Any:
+        """An account or group name (checked for form only: it may not exist here yet)."""
+        value = table.get(key, _MISSING)
+        if value is _MISSING:
+            return default
+        if not isinstance(value, str) or not _ACCOUNT.fullmatch(value):
+            self.problem(
+                f"{where}.{key}",
+                f'expected an account name like "dbgrelay-target", got {_show(value)}',
+            )
+            return _BAD
+        return value
+
+    def accounts(self, table: Mapping[str, Any], where: str, key: str) -> Any:
+        value = table.get(key, _MISSING)
+        if value is _MISSING:
+            return ()
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, str) and _ACCOUNT.fullmatch(v) for v in value
+        ):
+            self.problem(
+                f"{where}.{key}",
+                f'expected a list of names like ["alice", "ops"], got {_show(value)}',
+            )
+            return _BAD
+        return tuple(value)
+
     def admin(self, data: Mapping[str, Any], state_dir: Any) -> dict[str, Any]:
         table = self.table(data, "admin")
         if table is None:
             return {}
+        names = {"users": self.accounts(table, "admin", "users")}
+        names["groups"] = self.accounts(table, "admin", "groups")
+        return names | self._admin_listen(table, state_dir)
+
+    def _admin_listen(self, table: Mapping[str, Any], state_dir: Any) -> dict[str, Any]:
         value = table.get("listen", _MISSING)
         if value is _MISSING:
             return {"listen": _BAD if state_dir is _BAD else state_dir / "admin.sock"}
@@ -1113,6 +1151,7 @@ class _Validator:
             )
             require_pq = _BAD
         out["require_pq"] = require_pq
+        out["run_as"] = self.account(table, w, "run_as", None)
 
         out["backend_url"], out["backend"] = self.backend(table, w, launch)
 

@@ -187,6 +187,14 @@ class RelaySection:
         proxy_trusted: Networks the PROXY header is accepted from; a
             connection from elsewhere is closed.  Required (non-empty) when
             ``proxy_protocol`` is true.  Default empty.
+        user: The account ``dbgrelay serve`` drops to when started as root;
+            a small privileged helper keeps root only to start managed
+            servers.  ``None`` (default): no drop.
+        run_as: The account managed servers (and everything they start)
+            run as, unless a target says otherwise.  Never root nor the
+            relay's own account, except the relay's own account named
+            explicitly by a relay that is not root (development).
+            Default ``"dbgrelay-target"``.
     """
 
     listen: tuple[Address, ...] = (("127.0.0.1", 7443),)
@@ -199,6 +207,8 @@ class RelaySection:
     revocation_interval: float = 2.0
     checkpoint_interval: float = 300.0
     audit_fsync_interval: float = 2.0
+    user: str | None = None
+    run_as: str = "dbgrelay-target"
     final_write_timeout: float = 2.0
     session_end_timeout: float = 10.0
     server_stop_timeout: float = 30.0
@@ -413,9 +423,15 @@ class AdminSection:
         listen: A :class:`~pathlib.Path` for a Unix socket (the file says
             ``"unix:PATH"``), or a loopback ``(host, port)``.  Default
             ``<state_dir>/admin.sock``.
+        users: Accounts (names) admitted on the Unix socket besides root
+            and the relay's own account.  Default none.
+        groups: Groups (names) whose members are admitted on the Unix
+            socket.  Default none.
     """
 
     listen: Path | Address = Path("state/admin.sock")
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
 
     @property
     def unix_path(self) -> Path | None:
@@ -465,6 +481,8 @@ class TargetConfig:
             connector prints (``"net:port=50000,key=..."``).  Default ``None``.
         require_pq: Per-target override of ``tls.require_pq``; ``None``
             (default) inherits it.
+        run_as: The account this target's managed server runs as; ``None``
+            (default) means ``relay.run_as``.
     """
 
     name: str
@@ -488,6 +506,7 @@ class TargetConfig:
     record_max_bytes: int = 64 * 1024 * 1024
     kd_transport: str | None = None
     require_pq: bool | None = None
+    run_as: str | None = None
 
     @property
     def managed(self) -> bool:
@@ -556,6 +575,10 @@ class Config:
             if target.name == name:
                 return target
         return None
+
+    def run_as(self, target: TargetConfig) -> str:
+        """The account ``target``'s managed server runs as."""
+        return target.run_as or self.relay.run_as
 
     def requires_pq(self, target: TargetConfig) -> bool:
         """Whether tunnels to ``target`` must use post-quantum key exchange."""

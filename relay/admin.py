@@ -1,10 +1,18 @@
 """The admin API: live sessions, revocation, reload and health over HTTP/JSON.
 
 It listens on ``[admin] listen``: by default a Unix socket in the state
-folder, created with mode 0600, where the file's permissions are the access
-control; or a loopback TCP address, where every request must carry an admin
-token (a JWT with ``scope = "admin"``, checked against the relay's own JWKS,
-issuer, audience and revocations) as ``Authorization: Bearer <token>``.
+folder, created with mode 0600; or a loopback TCP address, where every
+request must carry an admin token (a JWT with ``scope = "admin"``, checked
+against the relay's own JWKS, issuer, audience and revocations) as
+``Authorization: Bearer <token>``.
+
+On the Unix socket the file mode is not the only check: every request is
+authenticated by the kernel's peer credentials (``SO_PEERCRED``).  Root, the
+relay's own uid, and the accounts in ``[admin] users`` or members of
+``[admin] groups`` are admitted; anyone else gets 403 (logged as
+``admin.refused`` and counted in ``dbgrelay_admin_refusals_total``), so a
+process that reaches the socket some other way (a file mode loosened by
+hand, an inherited descriptor) still cannot use it.
 
 Endpoints:
 
@@ -31,8 +39,11 @@ the admin token's ``sub``, or ``unix:uid=N`` for the Unix socket.
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
+import os
+import pwd
 import re
 from collections.abc import Callable
 from functools import partial
@@ -137,14 +148,58 @@ def _unix_actor(peer: str) -> str:
     return f"unix:uid={match.group(1)}" if match else "unix"
 
 
+def peer_allowed(uid: int, gid: int, *, users: tuple[str, ...], groups: tuple[str, ...]) -> bool:
+    """Whether the process with ``uid``/``gid`` may use the admin Unix socket.
+
+    Admitted: root, the relay's own uid, an account named in ``users``, and
+    a member (primary or supplementary) of a group named in ``groups``.
+    Names that do not exist admit nobody.
+    """
+    if uid in (0, os.getuid()):
+        return True
+    try:
+        account = pwd.getpwuid(uid)
+    except KeyError:
+        account = None
+    if account is not None and account.pw_name in users:
+        return True
+    if not groups:
+        return False
+    member_of = {gid}
+    if account is not None:
+        member_of.update(os.getgrouplist(account.pw_name, account.pw_gid))
+    for name in groups:
+        try:
+            if grp.getgrnam(name).gr_gid in member_of:
+                return True
+        except KeyError:
+            continue
+    return False
+
+
 def _authenticate(relay: Relay, request: HttpRequest, require_token: bool) -> dict[str, str]:
     """The actor fields for the audit trail, or a 401/403 refusal.
 
     Raises:
         _Refusal: 401 without a valid admin token, 403 for a valid token
-            without ``scope = "admin"``.
+            without ``scope = "admin"``, 403 on the Unix socket for a peer
+            that is not admitted (see :func:`peer_allowed`).
     """
     if not require_token:
+        creds = request.credentials
+        admin = relay.config.admin
+        if creds is None:
+            raise _Refusal(
+                403, "peer_unknown", "the admin socket could not identify the caller (SO_PEERCRED)"
+            )
+        _pid, uid, gid = creds
+        if not peer_allowed(uid, gid, users=admin.users, groups=admin.groups):
+            raise _Refusal(
+                403,
+                "peer_not_allowed",
+                f"uid {uid} may not use the admin socket; add its account to admin.users "
+                "or admin.groups in the relay's config",
+            )
         return {"actor": _unix_actor(request.peer)}
     challenge = {"www-authenticate": 'Bearer realm="dbgrelay-admin"'}
     scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
@@ -206,6 +261,8 @@ def admin_handler(relay: Relay, *, require_token: bool) -> Handler:
             return await route(relay, request, actor, *params)
         except _Refusal as refusal:
             level = logging.WARNING if refusal.status in (401, 403) else logging.INFO
+            if refusal.status in (401, 403):
+                relay.metrics.admin_refused(refusal.reason)
             log.log(
                 level,
                 "admin.refused",

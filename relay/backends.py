@@ -6,6 +6,7 @@ address comes from the config, never from the client.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import logging
@@ -13,8 +14,6 @@ import math
 import os
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import trio
 from config import NpipeBackend, TargetConfig, TcpBackend, UnixBackend
 
 from .errors import RelayError
+from .privsep import LAUNCHER, Launched, LaunchError, Launchers, receive_message
 
 __all__ = [
     "BackendError",
@@ -38,17 +38,15 @@ __all__ = [
 
 log = logging.getLogger("dbgrelay.backend")
 
-LAUNCHER = Path(__file__).with_name("launcher.py")
-
 
 class BackendError(RelayError):
     """The backend could not be reached or started (answered with 502)."""
 
 
 async def open_backend(
-    backend: TcpBackend | UnixBackend | NpipeBackend, *, connect_timeout: float
+    backend: TcpBackend | UnixBackend | NpipeBackend | ManagedServer, *, connect_timeout: float
 ) -> trio.SocketStream:
-    """Connect to a configured backend.
+    """Connect to a configured backend, or to a managed server through its launcher.
 
     TCP streams get ``TCP_NODELAY`` (trio sets it on every TCP
     :class:`trio.SocketStream`): debuggers send small requests and wait for
@@ -57,6 +55,8 @@ async def open_backend(
     Raises:
         BackendError: refused, unreachable, or not within ``connect_timeout``.
     """
+    if isinstance(backend, ManagedServer):
+        return await backend.connect(connect_timeout=connect_timeout)
     if isinstance(backend, NpipeBackend):
         raise BackendError(
             "npipe:// backends need the relay to run on Windows", reason="backend_unsupported"
@@ -120,24 +120,6 @@ def pick_free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _listening_ports() -> set[int] | None:
-    """Ports in LISTEN state on this host (Linux /proc), or None if unknown."""
-    ports: set[int] = set()
-    found = False
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(name) as f:
-                lines = f.readlines()[1:]
-        except OSError:
-            continue
-        found = True
-        for line in lines:
-            parts = line.split()
-            if len(parts) > 3 and parts[3] == "0A":  # TCP_LISTEN
-                ports.add(int(parts[1].rsplit(":", 1)[1], 16))
-    return ports if found else None
-
-
 @dataclass(frozen=True, slots=True)
 class ServerExit:
     """How a managed server ended.
@@ -164,11 +146,17 @@ class ManagedServer:
     ``idle_timeout``, when it has run for ``max_session``, on shutdown, or
     when the relay dies (see :mod:`relay.launcher`).
 
+    The server runs as ``run_as`` in a private network namespace (see
+    :mod:`relay.launcher`); tunnels reach it only through :meth:`connect`.
+
     Args:
         target: The target whose ``launch`` command this runs.
         log_dir: Where the server's output goes (``<target>.log``).
         on_event: Called with ``(event, fields)`` for ``server.launched`` and
             ``server.exited``, so the relay can audit, log and count them.
+        run_as: The account the server and everything it starts run as.
+        launchers: How shims are started (through the privileged helper or
+            directly); default: directly.
 
     Resource handling:
         :meth:`run` owns the process: start it with ``nursery.start`` (which
@@ -178,13 +166,23 @@ class ManagedServer:
     """
 
     def __init__(
-        self, target: TargetConfig, *, log_dir: Path, on_event: Callable[[str, dict], None]
+        self,
+        target: TargetConfig,
+        *,
+        log_dir: Path,
+        on_event: Callable[[str, dict], None],
+        run_as: str,
+        launchers: Launchers | None = None,
     ) -> None:
         if not target.managed or not isinstance(target.backend, TcpBackend):
             raise ValueError(f"target {target.name!r} has no launch command and tcp:// backend")
         self.target = target
         self.log_dir = log_dir
         self.on_event = on_event
+        self.run_as = run_as
+        self.launchers = launchers or Launchers()
+        self._launched: Launched | None = None
+        self._early_exit: dict | None = None
         self.port: int | None = None
         self.pid: int | None = None
         self.tunnels = 0
@@ -259,6 +257,9 @@ class ManagedServer:
         """
         target = self.target
         assert isinstance(target.backend, TcpBackend)
+        # The server listens in the shim's private network namespace, where
+        # any port is free; one that is also free on the host keeps the logs
+        # and the audit trail from naming the port of a host service.
         self.port = pick_free_port(target.backend.host)
         argv = list(target.launch_command(self.port))
         try:
@@ -274,46 +275,105 @@ class ManagedServer:
                 reason="launch_failed",
             ) from exc
         try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-I", str(LAUNCHER), "--kill-grace", str(target.kill_grace)]
-                + ["--", *argv],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log_fd,
-                start_new_session=True,
+            launched = await self.launchers.spawn(
+                run_as=self.run_as,
+                kill_grace=target.kill_grace,
+                listen=str(self.backend)[len("tcp://") :],
+                argv=argv,
+                log_fd=log_fd,
             )
-        except OSError as exc:
+        except LaunchError as exc:
             self._done.set()
-            raise BackendError(
-                f"cannot start {sys.executable} {LAUNCHER}: {exc.strerror or exc}",
-                reason="launch_failed",
-            ) from exc
+            # The tunnel logs it once, as backend.failed with this message.
+            raise BackendError(str(exc), reason="launch_failed") from exc
         finally:
             os.close(log_fd)
-        lines = _JsonLines(process.stdout)
+        self._launched = launched
+        reports = _Reports(launched.control)
         try:
-            await self._launch(process, lines, argv, task_status)
+            await self._launch(launched, reports, argv, task_status)
         finally:
             with trio.CancelScope(shield=True):
                 if self.exit is None:
                     self.kill_reason = self.kill_reason or (
                         "shutdown" if self._started else "launch_failed"
                     )
-                    await self._kill(process, lines)
-                await _reap(process)
+                    await self._kill(launched, reports)
+                await _reap(launched)
             self._done.set()
+
+    async def connect(self, *, connect_timeout: float) -> trio.SocketStream:
+        """A TCP connection to the server, made by its shim inside its namespace.
+
+        The shim checks that the listener on the port belongs to the tree it
+        launched before it connects, and passes the connected socket back
+        over the control socket (``SCM_RIGHTS``): nothing on the host can
+        reach the server, and the relay never connects to an impostor.
+
+        Raises:
+            BackendError: the server is gone, refused, or did not answer in
+                ``connect_timeout`` (``backend_unreachable`` / ``backend_timeout``).
+        """
+        launched = self._launched
+        if launched is None or self.exit is not None:
+            raise BackendError("the managed server has exited", reason="backend_unreachable")
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        reply = trio.socket.from_stdlib_socket(mine)
+        try:
+            with trio.fail_after(connect_timeout):
+                try:
+                    await launched.control.sendmsg(
+                        [b"c"],
+                        [
+                            (
+                                socket.SOL_SOCKET,
+                                socket.SCM_RIGHTS,
+                                array.array("i", [theirs.fileno()]),
+                            )
+                        ],
+                    )
+                finally:
+                    theirs.close()
+                data, fds = await receive_message(reply)
+        except trio.TooSlowError as exc:
+            raise BackendError(
+                f"backend {_describe(self.backend)} did not accept within {connect_timeout:g}s",
+                reason="backend_timeout",
+            ) from exc
+        except OSError as exc:
+            raise BackendError(
+                f"backend {_describe(self.backend)}: the launcher is gone ({exc.strerror or exc})",
+                reason="backend_unreachable",
+            ) from exc
+        finally:
+            reply.close()
+        try:
+            answer = json.loads(data) if data else {}
+        except ValueError:
+            answer = {}
+        if answer.get("event") != "connected" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise BackendError(
+                f"backend {_describe(self.backend)}: {answer.get('error', 'the launcher is gone')}",
+                reason="backend_unreachable",
+            )
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fds[0]))
+        stream = trio.SocketStream(sock)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return stream
 
     async def _launch(
         self,
-        process: trio.Process,
-        lines: _JsonLines,
+        launched: Launched,
+        reports: _Reports,
         argv: list[str],
         task_status: trio.TaskStatus[None],
     ) -> None:
         target = self.target
         # One deadline covers the launcher starting and the server listening.
         with trio.move_on_after(target.launch_timeout) as launching:
-            first = await lines.next()
+            first = await reports.next()
             if first is None or first.get("event") != "started":
                 error = (first or {}).get("error", "the launcher exited at once")
                 raise BackendError(
@@ -322,7 +382,16 @@ class ManagedServer:
                 )
             self.pid = first.get("pid")
             self.on_event("server.launched", {"pid": self.pid, "port": self.port, "argv": argv})
-            await self._wait_listening(process, argv[0])
+            # The shim reports once a process of its tree listens on the port.
+            ready = await reports.next()
+            if ready is None or ready.get("event") != "listening":
+                if ready is not None and ready.get("event") == "exited":
+                    self._early_exit = ready
+                raise BackendError(
+                    f"{argv[0]} exited before listening on port {self.port}; "
+                    f"see its log in {self.log_path}",
+                    reason="launch_failed",
+                )
         if launching.cancelled_caught:
             raise BackendError(
                 f"{argv[0]} did not listen on port {self.port} within "
@@ -341,51 +410,29 @@ class ManagedServer:
         with self._lifetime:
             with self._idle:
                 # The server runs until it exits by itself or a scope fires.
-                self._record_exit(await lines.next("exited"), "exited")
+                self._record_exit(await reports.next("exited"), "exited")
                 return
             self.kill_reason = self.kill_reason or "idle"
         self.kill_reason = self.kill_reason or "max_session"
-        await self._kill(process, lines)
+        await self._kill(launched, reports)
 
-    async def _wait_listening(self, process: trio.Process, program: str) -> None:
-        """Wait until the port listens, without connecting to it on Linux.
-
-        A probe connection would be taken for the debugger's: ``gdbserver
-        --once`` exits after its first client.  On Linux we read the kernel's
-        listen table instead; elsewhere we fall back to a connect probe.
-        The caller bounds the wait.  Polls quickly at first (gdbserver
-        listens within milliseconds), then backs off to 4 polls a second.
-        """
-        delay = 0.01
-        while True:
-            if process.poll() is not None:
-                raise BackendError(
-                    f"{program} exited before listening on port {self.port}; "
-                    f"see its log in {self.log_path}",
-                    reason="launch_failed",
-                )
-            ports = _listening_ports()
-            if ports is None:
-                if await probe_backend(self.backend, connect_timeout=1.0):
-                    return
-            elif self.port in ports:
-                return
-            await trio.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
-
-    async def _kill(self, process: trio.Process, lines: _JsonLines) -> None:
+    async def _kill(self, launched: Launched, reports: _Reports) -> None:
         """Ask the launcher to kill the tree and wait, bounded, for its report."""
         reason = self.kill_reason or "killed"
-        with trio.move_on_after(self.target.kill_grace + 5):
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await process.stdin.send_all(b"k")
-            self._record_exit(await lines.next("exited"), reason)
+        if self._early_exit is not None:
+            self._record_exit(self._early_exit, reason)
             return
-        # The launcher is stuck: take down what we know of the tree from here.
-        for group in (process.pid, self.pid):
-            if group is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(group, signal.SIGKILL)
+        with trio.move_on_after(self.target.kill_grace + 5):
+            with contextlib.suppress(OSError):
+                await launched.control.send(b"k")
+            self._record_exit(await reports.next("exited"), reason)
+            return
+        # The launcher is stuck: take down what we can reach from here.  A
+        # relay that is not root cannot signal it; closing the control
+        # socket (in _reap) tells a live launcher to kill the tree anyway.
+        if launched.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                launched.process.kill()
         self._record_exit(None, reason)
 
     def _record_exit(self, final: dict | None, reason: str) -> None:
@@ -417,58 +464,44 @@ class ManagedServer:
         )
 
 
-async def _reap(process: trio.Process) -> None:
-    """Wait for the launcher to exit and close our ends of its pipes (bounded)."""
+async def _reap(launched: Launched) -> None:
+    """Close the control socket and wait, bounded, for a launcher we started ourselves."""
+    launched.control.close()
+    process = launched.process
+    if process is None:
+        return  # the privileged helper reaps the launchers it starts
     with trio.move_on_after(5):
         await process.wait()
     if process.returncode is None:
         process.kill()
         with trio.move_on_after(5):
             await process.wait()
-    for stream in (process.stdin, process.stdout):
-        if stream is not None:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.aclose()
 
 
-class _JsonLines:
-    """Reads the launcher's JSON objects, one per line, from its stdout pipe.
+class _Reports:
+    """Reads the launcher's JSON reports, one per message, from the control socket.
 
-    Lines that are not JSON objects are skipped: the launcher writes only
+    Messages that are not JSON objects are skipped: the launcher sends only
     objects, so anything else is noise, never a report.
     """
 
-    _MAX_LINE = 64 * 1024
-
-    def __init__(self, stream: trio.abc.ReceiveStream | None) -> None:
-        self._stream = stream
-        self._buf = b""
+    def __init__(self, control: trio.socket.SocketType) -> None:
+        self._control = control
 
     async def next(self, event: str | None = None) -> dict | None:
         """The next object (whose ``event`` is ``event``, if given), or None at EOF."""
         while True:
-            line = await self._line()
-            if line is None:
+            try:
+                data, fds = await receive_message(self._control)
+            except OSError:
+                return None
+            for fd in fds:
+                os.close(fd)
+            if not data:
                 return None
             try:
-                obj = json.loads(line)
+                obj = json.loads(data)
             except ValueError:
                 continue
             if isinstance(obj, dict) and (event is None or obj.get("event") == event):
                 return obj
-
-    async def _line(self) -> bytes | None:
-        if self._stream is None:
-            return None
-        while b"\n" not in self._buf:
-            if len(self._buf) > self._MAX_LINE:
-                self._buf = b""  # a runaway line: drop it
-            try:
-                data = await self._stream.receive_some(4096)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                return None
-            self._buf += data
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line

@@ -483,26 +483,70 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from .privsep import development_mode_warning, missing_account_warnings
     from .server import load_runtime
 
     config = _load_config(Path(args.config))
     load_runtime(config)
+    warnings = missing_account_warnings(config)
+    warnings += [w for w in [development_mode_warning(config)] if w is not None]
+    for warning in warnings:
+        print(f"{args.config}: {warning}", file=sys.stderr)
     print(f"{args.config}: ok ({len(config.targets)} targets)", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load_config(Path(args.config))
-    trio.run(_run_relay, config)
+    helper = _separate_privileges(config)
+    trio.run(_run_relay, config, None, helper)
     return EXIT_OK
 
 
-async def _run_relay(config: Any, before: Callable[[trio.Nursery], Any] | None = None) -> None:
+def _separate_privileges(config: Any) -> Any:
+    """As root with ``relay.user`` set: start the privileged helper, then drop to relay.user.
+
+    Returns:
+        The relay's end of the helper's socket, or None when there is no helper.
+    """
+    import pwd
+
+    from .privsep import drop_privileges, run_as_accounts, start_helper
+
+    user = config.relay.user
+    if user is None:
+        return None
+    if os.geteuid() != 0:
+        if pwd.getpwuid(os.geteuid()).pw_name == user:
+            return None  # already relay.user (e.g. systemd User=): managed servers need root
+        raise UserError(
+            f"relay.user is {user!r} but 'dbgrelay serve' runs as uid {os.geteuid()}: "
+            "start it as root (it drops to relay.user) or remove relay.user"
+        )
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise UserError(
+            f"relay.user {user!r} does not exist; create it (deploy/sysusers.d/dbgrelay.conf)"
+        ) from None
+    helper = start_helper(run_as_accounts(config), relay_uid=uid)
+    drop_privileges(user, [config.relay.state_dir, config.relay.audit_dir])
+    logging.getLogger("dbgrelay.relay").info(
+        "relay.privileges_dropped", extra={"user": user, "uid": uid, "helper": True}
+    )
+    return helper
+
+
+async def _run_relay(
+    config: Any, before: Callable[[trio.Nursery], Any] | None = None, helper: Any = None
+) -> None:
     """Run the relay with its metrics endpoint, admin API and signal handling."""
+    from .privsep import Launchers
     from .server import Relay, run_signals, serve_relay
 
     metrics = _make_metrics(config)
     relay = Relay(config, metrics=metrics)
+    relay.launchers = Launchers(helper)
     stop = trio.Event()
     try:
         async with trio.open_nursery() as nursery:

@@ -8,6 +8,7 @@ so the file doubles as a starting point for a production config.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import time
 from dataclasses import dataclass
@@ -108,6 +109,10 @@ def write_demo_config(setup: DemoSetup, *, echo_port: int) -> None:
             'idle_timeout = "5m"',
             'max_session = "8h"',
         ]
+        if os.geteuid() != 0:
+            # Not root: the relay can only run servers as this account
+            # (development mode; a deployed relay uses dbgrelay-target).
+            lines.append(f'run_as = "{pwd.getpwuid(os.geteuid()).pw_name}"')
     tmp = setup.config.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, setup.config)

@@ -14,6 +14,7 @@ internet.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hmac
 import json
@@ -76,6 +77,8 @@ class HttpRequest:
         headers: Header names lower-cased; repeated headers joined with ``", "``.
         body: The whole body.
         peer: ``"ip:port"`` for TCP, ``"unix:pid=N,uid=N"`` for a Unix socket.
+        credentials: ``(pid, uid, gid)`` of the connecting process as the
+            kernel reports them (``SO_PEERCRED``) on a Unix socket, else None.
     """
 
     method: str
@@ -83,6 +86,7 @@ class HttpRequest:
     headers: Mapping[str, str]
     body: bytes
     peer: str
+    credentials: tuple[int, int, int] | None = None
 
     @property
     def path(self) -> str:
@@ -193,6 +197,7 @@ async def _serve_connection(
     max_body: int,
 ) -> None:
     peer = _peer_name(stream)
+    credentials = peer_credentials(stream)
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head)
     linger = False
     try:
@@ -201,6 +206,8 @@ async def _serve_connection(
             with trio.move_on_after(request_timeout) as scope:
                 try:
                     request = await _receive_request(stream, conn, peer, max_head, max_body)
+                    if request is not None and credentials is not None:
+                        request = dataclasses.replace(request, credentials=credentials)
                 except _Reject as reject:
                     logger.info(
                         "http.rejected", extra={"peer": peer, "status": reject.response.status}
@@ -339,6 +346,23 @@ async def _close(stream: trio.abc.Stream, *, linger: bool) -> None:
 
 
 _SO_PEERCRED = getattr(stdlib_socket, "SO_PEERCRED", None)
+
+
+def peer_credentials(stream: trio.abc.Stream) -> tuple[int, int, int] | None:
+    """``(pid, uid, gid)`` of the process at the other end of a Unix socket.
+
+    The kernel records them when the peer connects, so they cannot be
+    forged by what the peer sends.  None for TCP, or where unsupported.
+    """
+    sock = getattr(stream, "socket", None)
+    if sock is None or _SO_PEERCRED is None or sock.family != stdlib_socket.AF_UNIX:
+        return None
+    try:
+        creds = sock.getsockopt(stdlib_socket.SOL_SOCKET, _SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:

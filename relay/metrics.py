@@ -135,6 +135,7 @@ class _Families:
         "unauthenticated",
         "accept_errors",
         "accept_paused",
+        "admin_refusals",
         "build_info",
         "labelled",
     )
@@ -251,6 +252,12 @@ class _Families:
             "1 while accepting is backing off for lack of resources, else 0.",
             registry=r,
         )
+        self.admin_refusals = Counter(
+            "dbgrelay_admin_refusals_total",
+            "Admin API requests refused for want of credentials, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.build_info = Gauge(
             "dbgrelay_build_info", "Always 1; the version is a label.", ["version"], registry=r
         )
@@ -271,6 +278,7 @@ class _Families:
             (self.forgotten_servers, 1),
             (self.refusals, 1),
             (self.accept_errors, 1),
+            (self.admin_refusals, 1),
             (self.build_info, 1),
         ]
 
@@ -453,6 +461,10 @@ class Metrics:
         """Mark whether accepting is backing off."""
         self._f.accept_paused.set(1 if paused else 0)
 
+    def admin_refused(self, reason: str) -> None:
+        """Count an admin request refused with 401 or 403."""
+        self._f.admin_refusals.labels(reason).inc()
+
     def render(self) -> tuple[bytes, str]:
         """Return the exposition body and its ``Content-Type``."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -523,6 +535,9 @@ class NilMetrics:
         """Do nothing."""
 
     def accept_paused(self, paused: bool) -> None:
+        """Do nothing."""
+
+    def admin_refused(self, reason: str) -> None:
         """Do nothing."""
 
     def render(self) -> tuple[bytes, str]:

@@ -37,6 +37,7 @@ from .errors import LocalProtocolError, RelayError
 from .gate import Gate
 from .identity import IdentityKeys, issuer_ssl_contexts
 from .metrics import Metrics, NilMetrics
+from .privsep import Launchers
 from .session import Session, handle_connection
 from .tls import ServerTLS, make_server_engine
 from .watch import run_watch
@@ -67,8 +68,9 @@ class ReloadResult:
         ok: The new config, certificates and keys are in use.
         problems: Why the new config was refused (empty when ``ok``).
         restart_needed: Changed keys that only a restart applies
-            (``relay.listen``, ``relay.state_dir``, the ``[metrics]`` keys,
-            ``admin.listen``, ``identity.oidc``); the running relay keeps their old values.
+            (``relay.listen``, ``relay.state_dir``, ``relay.user``, the
+            ``[metrics]`` keys, ``admin.listen``, ``identity.oidc``); the
+            running relay keeps their old values.
         targets: The target names in use after the reload.
     """
 
@@ -85,6 +87,7 @@ class ReloadResult:
 _RESTART_KEYS: tuple[tuple[str, Callable[[Config], Any]], ...] = (
     ("relay.listen", lambda c: c.relay.listen),
     ("relay.state_dir", lambda c: c.relay.state_dir),
+    ("relay.user", lambda c: c.relay.user),
     ("metrics.listen", lambda c: c.metrics.listen),
     ("metrics.bearer_token_file", lambda c: c.metrics.bearer_token_file),
     ("metrics.tls_cert", lambda c: c.metrics.tls_cert),
@@ -100,7 +103,7 @@ def _keep_bound(new: Config, old: Config) -> Config:
     return dataclasses.replace(
         new,
         relay=dataclasses.replace(
-            new.relay, listen=old.relay.listen, state_dir=old.relay.state_dir
+            new.relay, listen=old.relay.listen, state_dir=old.relay.state_dir, user=old.relay.user
         ),
         metrics=old.metrics,
         admin=old.admin,
@@ -163,6 +166,8 @@ class Relay:
         self.managed: dict[str, ManagedServer] = {}
         self._launch_locks: dict[str, trio.Lock] = {}
         self._managed_nursery: trio.Nursery | None = None
+        # Starts managed servers' launchers; `dbgrelay serve` passes the privileged helper.
+        self.launchers = Launchers()
         self.listeners: list[trio.SocketListener] = []
         state = config.relay.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -292,6 +297,8 @@ class Relay:
                 target,
                 log_dir=self.config.relay.state_dir / "servers",
                 on_event=partial(self._server_event, target.name),
+                run_as=self.config.run_as(target),
+                launchers=self.launchers,
             )
             assert self._managed_nursery is not None
             self.managed[target.name] = server

@@ -637,8 +637,9 @@ async def _run_tunnel(
                     backend_addr = managed.backend
                 else:
                     backend_addr = target.backend
+                # A managed server is reached through its launcher, never on the host.
                 backend = await relay.open_backend(
-                    backend_addr, connect_timeout=target.connect_timeout
+                    managed or backend_addr, connect_timeout=target.connect_timeout
                 )
             except BackendError as exc:
                 relay.metrics.backend_connect_error(target.name)

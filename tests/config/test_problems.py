@@ -32,7 +32,8 @@ def test_unknown_key_names_the_known_keys(config_dir: Path) -> None:
         f"{F}: relay.idle_timeout: unknown key (it belongs in [[targets]]); known keys: "
         "listen, state_dir, audit_dir, handshake_timeout, close_timeout, shutdown_grace, "
         "max_sessions, revocation_interval, checkpoint_interval, audit_fsync_interval, "
-        "final_write_timeout, session_end_timeout, server_stop_timeout, proxy_protocol, proxy_trusted"
+        "final_write_timeout, session_end_timeout, server_stop_timeout, proxy_protocol, "
+        "proxy_trusted, user, run_as"
     )
 
 

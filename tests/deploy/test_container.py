@@ -131,3 +131,12 @@ def test_build_context_keeps_the_package_and_drops_secrets():
         assert not ignored(needed), needed
     for dropped in (".git/config", ".venv/bin/python", "server.key", "certs/ca.pem", "tests/x.py"):
         assert ignored(dropped), dropped
+
+
+def test_creates_the_target_account_and_documents_the_capabilities_for_launch():
+    runs = " ".join(args for kw, args in instructions() if kw == "RUN")
+    assert "--uid 10002" in runs and "dbgrelay-target" in runs
+    text = DOCKERFILE.read_text()
+    for cap in ("SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE"):
+        assert f"--cap-add {cap}" in text, cap
+    assert 'relay.user = "dbgrelay"' in text

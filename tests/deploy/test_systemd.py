@@ -64,9 +64,14 @@ def test_unit_and_drop_in_pass_systemd_analyze_verify(tmp_path):
 def test_unit_exposure_stays_low(tmp_path):
     tool = require_tool("systemd-analyze")
     unit = installed_copy(tmp_path)
-    # --threshold is in tenths: 20 means an exposure level of 2.0 ("OK").
+    # --threshold is in tenths: 35 means an exposure level of 3.5 ("OK").  The
+    # unit starts as root and keeps the capabilities the privileged helper
+    # needs to run debug servers as another account in their own network
+    # namespace; that alone costs about 1.9 of the score (3.1 measured with
+    # systemd 252), and buys what the score cannot see: a debuggee that
+    # cannot read the relay's keys or reach its admin socket.
     result = subprocess.run(
-        [tool, "security", "--offline=true", "--threshold=20", "--no-pager", str(unit)],
+        [tool, "security", "--offline=true", "--threshold=35", "--no-pager", str(unit)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -89,10 +94,21 @@ def test_unit_lets_the_relay_drain_before_systemd_kills():
     assert stop_timeout > grace + kill_grace
 
 
-def test_unit_has_no_capabilities_and_a_syscall_allow_list():
+def test_unit_starts_as_root_with_only_the_helpers_capabilities_and_a_syscall_allow_list():
     settings = unit_settings(UNIT)
-    assert settings["CapabilityBoundingSet"] == [""]
+    # No User=: `dbgrelay serve` drops to relay.user itself, after starting the helper.
+    assert "User" not in settings and "DynamicUser" not in settings
+    assert settings["CapabilityBoundingSet"][0].split() == [
+        "CAP_SETUID",
+        "CAP_SETGID",
+        "CAP_CHOWN",
+        "CAP_SYS_ADMIN",
+        "CAP_NET_ADMIN",
+        "CAP_KILL",
+        "CAP_SYS_PTRACE",
+    ]
     assert settings["AmbientCapabilities"] == [""]
+    assert settings["RestrictNamespaces"] == ["net"]
     assert settings["SystemCallFilter"][0] == "@system-service"
     assert settings["RestrictAddressFamilies"] == ["AF_INET AF_INET6 AF_UNIX"]
     for key in ("NoNewPrivileges", "MemoryDenyWriteExecute", "LockPersonality", "ProtectHome"):
@@ -127,6 +143,10 @@ def test_systemd_example_config_is_valid_and_matches_the_unit(tmp_path):
     assert config.relay.audit_dir.is_relative_to(Path("/var/log") / settings["LogsDirectory"][0])
     assert config.admin.unix_path is not None
     assert config.admin.unix_path.is_relative_to(config.relay.state_dir)
+    # The accounts the sysusers file creates are the ones the config names.
+    sysusers = (DEPLOY / "systemd" / "dbgrelay.sysusers").read_text().splitlines()
+    created = [line.split()[1] for line in sysusers if line.startswith("u ")]
+    assert created == [config.relay.user, config.relay.run_as] == ["dbgrelay", "dbgrelay-target"]
 
 
 def test_container_example_config_is_valid(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from .. import accounts
 from .support import ProcGroup, copy_materials, run_cli
 
 DATA = Path(__file__).with_name("data")
@@ -56,13 +57,17 @@ class GdbTools:
 
 
 @pytest.fixture(scope="session")
-def gdb_tools(tmp_path_factory: pytest.TempPathFactory) -> GdbTools:
-    """gdb, gdbserver and ``data/prog.c`` built with ``gcc -g -O0``; skips if a tool is missing."""
+def gdb_tools() -> Iterator[GdbTools]:
+    """gdb, gdbserver and ``data/prog.c`` built with ``gcc -g -O0``; skips if a tool is missing.
+
+    The program sits in a 0755 folder outside pytest's private temporary
+    folder: managed servers run as the target account and must read it.
+    """
     found = {name: shutil.which(name) for name in ("gdb", "gdbserver", "gcc")}
     missing = [name for name, path in found.items() if path is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} installed to debug a real program")
-    out = tmp_path_factory.mktemp("debuggee")
+    out = accounts.shared_dir()
     prog = out / "prog"
     subprocess.run(
         [found["gcc"], "-g", "-O0", "-o", str(prog), str(DATA / "prog.c")],
@@ -70,4 +75,5 @@ def gdb_tools(tmp_path_factory: pytest.TempPathFactory) -> GdbTools:
         capture_output=True,
         timeout=60,
     )
-    return GdbTools(gdb=found["gdb"], gdbserver=found["gdbserver"], prog=prog)
+    yield GdbTools(gdb=found["gdb"], gdbserver=found["gdbserver"], prog=prog)
+    accounts.rmtree(out)

@@ -125,7 +125,7 @@ def test_relay_killed_with_sigkill_takes_its_managed_server_and_inferior_with_it
     relay.popen.send_signal(signal.SIGKILL)  # no cleanup code runs in the relay
     assert relay.wait() == -signal.SIGKILL
 
-    # The launcher sees its pipe from the relay close and kills the tree.
+    # The launcher sees its control socket from the relay close and kills the tree.
     _wait_gone(server, inferior)
     debugger.close()
 

@@ -18,6 +18,8 @@ from relay.metrics import Metrics
 from relay.server import Relay, serve_relay
 from relay.tls import make_client_engine
 
+from .. import accounts
+
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -57,7 +59,12 @@ def make_config(tmp_path: Path, pki: Path, keydir: Path, engine: str) -> Callabl
             "engine": engine,
         }
         data = {
-            "relay": {"listen": ["127.0.0.1:0"], "state_dir": str(tmp_path / "state")} | relay,
+            "relay": {
+                "listen": ["127.0.0.1:0"],
+                "state_dir": str(tmp_path / "state"),
+                "run_as": accounts.target_account(),
+            }
+            | relay,
             "tls": tls_section | (tls or {}),
             "auth": {"jwks": str(keydir / "jwks.json"), "audit_key": str(keydir / "audit.key")},
             "metrics": {"listen": ""},

@@ -357,10 +357,10 @@ async def test_relay_shutdown_kills_managed_servers(
 
 
 async def test_a_launch_program_removed_after_startup_refuses_the_tunnel_with_502(
-    autojump_clock, clock, nursery, make_config, token_for, pki, audit_events, tmp_path
+    autojump_clock, clock, nursery, make_config, token_for, pki, audit_events, target_dir
 ):
     # The config check found the program; it was uninstalled since.
-    program = tmp_path / "gdbserver-old"
+    program = target_dir / "gdbserver-old"
     program.write_text("#!/bin/sh\nexit 0\n")
     program.chmod(0o755)
     running = await relay_for(

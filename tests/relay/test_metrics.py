@@ -172,6 +172,7 @@ def exercise(m) -> None:
     m.unauthenticated(3)
     m.accept_error("EMFILE")
     m.accept_paused(True)
+    m.admin_refused("peer_not_allowed")
 
 
 def test_metric_names_is_exactly_what_render_emits():
