@@ -42,6 +42,8 @@ __all__ = [
 
 _PR_SET_PDEATHSIG = 1
 _TCP_LISTEN = "0A"
+# Seconds stop() waits for SIGKILLed processes to be gone.
+_KILL_WAIT = 10.0
 
 
 class BenchError(Exception):
@@ -251,8 +253,14 @@ class Supervisor:
         # Whatever survived the leader (or ignored SIGTERM) goes now.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
+        # SIGKILL cannot be refused, but a busy machine may take a while to
+        # schedule the dying processes: wait until the whole group is gone
+        # (bounded), not for a fixed moment after which some may still run.
         with contextlib.suppress(subprocess.TimeoutExpired):
-            child.popen.wait(timeout=grace)
+            child.popen.wait(timeout=_KILL_WAIT)
+        deadline = time.monotonic() + _KILL_WAIT
+        while group_pids(pgid) and time.monotonic() < deadline:
+            time.sleep(0.01)
         if child.popen.stdout is not None:
             child.popen.stdout.close()
         if child in self._children:
