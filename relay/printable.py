@@ -18,7 +18,12 @@ from __future__ import annotations
 __all__ = ["escape_text", "escape_lines"]
 
 
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def _escape_char(char: str) -> str:
+    if char in _SHORT:
+        return _SHORT[char]
     code = ord(char)
     if code < 0x100:
         return f"\\x{code:02x}"
@@ -34,10 +39,11 @@ def escape_text(value: object) -> str:
     and ``\\t`` included), DEL, C1 controls, format characters (bidi
     overrides and isolates, zero-width characters), line and paragraph
     separators, spaces other than U+0020, surrogates, private-use and
-    unassigned code points.  Each becomes ``\\xNN``, ``\\uNNNN`` or
-    ``\\UNNNNNNNN``, as Python's ``repr`` writes them.  The result is one
-    line that shows the same on every terminal.  Backslashes are kept as
-    they are, so the output is not meant to be parsed back.
+    unassigned code points.  Each becomes ``\\n``, ``\\r``, ``\\t``,
+    ``\\xNN``, ``\\uNNNN`` or ``\\UNNNNNNNN``, as Python's ``repr`` writes
+    them.  The result is one line that shows the same on every terminal.
+    Backslashes are kept as they are, so the output is not meant to be
+    parsed back.
 
     Args:
         value: Anything; it is converted with ``str`` first.
