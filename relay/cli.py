@@ -602,16 +602,16 @@ def cmd_connect(args: argparse.Namespace) -> int:
         key = (getattr(exc, "status", 0), exc.reason)
         if key not in reported:  # each distinct refusal is reported once
             reported.add(key)
-            _err(str(exc))
+            _err(escape_text(exc))  # the relay's words: one line, escaped
 
     async def run() -> int:
         try:
             headers = await preflight(settings)
         except RelayRefused as exc:
-            _err(str(exc))
+            _err(escape_text(exc))
             return EXIT_REFUSED
         except ConnectFailed as exc:
-            _err(str(exc))
+            _err(escape_text(exc))
             return EXIT_FAIL
         kind = args.kind or headers.get("dbgrelay-target-kind", "tcp")
         async with trio.open_nursery() as nursery:
