@@ -204,3 +204,41 @@ async def test_teardown_order_end_record_on_disk_before_the_client_sees_the_end(
 
     assert steps == ["bytes.close", "audit.end_record", "audit.sync", "relay.checkpoint"]
     relay.close()
+
+
+async def test_a_bytes_file_that_cannot_be_created_refuses_the_tunnel_with_503(
+    autojump_clock, make_config, pki, nursery, token_for, monkeypatch, caplog
+):
+    config = make_config(
+        [
+            {
+                "name": "build42",
+                "kind": "dbgsrv",
+                "backend": "tcp://127.0.0.1:9",
+                "probe_interval": "0",
+                "record": True,
+            }
+        ]
+    )
+    metrics = Metrics(version="test", targets=["build42"])
+    relay = Relay(config, metrics=metrics, wall_clock=wall)
+    harness = Harness(relay, nursery, pki / "ca.pem")
+
+    def create(*args, **kwargs):
+        raise AuditWriteError("cannot create audit file x.bytes.jsonl: No space left on device")
+
+    monkeypatch.setattr(ByteRecorder, "create", create)
+    caplog.set_level(logging.INFO)
+
+    tls, response = await harness.connect(token_for(now=wall()))
+    with trio.fail_after(60):
+        await relay.wait_no_sessions()
+
+    assert (response.status, response.reason) == (503, "audit_unavailable")
+    assert "session.crashed" not in [r.getMessage() for r in caplog.records]
+    (session_file,) = config.relay.audit_dir.glob("*/*.jsonl")
+    records = [json.loads(line) for line in session_file.read_text().splitlines()]
+    assert records[-1]["event"] == "session.closed" and records[-1]["reason"] == "audit_failed"
+    assert records[-1]["bytes_to_backend"] == 0
+    assert value(metrics, "dbgrelay_sessions_active", target="build42") == 0
+    relay.close()
