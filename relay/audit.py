@@ -242,7 +242,8 @@ class AuditWriter:
         self._seq = seq
         self._last_record = last_record
         self._sign_interval = sign_interval
-        # When the last signature (or, before any, the opening) was made.
+        # When the last signature (or, before any, the header) was made;
+        # None when unknown, so the next record is signed.
         self._last_signed_at: datetime | None = None
         self._ended = False
         self._dir_synced = False
@@ -405,7 +406,9 @@ class AuditWriter:
                 last_record=last,
                 sign_interval=sign_interval,
             )
-            writer._last_signed_at = clock()
+            # A file left by a relay that died may end unsigned: then sign
+            # audit.reopened itself (its time since that tail is unknown).
+            writer._last_signed_at = parse_time(last.get("time")) if "sig" in last else None
             writer.append("audit.reopened", key_id=writer._key_id)
             writer.flush()
             return writer
@@ -511,8 +514,10 @@ class AuditWriter:
         if (
             not sign
             and self._sign_interval is not None
-            and self._last_signed_at is not None
-            and (now - self._last_signed_at).total_seconds() >= self._sign_interval
+            and (
+                self._last_signed_at is None
+                or (now - self._last_signed_at).total_seconds() >= self._sign_interval
+            )
         ):
             sign = True
         sign = sign and self._signing_key is not None

@@ -13,8 +13,9 @@ Because ``prev`` and ``seq`` are inside the hashed body, editing, deleting,
 inserting or reordering a line breaks the chain at that line.  Someone with
 write access can still rewrite the whole file with a freshly computed chain;
 that is caught by signatures: records whose event is in
-:data:`SIGNED_EVENTS` carry ``sig``, the base64 Ed25519 signature over the
-ASCII hex ``hash`` (which itself was computed without ``sig``).  The signed
+:data:`SIGNED_EVENTS` carry ``sig`` (any other record may too, see
+``sign_interval`` in :mod:`relay.audit`), the base64 Ed25519 signature over
+the ASCII hex ``hash`` (which itself was computed without ``sig``).  The signed
 ``session.closed`` record ends a session file and so covers every line above
 it; ``audit.checkpoint`` and ``relay.stopped`` records cover the relay file,
 which has no end.

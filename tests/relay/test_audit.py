@@ -815,3 +815,21 @@ def test_load_public_key_file_rejects_other_files(tmp_path, key, content, messag
     with pytest.raises(AuditKeyError, match=message) as info:
         load_public_key_file(path)
     assert str(path) in str(info.value)
+
+
+def test_reopening_a_file_a_dead_relay_left_unsigned_signs_at_once(tmp_path, key):
+    path = relay_audit_path(tmp_path, T0)
+    writer = AuditWriter.open_append(path, signing_key=key, clock=StepClock(), sign_interval=3600)
+    writer.append("token.rejected", n=0)
+    writer.close()  # the relay died: no checkpoint, no relay.stopped
+
+    writer = AuditWriter.open_append(path, signing_key=key, clock=StepClock(), sign_interval=3600)
+    writer.append("relay.started")
+    writer.close()
+
+    records = [json.loads(line) for line in lines_of(path)]
+    assert [(r.get("event"), "sig" in r) for r in records[1:]] == [
+        ("token.rejected", False),
+        ("audit.reopened", True),
+        ("relay.started", False),
+    ]
