@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from .printable import escape_lines, escape_text
+from .printable import escape_text
 
 __all__ = ["main"]
 
@@ -142,8 +142,12 @@ def _err(message: str) -> None:
 
 
 def _say(message: str, *, file: Any = None) -> None:
-    """Print text for people on stdout (or ``file``), control characters escaped."""
-    print(escape_lines(message), file=file or sys.stdout)
+    """Print one line for people on stdout (or ``file``), control characters escaped.
+
+    A newline in ``message`` (say, in a ``sub`` the relay echoes) is shown as
+    ``\\n``: it cannot start a line of its own.
+    """
+    print(escape_text(message), file=file or sys.stdout)
 
 
 # ---------------------------------------------------------------------------

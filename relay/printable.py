@@ -15,7 +15,7 @@ tables and the connector's messages.  JSON output needs nothing more:
 
 from __future__ import annotations
 
-__all__ = ["escape_text", "escape_lines"]
+__all__ = ["escape_text"]
 
 
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -55,14 +55,3 @@ def escape_text(value: object) -> str:
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else _escape_char(char) for char in text)
-
-
-def escape_lines(text: str) -> str:
-    """Escape each line of ``text`` but keep its ``\\n`` line breaks.
-
-    For multi-line output the program itself produces (a timeline, a
-    traceback) whose lines may hold untrusted text.  Only ``\\n`` separates
-    lines: ``\\r``, U+2028 and the other breaks :meth:`str.splitlines`
-    honours are escaped like any other control character.
-    """
-    return "\n".join(escape_text(line) for line in text.split("\n"))

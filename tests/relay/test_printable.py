@@ -7,9 +7,9 @@ import logging
 import pytest
 import trio
 
-from relay.cli import TextFormatter, _err, _table
+from relay.cli import TextFormatter, _err, _say, _table
 from relay.connector import RelayRefused
-from relay.printable import escape_lines, escape_text
+from relay.printable import escape_text
 
 
 @pytest.mark.parametrize(
@@ -28,10 +28,6 @@ from relay.printable import escape_lines, escape_text
 def test_escape_text_leaves_printable_text_and_escapes_the_rest(raw, shown):
     assert escape_text(raw) == shown
     assert escape_text(raw).isprintable()
-
-
-def test_escape_lines_keeps_only_newlines_as_breaks():
-    assert escape_lines("one\x1b[2J\ntwo\rthree") == "one\\x1b[2J\ntwo\\rthree"
 
 
 def test_text_log_lines_cannot_be_forged_or_drive_the_terminal():
@@ -57,10 +53,14 @@ def test_text_log_lines_cannot_be_forged_or_drive_the_terminal():
 def test_cli_tables_escape_what_peers_sent(capsys):
     _err("problem one\x1b[2J\nproblem two")
     _table([{"user": "m\x1b[31mallory", "target": "t\u202e"}], ["user", "target"])
+    _say("ended session s1 of mal\nlory\x1b[2J")
 
     out, err = capsys.readouterr()
     assert err == "dbgrelay: problem one\\x1b[2J\ndbgrelay: problem two\n"
-    assert out.splitlines()[1] == "m\\x1b[31mallory  t\\u202e"
+    assert out.splitlines()[1:] == [
+        "m\\x1b[31mallory  t\\u202e",
+        "ended session s1 of mal\\nlory\\x1b[2J",
+    ]
 
 
 async def test_connect_prints_a_relay_refusal_as_one_escaped_line(monkeypatch, capsys, tmp_path):
