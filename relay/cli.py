@@ -678,6 +678,11 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
                 note = "chain ok (no --pubkey: signatures not checked)"
             elif report.kind == "bytes":
                 note = "chain ok (covered by its session file's signature)"
+            elif report.signed_through == 0:
+                note = (
+                    f"no signature yet; {report.lines} unsigned line(s) accepted "
+                    "(--allow-unsigned-tail)"
+                )
             else:
                 note = (
                     f"signature ok through line {report.signed_through}; "

@@ -35,6 +35,7 @@ from relay.audit import (
     verify_file,
 )
 from relay.audit_chain import compute_hash, key_thumbprint, sign_hash
+from relay.cli import build_parser
 from relay.errors import RelayError
 
 SID = "s-4f2a9c"
@@ -833,3 +834,27 @@ def test_reopening_a_file_a_dead_relay_left_unsigned_signs_at_once(tmp_path, key
         ("audit.reopened", True),
         ("relay.started", False),
     ]
+
+
+def test_verify_cli_on_a_new_live_file_with_no_signature_yet(tmp_path, key, capsys):
+    path = relay_audit_path(tmp_path, T0)
+    writer = AuditWriter.open_append(path, signing_key=key, clock=StepClock())
+    writer.append("relay.started")
+    writer.close()
+    pub = tmp_path / "audit.pub"
+    pub.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+
+    for flag, code in (([], 1), (["--allow-unsigned-tail"], 0)):
+        args = build_parser().parse_args(
+            ["audit", "verify", "--pubkey", str(pub), *flag, str(path)]
+        )
+        assert args.func(args) == code
+        out = capsys.readouterr().out.splitlines()
+        if code:
+            assert out == [f"{path}: no signature to check: file has no signed record"]
+        else:
+            assert out[0] == (
+                f"{path}: ok, 2 records, no signature yet; 2 unsigned line(s) accepted "
+                "(--allow-unsigned-tail)"
+            )
+            assert out[1].startswith(f"{path}: note: lines 1-2 come before any signature")
