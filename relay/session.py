@@ -556,7 +556,8 @@ _EXPECTED_IN_TEARDOWN = (OSError, RelayError)
 def _teardown_failed(relay: Relay, ctx: dict, step: str, exc: Exception) -> None:
     if isinstance(exc, _EXPECTED_IN_TEARDOWN):
         if step.startswith("audit") or step.startswith("recording"):
-            relay.metrics.audit_write_error()
+            with contextlib.suppress(Exception):  # a broken metrics object must not stop us
+                relay.metrics.audit_write_error()
             log.error("audit.unwritable", extra=ctx | {"step": step, "error": str(exc)})
         else:
             log.error("session.teardown_failed", extra=ctx | {"step": step, "error": str(exc)})
@@ -654,4 +655,7 @@ async def _end_session(
         relay.checkpoint_relay_audit()
     except Exception as exc:
         _teardown_failed(relay, ctx, "audit_relay_checkpoint", exc)
-    await _close(tls)
+    try:
+        await _close(tls)
+    except Exception as exc:
+        _teardown_failed(relay, ctx, "client_close", exc)
