@@ -643,7 +643,7 @@ class _Validator:
             table, w, "revocation_interval", 2.0, zero="forbidden"
         )
         out["checkpoint_interval"] = self.duration(
-            table, w, "checkpoint_interval", 300.0, zero="forbidden"
+            table, w, "checkpoint_interval", 5.0, zero="forbidden"
         )
         out["audit_fsync_interval"] = self.duration(table, w, "audit_fsync_interval", 2.0)
         out["user"] = self.account(table, w, "user", None)

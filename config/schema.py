@@ -167,8 +167,11 @@ class RelaySection:
             Default 256.
         revocation_interval: Seconds between re-reads of the revocation
             store.  Default 2.
-        checkpoint_interval: Seconds between signed audit checkpoints of a
-            long session.  Default 300.
+        checkpoint_interval: Seconds a record may stay unsigned: this often,
+            every audit file with records after its last signature (live
+            session files, the relay file) gets a signed checkpoint.  A crash
+            leaves at most this window covered by the hash chain alone.
+            Default 5.
         audit_fsync_interval: Audit records are fsync'd at least this often,
             in seconds; 0 means after every record.  Default 2.
         final_write_timeout: Seconds for each last step with a peer: sending
@@ -205,7 +208,7 @@ class RelaySection:
     shutdown_grace: float = 30.0
     max_sessions: int = 256
     revocation_interval: float = 2.0
-    checkpoint_interval: float = 300.0
+    checkpoint_interval: float = 5.0
     audit_fsync_interval: float = 2.0
     user: str | None = None
     run_as: str = "dbgrelay-target"

@@ -56,6 +56,7 @@ from .audit_chain import (
     parse_time,
 )
 from .errors import RelayError
+from .printable import escape_text
 
 try:  # POSIX only; the verify and timeline commands also run on Windows.
     import fcntl
@@ -207,6 +208,14 @@ class AuditWriter:
     block) writes what is pending and releases both.  Call :meth:`sync` first
     when the last records must survive a power cut.
 
+    With a signing key and a ``sign_interval``, a record appended when the
+    last signature is ``sign_interval`` seconds old or older is signed
+    itself.  So in the file, every unsigned record is less than
+    ``sign_interval`` younger than the signature (or header) before it: a
+    file cut after its last signature loses at most that much time of
+    records, however busy the file.  A quiet file needs :meth:`checkpoint`
+    called that often too (the relay's housekeeping does it).
+
     Use :meth:`create` or :meth:`open_append`; the constructor is internal.
     """
 
@@ -221,6 +230,7 @@ class AuditWriter:
         clock: Callable[[], datetime],
         seq: int,
         last_record: dict[str, object] | None,
+        sign_interval: float | None = None,
     ) -> None:
         self._path = path
         self._fd: int | None = fd
@@ -231,6 +241,10 @@ class AuditWriter:
         self._clock = clock
         self._seq = seq
         self._last_record = last_record
+        self._sign_interval = sign_interval
+        # When the last signature (or, before any, the header) was made;
+        # None when unknown, so the next record is signed.
+        self._last_signed_at: datetime | None = None
         self._ended = False
         self._dir_synced = False
         self._pending = bytearray()
@@ -248,6 +262,7 @@ class AuditWriter:
         session_id: str | None,
         signing_key: Ed25519PrivateKey | None,
         clock: Callable[[], datetime] | None = None,
+        sign_interval: float | None = None,
     ) -> AuditWriter:
         """Create a new audit file and write its header.
 
@@ -261,6 +276,9 @@ class AuditWriter:
             signing_key: Signs ``session.closed``, ``audit.checkpoint`` and
                 ``relay.stopped`` records; None writes an unsigned file.
             clock: Returns the current aware time; defaults to UTC now.
+            sign_interval: Sign a record appended when the last signature
+                is this many seconds old (see the class docstring); None
+                signs only the events that are always signed.
 
         Raises:
             AuditWriteError: The directory or file cannot be created or
@@ -297,14 +315,17 @@ class AuditWriter:
             clock=clock,
             seq=0,
             last_record=None,
+            sign_interval=sign_interval,
         )
         try:
             os.fchmod(fd, 0o600)  # whatever the umask said
             _lock(fd, path)
+            created = clock()
+            writer._last_signed_at = created
             header = build_header(
                 kind=kind,
                 session_id=session_id,
-                created=format_time(clock()),
+                created=format_time(created),
                 nonce=secrets.token_hex(16),
                 key_id=writer._key_id,
             )
@@ -326,6 +347,7 @@ class AuditWriter:
         *,
         signing_key: Ed25519PrivateKey | None,
         clock: Callable[[], datetime] | None = None,
+        sign_interval: float | None = None,
     ) -> AuditWriter:
         """Continue the relay's audit file for the day, across relay restarts.
 
@@ -339,7 +361,8 @@ class AuditWriter:
         Otherwise a new file is created as by :meth:`create`.
 
         Only the tail is checked here, so startup stays fast on a large file;
-        :func:`verify_file` checks the whole chain.
+        :func:`verify_file` checks the whole chain.  ``sign_interval`` is as
+        for :meth:`create`.
 
         Raises:
             AuditWriteError: The file cannot be opened, read or written, or
@@ -350,7 +373,12 @@ class AuditWriter:
         latest = 0
         if not path.exists():
             return cls.create(
-                path, kind="relay", session_id=None, signing_key=signing_key, clock=clock
+                path,
+                kind="relay",
+                session_id=None,
+                signing_key=signing_key,
+                clock=clock,
+                sign_interval=sign_interval,
             )
         while _suffixed(path, latest + 1).exists():
             latest += 1
@@ -376,7 +404,11 @@ class AuditWriter:
                 clock=clock,
                 seq=last["seq"],  # type: ignore[arg-type]
                 last_record=last,
+                sign_interval=sign_interval,
             )
+            # A file left by a relay that died may end unsigned: then sign
+            # audit.reopened itself (its time since that tail is unknown).
+            writer._last_signed_at = parse_time(last.get("time")) if "sig" in last else None
             writer.append("audit.reopened", key_id=writer._key_id)
             writer.flush()
             return writer
@@ -387,6 +419,7 @@ class AuditWriter:
             session_id=None,
             signing_key=signing_key,
             clock=clock,
+            sign_interval=sign_interval,
         )
         writer.append("audit.previous_damaged", file=current.name, problem=damage)
         writer.flush()
@@ -477,15 +510,28 @@ class AuditWriter:
 
     def _append(self, event: str, fields: dict[str, object], *, sign: bool) -> dict[str, object]:
         self._check_open()
+        now = self._clock()
+        if (
+            not sign
+            and self._sign_interval is not None
+            and (
+                self._last_signed_at is None
+                or (now - self._last_signed_at).total_seconds() >= self._sign_interval
+            )
+        ):
+            sign = True
+        sign = sign and self._signing_key is not None
         record = build_record(
             seq=self._seq + 1,
             prev=self.last_hash,
-            time=format_time(self._clock()),
+            time=format_time(now),
             event=event,
             fields=fields,
             signing_key=self._signing_key if sign else None,
         )
         self._emit(record)
+        if sign:
+            self._last_signed_at = now
         return record
 
     def checkpoint(self) -> dict[str, object]:
@@ -493,7 +539,7 @@ class AuditWriter:
 
         If the last record is already a checkpoint or a signed record, nothing
         is written and that record is returned, so an idle relay calling this
-        every few minutes does not fill its file with checkpoints.
+        every few seconds does not fill its file with checkpoints.
 
         Returns:
             The record that now ends the chain.
@@ -787,6 +833,12 @@ class ByteRecorder:
         ``records`` counts the records after the header.  Pass both to
         :meth:`AuditWriter.close_session` as ``bytes_hash`` and
         ``bytes_records``.  Calling it again returns the same pair.
+
+        Raises:
+            AuditWriteError: Writing the last records failed.  The file is
+                closed anyway, and a second call returns the pair it should
+                have ended with (so the end record can name it, and
+                ``audit verify`` reports the records that are missing).
         """
         if self._result is None:
             self._result = (self._writer.last_hash, self._writer.seq)
@@ -804,12 +856,16 @@ class VerifyReport:
         records: JSON records read, header included.
         problems: One line each, naming the first bad line.
         truncated: The file ends before its end record or mid-line.
-        signed: A key was given, every signature verifies and there is no
-            problem: the signatures vouch for the whole file.
-        notes: What was not or cannot be checked.
+        signed: A key was given, every signature verifies, the file ends
+            with a signed record and there is no problem: the signatures
+            vouch for the whole file.
+        notes: What was not or cannot be checked, and, with
+            ``allow_unsigned_tail``, the records after the last signature.
         kind: ``"session"``, ``"relay"`` or ``"bytes"`` (None if unknown).
         session_id: From the header.
         last_hash: ``hash`` of the last record.
+        signed_through: The last line a valid signature covers (0: none).
+        lines: Lines read, header included.
     """
 
     ok: bool
@@ -822,6 +878,8 @@ class VerifyReport:
     kind: str | None = None
     session_id: str | None = None
     last_hash: str | None = None
+    signed_through: int = 0
+    lines: int = 0
 
 
 def _kind_from_name(path: Path) -> str:
@@ -841,19 +899,29 @@ def _iter_lines(path: Path) -> Iterator[tuple[bytes, bool]]:
                 yield line, True
 
 
-def _run_chain(path: Path, pubkey: Ed25519PublicKey | None) -> ChainResult:
-    verifier = ChainVerifier(pubkey=pubkey, kind_hint=_kind_from_name(path))
+def _run_chain(
+    path: Path, pubkey: Ed25519PublicKey | None, *, allow_unsigned_tail: bool = False
+) -> ChainResult:
+    verifier = ChainVerifier(
+        pubkey=pubkey, kind_hint=_kind_from_name(path), allow_unsigned_tail=allow_unsigned_tail
+    )
     for raw, incomplete in _iter_lines(path):
         verifier.feed_line(raw, incomplete=incomplete)
     return verifier.finish()
 
 
-def verify_file(path: Path, *, pubkey: Ed25519PublicKey | None = None) -> VerifyReport:
+def verify_file(
+    path: Path,
+    *,
+    pubkey: Ed25519PublicKey | None = None,
+    allow_unsigned_tail: bool = False,
+) -> VerifyReport:
     """Check an audit file's chain, signatures, end record and bytes file.
 
     Catches edited, deleted, inserted and reordered lines, truncation, lines
     appended after ``session.closed`` and, with ``pubkey``, a file rewritten
-    with a freshly computed chain (its signatures fail or are missing).  For a
+    with a freshly computed chain (its signatures fail or are missing) and a
+    file cut after a signature (records follow the last signature).  For a
     session file that names a bytes file, that file's chain, last hash and
     record count are checked too.
 
@@ -861,6 +929,10 @@ def verify_file(path: Path, *, pubkey: Ed25519PublicKey | None = None) -> Verify
         path: A session, relay or bytes audit file.
         pubkey: The audit public key.  Without it, ``signed`` is False and a
             note says only the chain was checked.
+        allow_unsigned_tail: Accept records after the last signature, and a
+            session file without its end record, as the live file of a
+            running relay (or the files of one that crashed) has them; a note
+            names those lines and their times.  Nothing vouches for them.
 
     Returns:
         The report; ``ok`` is False when there is any problem.
@@ -869,7 +941,7 @@ def verify_file(path: Path, *, pubkey: Ed25519PublicKey | None = None) -> Verify
         OSError: ``path`` cannot be read.
     """
     path = Path(path)
-    result = _run_chain(path, pubkey)
+    result = _run_chain(path, pubkey, allow_unsigned_tail=allow_unsigned_tail)
     problems = list(result.problems)
     notes = list(result.notes)
 
@@ -897,6 +969,8 @@ def verify_file(path: Path, *, pubkey: Ed25519PublicKey | None = None) -> Verify
         kind=result.kind,
         session_id=result.session_id,
         last_hash=result.last_hash,
+        signed_through=result.signed_through,
+        lines=result.lines,
     )
 
 
@@ -1011,7 +1085,11 @@ def render_timeline(path: Path, *, show_bytes: bool = False) -> str:
     where the offset counts from the first record after the header, and signed
     records end with ``[signed]``.  If the chain does not verify, the output
     starts with ``# WARNING`` lines (signatures are not checked here; use
-    :func:`verify_file` with the public key for that).
+    :func:`verify_file` with the public key for that).  Records hold text
+    peers chose (a refused token's claimed ``sub``), so control and format
+    characters are escaped (see :func:`relay.printable.escape_text`): every
+    output line is one line of the terminal, and nothing in it acts on the
+    terminal.
 
     Args:
         path: A session, relay or bytes audit file.
@@ -1068,7 +1146,7 @@ def render_timeline(path: Path, *, show_bytes: bool = False) -> str:
             out.extend(_hex_dump(bpath))
         else:
             out.append(f"# no bytes recorded ({bpath.name} does not exist)")
-    return "\n".join(out) + "\n"
+    return "\n".join(escape_text(line) for line in out) + "\n"
 
 
 def _hex_dump(path: Path) -> list[str]:

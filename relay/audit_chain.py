@@ -13,8 +13,9 @@ Because ``prev`` and ``seq`` are inside the hashed body, editing, deleting,
 inserting or reordering a line breaks the chain at that line.  Someone with
 write access can still rewrite the whole file with a freshly computed chain;
 that is caught by signatures: records whose event is in
-:data:`SIGNED_EVENTS` carry ``sig``, the base64 Ed25519 signature over the
-ASCII hex ``hash`` (which itself was computed without ``sig``).  The signed
+:data:`SIGNED_EVENTS` carry ``sig`` (any other record may too, see
+``sign_interval`` in :mod:`relay.audit`), the base64 Ed25519 signature over
+the ASCII hex ``hash`` (which itself was computed without ``sig``).  The signed
 ``session.closed`` record ends a session file and so covers every line above
 it; ``audit.checkpoint`` and ``relay.stopped`` records cover the relay file,
 which has no end.
@@ -322,6 +323,8 @@ class ChainResult:
     last_hash: str | None
     data_records: int
     bytes_ref: BytesReference | None
+    signed_through: int = 0
+    lines: int = 0
 
 
 @dataclass(slots=True)
@@ -342,14 +345,24 @@ class ChainVerifier:
         pubkey: Check signatures with this key.  Without it only the chain is
             checked, which cannot tell a file rewritten with a fresh chain.
         kind_hint: Kind to assume when line 1 is not a header (from the name).
+        allow_unsigned_tail: Accept records after the last signature (and a
+            session file without its end record) as a live or crashed file
+            has them; they become notes instead of problems.  Without it,
+            with ``pubkey``, such records are a problem: anyone can cut a
+            file there without breaking the chain.
     """
 
     def __init__(
-        self, *, pubkey: Ed25519PublicKey | None = None, kind_hint: str | None = None
+        self,
+        *,
+        pubkey: Ed25519PublicKey | None = None,
+        kind_hint: str | None = None,
+        allow_unsigned_tail: bool = False,
     ) -> None:
         if pubkey is not None and not isinstance(pubkey, Ed25519PublicKey):
             raise TypeError(f"pubkey must be an Ed25519PublicKey, got {type(pubkey).__name__}")
         self.pubkey = pubkey
+        self.allow_unsigned_tail = allow_unsigned_tail
         self._given_key_id = key_thumbprint(pubkey) if pubkey is not None else None
         self._kind: str | None = kind_hint
         self._line = 0
@@ -372,6 +385,9 @@ class ChainVerifier:
         self._unsigned_required = 0
         self._last_signed_line = 0
         self._key_note_given = False
+        # Times of the first record after the last signature, and of the last record.
+        self._tail_first_time: str | None = None
+        self._last_time: str | None = None
 
     def _problem(self, text: str, line: int | None = None) -> None:
         self._problems.append(f"line {line}: {text}" if line is not None else text)
@@ -491,6 +507,12 @@ class ChainVerifier:
 
         event_name = event if isinstance(event, str) else "record"
         self._check_signature(n, rec, event_name, content_ok)
+        time_text = rec.get("time") if isinstance(rec.get("time"), str) else None
+        self._last_time = time_text
+        if self._last_signed_line != n and self._tail_first_time is None:
+            self._tail_first_time = time_text
+        elif self._last_signed_line == n:
+            self._tail_first_time = None
 
         if event_name == "audit.reopened":
             key_id = rec.get("key_id")
@@ -554,7 +576,13 @@ class ChainVerifier:
             problems.append("line 1: not a header (file is empty)")
         if self._kind == "session" and self._closed_line is None:
             truncated = True
-            problems.append("ends without a session.closed record (truncated)")
+            if self.allow_unsigned_tail:
+                notes.append(
+                    "no session.closed record: the session is live, or its relay stopped "
+                    "without ending it (accepted: --allow-unsigned-tail)"
+                )
+            else:
+                problems.append("ends without a session.closed record (truncated)")
         signed = False
         if self.pubkey is None:
             notes.append(
@@ -567,29 +595,73 @@ class ChainVerifier:
                 "record covers them (verify the session file)"
             )
         else:
-            if self._sigs_seen == 0:
-                problems.append("no signature to check: file has no signed record")
             signed = (
                 self._sigs_good > 0
                 and self._sigs_bad == 0
                 and self._unsigned_required == 0
                 and self._sigs_good == self._sigs_seen
             )
-            if signed and self._last_signed_line < self._last_line:
-                notes.append(
-                    f"lines {self._last_signed_line + 1}-{self._last_line} come after the "
-                    "last signed record: only the hash chain covers them"
-                )
+            self._check_tail(problems, notes)
         return ChainResult(
             ok=not problems,
             records=self._records,
             problems=problems,
             notes=notes,
             truncated=truncated,
-            signed=signed,
+            signed=signed and self._last_signed_line == self._last_line,
             kind=self._kind,
             session_id=self._session_id,
             last_hash=self._last_hash,
             data_records=self._data_records,
             bytes_ref=self._bytes_ref,
+            signed_through=self._last_signed_line,
+            lines=self._last_line,
+        )
+
+    def _check_tail(self, problems: list[str], notes: list[str]) -> None:
+        # Records after the last good signature are covered by the hash chain
+        # only, and a chain cut at any line is still a valid chain: without
+        # this check, cutting a file after a checkpoint went unnoticed.
+        if self._sigs_seen == 0 and not self.allow_unsigned_tail:
+            problems.append("no signature to check: file has no signed record")
+            return
+        first, last = self._last_signed_line + 1, self._last_line
+        if (
+            first > last
+            or self._line == 0
+            or self._sigs_bad
+            or self._unsigned_required
+            or self._after_closed_reported
+        ):
+            # Nothing after the last signature, or a signature problem (or
+            # lines after session.closed) is already reported for this file.
+            return
+        one = first == last
+        span = f"line {first}" if one else f"lines {first}-{last}"
+        come, are = ("comes", "is") if one else ("come", "are")
+        if self._last_signed_line == 0:
+            where = "before any signature"
+        else:
+            where = f"after the last signature (line {self._last_signed_line})"
+        if not self.allow_unsigned_tail:
+            problems.append(
+                f"{span} {come} {where}: the file may have been cut there; "
+                "for the live file of a running relay pass --allow-unsigned-tail"
+            )
+            return
+        if self._key_id != self._given_key_id:
+            # The flag accepts an unsigned tail of a file the given key signs,
+            # not a file that names no key or another one.
+            problems.append(
+                f"{span} {are} unsigned and the file names audit key_id {self._key_id} "
+                f"where the given key's key_id is {self._given_key_id}"
+            )
+            return
+        times = ""
+        if self._tail_first_time and self._last_time:
+            times = f", written {self._tail_first_time} to {self._last_time}"
+        notes.append(
+            f"{span} {come} {where}{times}: only the hash chain covers "
+            f"{'it' if one else 'them'} "
+            "(accepted: --allow-unsigned-tail)"
         )

@@ -23,6 +23,8 @@ from urllib.parse import unquote
 
 import trio
 
+from .printable import escape_text
+
 __all__ = ["main"]
 
 EXIT_OK = 0
@@ -64,12 +66,27 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """One line per event for people: ``HH:MM:SS level event key=value ...``.
+
+    Field values often come from peers (a refused token's claimed ``sub``), so
+    the event and every key and value go through :func:`escape_text`: a
+    ``\n`` cannot forge a log line and an ESC sequence cannot act on the
+    terminal.  A traceback keeps its line breaks, each of its lines escaped
+    and indented, so none of them can pass for a log line either.
+    """
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
-        fields = " ".join(f"{k}={v}" for k, v in _fields(record).items() if v is not None)
-        line = f"{stamp} {record.levelname.lower():7} {record.getMessage()} {fields}".rstrip()
+        fields = " ".join(
+            f"{escape_text(k)}={escape_text(v)}"
+            for k, v in _fields(record).items()
+            if v is not None
+        )
+        event = escape_text(record.getMessage())
+        line = f"{stamp} {record.levelname.lower():7} {event} {fields}".rstrip()
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            trace = self.formatException(record.exc_info)
+            line += "\n" + "\n".join(f"  {escape_text(t)}" for t in trace.split("\n"))
         return line
 
 
@@ -124,8 +141,18 @@ def _read_token(args: argparse.Namespace) -> str:
 
 
 def _err(message: str) -> None:
-    for line in message.splitlines() or [message]:
-        print(f"dbgrelay: {line}", file=sys.stderr)
+    # Messages may carry text a peer sent (a relay's refusal): escape it.
+    for line in message.split("\n"):
+        print(f"dbgrelay: {escape_text(line)}", file=sys.stderr)
+
+
+def _say(message: str, *, file: Any = None) -> None:
+    """Print one line for people on stdout (or ``file``), control characters escaped.
+
+    A newline in ``message`` (say, in a ``sub`` the relay echoes) is shown as
+    ``\\n``: it cannot start a line of its own.
+    """
+    print(escape_text(message), file=file or sys.stdout)
 
 
 # ---------------------------------------------------------------------------
@@ -268,7 +295,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     if answer is not None:
         ended = answer.get("sessions_ended") or []
         tunnels = f"{len(ended)} live tunnel(s) ended" + (f" ({', '.join(ended)})" if ended else "")
-        print(f"revoked {what} through the running relay; {tunnels}", file=sys.stderr)
+        _say(f"revoked {what} through the running relay; {tunnels}", file=sys.stderr)
         return EXIT_OK
     now = time.time()
     config.relay.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -278,7 +305,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
             what += f" ({n} known)"
         elif not store.revoke(args.jti, now=now, reason=reason):
             what += " (already revoked)"
-    print(f"revoked {what} in the revocation store: {why}", file=sys.stderr)
+    _say(f"revoked {what} in the revocation store: {why}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -344,7 +371,10 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
     if not rows:
         print("(none)")
         return
-    cells = [[str(r.get(c) if r.get(c) is not None else "-") for c in columns] for r in rows]
+    # Cells hold peer-chosen text (a token's sub, a client address).
+    cells = [
+        [escape_text(r.get(c) if r.get(c) is not None else "-") for c in columns] for r in rows
+    ]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in cells:
@@ -442,7 +472,7 @@ def cmd_sessions_end(args: argparse.Namespace) -> int:
     client = _admin_client(args)
     answer = _run_admin(lambda: client.end_session(args.id))
     state = "closed" if answer.get("closed") else "closing"
-    print(
+    _say(
         f"ended session {answer['id']} of {answer['user']} to {answer['target']} "
         f"(reason {answer['reason']}, {state})",
         file=sys.stderr,
@@ -469,9 +499,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
             _err("\n".join(["the relay refused the new config and keeps the old one:", *problems]))
             return EXIT_FAIL
         raise _admin_failure(exc) from None
-    print(f"reloaded; targets: {', '.join(answer['targets']) or '(none)'}", file=sys.stderr)
+    _say(f"reloaded; targets: {', '.join(answer['targets']) or '(none)'}", file=sys.stderr)
     if answer.get("restart_needed"):
-        print(
+        _say(
             f"changed keys that apply only after a restart: {', '.join(answer['restart_needed'])}",
             file=sys.stderr,
         )
@@ -655,7 +685,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
         key = (getattr(exc, "status", 0), exc.reason)
         if key not in reported:  # each distinct refusal is reported once
             reported.add(key)
-            _err(str(exc))
+            _err(escape_text(exc))  # the relay's words: one line, escaped
 
     def identity_line(headers: dict[str, str], token: str) -> str:
         user = unquote(headers.get("dbgrelay-user", "?"))
@@ -677,10 +707,10 @@ def cmd_connect(args: argparse.Namespace) -> int:
         try:
             headers = await preflight(settings)
         except RelayRefused as exc:
-            _err(str(exc))
+            _err(escape_text(exc))
             return EXIT_REFUSED
         except ConnectFailed as exc:
-            _err(str(exc))
+            _err(escape_text(exc))
             return EXIT_FAIL
         print(
             f"dbgrelay connect: using {identity_line(headers, source.token)}",
@@ -718,9 +748,12 @@ def cmd_connect(args: argparse.Namespace) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+            # kind and kd_transport come from the relay's answer.
             print(
-                debugger_command(
-                    kind, host, port, kd_transport=headers.get("dbgrelay-kd-transport")
+                escape_text(
+                    debugger_command(
+                        kind, host, port, kd_transport=headers.get("dbgrelay-kd-transport")
+                    )
                 ),
                 flush=True,
             )
@@ -749,22 +782,38 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     unreadable = False
     for name in args.paths:
         try:
-            report = verify_file(Path(name), pubkey=pubkey)
+            report = verify_file(
+                Path(name), pubkey=pubkey, allow_unsigned_tail=args.allow_unsigned_tail
+            )
         except OSError as exc:
             _err(f"audit verify: cannot read {name}: {exc.strerror or exc}")
             unreadable = True
             continue
         if report.ok:
-            note = (
-                "signature ok"
-                if report.signed
-                else "chain ok (no --pubkey: signatures not checked)"
-            )
-            print(f"{name}: ok, {report.records} records, {note}")
+            if report.signed:
+                note = "signature ok"
+            elif pubkey is None:
+                note = "chain ok (no --pubkey: signatures not checked)"
+            elif report.kind == "bytes":
+                note = "chain ok (covered by its session file's signature)"
+            elif report.signed_through == 0:
+                note = (
+                    f"no signature yet; {report.lines} unsigned line(s) accepted "
+                    "(--allow-unsigned-tail)"
+                )
+            else:
+                note = (
+                    f"signature ok through line {report.signed_through}; "
+                    f"{report.lines - report.signed_through} unsigned line(s) after it "
+                    "accepted (--allow-unsigned-tail)"
+                )
+            _say(f"{name}: ok, {report.records} records, {note}")
         else:
             failed = True
             for problem in report.problems:
-                print(f"{name}: {problem}")
+                _say(f"{name}: {problem}")
+        for text in report.notes:
+            _say(f"{name}: note: {text}")
     if unreadable:
         return EXIT_USAGE
     return EXIT_FAIL if failed else EXIT_OK
@@ -957,6 +1006,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("verify", cmd_audit_verify, "check audit files for tampering and truncation", audit)
     p.add_argument("paths", nargs="+")
     p.add_argument("--pubkey", help="audit.pub (checks the signatures)")
+    p.add_argument(
+        "--allow-unsigned-tail",
+        action="store_true",
+        help="accept records after the last signature (the live file of a running relay, "
+        "or a relay that crashed); they are listed as notes",
+    )
     p = add("show", cmd_audit_show, "print a readable timeline", audit)
     p.add_argument("paths", nargs="+")
     p.add_argument("--bytes", action="store_true", help="also dump the recorded byte stream")

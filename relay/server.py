@@ -236,11 +236,16 @@ class Relay:
         day = now.strftime("%Y-%m-%d")
         if self._relay_audit is None or self._relay_audit_day != day:
             if self._relay_audit is not None:
-                self._relay_audit.close()
+                self._retire_relay_writer()
             path = relay_audit_path(self.config.relay.audit_dir, now)
+            # Records older than checkpoint_interval are never left unsigned.
+            sign_interval = self.config.relay.checkpoint_interval
             if path.exists():
                 self._relay_audit = AuditWriter.open_append(
-                    path, signing_key=self.audit_key, clock=self.audit_clock
+                    path,
+                    signing_key=self.audit_key,
+                    clock=self.audit_clock,
+                    sign_interval=sign_interval,
                 )
             else:
                 self._relay_audit = AuditWriter.create(
@@ -249,9 +254,48 @@ class Relay:
                     session_id=None,
                     signing_key=self.audit_key,
                     clock=self.audit_clock,
+                    sign_interval=sign_interval,
                 )
             self._relay_audit_day = day
         return self._relay_audit
+
+    def _retire_relay_writer(self) -> None:
+        """Sign and close the relay file before the relay moves to another one.
+
+        A file left with unsigned records at its end would fail
+        ``audit verify`` for good: nothing would ever sign them.
+        """
+        writer, self._relay_audit = self._relay_audit, None
+        if writer is None:
+            return
+        try:
+            writer.checkpoint()
+            writer.sync()
+        except (OSError, RelayError) as exc:
+            self.metrics.audit_write_error()
+            log.error("audit.unwritable", extra={"error": str(exc)})
+        finally:
+            try:
+                writer.close()
+            except (OSError, RelayError) as exc:
+                log.error("audit.unwritable", extra={"error": str(exc)})
+
+    def checkpoint_relay_audit(self) -> None:
+        """Sign what the relay file holds so far (no fsync; housekeeping does that).
+
+        Called when a session ends, so the records of that session in the
+        relay file (its ``token.accepted``) are covered by a signature at
+        once, not only at the next scheduled checkpoint.
+        """
+        writer = self._relay_audit
+        if writer is None or writer.closed:
+            return
+        try:
+            writer.checkpoint()
+            writer.flush()
+        except (OSError, RelayError) as exc:
+            self.metrics.audit_write_error()
+            log.error("audit.unwritable", extra={"error": str(exc)})
 
     def audit_clock(self) -> datetime:
         """Timestamps for audit records, from the relay's wall clock."""
@@ -357,12 +401,21 @@ class Relay:
                 session.end("revoked")
 
     async def run_housekeeping(self) -> None:
-        """Periodic work: revocations, audit fsync, checkpoints, byte metrics."""
+        """Periodic work: revocations, audit fsync, checkpoints, byte metrics.
+
+        Every ``checkpoint_interval`` seconds, each audit file with records
+        after its last signature (live session files, the relay file) gets a
+        signed ``audit.checkpoint`` and is fsync'd; files whose last record
+        is signed get nothing.  So a record stays unsigned for at most
+        ``checkpoint_interval``, which bounds what a crash leaves covered by
+        the hash chain alone.
+        """
         rc = self.config.relay
         next_checkpoint = trio.current_time() + rc.checkpoint_interval
         interval = max(0.05, min(rc.revocation_interval, rc.audit_fsync_interval or 1.0))
         while True:
-            await trio.sleep(interval)
+            # Wake for the checkpoint on time, not at the next tick after it.
+            await trio.sleep(max(0.0, min(interval, next_checkpoint - trio.current_time())))
             self.refresh_revocations()
             checkpoint = trio.current_time() >= next_checkpoint
             if checkpoint:
@@ -426,8 +479,7 @@ class Relay:
             runtime = dataclasses.replace(runtime, config=_keep_bound(runtime.config, old))
         if runtime.config.relay.audit_dir != old.relay.audit_dir and self._relay_audit is not None:
             # The next relay-level record starts a file in the new folder.
-            self._relay_audit.close()
-            self._relay_audit = None
+            self._retire_relay_writer()
         self.runtime = runtime
         self.tls.swap(runtime.tls_engine)
         self.refresh_revocations()
@@ -442,8 +494,7 @@ class Relay:
             session.end(reason)
 
     def close(self) -> None:
-        if self._relay_audit is not None:
-            self._relay_audit.close()
+        self._retire_relay_writer()
         self.store.close()
 
 

@@ -15,6 +15,7 @@ closed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import math
 import secrets
@@ -432,6 +433,7 @@ async def _open_audit(relay: Relay, session: Session, ctx: dict) -> None:
             session_id=session.id,
             signing_key=relay.audit_key,
             clock=relay.audit_clock,
+            sign_interval=relay.config.relay.checkpoint_interval,
         )
         session.audit.append(
             "session.opened",
@@ -456,7 +458,13 @@ async def _open_audit(relay: Relay, session: Session, ctx: dict) -> None:
         relay.metrics.audit_write_error()
         log.error("audit.unwritable", extra=ctx | {"error": str(exc)})
         if session.audit is not None:
-            session.audit.close()
+            # The file holds session.opened: end it, as every session file
+            # ends, if the disk lets us.  Either way close it; a failure here
+            # must not replace the 503 the client is owed.
+            with contextlib.suppress(OSError, RelayError):
+                session.audit.close_session(reason="audit_failed", error=str(exc)[:500])
+            with contextlib.suppress(OSError, RelayError):
+                session.audit.close()
         raise RemoteProtocolError(
             "the relay cannot write its audit log", reason="audit_unavailable", status=503
         ) from exc
@@ -662,12 +670,21 @@ async def _run_tunnel(
             audit.append("backend.connected", backend=str(backend_addr))
 
             if target.record:
-                recorder = ByteRecorder.create(
-                    audit.path.with_name(f"{session.id}.bytes.jsonl"),
-                    session_id=session.id,
-                    max_bytes=target.record_max_bytes,
-                    clock=relay.audit_clock,
-                )
+                try:
+                    recorder = ByteRecorder.create(
+                        audit.path.with_name(f"{session.id}.bytes.jsonl"),
+                        session_id=session.id,
+                        max_bytes=target.record_max_bytes,
+                        clock=relay.audit_clock,
+                    )
+                except (OSError, RelayError) as exc:
+                    # Fail closed: a target that must be recorded is not
+                    # reached unrecorded.  Nothing was forwarded yet.
+                    relay.metrics.audit_write_error()
+                    reason, detail = "audit_failed", f"byte recording failed: {exc}"
+                    log.error("audit.unwritable", extra=ctx | {"error": str(exc)})
+                    await _answer(relay, tls, 503, "audit_unavailable")
+                    return
 
             try:
                 established = True
@@ -688,6 +705,11 @@ async def _run_tunnel(
                         recorder.add("c2b", 0.0, request.trailing)
             except _BROKEN as exc:
                 reason, detail = "client_error", str(exc)
+                return
+            except (OSError, RelayError) as exc:
+                # Only the recorder raises these here.
+                relay.metrics.audit_write_error()
+                reason, detail = "audit_failed", f"byte recording failed: {exc}"
                 return
 
             tap = None
@@ -733,31 +755,128 @@ async def _run_tunnel(
             if reason is None:
                 # Cancelled from outside the session's own scope.
                 reason = session.end_reason or ("shutdown" if relay.draining else "error")
-            if backend is not None:
-                await _close(backend, limit=relay.config.relay.final_write_timeout)
-            if managed is not None:
-                managed.tunnel_closed()
-            duration = trio.current_time() - t0
-            fields: dict[str, Any] = {
-                "reason": reason,
-                "bytes_to_backend": session.traffic.to_backend,
-                "bytes_to_client": session.traffic.to_client,
-                "duration": round(duration, 6),
-            }
-            if detail:
-                fields["error"] = detail[:500]
-            if recorder is not None:
-                bytes_hash, bytes_records = recorder.close()
-                fields |= {"bytes_hash": bytes_hash, "bytes_records": bytes_records}
-            try:
-                audit.close_session(**fields)
-                await _sync_end_record(relay, audit)
-            except (OSError, RelayError) as exc:
+            await _end_session(
+                relay,
+                session,
+                tls,
+                ctx,
+                reason=reason,
+                detail=detail,
+                duration=trio.current_time() - t0,
+                backend=backend,
+                managed=managed,
+                recorder=recorder,
+            )
+
+
+# Failures a teardown step may meet on a full or broken disk: logged without
+# a traceback.  Anything else is a bug: logged with one, and teardown goes on.
+_EXPECTED_IN_TEARDOWN = (OSError, RelayError)
+
+
+def _teardown_failed(relay: Relay, ctx: dict, step: str, exc: Exception) -> None:
+    if isinstance(exc, _EXPECTED_IN_TEARDOWN):
+        if step.startswith("audit") or step.startswith("recording"):
+            with contextlib.suppress(Exception):  # a broken metrics object must not stop us
                 relay.metrics.audit_write_error()
-                log.error("audit.unwritable", extra=ctx | {"error": str(exc)})
-            finally:
-                audit.close()
-            relay.flush_bytes(session)
-            relay.metrics.session_closed(target.name, outcome=reason, duration=duration)
-            log.info("session.closed", extra=ctx | fields)
-            await _close(tls, limit=relay.config.relay.final_write_timeout)
+            log.error("audit.unwritable", extra=ctx | {"step": step, "error": str(exc)})
+        else:
+            log.error("session.teardown_failed", extra=ctx | {"step": step, "error": str(exc)})
+    else:
+        log.error(
+            "session.teardown_failed",
+            extra=ctx | {"step": step, "error": repr(exc)},
+            exc_info=exc,
+        )
+
+
+async def _end_session(
+    relay: Relay,
+    session: Session,
+    tls: trio.abc.Stream,
+    ctx: dict,
+    *,
+    reason: str,
+    detail: str | None,
+    duration: float,
+    backend: trio.abc.Stream | None,
+    managed: ManagedServer | None,
+    recorder: ByteRecorder | None,
+) -> None:
+    """Tear a tunnel down: every step runs, whatever the ones before it raised.
+
+    Order: the backend connection, the managed server's tunnel count, the
+    bytes file, the one ``session.closed`` record (written and fsync'd), the
+    session file, the byte and session metrics, the log line, a signature on
+    the relay file, and last the client's connection, so the client sees the
+    end only once the end record is on disk.  A step that fails (a full
+    disk, a backend that will not close, a bug) is logged, and the steps
+    after it still run: the end record is attempted exactly once, every file
+    descriptor is closed and every gauge returns.
+
+    Cancellation:
+        Call it inside a shielded scope: a cancelled teardown would leave the
+        gauges and files this function exists to settle.
+    """
+    audit = session.audit
+    assert audit is not None
+    fields: dict[str, Any] = {
+        "reason": reason,
+        "bytes_to_backend": session.traffic.to_backend,
+        "bytes_to_client": session.traffic.to_client,
+        "duration": round(duration, 6),
+    }
+    if detail:
+        fields["error"] = detail[:500]
+
+    if backend is not None:
+        try:
+            await _close(backend, limit=relay.config.relay.final_write_timeout)
+        except Exception as exc:
+            _teardown_failed(relay, ctx, "backend_close", exc)
+    if managed is not None:
+        try:
+            managed.tunnel_closed()
+        except Exception as exc:
+            _teardown_failed(relay, ctx, "managed_release", exc)
+    if recorder is not None:
+        try:
+            fields |= dict(zip(("bytes_hash", "bytes_records"), recorder.close(), strict=True))
+        except Exception as exc:
+            _teardown_failed(relay, ctx, "recording_close", exc)
+            fields["bytes_error"] = str(exc)[:500]
+            # The file is closed anyway, and a second close() returns what it
+            # should hold: the end record names it, so verify reports the gap.
+            with contextlib.suppress(Exception):
+                pair = recorder.close()
+                fields |= {"bytes_hash": pair[0], "bytes_records": pair[1]}
+    try:
+        audit.close_session(**fields)
+    except Exception as exc:
+        _teardown_failed(relay, ctx, "audit_end_record", exc)
+    else:
+        try:
+            await _sync_end_record(relay, audit)
+        except Exception as exc:
+            _teardown_failed(relay, ctx, "audit_sync", exc)
+    try:
+        audit.close()
+    except Exception as exc:
+        _teardown_failed(relay, ctx, "audit_close", exc)
+    try:
+        relay.flush_bytes(session)
+    except Exception as exc:
+        _teardown_failed(relay, ctx, "metrics_bytes", exc)
+    try:
+        relay.metrics.session_closed(session.target, outcome=reason, duration=duration)
+    except Exception as exc:
+        _teardown_failed(relay, ctx, "metrics_session", exc)
+    log.info("session.closed", extra=ctx | fields)
+    try:
+        relay.checkpoint_relay_audit()
+    except Exception as exc:
+        _teardown_failed(relay, ctx, "audit_relay_checkpoint", exc)
+    try:
+        await _close(tls, limit=relay.config.relay.final_write_timeout)
+    except Exception as exc:
+        _teardown_failed(relay, ctx, "client_close", exc)

@@ -206,7 +206,7 @@ def test_minimal_config_gets_every_default(config_dir: Path) -> None:
         shutdown_grace=30.0,
         max_sessions=256,
         revocation_interval=2.0,
-        checkpoint_interval=300.0,
+        checkpoint_interval=5.0,
         audit_fsync_interval=2.0,
         final_write_timeout=2.0,
         session_end_timeout=10.0,

@@ -20,6 +20,7 @@ import pytest
 from relay.audit_chain import compute_hash
 
 from .support import ProcGroup, config_text, copy_materials, run_cli, start_relay
+from .test_audit_crash import tunnel
 from .test_lifecycle import GDBSERVER, SLEEP, _connector, _debugger
 
 pytestmark = pytest.mark.skipif(GDBSERVER is None, reason="needs gdbserver installed")
@@ -43,24 +44,31 @@ class Written:
 def written(tmp_path_factory: pytest.TempPathFactory, materials: Path) -> Written:
     home = tmp_path_factory.mktemp("relay")
     copy_materials(materials, home)
-    (home / "dbgrelay.toml").write_text(
-        config_text(
-            [
-                {
-                    "name": "build42",
-                    "kind": "gdbserver",
-                    "backend": "tcp://127.0.0.1:{port}",
-                    "launch": [GDBSERVER, "--once", "127.0.0.1:{port}", SLEEP, "1000"],
-                }
-            ]
-        )
+    text = config_text(
+        [
+            {
+                "name": "build42",
+                "kind": "gdbserver",
+                "backend": "tcp://127.0.0.1:{port}",
+                "launch": [GDBSERVER, "--once", "127.0.0.1:{port}", SLEEP, "1000"],
+            }
+        ]
     )
+    # No scheduled signature within the run: which records are signed (the
+    # session's end, the session end's relay checkpoint, relay.stopped) does
+    # not depend on how fast this machine is.
+    text = text.replace("[relay]\n", '[relay]\ncheckpoint_interval = "1h"\n', 1)
+    (home / "dbgrelay.toml").write_text(text)
     procs = ProcGroup()
     try:
         relay, relay_addr = start_relay(procs, home)
         _debugger(_connector(procs, home, relay_addr)).close()
         closed = relay.wait_event("session.closed", target="build42")
         relay.wait_event("server.exited", target="build42")
+        for n in range(3):  # unsigned relay records until relay.stopped signs them
+            refused = tunnel(home, relay_addr, f"not-a-token-{n}", target="build42")
+            assert refused.status == b"401"
+            refused.close()
         relay.send_signal(signal.SIGTERM)
         assert relay.wait() == 0, relay.output()
     finally:
@@ -100,6 +108,8 @@ def verify(written: Written, *paths: Path, pubkey: bool = True):
 
 def test_a_full_session_records_its_events_in_order(written: Written) -> None:
     records = [json.loads(line) for line in lines_of(written.session)]
+    # A session longer than checkpoint_interval also holds signed checkpoints.
+    records = [r for r in records if r.get("event") != "audit.checkpoint"]
 
     assert records[0]["type"] == "header" and records[0]["session_id"] == written.session_id
     assert [r["event"] for r in records[1:]] == [
@@ -127,7 +137,7 @@ def test_intact_files_verify_with_the_pubkey(written: Written) -> None:
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == [
-        f"{written.session}: ok, 5 records, signature ok",
+        f"{written.session}: ok, {len(lines_of(written.session))} records, signature ok",
         f"{written.relay}: ok, {len(lines_of(written.relay))} records, signature ok",
     ]
 
@@ -137,6 +147,7 @@ def test_audit_show_prints_a_readable_timeline(written: Written) -> None:
 
     assert done.returncode == 0, done.stderr
     header, *timeline = done.stdout.splitlines()
+    timeline = [line for line in timeline if " audit.checkpoint " not in line]
     assert header.startswith(f"# {written.session.name}: session audit file")
     assert [line.split()[2] for line in timeline] == [
         "session.opened",
@@ -284,3 +295,78 @@ def test_a_missing_file_is_a_one_line_error(written: Written, tmp_path: Path, co
         == f"dbgrelay: audit {command}: cannot read {missing}: No such file or directory\n"
     )
     assert done.stdout == ""
+
+
+def _cut_after_a_signature(source: Path, dest: Path) -> tuple[int, int]:
+    """Copy ``source`` up to its first signed record plus the unsigned lines after it.
+
+    In the module's relay file that is the checkpoint at the session's end,
+    then (server.exited and) the three refused tunnels; relay.stopped goes.
+
+    Returns:
+        The signed line's number and the number of lines kept.
+    """
+    lines = lines_of(source)
+    signed = [i for i, line in enumerate(lines) if "sig" in json.loads(line)]
+    first = signed[0]
+    end = first + 1
+    while end < len(lines) and "sig" not in json.loads(lines[end]):
+        end += 1
+    assert end >= first + 4 and end < len(lines), lines
+    write_lines(dest, lines[:end])
+    return first + 1, end
+
+
+def test_a_relay_file_cut_after_a_signature_fails_verify_in_one_line(
+    written: Written, tmp_path: Path
+) -> None:
+    # Everything after the lines kept is gone, and the chain of what is left is
+    # intact: only the missing signature at the end can tell.
+    path = tmp_path / written.relay.name
+    signed, kept = _cut_after_a_signature(written.relay, path)
+
+    done = verify(written, path)
+
+    assert done.returncode == 1
+    span = f"line {kept}" if kept == signed + 1 else f"lines {signed + 1}-{kept}"
+    verb = "comes" if kept == signed + 1 else "come"
+    assert done.stdout.splitlines() == [
+        f"{path}: {span} {verb} after the last signature (line {signed}): the file may have "
+        "been cut there; for the live file of a running relay pass --allow-unsigned-tail"
+    ]
+
+
+def test_allow_unsigned_tail_accepts_the_tail_and_prints_the_notes(
+    written: Written, tmp_path: Path
+) -> None:
+    path = tmp_path / written.relay.name
+    signed, kept = _cut_after_a_signature(written.relay, path)
+
+    done = run_cli(
+        "audit",
+        "verify",
+        "--pubkey",
+        written.pubkey,
+        "--allow-unsigned-tail",
+        path,
+        cwd=written.home,
+    )
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout.splitlines()
+    assert out[0] == (
+        f"{path}: ok, {kept} records, signature ok through line {signed}; "
+        f"{kept - signed} unsigned line(s) after it accepted (--allow-unsigned-tail)"
+    )
+    assert len(out) == 2 and out[1].startswith(f"{path}: note: ")
+    assert "after the last signature" in out[1] and "(accepted: --allow-unsigned-tail)" in out[1]
+
+
+def test_every_note_is_printed(written: Written) -> None:
+    done = verify(written, written.session, pubkey=False)
+
+    assert done.returncode == 0
+    assert done.stdout.splitlines()[1] == (
+        f"{written.session}: note: signatures not checked (no public key given): only the hash "
+        "chain was checked, which cannot detect a file rewritten with a freshly computed chain"
+    )

@@ -35,6 +35,7 @@ from relay.audit import (
     verify_file,
 )
 from relay.audit_chain import compute_hash, key_thumbprint, sign_hash
+from relay.cli import build_parser
 from relay.errors import RelayError
 
 SID = "s-4f2a9c"
@@ -392,6 +393,116 @@ def test_unsigned_file_with_pubkey_has_no_signature_to_check(tmp_path, key):
     assert not report.signed
 
 
+# -- the unsigned tail --------------------------------------------------------------------
+
+
+def write_relay_file(audit_dir: Path, key: Ed25519PrivateKey) -> Path:
+    """A relay file: 2 records, a checkpoint (line 4), then 5 unsigned records (lines 5-9)."""
+    path = relay_audit_path(audit_dir, T0)
+    writer = AuditWriter.open_append(path, signing_key=key, clock=StepClock())
+    writer.append("relay.started", listen="127.0.0.1:8443")
+    writer.append("token.accepted", sub="alice")
+    writer.checkpoint()
+    for n in range(5):
+        writer.append("token.rejected", claimed_sub=f"user{n}", reason="expired")
+    writer.close()
+    return path
+
+
+def test_relay_file_cut_after_a_checkpoint_fails_verify(tmp_path, key):
+    # The attack: keep everything up to a signature plus a few lines, drop the rest.
+    # The chain of what is left is intact; only the missing signature can tell.
+    path = write_relay_file(tmp_path, key)
+    put_lines(path, lines_of(path)[:6])
+
+    report = verify_file(path, pubkey=key.public_key())
+
+    assert not report.ok and not report.signed
+    assert report.problems == [
+        "lines 5-6 come after the last signature (line 4): the file may have been cut "
+        "there; for the live file of a running relay pass --allow-unsigned-tail"
+    ]
+    assert report.signed_through == 4 and report.lines == 6
+
+
+def test_unsigned_tail_is_accepted_only_when_asked_and_named_in_a_note(tmp_path, key):
+    path = write_relay_file(tmp_path, key)
+
+    report = verify_file(path, pubkey=key.public_key(), allow_unsigned_tail=True)
+
+    assert report.ok and not report.signed and report.problems == []
+    records = [json.loads(line) for line in lines_of(path)]
+    assert report.notes == [
+        f"lines 5-9 come after the last signature (line 4), written {records[4]['time']} "
+        f"to {records[8]['time']}: only the hash chain covers them "
+        "(accepted: --allow-unsigned-tail)"
+    ]
+
+
+def test_a_file_ending_in_a_signature_needs_no_flag(tmp_path, key):
+    path = write_relay_file(tmp_path, key)
+    put_lines(path, lines_of(path)[:4])
+
+    report = verify_file(path, pubkey=key.public_key())
+
+    assert report.ok and report.signed and report.notes == []
+
+
+def test_live_session_file_passes_only_with_the_flag(tmp_path, key):
+    path = write_session(tmp_path, key)
+    put_lines(path, lines_of(path)[:-1])  # no session.closed yet
+
+    assert not verify_file(path, pubkey=key.public_key()).ok
+    report = verify_file(path, pubkey=key.public_key(), allow_unsigned_tail=True)
+
+    assert report.ok and report.truncated
+    assert any("no session.closed record" in n for n in report.notes)
+    assert any(n.startswith("lines 1-6 come before any signature") for n in report.notes)
+
+
+def test_the_flag_does_not_accept_a_file_naming_another_key(tmp_path, key):
+    # Rewritten without the key, all unsigned, as if it were a live file.
+    path = write_session(tmp_path, key)
+    lines = rechain(lines_of(path)[:-1], None)
+    put_lines(path, lines)
+
+    report = verify_file(path, pubkey=key.public_key(), allow_unsigned_tail=True)
+
+    assert not report.ok
+    assert report.problems == [
+        f"lines 1-6 are unsigned and the file names audit key_id None where the given "
+        f"key's key_id is {key_thumbprint(key.public_key())}"
+    ]
+
+
+def test_sign_interval_signs_a_record_once_the_last_signature_is_that_old(tmp_path, key):
+    # StepClock: 1.25 s between readings; header at T0.  With a 3 s interval the
+    # record read at T0+3.75 s is the first due a signature, then T0+7.5 s.
+    path = relay_audit_path(tmp_path, T0)
+    writer = AuditWriter.create(
+        path, kind="relay", session_id=None, signing_key=key, clock=StepClock(), sign_interval=3
+    )
+    for n in range(8):
+        writer.append("token.rejected", n=n)
+    writer.close()
+
+    records = [json.loads(line) for line in lines_of(path)]
+    assert [("sig" in r) for r in records[1:]] == [False, False, True, False, False, True] + [
+        False,
+        False,
+    ]
+    # Every unsigned record is less than 3 s younger than the signature before it.
+    last_signed = datetime.fromisoformat(records[0]["created"])
+    for record in records[1:]:
+        moment = datetime.fromisoformat(record["time"])
+        if "sig" in record:
+            last_signed = moment
+        else:
+            assert (moment - last_signed).total_seconds() < 3
+    report = verify_file(path, pubkey=key.public_key(), allow_unsigned_tail=True)
+    assert report.ok and report.signed_through == 7
+
+
 # -- open_append ------------------------------------------------------------------------
 
 
@@ -705,3 +816,45 @@ def test_load_public_key_file_rejects_other_files(tmp_path, key, content, messag
     with pytest.raises(AuditKeyError, match=message) as info:
         load_public_key_file(path)
     assert str(path) in str(info.value)
+
+
+def test_reopening_a_file_a_dead_relay_left_unsigned_signs_at_once(tmp_path, key):
+    path = relay_audit_path(tmp_path, T0)
+    writer = AuditWriter.open_append(path, signing_key=key, clock=StepClock(), sign_interval=3600)
+    writer.append("token.rejected", n=0)
+    writer.close()  # the relay died: no checkpoint, no relay.stopped
+
+    writer = AuditWriter.open_append(path, signing_key=key, clock=StepClock(), sign_interval=3600)
+    writer.append("relay.started")
+    writer.close()
+
+    records = [json.loads(line) for line in lines_of(path)]
+    assert [(r.get("event"), "sig" in r) for r in records[1:]] == [
+        ("token.rejected", False),
+        ("audit.reopened", True),
+        ("relay.started", False),
+    ]
+
+
+def test_verify_cli_on_a_new_live_file_with_no_signature_yet(tmp_path, key, capsys):
+    path = relay_audit_path(tmp_path, T0)
+    writer = AuditWriter.open_append(path, signing_key=key, clock=StepClock())
+    writer.append("relay.started")
+    writer.close()
+    pub = tmp_path / "audit.pub"
+    pub.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+
+    for flag, code in (([], 1), (["--allow-unsigned-tail"], 0)):
+        args = build_parser().parse_args(
+            ["audit", "verify", "--pubkey", str(pub), *flag, str(path)]
+        )
+        assert args.func(args) == code
+        out = capsys.readouterr().out.splitlines()
+        if code:
+            assert out == [f"{path}: no signature to check: file has no signed record"]
+        else:
+            assert out[0] == (
+                f"{path}: ok, 2 records, no signature yet; 2 unsigned line(s) accepted "
+                "(--allow-unsigned-tail)"
+            )
+            assert out[1].startswith(f"{path}: note: lines 1-2 come before any signature")
