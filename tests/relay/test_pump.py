@@ -1,11 +1,12 @@
-"""The byte pump: semantics on memory streams, and the fast path on real sockets.
+"""The pump's trio driver, the one production runs, on memory streams and on sockets.
 
-The first half runs the generic loop on trio's memory streams (real TLS on top
-of the client's where it matters) under the autojump clock, so production
-timeouts pass in milliseconds.  The second half runs the fast path on
-loopback sockets with real TLS, on the real clock, or on a mock clock that
-only moves when the test jumps it (bytes in a kernel buffer must never race
-an autojump).
+The first half drives it over trio's memory streams (real TLS on top of the
+client's where it matters) under the autojump clock, so production timeouts
+pass in milliseconds.  The second half drives it over loopback sockets with
+real TLS, where it reads and writes the sockets without blocking, on the
+real clock, or on a mock clock that only moves when the test jumps it (bytes
+in a kernel buffer must never race an autojump).  The state machine itself
+is tested byte by byte in ``tests/relay/datapath/test_pump.py``.
 """
 
 from __future__ import annotations
@@ -19,36 +20,13 @@ import struct
 import pytest
 import trio
 import trio.testing
-import trustme
 
-from relay.fastpath import endpoint_for
 from relay.pump import PumpResult, Traffic, run_pump
-from relay.tls import make_client_engine, make_server_engine
 
 MIB = 1024 * 1024
 
 
 # -- TLS material -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module", params=["stdlib", "pyopenssl"])
-def engines(request, ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory):
-    """One TLS engine's server and client sides, built from files like the relay's."""
-    folder = tmp_path_factory.mktemp("tls")
-    cert = ca.issue_cert("127.0.0.1")
-    cert.cert_chain_pems[0].write_to_path(folder / "server.pem")
-    cert.private_key_pem.write_to_path(folder / "server.key")
-    ca.cert_pem.write_to_path(folder / "ca.pem")
-    server = make_server_engine(
-        engine=request.param, cert=folder / "server.pem", key=folder / "server.key"
-    )
-    client = make_client_engine(engine=request.param, ca=folder / "ca.pem")
-    return server, client
 
 
 async def tls_pair(
@@ -137,7 +115,6 @@ async def memory_tunnel(engines, nursery, **kw) -> Tunnel:
     user, client = await tls_pair(engines, trio.testing.memory_stream_pair())
     backend, server = trio.testing.memory_stream_pair()
     tunnel = Tunnel(user, client, backend, server)
-    assert endpoint_for(client) is None  # memory streams take the generic loop
     nursery.start_soon(lambda: tunnel.run(**kw))
     return tunnel
 
@@ -147,7 +124,6 @@ async def socket_tunnel(engines, nursery, *, strict_user: bool = False, **kw) ->
     user, client = await tls_pair(engines, await socket_pair(), strict_client=strict_user)
     backend, server = await socket_pair()
     tunnel = Tunnel(user, client, backend, server)
-    assert endpoint_for(client) is not None and endpoint_for(backend) is not None
     nursery.start_soon(lambda: tunnel.run(**kw))
     return tunnel
 
@@ -159,7 +135,7 @@ async def echo(stream: trio.abc.Stream) -> None:
             await stream.send_all(data)
 
 
-# -- pump semantics on memory streams (generic loop) ----------------------------------
+# -- pump semantics on memory streams -------------------------------------------------
 
 
 async def test_bytes_move_both_ways_and_are_counted_and_tapped(engines, nursery, autojump_clock):
@@ -295,7 +271,7 @@ async def test_closing_sends_close_notify_even_when_cancelled(engines):
     await peer.aclose()
 
 
-# -- the fast path on loopback sockets ------------------------------------------------
+# -- the pump on loopback sockets -----------------------------------------------------
 
 
 async def test_fast_path_moves_64_mib_intact(engines, nursery):
