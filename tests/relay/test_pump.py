@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import stat
 import struct
 
 import pytest
@@ -274,7 +275,7 @@ async def test_closing_sends_close_notify_even_when_cancelled(engines):
 # -- the pump on loopback sockets -----------------------------------------------------
 
 
-async def test_fast_path_moves_64_mib_intact(engines, nursery):
+async def test_over_sockets_moves_64_mib_intact(engines, nursery):
     t = await socket_tunnel(engines, nursery, idle_timeout=300)
     payload = os.urandom(MIB)
     expected = hashlib.sha256()
@@ -303,7 +304,33 @@ async def test_fast_path_moves_64_mib_intact(engines, nursery):
     assert sum(len(data) for _, data in t.taps) == 64 * MIB
 
 
-async def test_fast_path_ping_pong_of_every_size(engines, nursery):
+async def test_over_sockets_no_os_read_or_write_touches_a_socket(engines, nursery, monkeypatch):
+    # os.read/os.write on a socket do not exist on Windows: the driver must
+    # use the socket's own calls, the way the relay runs everywhere.
+    def refuse(name, real):
+        def call(fd, *args):
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                raise AssertionError(f"os.{name} called on a socket")
+            return real(fd, *args)
+
+        return call
+
+    for name in ("read", "readv", "write", "writev"):
+        monkeypatch.setattr(os, name, refuse(name, getattr(os, name)))
+    t = await socket_tunnel(engines, nursery, idle_timeout=300)
+    nursery.start_soon(echo, t.server)
+    with trio.fail_after(10):
+        for size in (1, 100, 70000):
+            data = os.urandom(size)
+            await t.user.send_all(data)
+            assert await receive_exactly(t.user, size) == data
+        await t.user.aclose()
+        await t.done.wait()
+    assert t.result == PumpResult("client_closed")
+    assert t.traffic.to_backend == t.traffic.to_client == 70101
+
+
+async def test_over_sockets_ping_pong_of_every_size(engines, nursery):
     t = await socket_tunnel(engines, nursery, idle_timeout=300)
     nursery.start_soon(echo, t.server)
     sent = 0
@@ -320,7 +347,7 @@ async def test_fast_path_ping_pong_of_every_size(engines, nursery):
     assert t.result == PumpResult("client_closed")
 
 
-async def test_fast_path_bytes_behind_the_handshake_are_not_lost(engines, nursery):
+async def test_over_sockets_bytes_behind_the_handshake_are_not_lost(engines, nursery):
     # Records that arrive before the pump starts wait inside the TLS object,
     # not in the socket: the pump must not wait for the socket first.
     user, client = await tls_pair(engines, await socket_pair())
@@ -334,7 +361,7 @@ async def test_fast_path_bytes_behind_the_handshake_are_not_lost(engines, nurser
         assert await receive_exactly(server, 4) == b"arly"
 
 
-async def test_fast_path_cancelled_mid_transfer_leaves_both_streams_closable(engines, nursery):
+async def test_over_sockets_cancelled_mid_transfer_leaves_both_streams_closable(engines, nursery):
     t = await socket_tunnel(engines, nursery, idle_timeout=300, strict_user=True)
     sent = 0
 
@@ -368,7 +395,7 @@ async def test_fast_path_cancelled_mid_transfer_leaves_both_streams_closable(eng
     assert t.result is None and t.idle.cancelled_caught
 
 
-async def test_fast_path_idle_timeout_on_a_frozen_clock(engines, nursery, mock_clock):
+async def test_over_sockets_idle_timeout_on_a_frozen_clock(engines, nursery, mock_clock):
     # mock_clock only moves when jumped: bytes go through the kernel in real
     # time while trio's clock stands still.
     t = await socket_tunnel(engines, nursery, idle_timeout=300)
@@ -388,7 +415,7 @@ async def test_fast_path_idle_timeout_on_a_frozen_clock(engines, nursery, mock_c
     assert t.idle.cancelled_caught and t.result is None
 
 
-async def test_fast_path_half_close_between_plain_sockets(nursery):
+async def test_over_sockets_half_close_between_plain_sockets(nursery):
     user, client = await socket_pair()
     backend, server = await socket_pair()
     t = Tunnel(user, client, backend, server)
@@ -405,7 +432,7 @@ async def test_fast_path_half_close_between_plain_sockets(nursery):
     assert (t.traffic.to_backend, t.traffic.to_client) == (7, 15)
 
 
-async def test_fast_path_backend_reset_is_a_backend_error(engines, nursery):
+async def test_over_sockets_backend_reset_is_a_backend_error(engines, nursery):
     t = await socket_tunnel(engines, nursery, idle_timeout=300)
     # Close with SO_LINGER 0: the kernel sends RST instead of FIN.
     t.server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -417,7 +444,7 @@ async def test_fast_path_backend_reset_is_a_backend_error(engines, nursery):
     assert "reset" in (t.result.detail or "").lower()
 
 
-async def test_fast_path_garbage_from_the_client_is_a_client_error(engines, nursery):
+async def test_over_sockets_garbage_from_the_client_is_a_client_error(engines, nursery):
     t = await socket_tunnel(engines, nursery, idle_timeout=300)
     await t.user.transport_stream.send_all(b"\x17\x03\x03\x00\x05hello")
     with trio.fail_after(5):
@@ -426,7 +453,7 @@ async def test_fast_path_garbage_from_the_client_is_a_client_error(engines, nurs
     assert t.result.detail  # OpenSSL's reason, whatever its wording
 
 
-async def test_fast_path_serves_many_tunnels_at_once(engines, nursery):
+async def test_over_sockets_serves_many_tunnels_at_once(engines, nursery):
     talkers = [await socket_tunnel(engines, nursery, idle_timeout=300) for _ in range(30)]
     victims = [await socket_tunnel(engines, nursery, idle_timeout=300) for _ in range(10)]
     for t in talkers:
@@ -474,7 +501,7 @@ async def test_fast_path_serves_many_tunnels_at_once(engines, nursery):
         assert t.idle.cancelled_caught and t.traffic.to_client > 0
 
 
-async def test_fast_path_failing_tap_is_raised_to_the_caller(engines):
+async def test_over_sockets_failing_tap_is_raised_to_the_caller(engines):
     user, client = await tls_pair(engines, await socket_pair())
     backend, server = await socket_pair()
 
@@ -529,7 +556,7 @@ async def corked_tunnel(engines, nursery) -> tuple[Tunnel, Corked]:
     return tunnel, corked
 
 
-async def test_fast_path_reports_an_error_behind_good_records_at_once(engines, nursery):
+async def test_over_sockets_reports_an_error_behind_good_records_at_once(engines, nursery):
     t, corked = await corked_tunnel(engines, nursery)
     corked.held = b""
     await t.user.send_all(b"data")
@@ -543,7 +570,7 @@ async def test_fast_path_reports_an_error_behind_good_records_at_once(engines, n
     await corked.inner.aclose()
 
 
-async def test_fast_path_sees_close_notify_behind_data_at_once(engines, nursery):
+async def test_over_sockets_sees_close_notify_behind_data_at_once(engines, nursery):
     t, corked = await corked_tunnel(engines, nursery)
     corked.held = b""
     await t.user.send_all(b"data")
