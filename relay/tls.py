@@ -131,6 +131,10 @@ class StdlibEngine:
         return attempt(self._obj.do_handshake, ssl.SSLWantReadError, ssl.SSLError, _failure)
 
     def read(self, max_bytes: int) -> bytes | None:
+        incoming = self._incoming
+        if not incoming.pending and not incoming.eof and not self._obj.pending():
+            # Nothing to decrypt: skip the call that could only say "want read".
+            return None
         try:
             # Stops at what OpenSSL holds: 0 bytes means close_notify.
             return self._obj.read(max_bytes)

@@ -115,7 +115,14 @@ class _StreamSide:
         return bytes(await self.stream.receive_some(RECEIVE_SIZE))
 
     async def send(self, data: bytes | memoryview) -> int:
-        await self.stream.send_all(data)
+        try:
+            await self.stream.send_all(data)
+        except BaseException:
+            if isinstance(self.codec, TLSCodec):
+                # Some unknown part of a record may be out: the TLS stream
+                # cannot go on, nor resend the rest when closed.
+                self.codec.conn.broken = True
+            raise
         return len(data)
 
     async def send_eof(self) -> None:
@@ -221,7 +228,6 @@ async def _run_direction(pump: Pump, sides: list[_Side], src: int, nursery: trio
     reader, writer = sides[src], sides[dst]
     current_time = trio.current_time
     while not pump.done:
-        reader.waited = writer.waited = False
         out = pump.to_send(dst)
         if out:
             try:
@@ -240,6 +246,11 @@ async def _run_direction(pump: Pump, sides: list[_Side], src: int, nursery: trio
             scope = nursery.cancel_scope
             scope.deadline = min(scope.deadline, pump.close_deadline)
         elif pump.wants_read(src):
+            if not (reader.waited or writer.waited):
+                # The last chunk came and went without a wait: let the other
+                # tasks run before the next one.
+                await trio.lowlevel.checkpoint()
+            reader.waited = writer.waited = False
             try:
                 data = await reader.receive()
             except (OSError, *_BROKEN) as exc:
@@ -250,9 +261,6 @@ async def _run_direction(pump: Pump, sides: list[_Side], src: int, nursery: trio
             # This direction ended (the client's EOF, passed on); the other
             # goes on until the close deadline.
             return
-        if not (reader.waited or writer.waited):
-            # Data kept coming without a wait: let the other tasks run.
-            await trio.lowlevel.checkpoint()
     nursery.cancel_scope.cancel()
 
 

@@ -484,8 +484,10 @@ async def test_over_sockets_serves_many_tunnels_at_once(engines, nursery):
             async with trio.open_nursery() as talking:
                 for seed, t in enumerate(talkers):
                     talking.start_soon(talk, t, seed)
-                # The victims end (cancelled, as by an idle timeout) mid-transfer.
-                await trio.sleep(0.05)
+                # The victims end (cancelled, as by an idle timeout) mid-transfer:
+                # once each has delivered a chunk, however loaded the machine.
+                while not all(t.traffic.to_client for t in victims):  # noqa: ASYNC110
+                    await trio.sleep(0.001)
                 for t in victims:
                     t.idle.cancel()
             for t in victims:
