@@ -30,22 +30,15 @@ MIB = 1024 * 1024
 # -- TLS material -----------------------------------------------------------------
 
 
-async def tls_pair(
-    engines, transport_pair, *, strict_client: bool = False
-) -> tuple[trio.abc.Stream, trio.abc.Stream]:
-    """A handshaken (client, server) pair of stdlib TLS streams over ``transport_pair``.
+async def tls_pair(engines, transport_pair) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    """A handshaken (client, server) pair of one engine's TLS streams over ``transport_pair``.
 
-    With ``strict_client``, the client reads an EOF without ``close_notify`` as
-    an error, so a test can tell the two apart: a :class:`trio.SSLStream` for
-    the stdlib engine, whose own stream reads such an EOF as the end; the
-    pyOpenSSL engine's stream is strict already.
+    Both engines' streams read an EOF without ``close_notify`` as an error, so
+    a test can tell a clean close from a cut.
     """
     server_engine, client_engine = engines
     raw_client, raw_server = transport_pair
-    if strict_client and client_engine.name == "stdlib":
-        client = trio.SSLStream(raw_client, client_engine.context, server_hostname="127.0.0.1")
-    else:
-        client = client_engine.wrap(raw_client, "127.0.0.1")
+    client = client_engine.wrap(raw_client, "127.0.0.1")
     server = server_engine.wrap(raw_server)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.do_handshake)
@@ -120,9 +113,9 @@ async def memory_tunnel(engines, nursery, **kw) -> Tunnel:
     return tunnel
 
 
-async def socket_tunnel(engines, nursery, *, strict_user: bool = False, **kw) -> Tunnel:
+async def socket_tunnel(engines, nursery, **kw) -> Tunnel:
     """A pump on loopback sockets: TLS from the user, plaintext to the server."""
-    user, client = await tls_pair(engines, await socket_pair(), strict_client=strict_user)
+    user, client = await tls_pair(engines, await socket_pair())
     backend, server = await socket_pair()
     tunnel = Tunnel(user, client, backend, server)
     nursery.start_soon(lambda: tunnel.run(**kw))
@@ -247,7 +240,7 @@ async def test_a_client_that_stops_reading_is_a_client_error(engines, nursery, a
 # -- the stdlib TLS stream ------------------------------------------------------------
 
 
-async def test_stdlib_tls_stream_is_a_well_behaved_trio_stream(engines):
+async def test_tls_stream_is_a_well_behaved_trio_stream(engines):
     async def stream_maker():
         return await tls_pair(engines, trio.testing.memory_stream_pair())
 
@@ -257,17 +250,35 @@ async def test_stdlib_tls_stream_is_a_well_behaved_trio_stream(engines):
     await trio.testing.check_two_way_stream(stream_maker, clogged_stream_maker)
 
 
-async def test_stdlib_tls_stream_over_sockets_is_a_well_behaved_trio_stream(engines):
+async def test_tls_stream_over_sockets_is_a_well_behaved_trio_stream(engines):
     async def stream_maker():
         return await tls_pair(engines, await socket_pair())
 
     await trio.testing.check_two_way_stream(stream_maker, None)
 
 
+async def test_tls_stream_reads_a_cut_as_an_error_and_close_notify_as_the_end(engines):
+    # The same on both engines: a cut is never mistaken for a clean close.
+    for cut in (True, False):
+        peer, ours = await tls_pair(engines, trio.testing.memory_stream_pair())
+        await peer.send_all(b"last words")
+        if cut:
+            await trio.aclose_forcefully(peer.transport_stream)
+        else:
+            await peer.aclose()
+        assert await receive_exactly(ours, 10) == b"last words"
+        if cut:
+            with pytest.raises(trio.BrokenResourceError, match="without a TLS close_notify"):
+                await ours.receive_some()
+        else:
+            assert await ours.receive_some() == b""
+        await ours.aclose()
+
+
 async def test_closing_sends_close_notify_even_when_cancelled(engines):
-    peer, ours = await tls_pair(engines, await socket_pair(), strict_client=True)
+    peer, ours = await tls_pair(engines, await socket_pair())
     await trio.aclose_forcefully(ours)  # cancelled at once
-    # A strict trio.SSLStream raises on an EOF without close_notify.
+    # The peer raises on an EOF without close_notify.
     assert await peer.receive_some() == b""
     await peer.aclose()
 
@@ -362,7 +373,7 @@ async def test_over_sockets_bytes_behind_the_handshake_are_not_lost(engines, nur
 
 
 async def test_over_sockets_cancelled_mid_transfer_leaves_both_streams_closable(engines, nursery):
-    t = await socket_tunnel(engines, nursery, idle_timeout=300, strict_user=True)
+    t = await socket_tunnel(engines, nursery, idle_timeout=300)
     sent = 0
 
     async def flood() -> None:
