@@ -292,24 +292,20 @@ def make_server_engine(
     Raises:
         LocalProtocolError: the files cannot be loaded or the engine is unknown.
     """
+    files = {
+        "cert": Path(cert),
+        "key": Path(key),
+        "min_version": min_version,
+        "client_ca": Path(client_ca) if client_ca is not None else None,
+        "require_client_cert": require_client_cert,
+    }
     if engine == "stdlib":
-        context = _stdlib_server_context(
-            cert=cert,
-            key=key,
-            min_version=min_version,
-            client_ca=client_ca,
-            require_client_cert=require_client_cert,
-        )
-        return _BuiltEngine(engine, context, _stdlib_server_stream)
+        return _BuiltEngine(engine, _stdlib_server_context(**files), _stdlib_server_stream)
     if engine == "pyopenssl":
         from . import tls_openssl
 
-        context = tls_openssl.server_context_from_files(
-            cert=Path(cert),
-            key=Path(key),
-            min_version=min_version,
-            client_ca=Path(client_ca) if client_ca is not None else None,
-            require_client_cert=require_client_cert,
+        context = tls_openssl.make_server_context(
+            **files,
             is_serial_revoked=is_serial_revoked,
             ocsp_response=Path(ocsp_response) if ocsp_response is not None else None,
         )

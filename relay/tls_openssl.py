@@ -62,7 +62,6 @@ from .errors import LocalProtocolError
 
 __all__ = [
     "OpenSSLEngine",
-    "server_context_from_files",
     "make_server_context",
     "make_client_context",
     "open_server_stream",
@@ -351,7 +350,7 @@ def make_server_context(
     client_ca: Path | None = None,
     require_client_cert: bool = False,
     is_serial_revoked: Callable[[int], bool] | None = None,
-    ocsp_response: Callable[[], bytes | None] | None = None,
+    ocsp_response: Path | Callable[[], bytes | None] | None = None,
 ) -> SSL.Context:
     """Build a hardened server :class:`OpenSSL.SSL.Context`.
 
@@ -372,8 +371,10 @@ def make_server_context(
             ``certificate_required`` alert).  Needs ``client_ca``.
         is_serial_revoked: Called with the client certificate's serial during
             the handshake; ``True`` refuses the handshake.
-        ocsp_response: Called per handshake; DER bytes are stapled, ``None``
-            staples nothing.
+        ocsp_response: A DER OCSP response file to staple (read once: a
+            reload, which rebuilds the context, picks up a new one), or a
+            function called per handshake whose DER bytes are stapled
+            (``None`` staples nothing).
 
     Raises:
         LocalProtocolError: a file cannot be loaded (``reason="bad_tls_files"``)
@@ -399,19 +400,26 @@ def make_server_context(
             mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
         ctx.set_verify(mode, _client_cert_verifier(is_serial_revoked))
 
+    if isinstance(ocsp_response, Path):
+        der = _read_ocsp_response(ocsp_response)
+        ocsp_response = lambda: der  # noqa: E731
     if ocsp_response is not None:
         ctx.set_ocsp_server_callback(_ocsp_stapler(ocsp_response))
     return ctx
 
 
+def _rejected(conn: SSL.Connection, whose: str, errnum: int, depth: int) -> bool:
+    """Note why OpenSSL's chain check failed, and keep the refusal."""
+    _note(
+        conn, f"{whose} certificate rejected at depth {depth}: {_X509_ERRORS.get(errnum, errnum)}"
+    )
+    return False
+
+
 def _client_cert_verifier(is_serial_revoked: Callable[[int], bool] | None) -> _Verifier:
     def verify(conn: SSL.Connection, cert: X509, errnum: int, depth: int, ok: int) -> bool:
         if not ok:
-            _note(
-                conn,
-                f"client certificate rejected at depth {depth}: {_X509_ERRORS.get(errnum, errnum)}",
-            )
-            return False
+            return _rejected(conn, "client", errnum, depth)
         if depth != 0 or is_serial_revoked is None:
             return True
         serial = cert.get_serial_number()
@@ -534,11 +542,7 @@ def _certificate_matches(cert: x509.Certificate, wanted: _Wanted) -> bool:
 def _server_cert_verifier(hostname: str, wanted: _Wanted) -> _Verifier:
     def verify(conn: SSL.Connection, cert: X509, errnum: int, depth: int, ok: int) -> bool:
         if not ok:
-            _note(
-                conn,
-                f"server certificate rejected at depth {depth}: {_X509_ERRORS.get(errnum, errnum)}",
-            )
-            return False
+            return _rejected(conn, "server", errnum, depth)
         if depth != 0:
             return True
         if not _certificate_matches(cert.to_cryptography(), wanted):
@@ -680,36 +684,3 @@ def _read_ocsp_response(path: Path) -> bytes:
             reason="bad_tls_files",
         ) from exc
     return der
-
-
-def server_context_from_files(
-    *,
-    cert: Path,
-    key: Path,
-    min_version: str,
-    client_ca: Path | None,
-    require_client_cert: bool,
-    is_serial_revoked: Callable[[int], bool] | None,
-    ocsp_response: Path | None,
-) -> SSL.Context:
-    """The server context :func:`relay.tls.make_server_engine` builds from config.
-
-    The OCSP response is read once: a reload (which rebuilds the engine)
-    picks up a new file.
-
-    Raises:
-        LocalProtocolError: a file cannot be loaded (``reason="bad_tls_files"``).
-    """
-    staple = None
-    if ocsp_response is not None:
-        der = _read_ocsp_response(ocsp_response)
-        staple = lambda: der  # noqa: E731
-    return make_server_context(
-        cert=cert,
-        key=key,
-        min_version=min_version,
-        client_ca=client_ca,
-        require_client_cert=require_client_cert,
-        is_serial_revoked=is_serial_revoked,
-        ocsp_response=staple,
-    )
