@@ -62,6 +62,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "revocation_interval",
         "checkpoint_interval",
         "audit_fsync_interval",
+        "data_plane",
     ),
     "tls": (
         "cert",
@@ -606,6 +607,7 @@ class _Validator:
             table, w, "checkpoint_interval", 300.0, zero="forbidden"
         )
         out["audit_fsync_interval"] = self.duration(table, w, "audit_fsync_interval", 2.0)
+        out["data_plane"] = self.string(table, w, "data_plane", "trio", choices=("trio", "thread"))
         return out
 
     def tls(self, data: Mapping[str, Any]) -> dict[str, Any]:

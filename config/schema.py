@@ -166,6 +166,10 @@ class RelaySection:
             long session.  Default 300.
         audit_fsync_interval: Audit records are fsync'd at least this often,
             in seconds; 0 means after every record.  Default 2.
+        data_plane: Who moves an established tunnel's bytes: ``"trio"``
+            (the session's own task) or ``"thread"`` (one data-plane thread
+            per process, Linux; ``"trio"`` elsewhere and for recorded
+            targets).  Default ``"trio"``.
     """
 
     listen: tuple[Address, ...] = (("127.0.0.1", 7443),)
@@ -178,6 +182,7 @@ class RelaySection:
     revocation_interval: float = 2.0
     checkpoint_interval: float = 300.0
     audit_fsync_interval: float = 2.0
+    data_plane: str = "trio"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

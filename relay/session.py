@@ -38,7 +38,7 @@ from .preamble import (
     render_preflight,
     render_refusal,
 )
-from .pump import Traffic, run_pump
+from .pump import Traffic, driver_for
 from .tls import TLSInfo, is_pq_group
 
 if TYPE_CHECKING:
@@ -482,7 +482,7 @@ async def _run_tunnel(
 
             with trio.CancelScope() as idle:
                 try:
-                    result = await run_pump(
+                    result = await driver_for(relay.config.relay.data_plane)(
                         tls,
                         backend,
                         session.traffic,

@@ -47,7 +47,7 @@ def _detail(exc: BaseException) -> str:
     return str(exc.__cause__ or exc) or type(exc).__name__
 
 
-class _SocketSide:
+class SocketSide:
     """A side over a socket: try the call first, wait only if it would block."""
 
     __slots__ = ("codec", "stream", "raw", "maybe_readable", "waited")
@@ -101,7 +101,7 @@ class _SocketSide:
         self.raw.release()
 
 
-class _StreamSide:
+class StreamSide:
     """A side over any other :class:`trio.abc.Stream`."""
 
     __slots__ = ("codec", "stream", "waited")
@@ -132,10 +132,16 @@ class _StreamSide:
         pass
 
 
-_Side = _SocketSide | _StreamSide
+_Side = SocketSide | StreamSide
 
 
-def _side_for(stream: trio.abc.Stream) -> _Side:
+def side_for(stream: trio.abc.Stream) -> _Side:
+    """How the pump reaches ``stream``: its codec, and its socket or stream.
+
+    Resource handling:
+        A :class:`SocketSide` borrows the socket: :meth:`SocketSide.release`
+        it when done.
+    """
     codec: Codec
     conn = stream.for_pump() if isinstance(stream, TLSStream) else None
     if conn is not None:
@@ -145,8 +151,29 @@ def _side_for(stream: trio.abc.Stream) -> _Side:
         codec = PlainCodec(can_half_close=hasattr(stream, "send_eof"))
         transport = stream
     if type(transport) is trio.SocketStream:
-        return _SocketSide(codec, transport)
-    return _StreamSide(codec, transport)
+        return SocketSide(codec, transport)
+    return StreamSide(codec, transport)
+
+
+def pump_between(
+    sides: list[_Side],
+    traffic: Traffic,
+    now: float,
+    *,
+    idle_timeout: float | None,
+    close_timeout: float,
+    tap: Tap | None = None,
+) -> Pump:
+    """The pump for a tunnel between the ``[client, backend]`` sides (both drivers)."""
+    return Pump(
+        sides[CLIENT].codec,
+        sides[BACKEND].codec,
+        traffic,
+        now=now,
+        idle_timeout=idle_timeout,
+        close_timeout=close_timeout,
+        tap=tap,
+    )
 
 
 async def run_pump(
@@ -197,13 +224,12 @@ async def run_pump(
         idle_timeout = None
     sides: list[_Side] = []
     try:
-        sides.append(_side_for(client))
-        sides.append(_side_for(backend))
-        pump = Pump(
-            sides[CLIENT].codec,
-            sides[BACKEND].codec,
+        sides.append(side_for(client))
+        sides.append(side_for(backend))
+        pump = pump_between(
+            sides,
             traffic,
-            now=trio.current_time(),
+            trio.current_time(),
             idle_timeout=idle_timeout,
             close_timeout=close_timeout,
             tap=tap,

@@ -31,7 +31,7 @@ def test_unknown_key_names_the_known_keys(config_dir: Path) -> None:
     assert line == (
         f"{F}: relay.idle_timeout: unknown key (it belongs in [[targets]]); known keys: "
         "listen, state_dir, audit_dir, handshake_timeout, close_timeout, shutdown_grace, "
-        "max_sessions, revocation_interval, checkpoint_interval, audit_fsync_interval"
+        "max_sessions, revocation_interval, checkpoint_interval, audit_fsync_interval, data_plane"
     )
 
 
@@ -608,3 +608,9 @@ def test_config_file_that_is_not_utf8(config_dir: Path) -> None:
     assert info.value.problems == [
         f"{F}: the config file is not valid UTF-8 (bad byte at offset 14)"
     ]
+
+
+def test_data_plane_names_the_drivers(config_dir: Path) -> None:
+    (line,) = problems_of(config_dir, MINIMAL + '[relay]\ndata_plane = "epoll"\n')
+    assert line.startswith(f"{F}: relay.data_plane: ")
+    assert '"trio"' in line and '"thread"' in line and "epoll" in line

@@ -122,6 +122,25 @@ async def socket_tunnel(engines, nursery, **kw) -> Tunnel:
     return tunnel
 
 
+async def round_trips(t, sizes: tuple[int, ...]) -> None:
+    """Echo random messages of ``sizes`` through tunnel ``t``, then close it from the user."""
+    for size in sizes:
+        data = os.urandom(size)
+        await t.user.send_all(data)
+        assert await receive_exactly(t.user, size) == data
+    await t.user.aclose()
+    await t.done.wait()
+
+
+async def talk(user: trio.abc.Stream, seed: int, rounds: int) -> None:
+    """Send messages of many sizes through an echoing tunnel, check each, then close."""
+    for i in range(rounds):
+        message = bytes([seed]) * (1 + (seed * 97 + i * 31) % 3000)
+        await user.send_all(message)
+        assert await receive_exactly(user, len(message)) == message
+    await user.aclose()
+
+
 async def echo(stream: trio.abc.Stream) -> None:
     """Echo until EOF, then close."""
     async with stream:
@@ -331,12 +350,7 @@ async def test_over_sockets_no_os_read_or_write_touches_a_socket(engines, nurser
     t = await socket_tunnel(engines, nursery, idle_timeout=300)
     nursery.start_soon(echo, t.server)
     with trio.fail_after(10):
-        for size in (1, 100, 70000):
-            data = os.urandom(size)
-            await t.user.send_all(data)
-            assert await receive_exactly(t.user, size) == data
-        await t.user.aclose()
-        await t.done.wait()
+        await round_trips(t, (1, 100, 70000))
     assert t.result == PumpResult("client_closed")
     assert t.traffic.to_backend == t.traffic.to_client == 70101
 
@@ -470,13 +484,6 @@ async def test_over_sockets_serves_many_tunnels_at_once(engines, nursery):
     for t in talkers:
         nursery.start_soon(echo, t.server)
 
-    async def talk(t: Tunnel, seed: int) -> None:
-        for i in range(50):
-            message = bytes([seed]) * (1 + (seed * 97 + i * 31) % 3000)
-            await t.user.send_all(message)
-            assert await receive_exactly(t.user, len(message)) == message
-        await t.user.aclose()
-
     async def flood(t: Tunnel) -> None:
         # Bulk towards a user that reads, until the tunnel is cancelled.
         with contextlib.suppress(trio.BrokenResourceError):
@@ -494,7 +501,7 @@ async def test_over_sockets_serves_many_tunnels_at_once(engines, nursery):
                 inner.start_soon(drain, t)
             async with trio.open_nursery() as talking:
                 for seed, t in enumerate(talkers):
-                    talking.start_soon(talk, t, seed)
+                    talking.start_soon(talk, t.user, seed, 50)
                 # The victims end (cancelled, as by an idle timeout) mid-transfer:
                 # once each has delivered a chunk, however loaded the machine.
                 while not all(t.traffic.to_client for t in victims):  # noqa: ASYNC110

@@ -116,6 +116,34 @@ async def test_tunnel_moves_bytes_both_ways_and_writes_a_verified_audit(
     running.stop.set()
 
 
+async def test_on_the_data_plane_thread_a_tunnel_moves_bytes_and_ends_from_trio(
+    nursery, make_config, token_for, pki
+):
+    # relay.data_plane = "thread": the tunnel is handed over after the 200,
+    # and an end decided in trio (here an admin's) takes it back, with every
+    # byte counted in the audit record.
+    backend = await start_echo(nursery)
+    config = make_config([gdb_target("build42", backend.port)], data_plane="thread")
+    running = await start_relay(nursery, config, pki)
+    tls, session_id, _ = await open_tunnel(running.settings(token_for()))
+    payload = bytes(range(256)) * 300
+    await tls.send_all(payload)
+    got = bytearray()
+    while len(got) < len(payload):
+        got += await tls.receive_some(65536)
+    assert got == payload
+    running.relay.sessions[session_id].end("ended_by_admin")
+    with trio.fail_after(5):
+        await running.relay.wait_no_sessions()
+    assert await tls.receive_some(65536) == b""  # close_notify: a clean end
+    await tls.aclose()
+
+    [file] = (config.relay.audit_dir).glob(f"*/{session_id}.jsonl")
+    closed = audit_records(file)[-1]
+    assert closed["event"] == "session.closed" and closed["reason"] == "ended_by_admin"
+    assert closed["bytes_to_backend"] == len(payload) == closed["bytes_to_client"]
+
+
 async def test_a_client_cut_without_close_notify_is_audited_as_a_client_error(
     nursery, make_config, token_for, pki
 ):
