@@ -253,6 +253,12 @@ class Supervisor:
             os.killpg(pgid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.popen.wait(timeout=grace)
+        # SIGKILL takes effect asynchronously: a grandchild (the leader's own
+        # child, reparented when the leader died) can still show as live for a
+        # moment.  Nothing signals its end to us, so look until it is gone.
+        deadline = time.monotonic() + grace
+        while group_pids(pgid) and time.monotonic() < deadline:
+            time.sleep(0.005)
         if child.popen.stdout is not None:
             child.popen.stdout.close()
         if child in self._children:
