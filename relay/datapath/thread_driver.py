@@ -112,6 +112,8 @@ class DataPlane:
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._closed = False
+        #: Tunnels handed over so far (the rest ran on the trio driver).
+        self.handed_over = 0
 
     @staticmethod
     def available() -> bool:
@@ -154,6 +156,7 @@ class DataPlane:
                 functools.partial(_wake_task, token, done),
             )
             self._submit("add", tunnel)
+            self.handed_over += 1
             try:
                 await done.wait()
             except BaseException:

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.audit import verify_file
 from relay.connector import RelayRefused, open_tunnel, preflight
+from relay.datapath.thread_driver import shared_plane
 from relay.preamble import NEED_DATA, ResponseParser, TunnelResponse, render_request
 from relay.tls import make_client_engine
 
@@ -125,6 +126,7 @@ async def test_on_the_data_plane_thread_a_tunnel_moves_bytes_and_ends_from_trio(
     backend = await start_echo(nursery)
     config = make_config([gdb_target("build42", backend.port)], data_plane="thread")
     running = await start_relay(nursery, config, pki)
+    handed_over = shared_plane().handed_over
     tls, session_id, _ = await open_tunnel(running.settings(token_for()))
     payload = bytes(range(256)) * 300
     await tls.send_all(payload)
@@ -142,6 +144,7 @@ async def test_on_the_data_plane_thread_a_tunnel_moves_bytes_and_ends_from_trio(
     closed = audit_records(file)[-1]
     assert closed["event"] == "session.closed" and closed["reason"] == "ended_by_admin"
     assert closed["bytes_to_backend"] == len(payload) == closed["bytes_to_client"]
+    assert shared_plane().handed_over == handed_over + 1
 
 
 async def test_a_client_cut_without_close_notify_is_audited_as_a_client_error(
