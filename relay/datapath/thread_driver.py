@@ -202,6 +202,10 @@ class DataPlane:
         if thread is not None:
             self._wake()
             thread.join(timeout=_RETURN_TIMEOUT)
+            if not thread.is_alive():
+                for sock in (self._wake_r, self._wake_w):
+                    if sock is not None:
+                        sock.close()
 
     # -- between the two ------------------------------------------------------------
 
@@ -224,8 +228,8 @@ class DataPlane:
         if self._wake_w is not None:
             try:
                 self._wake_w.send(b"\0")
-            except BlockingIOError:
-                pass  # a wake-up is pending already
+            except OSError:
+                pass  # a wake-up is pending already, or the plane is closed
 
     # -- the thread ---------------------------------------------------------------------
 
