@@ -9,6 +9,9 @@ without ``close_notify``.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from relay.datapath.pump import (
@@ -270,3 +273,14 @@ def test_tls_on_the_backend_side_as_in_the_connector(contexts):
     pump2 = Pump(PlainCodec(), TLSCodec(connected_pair(contexts)[0]), Traffic(), now=0.0)
     pump2.received(CLIENT, b"", 0.0)
     assert pump2.done and pump2.result == PumpResult("client_closed")
+
+
+def test_the_protocol_layer_imports_neither_trio_nor_a_tls_engine():
+    code = (
+        "import sys, relay.datapath.pump, relay.datapath.tls; "
+        "print(sorted(m for m in ('trio', 'ssl', 'OpenSSL') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
