@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--pin-cpu", type=int, default=0, help="CPU for latency workloads")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder and logs")
+    parser.add_argument(
+        "--data-plane",
+        choices=("trio", "thread"),
+        default="trio",
+        help="relay.data_plane of the dbgrelay paths (default: trio)",
+    )
     counts = parser.add_argument_group("overrides (after --quick)")
     counts.add_argument("--roundtrips", type=_positive_int, help="ping-pong round trips per size")
     counts.add_argument("--bulk-mib", type=_positive_int, help="MiB per bulk run")
@@ -209,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                 engine = name.removeprefix("dbgrelay-")
                 if dbgrelay_setup is None and dbgrelay_problem is None:
                     try:
-                        dbgrelay_setup = DbgrelaySetup.create(tools.dbgrelay, certs, workdir)
+                        dbgrelay_setup = dataclasses.replace(
+                            DbgrelaySetup.create(tools.dbgrelay, certs, workdir),
+                            data_plane=args.data_plane,
+                        )
                     except BenchError as exc:
                         dbgrelay_problem = (
                             f"dbgrelay CLI not usable, skipping dbgrelay paths: {exc}"

@@ -144,6 +144,8 @@ class DbgrelaySetup:
         keys: Folder from ``dbgrelay keys init``.
         token_file: A token for user ``bench`` and every target.
         connect_engine_flag: Whether ``dbgrelay connect`` accepts ``--tls-engine``.
+        data_plane: The relay's ``relay.data_plane`` (``--data-plane``); left
+            out of the config when ``"trio"``, so older revisions run too.
     """
 
     command: tuple[str, ...]
@@ -151,6 +153,7 @@ class DbgrelaySetup:
     keys: Path
     token_file: Path
     connect_engine_flag: bool = field(default=False)
+    data_plane: str = field(default="trio")
 
     @classmethod
     def create(cls, command: tuple[str, ...], certs: CertFiles, workdir: Path) -> DbgrelaySetup:
@@ -190,6 +193,7 @@ class DbgrelaySetup:
             f'listen = ["127.0.0.1:{port}"]',
             'state_dir = "state"',
             "max_sessions = 2000",
+            *([f'data_plane = "{self.data_plane}"'] if self.data_plane != "trio" else []),
             "[tls]",
             f'cert = "{self.certs.cert}"',
             f'key = "{self.certs.key}"',

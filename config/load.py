@@ -73,6 +73,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "proxy_trusted",
         "user",
         "run_as",
+        "data_plane",
     ),
     "tls": (
         "cert",
@@ -646,6 +647,7 @@ class _Validator:
             table, w, "checkpoint_interval", 5.0, zero="forbidden"
         )
         out["audit_fsync_interval"] = self.duration(table, w, "audit_fsync_interval", 2.0)
+        out["data_plane"] = self.string(table, w, "data_plane", "trio", choices=("trio", "thread"))
         out["user"] = self.account(table, w, "user", None)
         out["run_as"] = self.account(table, w, "run_as", "dbgrelay-target")
         for key, default in (

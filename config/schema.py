@@ -198,6 +198,10 @@ class RelaySection:
             relay's own account, except the relay's own account named
             explicitly by a relay that is not root (development).
             Default ``"dbgrelay-target"``.
+        data_plane: Who moves an established tunnel's bytes: ``"trio"``
+            (the session's own task) or ``"thread"`` (one data-plane thread
+            per process, Linux; ``"trio"`` elsewhere and for recorded
+            targets).  Default ``"trio"``.
     """
 
     listen: tuple[Address, ...] = (("127.0.0.1", 7443),)
@@ -210,6 +214,7 @@ class RelaySection:
     revocation_interval: float = 2.0
     checkpoint_interval: float = 5.0
     audit_fsync_interval: float = 2.0
+    data_plane: str = "trio"
     user: str | None = None
     run_as: str = "dbgrelay-target"
     final_write_timeout: float = 2.0

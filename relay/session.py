@@ -32,6 +32,7 @@ from config import TargetConfig
 from .access import ClientCertNames, Grant, authorize
 from .audit import AuditWriter, ByteRecorder, session_audit_path
 from .backends import BackendError, ManagedServer
+from .datapath.pump import BACKEND_ERROR
 from .errors import RelayError, RemoteProtocolError
 from .preamble import (
     NEED_DATA,
@@ -41,7 +42,7 @@ from .preamble import (
     render_preflight,
     render_refusal,
 )
-from .pump import BACKEND_ERROR, Traffic, run_pump
+from .pump import Traffic, driver_for
 from .tls import TLSInfo, is_pq_group
 
 if TYPE_CHECKING:
@@ -720,7 +721,7 @@ async def _run_tunnel(
 
             with trio.CancelScope() as idle:
                 try:
-                    result = await run_pump(
+                    result = await driver_for(relay.config.relay.data_plane)(
                         tls,
                         backend,
                         session.traffic,

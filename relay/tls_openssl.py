@@ -1,19 +1,17 @@
-"""The ``pyopenssl`` TLS engine: pyOpenSSL in memory-BIO mode, driven by trio.
+"""The ``pyopenssl`` TLS engine: pyOpenSSL in memory-BIO mode, adapted to one stream.
 
 Why a second engine: the standard library's ``ssl`` module is bound to the
 system OpenSSL, which has no post-quantum key exchange.  pyOpenSSL runs on the
 OpenSSL that ships inside the ``cryptography`` wheel, which offers the hybrid
 group X25519MLKEM768 first (draft-ietf-tls-ecdhe-mlkem).  Debugging traffic can
 carry process memory, so a recorded session has to stay secret long after the
-fact ("harvest now, decrypt later").  The second reason is error reporting:
-:class:`trio.SSLStream` drops a failed handshake without sending the alert
-OpenSSL produced, so a client sees a bare EOF where it should see
-``protocol_version`` or ``certificate_required``.  :class:`OpenSSLStream` always
-flushes that alert before giving up.
+fact ("harvest now, decrypt later").
 
-The stream follows :class:`trio.SSLStream` closely (same locking scheme, same
-cancellation rules) so the two engines are interchangeable behind
-:mod:`relay.tls`.
+This module is the engine's thin part: :class:`OpenSSLEngine` (handshake,
+read, write over the memory BIOs), the contexts and the verification.  The
+stream, the handshake loop, alerts on failure and what an EOF means are the
+same for both engines (:class:`relay.datapath.stream.TLSStream`,
+:class:`relay.datapath.tls.TLSConnection`).
 
 Hostname verification: pyOpenSSL 26 has no public call for OpenSSL's
 ``X509_VERIFY_PARAM_set1_host``, so the client checks the name itself inside the
@@ -39,11 +37,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-import operator
 from collections.abc import Callable, Sequence
-from enum import Enum
 from pathlib import Path
-from typing import TypeVar
 
 import trio
 from cryptography import x509
@@ -53,45 +48,39 @@ from cryptography.x509 import ocsp
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 
-from . import fastpath
+from .datapath.stream import TLSStream
+from .datapath.tls import (
+    ALPN,
+    TLS12_CIPHERS,
+    TRUNCATED,
+    TLSError,
+    TLSInfo,
+    attempt,
+    min_version,
+)
 from .errors import LocalProtocolError
-from .tls import ALPN, TLSInfo
 
 __all__ = [
-    "OpenSSLStream",
-    "ServerEngine",
-    "ClientEngine",
+    "OpenSSLEngine",
     "make_server_context",
     "make_client_context",
     "open_server_stream",
     "open_client_stream",
+    "wrap_connection",
 ]
 
 log = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
 # A server name to check: a lower-case A-label DNS name or an IP address.
 _Wanted = str | ipaddress.IPv4Address | ipaddress.IPv6Address
 _Verifier = Callable[[SSL.Connection, X509, int, int, int], bool]
 
-# TLS 1.2 suites: forward secrecy and AEAD only (RFC 7525 section 4.2).  TLS 1.3
-# suites are all AEAD and keep OpenSSL's defaults.
-_TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
-
 _MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
-
-# Bytes asked of the transport per receive, and the default plaintext size of
-# receive_some().  64 KiB matches trio's socket default and keeps the number of
-# awaits per megabyte low.
-_RECEIVE_SIZE = 65536
 
 # Bytes taken from the outgoing memory BIO per read.  64 KiB of plaintext is
 # four records, i.e. 64 KiB plus up to 4 * 29 bytes of record overhead, so this
 # size drains a typical send_all() in one read instead of two plus a join.
 _BIO_READ_SIZE = 65536 + 4096
-
-# Plaintext asked of OpenSSL per SSL_read on the fast path: one full record.
-_RECORD_SIZE = 16384
 
 # Verification error codes by number, for readable messages
 # ("ERR_CERT_HAS_EXPIRED" rather than 10).
@@ -100,30 +89,6 @@ _X509_ERRORS = {
     for name, value in vars(SSL.X509VerificationCodes).items()
     if name.startswith("ERR_") and isinstance(value, int)
 }
-
-
-class _State(Enum):
-    OK = "ok"
-    BROKEN = "broken"
-    CLOSED = "closed"
-
-
-class _ConflictDetector:
-    """Raise :class:`trio.BusyResourceError` when two tasks enter at once."""
-
-    __slots__ = ("_held", "_message")
-
-    def __init__(self, message: str) -> None:
-        self._held = False
-        self._message = message
-
-    def __enter__(self) -> None:
-        if self._held:
-            raise trio.BusyResourceError(self._message)
-        self._held = True
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._held = False
 
 
 class _Notes:
@@ -148,7 +113,8 @@ def _note(conn: SSL.Connection, failure: str) -> None:
 def _describe(exc: SSL.Error) -> str:
     """One line from a pyOpenSSL error: the OpenSSL reason strings."""
     if isinstance(exc, SSL.SysCallError):
-        return "the peer closed the connection without a TLS close_notify"
+        # The only system call a memory BIO makes fail is reading past its EOF.
+        return TRUNCATED
     reasons: list[str] = []
     if exc.args and isinstance(exc.args[0], list):
         for entry in exc.args[0]:
@@ -157,91 +123,78 @@ def _describe(exc: SSL.Error) -> str:
     return "; ".join(reasons) or repr(exc)
 
 
-class OpenSSLStream(trio.abc.Stream):
-    """A TLS stream over any :class:`trio.abc.Stream`, run by pyOpenSSL.
+class OpenSSLEngine:
+    """A pyOpenSSL connection as an :class:`~relay.datapath.tls.Engine`.
 
     OpenSSL reads from and writes to in-memory buffers (``Connection(ctx, None)``);
-    this class moves those bytes to and from ``transport_stream``.  It behaves
-    like :class:`trio.SSLStream`: one task may send while another receives,
-    two concurrent senders (or receivers) get :class:`trio.BusyResourceError`,
-    TLS errors become :class:`trio.BrokenResourceError` raised ``from`` the
-    OpenSSL error, an EOF without ``close_notify`` is
-    :class:`trio.BrokenResourceError` and a clean ``close_notify`` reads as
-    ``b""``.
-
-    Use :func:`open_server_stream` or :func:`open_client_stream` to build one.
+    the one :class:`~relay.datapath.stream.TLSStream` and the pump move
+    those bytes.
 
     Args:
-        transport_stream: The stream carrying TLS records.
-        connection: A memory-BIO :class:`OpenSSL.SSL.Connection`, already put in
+        conn: A memory-BIO :class:`OpenSSL.SSL.Connection`, already put in
             accept (server) or connect (client) state.
-        server_side: Whether ``connection`` is the server end.
-
-    Attributes:
-        transport_stream: The wrapped stream.
-
-    Resource handling:
-        The stream owns ``transport_stream``: :meth:`aclose` closes it.
+        server_side: Whether ``conn`` is the server end.
     """
 
-    def __init__(
-        self,
-        transport_stream: trio.abc.Stream,
-        connection: SSL.Connection,
-        *,
-        server_side: bool,
-    ) -> None:
-        self.transport_stream = transport_stream
-        self._conn = connection
-        self._server_side = server_side
+    __slots__ = ("server_side", "_conn", "_notes", "_records")
+
+    def __init__(self, conn: SSL.Connection, *, server_side: bool) -> None:
+        self.server_side = server_side
+        self._conn = conn
         self._notes = _Notes()
-        connection.set_app_data(self._notes)
-        self._state = _State.OK
-        self._handshake_started = False
-        self._handshake_ok = False
-        self._handshake_done = trio.Event()
-        # TLS 1.3 session tickets the server wrote at the end of its handshake;
-        # held back until the first send (see _retry).
-        self._delayed_outgoing = b""
-        # An error met after some plaintext was already decrypted; raised on
-        # the next read so that plaintext is delivered first.
-        self._deferred_error: SSL.Error | None = None
-        # The inner send lock must be strictly FIFO: bytes leave the outgoing
-        # BIO in order, and must reach the transport in the same order.
-        self._inner_send_lock = trio.StrictFIFOLock()
-        self._inner_recv_lock = trio.Lock()
-        self._inner_recv_count = 0
-        self._send_conflict = _ConflictDetector(
-            "another task is currently sending data on this OpenSSLStream"
-        )
-        self._recv_conflict = _ConflictDetector(
-            "another task is currently receiving data on this OpenSSLStream"
-        )
-        # Fast path state (see fast_endpoint()).
-        self.fd = (
-            transport_stream.socket.fileno() if type(transport_stream) is trio.SocketStream else -1
-        )
-        self.maybe_readable = True
-        self._eof = False
+        conn.set_app_data(self._notes)
         self._records = _RecordCounter()
 
-    # -- state ----------------------------------------------------------------
+    def _failure(self, exc: SSL.Error) -> TLSError:
+        return TLSError(self._notes.failure or _describe(exc))
 
-    def _check_status(self) -> None:
-        if self._state is _State.OK:
-            return
-        if self._state is _State.BROKEN:
-            raise trio.BrokenResourceError("this TLS stream is broken by an earlier error")
-        raise trio.ClosedResourceError("this TLS stream was closed")
+    def feed(self, data: bytes | memoryview) -> None:
+        self._conn.bio_write(bytes(data))
+        self._records.feed(data)
 
-    def _mark_broken(self) -> None:
-        if self._state is _State.OK:
-            self._state = _State.BROKEN
+    def feed_eof(self) -> None:
+        self._conn.bio_shutdown()
+        self._records.forget()  # OpenSSL tells a clean close from a cut
 
-    # -- moving bytes between OpenSSL and the transport -----------------------
+    def buffered(self) -> bool:
+        return bool(self._records.pending or self._conn.pending())
 
-    def _drain_outgoing(self) -> bytes:
-        """Everything OpenSSL has written to its outgoing memory BIO."""
+    def handshake(self) -> bool:
+        return attempt(self._conn.do_handshake, SSL.WantReadError, SSL.Error, self._failure)
+
+    def read(self, max_bytes: int) -> bytes | None:
+        conn = self._conn
+        records = self._records
+        # Without a complete record, SSL_read can only fail, and pyOpenSSL's
+        # failure (an exception built from OpenSSL's error queue) costs about
+        # as much as decrypting a small record.
+        if not records.pending and not conn.pending():
+            return None
+        try:
+            chunk = conn.recv(max_bytes)
+        except SSL.WantReadError:
+            records.drained()
+            return None
+        except SSL.ZeroReturnError:
+            return b""
+        except SSL.Error as exc:
+            raise self._failure(exc) from exc
+        if not conn.pending():
+            records.consumed()
+        return chunk
+
+    def write(self, data: bytes | memoryview) -> None:
+        conn = self._conn
+        try:
+            # pyOpenSSL enables partial writes: one SSL_write takes one record
+            # (16 KiB).  This loop is sendall() without its per-call cost.
+            sent = conn.send(data)
+            while sent < len(data):
+                sent += conn.send(data[sent:])
+        except SSL.Error as exc:
+            raise self._failure(exc) from exc
+
+    def take_outgoing(self) -> bytes:
         conn = self._conn
         try:
             first = conn.bio_read(_BIO_READ_SIZE)
@@ -262,437 +215,24 @@ class OpenSSLStream(trio.abc.Stream):
                 break
         return b"".join(chunks)
 
-    async def _flush_alert(self) -> None:
-        """Send what OpenSSL queued while failing: normally a fatal alert.
-
-        Best effort: if the transport is gone, the peer sees EOF instead.
-        """
-        to_send = self._drain_outgoing()
-        if not to_send:
-            return
-        try:
-            async with self._inner_send_lock:
-                await self.transport_stream.send_all(to_send)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-            pass
-
-    async def _retry(
-        self,
-        fn: Callable[..., _T],
-        *args: object,
-        ignore_want_read: bool = False,
-        is_handshake: bool = False,
-    ) -> _T | None:
-        """Call ``fn(*args)`` on the connection until OpenSSL stops asking for I/O.
-
-        This mirrors ``trio.SSLStream._retry``: between two calls into OpenSSL
-        we await exactly one thing (send what OpenSSL wrote, else receive what
-        it asked for), because other tasks may use the connection while we
-        wait.  Sending wins over receiving, and the data taken from the
-        outgoing BIO is queued on a FIFO lock without yielding first, so
-        records reach the transport in the order OpenSSL produced them.
-        """
-        await trio.lowlevel.checkpoint_if_cancelled()
-        yielded = False
-        finished = False
-        ret = None
-        while not finished:
-            want_read = False
-            try:
-                ret = fn(*args)
-            except SSL.WantReadError:
-                want_read = True
-            except SSL.Error as exc:
-                self._mark_broken()
-                # OpenSSL put its alert in the outgoing BIO; the peer should
-                # read "protocol version" or "certificate required", not EOF.
-                await self._flush_alert()
-                reason = self._notes.failure or _describe(exc)
-                raise trio.BrokenResourceError(f"TLS error: {reason}") from exc
-            else:
-                finished = True
-            if ignore_want_read:
-                want_read = False
-                finished = True
-            to_send = self._drain_outgoing()
-
-            # A TLS 1.3 server finishes its handshake by writing session
-            # tickets.  The client may not read them until it has something
-            # to read, so sending them now can deadlock a transport without
-            # buffering; send them with the first application data instead,
-            # as BoringSSL does.  https://github.com/openssl/openssl/issues/7948
-            # and https://github.com/python-trio/trio/issues/819
-            if (
-                is_handshake
-                and not want_read
-                and self._server_side
-                and self._conn.get_protocol_version_name() == "TLSv1.3"
-            ):
-                self._delayed_outgoing = to_send
-                to_send = b""
-
-            if to_send:
-                try:
-                    async with self._inner_send_lock:
-                        yielded = True
-                        if self._delayed_outgoing:
-                            to_send = self._delayed_outgoing + to_send
-                            self._delayed_outgoing = b""
-                        await self.transport_stream.send_all(to_send)
-                except BaseException:
-                    # Some unknown part of a record may have been sent: the
-                    # stream cannot be used any more.
-                    self._mark_broken()
-                    raise
-            elif want_read:
-                # Someone else may already be receiving; wait for them instead
-                # of receiving again (their data may be exactly what we need,
-                # and no more may be coming).
-                recv_count = self._inner_recv_count
-                async with self._inner_recv_lock:
-                    yielded = True
-                    if recv_count == self._inner_recv_count:
-                        data = await self.transport_stream.receive_some(_RECEIVE_SIZE)
-                        if data:
-                            self._conn.bio_write(data)
-                            self._records.feed(data)
-                        else:
-                            self._conn.bio_shutdown()
-                        self._inner_recv_count += 1
-        if not yielded:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        return ret
-
-    # -- handshake ------------------------------------------------------------
-
-    async def _ensure_handshake(self, *, checkpoint: bool) -> None:
-        if not self._handshake_started:
-            self._handshake_started = True
-            try:
-                await self._retry(self._conn.do_handshake, is_handshake=True)
-            except BaseException:
-                self._mark_broken()
-                raise
-            else:
-                self._handshake_ok = True
-            finally:
-                self._handshake_done.set()
-        elif not self._handshake_done.is_set():
-            await self._handshake_done.wait()
-            self._check_status()
-        elif checkpoint:
-            await trio.lowlevel.checkpoint()
-
-    async def do_handshake(self) -> None:
-        """Run the TLS handshake now, or wait for the one already running.
-
-        Sending or receiving runs the handshake implicitly; call this to
-        authenticate the peer before doing anything else (and under a
-        deadline).  Returns at once, after a checkpoint, when the handshake
-        already finished.
-
-        Raises:
-            trio.BrokenResourceError: the handshake failed.  The alert OpenSSL
-                generated (``protocol_version``, ``certificate_required``, ...)
-                has been sent to the peer first, as far as the transport
-                allowed.
-            trio.ClosedResourceError: the stream was closed.
-
-        Cancellation:
-            Cancelling a handshake midway leaves the stream broken: every
-            later call raises :class:`trio.BrokenResourceError`.  Close it with
-            :meth:`aclose`, which then just closes the transport.
-        """
-        self._check_status()
-        await self._ensure_handshake(checkpoint=True)
-
-    # -- data -----------------------------------------------------------------
-
-    def _read(self, max_bytes: int) -> bytes:
-        """Decrypt up to ``max_bytes``, gathering every complete record buffered.
-
-        OpenSSL returns one record (at most 16 KiB) per ``SSL_read``; taking all
-        the records already in the BIO saves an await per record.
-        """
-        if self._deferred_error is not None:
-            exc, self._deferred_error = self._deferred_error, None
-            raise exc
-        conn = self._conn
-        try:
-            first = conn.recv(max_bytes)
-        except SSL.ZeroReturnError:
-            return b""
-        got = len(first)
-        if got >= max_bytes:
-            return first
-        chunks = [first]
-        try:
-            while got < max_bytes:
-                chunk = conn.recv(max_bytes - got)
-                chunks.append(chunk)
-                got += len(chunk)
-        except (SSL.WantReadError, SSL.ZeroReturnError):
-            pass
-        except SSL.Error as exc:
-            self._deferred_error = exc
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """Receive and decrypt some data.
-
-        See :meth:`trio.abc.ReceiveStream.receive_some`.  Returns ``b""`` once
-        the peer sent ``close_notify``.
-
-        Raises:
-            trio.BrokenResourceError: a TLS error, or the transport ended
-                without ``close_notify``.
-            trio.BusyResourceError: another task is receiving.
-            trio.ClosedResourceError: this stream was closed.
-
-        Cancellation:
-            Cancelling during the implicit handshake breaks the stream, as for
-            :meth:`do_handshake`; afterwards it is safe.
-        """
-        with self._recv_conflict:
-            if max_bytes is None:
-                max_bytes = _RECEIVE_SIZE
-            else:
-                max_bytes = operator.index(max_bytes)
-                if max_bytes < 1:
-                    raise ValueError("max_bytes must be >= 1")
-            self._check_status()
-            await self._ensure_handshake(checkpoint=False)
-            return await self._retry(self._read, max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt ``data`` and send it on the transport.
-
-        See :meth:`trio.abc.SendStream.send_all`.
-
-        Raises:
-            trio.BrokenResourceError: a TLS error or a broken transport.
-            trio.BusyResourceError: another task is sending.
-            trio.ClosedResourceError: this stream was closed.
-
-        Cancellation:
-            Cancelling may leave part of a record sent, so it breaks the
-            stream, as with :class:`trio.SSLStream`.
-        """
-        with self._send_conflict:
-            self._check_status()
-            await self._ensure_handshake(checkpoint=False)
-            if not data:
-                await trio.lowlevel.checkpoint()
-                return
-            # sendall loops over SSL_write in C-sized steps; into a memory BIO
-            # every write succeeds, so this is one pass over the data.
-            await self._retry(self._conn.sendall, data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        """See :meth:`trio.abc.SendStream.wait_send_all_might_not_block`."""
-        with self._send_conflict:
-            self._check_status()
-            async with self._inner_send_lock:
-                await self.transport_stream.wait_send_all_might_not_block()
-
-    def _shutdown(self) -> None:
-        self._conn.shutdown()
-
-    async def aclose(self) -> None:
-        """Send ``close_notify`` (best effort), then close the transport.
-
-        When the handshake never completed, or the stream is broken, there is
-        no session to close and only the transport is closed.
-
-        Cancellation:
-            Safe: a cancelled ``aclose`` still closes the transport (forcefully)
-            and leaves the stream closed.  Sending ``close_notify`` waits for
-            the transport, so bound it with a timeout when the peer may not be
-            reading.
-        """
-        if self._state is _State.CLOSED:
-            await trio.lowlevel.checkpoint()
-            return
-        if self._state is _State.BROKEN or not self._handshake_ok:
-            self._state = _State.CLOSED
-            await self.transport_stream.aclose()
-            return
-        try:
-            if self.fd >= 0 and not self._inner_send_lock.locked():
-                # Over a socket nobody is sending on, close_notify goes out
-                # without waiting, so even aclose_forcefully() (cancelled at
-                # once) ends the session cleanly when the socket has room.
-                rest = self._shutdown_nowait()
-                if rest:
-                    async with self._inner_send_lock:
-                        await self.transport_stream.send_all(rest)
-            else:
-                await self._retry(self._shutdown, ignore_want_read=True)
-        except (trio.BrokenResourceError, trio.BusyResourceError):
-            # The peer went away or another task holds the transport:
-            # close without close_notify.
-            await trio.aclose_forcefully(self.transport_stream)
-        except BaseException:
-            await trio.aclose_forcefully(self.transport_stream)
-            raise
-        else:
-            await self.transport_stream.aclose()
-        finally:
-            self._state = _State.CLOSED
-
-    def _shutdown_nowait(self) -> bytes:
-        """Queue close_notify; send it, behind everything held back, as far as
-        the socket takes it now.  Returns the rest, still to be sent."""
+    def shutdown(self) -> None:
         with contextlib.suppress(SSL.Error):
             self._conn.shutdown()
-        out = self._delayed_outgoing + self._drain_outgoing()
-        self._delayed_outgoing = b""
-        try:
-            return out[fastpath.write_nowait(self.fd, out) :]
-        except OSError as exc:
-            raise trio.BrokenResourceError(f"socket error: {exc}") from exc
 
-    # -- fast path (relay.fastpath.Endpoint) ------------------------------------
+    def version(self) -> str | None:
+        return self._conn.get_protocol_version_name()
 
-    def fast_endpoint(self) -> OpenSSLStream | None:
-        """This stream as a :class:`relay.fastpath.Endpoint`, or ``None``.
-
-        Only a stream over a :class:`trio.SocketStream`, with its handshake
-        done and not broken or closed, qualifies.  The caller must not call
-        the stream's async methods while it uses the endpoint; afterwards it
-        may, and :meth:`aclose` sends whatever the endpoint left queued
-        before ``close_notify``.
-        """
-        if self.fd < 0 or self._state is not _State.OK or not self._handshake_ok:
-            return None
-        self.maybe_readable = True
-        # Records may wait in the incoming BIO, read behind the tunnel request:
-        # decrypt until OpenSSL wants more before reading the socket.
-        self._records.forget()
-        return self
-
-    def _fast_broken(self, exc: BaseException) -> trio.BrokenResourceError:
-        self._mark_broken()
-        if isinstance(exc, SSL.Error):
-            return trio.BrokenResourceError(f"TLS error: {_describe(exc)}")
-        return trio.BrokenResourceError(f"socket error: {exc}")
-
-    def receive_nowait(self) -> memoryview | None:
-        """See :meth:`relay.fastpath.Endpoint.receive_nowait`.
-
-        Reads the socket once into the shared receive buffer, hands that to
-        OpenSSL, then decrypts every complete record, so several records cost
-        one system call.
-        """
-        if self._deferred_error is not None:
-            exc, self._deferred_error = self._deferred_error, None
-            raise self._fast_broken(exc) from exc
-        if self._eof:
-            return fastpath.EMPTY
-        conn = self._conn
-        records = self._records
-        if not records.pending:
-            try:
-                data = fastpath.read_nowait(self)
-            except OSError as exc:
-                raise self._fast_broken(exc) from exc
-            if data is None:
-                return None
-            if data:
-                conn.bio_write(data)
-                records.feed(data)
-            else:
-                conn.bio_shutdown()
-                records.forget()  # OpenSSL tells a clean close from a cut
-        chunks: list[bytes] = []
-        got = 0
-        while records.pending:
-            try:
-                chunk = conn.recv(_RECORD_SIZE)
-            except SSL.WantReadError:
-                records.drained()
-                break
-            except SSL.ZeroReturnError:
-                self._eof = True
-                break
-            except SSL.Error as exc:
-                if not got:
-                    raise self._fast_broken(exc) from exc
-                # Deliver what decrypted cleanly first.
-                self._deferred_error = exc
-                break
-            records.consumed()
-            chunks.append(chunk)
-            got += len(chunk)
-            if got >= fastpath.RECEIVE_SIZE:
-                # Enough for one chunk; the rest stays in OpenSSL for next time.
-                self.maybe_readable = True
-                break
-        # A post-handshake message may have made OpenSSL queue an answer (a
-        # KeyUpdate of our own).  It goes out with the next send, which is when
-        # RFC 8446 section 4.6.3 wants it; draining here would cost a failing
-        # BIO read per chunk.
-        if got:
-            if self._eof or self._deferred_error is not None:
-                # Reported by the next call, which must not wait for the
-                # socket: the peer may send nothing more.
-                self.maybe_readable = True
-            return memoryview(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-        return fastpath.EMPTY if self._eof else None
-
-    def send_nowait(self, data: memoryview) -> bool:
-        """See :meth:`relay.fastpath.Endpoint.send_nowait`."""
-        conn = self._conn
-        try:
-            # pyOpenSSL enables partial writes: one SSL_write takes one record
-            # (16 KiB).  This loop is sendall() without its per-call cost,
-            # which is more than the encryption of a small chunk.
-            sent = conn.send(data)
-            while sent < len(data):
-                sent += conn.send(data[sent:])
-        except SSL.Error as exc:
-            raise self._fast_broken(exc) from exc
-        return self._write_out(self._drain_outgoing())
-
-    def flush_nowait(self) -> bool:
-        """See :meth:`relay.fastpath.Endpoint.flush_nowait`."""
-        return not self._delayed_outgoing or self._write_out(b"")
-
-    def _write_out(self, out: bytes) -> bool:
-        """Send held-back ciphertext, then ``out``; keep what the socket refuses.
-
-        The rest waits in ``_delayed_outgoing``, which every later sender
-        (this endpoint, or the stream's own :meth:`_retry`) sends first.
-        """
-        if self._delayed_outgoing:
-            out = self._delayed_outgoing + out
-        if not out:
-            return True
-        try:
-            sent = fastpath.write_nowait(self.fd, out)
-        except OSError as exc:
-            raise self._fast_broken(exc) from exc
-        self._delayed_outgoing = out[sent:]
-        return not self._delayed_outgoing
-
-    # -- introspection --------------------------------------------------------
-
-    def tls_info(self) -> TLSInfo:
+    def info(self) -> TLSInfo:
         """What the handshake negotiated.
 
         ``peer_subject``/``peer_serial`` describe the client certificate and
         are set on the server side only, when the client presented one.
-
-        Raises:
-            trio.NeedHandshakeError: the handshake has not completed.
         """
-        if not self._handshake_ok:
-            raise trio.NeedHandshakeError("call do_handshake() before tls_info()")
         conn = self._conn
         alpn = conn.get_alpn_proto_negotiated()
         subject = serial = cn = None
         sans: tuple[str, ...] = ()
-        if self._server_side:
+        if self.server_side:
             peer = conn.get_peer_certificate(as_cryptography=True)
             if peer is not None:
                 subject = peer.subject.rfc4514_string()
@@ -726,22 +266,22 @@ def _cert_names(cert: x509.Certificate) -> tuple[str | None, tuple[str, ...]]:
     return cn, tuple(sans)
 
 
+def wrap_connection(
+    transport: trio.abc.Stream, conn: SSL.Connection, *, server_side: bool
+) -> TLSStream:
+    """A TLS stream over ``transport`` run by ``conn`` (in accept or connect state)."""
+    return TLSStream.over(transport, OpenSSLEngine(conn, server_side=server_side))
+
+
 # -- contexts -----------------------------------------------------------------
 
 
-def _new_context(min_version: str) -> SSL.Context:
-    try:
-        minimum = _MIN_VERSIONS[min_version]
-    except KeyError:
-        raise LocalProtocolError(
-            f'tls.min_version must be "1.2" or "1.3", got {min_version!r}', reason="bad_config"
-        ) from None
+def _new_context(version: str) -> SSL.Context:
+    """A context with the shared hardening (:mod:`relay.datapath.tls`), in pyOpenSSL terms."""
     ctx = SSL.Context(SSL.TLS_METHOD)
-    ctx.set_min_proto_version(minimum)
-    # No compression (CRIME) and no renegotiation (RFC 7457): nothing we carry
-    # needs either.
+    ctx.set_min_proto_version(_MIN_VERSIONS[min_version(version)])
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
-    ctx.set_cipher_list(_TLS12_CIPHERS)
+    ctx.set_cipher_list(TLS12_CIPHERS.encode())
     # Free a connection's 16 KiB read and write buffers whenever they are
     # empty, as Python's ssl module does: an idle tunnel then holds about
     # 38 KiB of OpenSSL memory instead of 59 KiB (measured per end, 1,000 pairs).
@@ -830,7 +370,7 @@ def make_server_context(
     client_ca: Path | None = None,
     require_client_cert: bool = False,
     is_serial_revoked: Callable[[int], bool] | None = None,
-    ocsp_response: Callable[[], bytes | None] | None = None,
+    ocsp_response: Path | Callable[[], bytes | None] | None = None,
 ) -> SSL.Context:
     """Build a hardened server :class:`OpenSSL.SSL.Context`.
 
@@ -851,8 +391,10 @@ def make_server_context(
             ``certificate_required`` alert).  Needs ``client_ca``.
         is_serial_revoked: Called with the client certificate's serial during
             the handshake; ``True`` refuses the handshake.
-        ocsp_response: Called per handshake; DER bytes are stapled, ``None``
-            staples nothing.
+        ocsp_response: A DER OCSP response file to staple (read once: a
+            reload, which rebuilds the context, picks up a new one), or a
+            function called per handshake whose DER bytes are stapled
+            (``None`` staples nothing).
 
     Raises:
         LocalProtocolError: a file cannot be loaded (``reason="bad_tls_files"``)
@@ -878,19 +420,26 @@ def make_server_context(
             mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
         ctx.set_verify(mode, _client_cert_verifier(is_serial_revoked))
 
+    if isinstance(ocsp_response, Path):
+        der = _read_ocsp_response(ocsp_response)
+        ocsp_response = lambda: der  # noqa: E731
     if ocsp_response is not None:
         ctx.set_ocsp_server_callback(_ocsp_stapler(ocsp_response))
     return ctx
 
 
+def _rejected(conn: SSL.Connection, whose: str, errnum: int, depth: int) -> bool:
+    """Note why OpenSSL's chain check failed, and keep the refusal."""
+    _note(
+        conn, f"{whose} certificate rejected at depth {depth}: {_X509_ERRORS.get(errnum, errnum)}"
+    )
+    return False
+
+
 def _client_cert_verifier(is_serial_revoked: Callable[[int], bool] | None) -> _Verifier:
     def verify(conn: SSL.Connection, cert: X509, errnum: int, depth: int, ok: int) -> bool:
         if not ok:
-            _note(
-                conn,
-                f"client certificate rejected at depth {depth}: {_X509_ERRORS.get(errnum, errnum)}",
-            )
-            return False
+            return _rejected(conn, "client", errnum, depth)
         if depth != 0 or is_serial_revoked is None:
             return True
         serial = cert.get_serial_number()
@@ -1013,11 +562,7 @@ def _certificate_matches(cert: x509.Certificate, wanted: _Wanted) -> bool:
 def _server_cert_verifier(hostname: str, wanted: _Wanted) -> _Verifier:
     def verify(conn: SSL.Connection, cert: X509, errnum: int, depth: int, ok: int) -> bool:
         if not ok:
-            _note(
-                conn,
-                f"server certificate rejected at depth {depth}: {_X509_ERRORS.get(errnum, errnum)}",
-            )
-            return False
+            return _rejected(conn, "server", errnum, depth)
         if depth != 0:
             return True
         if not _certificate_matches(cert.to_cryptography(), wanted):
@@ -1031,7 +576,7 @@ def _server_cert_verifier(hostname: str, wanted: _Wanted) -> _Verifier:
 class _RecordCounter:
     """Counts the complete TLS records in a byte stream fed in any pieces.
 
-    The fast path hands OpenSSL everything the socket had, then calls
+    The pump hands OpenSSL everything the socket had, then calls
     ``SSL_read`` once per complete record: without the count it would call
     until OpenSSL says "want read", and with pyOpenSSL that failing call (an
     exception built from OpenSSL's error state) costs about as much as
@@ -1113,20 +658,20 @@ class _RecordCounter:
 # -- streams ------------------------------------------------------------------
 
 
-def open_server_stream(ctx: SSL.Context, transport: trio.abc.Stream) -> OpenSSLStream:
+def open_server_stream(ctx: SSL.Context, transport: trio.abc.Stream) -> TLSStream:
     """Wrap an accepted transport as the server end of a TLS stream.
 
     Nothing is sent until the handshake runs (explicitly via
-    :meth:`OpenSSLStream.do_handshake`, or on first use).
+    :meth:`TLSStream.do_handshake`, or on first use).
     """
     conn = SSL.Connection(ctx, None)
     conn.set_accept_state()
-    return OpenSSLStream(transport, conn, server_side=True)
+    return wrap_connection(transport, conn, server_side=True)
 
 
 def open_client_stream(
     ctx: SSL.Context, transport: trio.abc.Stream, server_hostname: str
-) -> OpenSSLStream:
+) -> TLSStream:
     """Wrap a connected transport as the client end of a TLS stream.
 
     Sends SNI for DNS names (never for IP literals, RFC 6066 section 3) and
@@ -1142,7 +687,7 @@ def open_client_stream(
     if isinstance(wanted, str):
         conn.set_tlsext_host_name(wanted.encode("ascii"))
     conn.set_verify(ctx.get_verify_mode(), _server_cert_verifier(server_hostname, wanted))
-    return OpenSSLStream(transport, conn, server_side=False)
+    return wrap_connection(transport, conn, server_side=False)
 
 
 # -- engines used by relay.tls --------------------------------------------------
@@ -1159,70 +704,3 @@ def _read_ocsp_response(path: Path) -> bytes:
             reason="bad_tls_files",
         ) from exc
     return der
-
-
-class ServerEngine:
-    """Server side of the ``pyopenssl`` engine, built from files.
-
-    Raises:
-        LocalProtocolError: a file cannot be loaded (``reason="bad_tls_files"``).
-    """
-
-    name = "pyopenssl"
-
-    def __init__(
-        self,
-        *,
-        cert: Path,
-        key: Path,
-        min_version: str,
-        client_ca: Path | None,
-        require_client_cert: bool,
-        is_serial_revoked: Callable[[int], bool] | None,
-        ocsp_response: Path | None,
-    ) -> None:
-        staple = None
-        if ocsp_response is not None:
-            der = _read_ocsp_response(Path(ocsp_response))
-            # Read once: a reload (which rebuilds the engine) picks up a new file.
-            staple = lambda: der  # noqa: E731
-        self.context = make_server_context(
-            cert=Path(cert),
-            key=Path(key),
-            min_version=min_version,
-            client_ca=Path(client_ca) if client_ca is not None else None,
-            require_client_cert=require_client_cert,
-            is_serial_revoked=is_serial_revoked,
-            ocsp_response=staple,
-        )
-
-    def wrap(self, transport: trio.abc.Stream) -> OpenSSLStream:
-        return open_server_stream(self.context, transport)
-
-
-class ClientEngine:
-    """Client side of the ``pyopenssl`` engine (``dbgrelay connect``).
-
-    Raises:
-        LocalProtocolError: a file cannot be loaded (``reason="bad_tls_files"``).
-    """
-
-    name = "pyopenssl"
-
-    def __init__(
-        self,
-        *,
-        ca: Path | None,
-        min_version: str,
-        cert: Path | None = None,
-        key: Path | None = None,
-    ) -> None:
-        self.context = make_client_context(
-            ca=Path(ca) if ca is not None else None,
-            min_version=min_version,
-            cert=Path(cert) if cert is not None else None,
-            key=Path(key) if key is not None else None,
-        )
-
-    def wrap(self, transport: trio.abc.Stream, server_hostname: str) -> OpenSSLStream:
-        return open_client_stream(self.context, transport, server_hostname)

@@ -33,7 +33,7 @@ def test_unknown_key_names_the_known_keys(config_dir: Path) -> None:
         "listen, state_dir, audit_dir, handshake_timeout, close_timeout, shutdown_grace, "
         "max_sessions, revocation_interval, checkpoint_interval, audit_fsync_interval, "
         "final_write_timeout, session_end_timeout, server_stop_timeout, proxy_protocol, "
-        "proxy_trusted, user, run_as"
+        "proxy_trusted, user, run_as, data_plane"
     )
 
 
@@ -642,3 +642,9 @@ def test_metrics_bearer_token_file_must_exist(config_dir: Path) -> None:
     (line,) = problems_of(config_dir, MINIMAL + '[metrics]\nbearer_token_file = "absent"\n')
     assert line.startswith(f"{F}: metrics.bearer_token_file: ")
     assert "absent" in line
+
+
+def test_data_plane_names_the_drivers(config_dir: Path) -> None:
+    (line,) = problems_of(config_dir, MINIMAL + '[relay]\ndata_plane = "epoll"\n')
+    assert line.startswith(f"{F}: relay.data_plane: ")
+    assert '"trio"' in line and '"thread"' in line and "epoll" in line

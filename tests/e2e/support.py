@@ -254,7 +254,11 @@ class ProcGroup:
 
 
 def config_text(
-    targets: list[dict[str, Any]], *, audit_key: bool = True, engine: str = "stdlib"
+    targets: list[dict[str, Any]],
+    *,
+    audit_key: bool = True,
+    engine: str = "stdlib",
+    data_plane: str = "trio",
 ) -> str:
     """A relay config on a free loopback port, with the given ``[[targets]]``.
 
@@ -266,6 +270,7 @@ def config_text(
         'listen = ["127.0.0.1:0"]',
         'state_dir = "state"',
         'shutdown_grace = "1s"',
+        f'data_plane = "{data_plane}"',
         "[tls]",
         'cert = "pki/server.pem"',
         'key = "pki/server.key"',

@@ -96,9 +96,10 @@ def _audit_records(home: Path, relay: Proc, target: str) -> list[dict]:
     return records
 
 
+@pytest.mark.parametrize("data_plane", ["trio", "thread"])
 @pytest.mark.parametrize("engine", ["stdlib", "pyopenssl"])
 def test_gdb_debugs_through_relay_and_connector(
-    engine: str, procs: ProcGroup, home: Path, gdb_tools: GdbTools
+    engine: str, data_plane: str, procs: ProcGroup, home: Path, gdb_tools: GdbTools
 ) -> None:
     port = free_port()
     gdbserver = procs.start(
@@ -119,6 +120,7 @@ def test_gdb_debugs_through_relay_and_connector(
                 }
             ],
             engine=engine,
+            data_plane=data_plane,
         )
     )
     relay, relay_addr = start_relay(procs, home)

@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 import trio
+import trustme
 
 from auth import init_keys, init_pki, issue_token, load_signing_key
 from config import Config, config_from_dict
 from relay.connector import ConnectorSettings
 from relay.metrics import Metrics
 from relay.server import Relay, serve_relay
-from relay.tls import make_client_engine
+from relay.tls import make_client_engine, make_server_engine
 
 from .. import accounts
 
@@ -171,3 +172,23 @@ async def start_relay(nursery: trio.Nursery, config: Config, pki: Path) -> Runni
         stop=stop,
         metrics=metrics,
     )
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module", params=["stdlib", "pyopenssl"])
+def engines(request, ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory):
+    """One TLS engine's server and client sides, built from files like the relay's."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(folder / "server.pem")
+    cert.private_key_pem.write_to_path(folder / "server.key")
+    ca.cert_pem.write_to_path(folder / "ca.pem")
+    server = make_server_engine(
+        engine=request.param, cert=folder / "server.pem", key=folder / "server.key"
+    )
+    client = make_client_engine(engine=request.param, ca=folder / "ca.pem")
+    return server, client

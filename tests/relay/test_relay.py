@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.audit import verify_file
 from relay.connector import RelayRefused, open_tunnel, preflight
+from relay.datapath.thread_driver import shared_plane
 from relay.preamble import NEED_DATA, ResponseParser, TunnelResponse, render_request
 from relay.tls import make_client_engine
 
@@ -117,6 +118,64 @@ async def test_tunnel_moves_bytes_both_ways_and_writes_a_verified_audit(
         payload
     )
     running.stop.set()
+
+
+async def test_on_the_data_plane_thread_a_tunnel_moves_bytes_and_ends_from_trio(
+    nursery, make_config, token_for, pki
+):
+    # relay.data_plane = "thread": the tunnel is handed over after the 200,
+    # and an end decided in trio (here an admin's) takes it back, with every
+    # byte counted in the audit record.
+    backend = await start_echo(nursery)
+    config = make_config([gdb_target("build42", backend.port)], data_plane="thread")
+    running = await start_relay(nursery, config, pki)
+    handed_over = shared_plane().handed_over
+    tls, session_id, _ = await open_tunnel(running.settings(token_for()))
+    payload = bytes(range(256)) * 300
+    await tls.send_all(payload)
+    got = bytearray()
+    while len(got) < len(payload):
+        got += await tls.receive_some(65536)
+    assert got == payload
+    running.relay.sessions[session_id].end("ended_by_admin")
+    with trio.fail_after(5):
+        await running.relay.wait_no_sessions()
+    assert await tls.receive_some(65536) == b""  # close_notify: a clean end
+    await tls.aclose()
+
+    [file] = (config.relay.audit_dir).glob(f"*/{session_id}.jsonl")
+    closed = audit_records(file)[-1]
+    assert closed["event"] == "session.closed" and closed["reason"] == "ended_by_admin"
+    assert closed["bytes_to_backend"] == len(payload) == closed["bytes_to_client"]
+    assert shared_plane().handed_over == handed_over + 1
+
+
+async def test_a_client_cut_without_close_notify_is_audited_as_a_client_error(
+    nursery, make_config, token_for, pki
+):
+    # Both engines alike: a TCP close with no TLS close_notify cannot be told
+    # apart from a connection cut mid-stream (RFC 8446 section 6.1), so it is
+    # not a clean close.
+    backend = await start_echo(nursery)
+    config = make_config([gdb_target("build42", backend.port)])
+    running = await start_relay(nursery, config, pki)
+    tls, session_id, _ = await open_tunnel(running.settings(token_for()))
+    await tls.send_all(b"ping")
+    got = b""
+    while len(got) < 4:
+        got += await tls.receive_some(65536)
+    await trio.aclose_forcefully(tls.transport_stream)  # FIN, no close_notify
+    with trio.fail_after(5):
+        await running.relay.wait_no_sessions()
+
+    [file] = (config.relay.audit_dir).glob(f"*/{session_id}.jsonl")
+    closed = audit_records(file)[-1]
+    assert closed["event"] == "session.closed"
+    assert closed["reason"] == "client_error"
+    assert "without a TLS close_notify" in closed["error"]
+    assert closed["bytes_to_backend"] == 4 == closed["bytes_to_client"]
+    m = running.metrics
+    assert sample(m, "dbgrelay_sessions_total", target="build42", outcome="client_error") == 1
 
 
 async def test_bytes_sent_right_behind_the_request_head_reach_the_backend(

@@ -33,13 +33,11 @@ from OpenSSL import SSL
 from relay.errors import LocalProtocolError
 from relay.tls import TLSInfo, is_pq_group, make_client_engine, make_server_engine
 from relay.tls_openssl import (
-    ClientEngine,
-    OpenSSLStream,
-    ServerEngine,
     make_client_context,
     make_server_context,
     open_client_stream,
     open_server_stream,
+    wrap_connection,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,7 +141,7 @@ async def handshake_both(server, client) -> tuple[BaseException | None, BaseExce
 
 
 def memory_pair(server_ctx, client_ctx, hostname="localhost"):
-    """(server OpenSSLStream, client OpenSSLStream) over an in-memory pair."""
+    """(server, client) pyOpenSSL TLS streams over an in-memory pair."""
     client_transport, server_transport = trio.testing.memory_stream_pair()
     return (
         open_server_stream(server_ctx, server_transport),
@@ -253,10 +251,10 @@ PQ_ONLY_CLIENT = textwrap.dedent(
     import sys
     from pathlib import Path
     import trio
-    from relay.tls_openssl import ClientEngine
+    from relay.tls import make_client_engine
 
     async def main(port, ca):
-        engine = ClientEngine(ca=Path(ca), min_version="1.3")
+        engine = make_client_engine(engine="pyopenssl", ca=Path(ca), min_version="1.3")
         sock = await trio.open_tcp_stream("127.0.0.1", port)
         stream = engine.wrap(sock, "localhost")
         try:
@@ -687,7 +685,7 @@ async def test_ocsp_response_is_stapled_when_requested(pki, request_ocsp):
     if request_ocsp:
         conn.request_ocsp()
     client_transport, server_transport = trio.testing.memory_stream_pair()
-    client = OpenSSLStream(client_transport, conn, server_side=False)
+    client = wrap_connection(client_transport, conn, server_side=False)
     server = engine.wrap(server_transport)
     assert await handshake_both(server, client) == (None, None)
     assert stapled == ([der] if request_ocsp else [])
@@ -706,7 +704,7 @@ async def test_ocsp_callback_failure_does_not_fail_the_handshake(pki, client_ctx
         conn.set_connect_state()
         conn.request_ocsp()
         client_transport, server_transport = trio.testing.memory_stream_pair()
-        client = OpenSSLStream(client_transport, conn, server_side=False)
+        client = wrap_connection(client_transport, conn, server_side=False)
         server = open_server_stream(server_ctx, server_transport)
         assert await handshake_both(server, client) == (None, None)
     assert [r.getMessage() for r in caplog.records] == ["tls.ocsp_failed"]
@@ -779,7 +777,7 @@ async def test_cancelled_handshake_breaks_stream_and_leaves_nothing_behind(pki):
                 pass
             eof_seen.set()
 
-    engine = ClientEngine(ca=pki.ca_pem, min_version="1.2")
+    engine = make_client_engine(engine="pyopenssl", ca=pki.ca_pem, min_version="1.2")
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
             functools.partial(trio.serve_tcp, silent_peer, 0, host="127.0.0.1")
@@ -844,15 +842,7 @@ def test_server_engine_reports_the_file_it_cannot_load(pki, tmp_path):
 
     other_cert, other_key = pki.server_identity("mismatch.example")
     with pytest.raises(LocalProtocolError, match="does not belong to the certificate") as info:
-        ServerEngine(
-            cert=pki.server_cert,
-            key=other_key,
-            min_version="1.2",
-            client_ca=None,
-            require_client_cert=False,
-            is_serial_revoked=None,
-            ocsp_response=None,
-        )
+        make_server_engine(engine="pyopenssl", cert=pki.server_cert, key=other_key)
     assert info.value.reason == "bad_tls_files"
 
     garbage = tmp_path / "garbage.ocsp"
@@ -894,12 +884,12 @@ def test_bad_options_are_config_errors(pki):
     with pytest.raises(LocalProtocolError, match="require_client_cert needs tls.client_ca"):
         make_server_context(cert=pki.server_cert, key=pki.server_key, require_client_cert=True)
     with pytest.raises(LocalProtocolError) as info:
-        ClientEngine(ca=pki.tmp / "missing-ca.pem", min_version="1.2")
+        make_client_engine(engine="pyopenssl", ca=pki.tmp / "missing-ca.pem")
     assert info.value.reason == "bad_tls_files"
     assert "missing-ca.pem" in str(info.value)
 
 
-# -- the fast path's record counter ----------------------------------------------------
+# -- the engine's record counter -------------------------------------------------------
 
 
 def _records(*lengths: int) -> tuple[bytes, list[int]]:

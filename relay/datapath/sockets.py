@@ -1,0 +1,61 @@
+"""Non-blocking calls on a :class:`trio.SocketStream`'s socket, on every platform.
+
+Each call through :class:`trio.SocketStream` ends in a trip through trio's
+scheduler; the pump instead tries the socket first and awaits
+:func:`trio.lowlevel.wait_readable` / :func:`trio.lowlevel.wait_writable`
+only when the kernel says it would block.  It does so with the ``socket``
+module's own ``recv`` and ``send`` on a second socket object for the same
+descriptor (never ``os.read``/``os.write``, which do not work on sockets on
+Windows).
+
+Resource handling:
+    The :class:`trio.SocketStream` keeps owning the socket.  A
+    :class:`RawSocket` only borrows the descriptor and must be
+    :meth:`~RawSocket.release`-d (never closed) when done.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+__all__ = ["RawSocket", "try_send"]
+
+
+class RawSocket:
+    """A borrowed view of a :class:`trio.SocketStream`'s socket.
+
+    Args:
+        stream: The stream whose socket to borrow; it is already non-blocking.
+    """
+
+    __slots__ = ("sock",)
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        sock = stream.socket
+        self.sock = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.fileno())
+        self.sock.setblocking(False)
+
+    def release(self) -> None:
+        """Give the descriptor back without closing it."""
+        if self.sock.fileno() >= 0:
+            self.sock.detach()
+
+
+def try_send(stream: trio.abc.Stream, data: bytes | memoryview) -> int:
+    """Write what ``stream``'s socket takes now, if it is a socket stream.
+
+    Returns:
+        The number of bytes written: 0 when the socket is full, failed, or
+        ``stream`` is not a :class:`trio.SocketStream`.
+    """
+    if type(stream) is not trio.SocketStream:
+        return 0
+    raw = RawSocket(stream)
+    try:
+        return raw.sock.send(data)
+    except OSError:
+        return 0
+    finally:
+        raw.release()
