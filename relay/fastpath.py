@@ -17,6 +17,11 @@ out of :meth:`~Endpoint.receive_nowait` and goes in through
 :mod:`relay.tls_openssl`) are endpoints themselves (they decrypt and encrypt
 between the socket and the caller).
 
+Sockets: the endpoints call ``recv_into`` and ``send`` on the stdlib socket
+under the trio socket (non-blocking, as trio keeps it), which works on every
+platform; ``os.readv``/``os.write`` on the descriptor would not on Windows,
+where a socket is a SOCKET handle, not a file descriptor.
+
 Scratch buffers: received bytes land in two module-wide buffers rather than
 per-tunnel ones, so a thousand idle tunnels do not hold a thousand buffers.
 This is safe because trio runs one task at a time: a view returned by
@@ -27,7 +32,7 @@ scratch buffer must never be kept across an ``await``.
 
 from __future__ import annotations
 
-import os
+import socket
 from typing import Protocol
 
 import trio
@@ -36,6 +41,7 @@ __all__ = [
     "Endpoint",
     "SocketEndpoint",
     "endpoint_for",
+    "raw_socket",
     "read_nowait",
     "write_nowait",
     "RECEIVE_SIZE",
@@ -66,12 +72,14 @@ class Endpoint(Protocol):
 
     Attributes:
         fd: The socket's file descriptor, for ``wait_readable``/``wait_writable``.
+        sock: The socket itself, which the I/O goes through.
         maybe_readable: False when the last receive drained the socket and
             nothing is buffered, so the caller should wait for readability
             before receiving again (saves a failing system call per chunk).
     """
 
     fd: int
+    sock: socket.socket
     maybe_readable: bool
 
     def receive_nowait(self) -> memoryview | None:
@@ -104,6 +112,16 @@ class Endpoint(Protocol):
         ...
 
 
+def raw_socket(stream: trio.SocketStream) -> socket.socket:
+    """The stdlib socket under ``stream``, which keeps owning (and closes) it.
+
+    trio has no public accessor for it; ``_sock`` has been the attribute
+    since trio's socket wrapper was written, and the fast path's tests fail
+    at once if that ever changes.
+    """
+    return stream.socket._sock  # type: ignore[attr-defined]
+
+
 def read_nowait(end: Endpoint) -> memoryview | None:
     """Read what ``end``'s socket holds into the shared receive buffer.
 
@@ -117,7 +135,7 @@ def read_nowait(end: Endpoint) -> memoryview | None:
         OSError: The socket failed.
     """
     try:
-        n = os.readv(end.fd, (RECEIVE_BUFFER,))
+        n = end.sock.recv_into(RECEIVE_BUFFER)
     except BlockingIOError:
         end.maybe_readable = False
         return None
@@ -125,14 +143,14 @@ def read_nowait(end: Endpoint) -> memoryview | None:
     return RECEIVE_VIEW[:n]
 
 
-def write_nowait(fd: int, data: bytes | memoryview) -> int:
-    """Write what the socket ``fd`` takes now: the number of bytes, 0 when full.
+def write_nowait(sock: socket.socket, data: bytes | memoryview) -> int:
+    """Write what ``sock`` takes now: the number of bytes, 0 when full.
 
     Raises:
         OSError: The socket failed (anything but "would block").
     """
     try:
-        return os.write(fd, data)
+        return sock.send(data)
     except BlockingIOError:
         return 0
 
@@ -145,10 +163,11 @@ class SocketEndpoint:
     pump stops are dropped with the tunnel.
     """
 
-    __slots__ = ("fd", "maybe_readable", "_pending")
+    __slots__ = ("fd", "sock", "maybe_readable", "_pending")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.fd = stream.socket.fileno()
+        self.sock = raw_socket(stream)
         self.maybe_readable = True
         self._pending: bytes = b""
 
@@ -160,7 +179,7 @@ class SocketEndpoint:
 
     def send_nowait(self, data: memoryview) -> bool:
         try:
-            sent = write_nowait(self.fd, data)
+            sent = write_nowait(self.sock, data)
         except OSError as exc:
             raise trio.BrokenResourceError(f"socket error: {exc}") from exc
         if sent == len(data):
@@ -173,7 +192,7 @@ class SocketEndpoint:
         if not self._pending:
             return True
         try:
-            sent = write_nowait(self.fd, self._pending)
+            sent = write_nowait(self.sock, self._pending)
         except OSError as exc:
             raise trio.BrokenResourceError(f"socket error: {exc}") from exc
         self._pending = self._pending[sent:]

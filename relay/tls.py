@@ -219,6 +219,11 @@ class _StdlibStream(trio.abc.Stream):
         self.fd = (
             transport_stream.socket.fileno() if type(transport_stream) is trio.SocketStream else -1
         )
+        self.sock = (
+            fastpath.raw_socket(transport_stream)
+            if type(transport_stream) is trio.SocketStream
+            else None
+        )
         self.maybe_readable = True
         self._eof = False
         self._decrypt_first = False
@@ -446,7 +451,7 @@ class _StdlibStream(trio.abc.Stream):
             out = self._take_outgoing()
             if out and self.fd >= 0:
                 with contextlib.suppress(OSError):
-                    out = out[fastpath.write_nowait(self.fd, out) :]
+                    out = out[fastpath.write_nowait(self.sock, out) :]
             if out:
                 with contextlib.suppress(trio.BrokenResourceError, trio.BusyResourceError):
                     async with self._send_lock:
@@ -558,7 +563,7 @@ class _StdlibStream(trio.abc.Stream):
         if self._pending_out:
             out = bytes(self._pending_out) + out
         try:
-            sent = fastpath.write_nowait(self.fd, out)
+            sent = fastpath.write_nowait(self.sock, out)
         except OSError as exc:
             raise self._broken(exc) from exc
         if sent == len(out):

@@ -221,6 +221,11 @@ class OpenSSLStream(trio.abc.Stream):
         self.fd = (
             transport_stream.socket.fileno() if type(transport_stream) is trio.SocketStream else -1
         )
+        self.sock = (
+            fastpath.raw_socket(transport_stream)
+            if type(transport_stream) is trio.SocketStream
+            else None
+        )
         self.maybe_readable = True
         self._eof = False
         self._records = _RecordCounter()
@@ -548,7 +553,7 @@ class OpenSSLStream(trio.abc.Stream):
         out = self._delayed_outgoing + self._drain_outgoing()
         self._delayed_outgoing = b""
         try:
-            return out[fastpath.write_nowait(self.fd, out) :]
+            return out[fastpath.write_nowait(self.sock, out) :]
         except OSError as exc:
             raise trio.BrokenResourceError(f"socket error: {exc}") from exc
 
@@ -669,7 +674,7 @@ class OpenSSLStream(trio.abc.Stream):
         if not out:
             return True
         try:
-            sent = fastpath.write_nowait(self.fd, out)
+            sent = fastpath.write_nowait(self.sock, out)
         except OSError as exc:
             raise self._fast_broken(exc) from exc
         self._delayed_outgoing = out[sent:]
