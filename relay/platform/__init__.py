@@ -1,0 +1,21 @@
+"""What differs between operating systems, behind one small interface.
+
+One module per platform, picked once here (the way trio splits
+``_io_epoll.py`` and ``_io_windows.py``); the rest of the code imports these
+names and never asks which system it runs on.
+
+* :data:`INTERRUPT_SIGNALS`: the signals that mean "the person at the
+  console wants this command to stop" (SIGINT; on Windows also Ctrl-Break,
+  which Python delivers as SIGBREAK).
+"""
+
+from __future__ import annotations
+
+import sys
+
+if sys.platform == "win32":
+    from ._windows import INTERRUPT_SIGNALS
+else:
+    from ._posix import INTERRUPT_SIGNALS
+
+__all__ = ["INTERRUPT_SIGNALS"]
