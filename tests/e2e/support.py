@@ -82,19 +82,22 @@ class Proc:
         argv: The command.
         cwd: Its working directory (also its ``HOME``).
         name: A label for failure messages.
+        env: Its environment (default :func:`clean_env`).
 
     Resource handling:
         :meth:`stop` ends the child (SIGTERM, then SIGKILL) and joins the
         reader threads; :class:`ProcGroup` calls it on teardown.
     """
 
-    def __init__(self, argv: list[str], *, cwd: Path, name: str) -> None:
+    def __init__(
+        self, argv: list[str], *, cwd: Path, name: str, env: dict[str, str] | None = None
+    ) -> None:
         self.argv = argv
         self.name = name
         self.popen = subprocess.Popen(
             argv,
             cwd=cwd,
-            env=clean_env(cwd),
+            env=clean_env(cwd) if env is None else env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -229,8 +232,15 @@ class ProcGroup:
     def __init__(self) -> None:
         self._procs: list[Proc] = []
 
-    def start(self, argv: Iterable[str | os.PathLike[str]], *, cwd: Path, name: str) -> Proc:
-        proc = Proc([str(a) for a in argv], cwd=cwd, name=name)
+    def start(
+        self,
+        argv: Iterable[str | os.PathLike[str]],
+        *,
+        cwd: Path,
+        name: str,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        proc = Proc([str(a) for a in argv], cwd=cwd, name=name, env=env)
         self._procs.append(proc)
         return proc
 
