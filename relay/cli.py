@@ -546,6 +546,8 @@ def _version() -> str:
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
+    from oslayer import INTERRUPT_SIGNALS
+
     from .connector import (
         ConnectFailed,
         RelayRefused,
@@ -555,7 +557,6 @@ def cmd_connect(args: argparse.Namespace) -> int:
         preflight,
         serve_connector,
     )
-    from .platform import INTERRUPT_SIGNALS
 
     token = _read_token(args)
     password = _read_password(args, check_password)
