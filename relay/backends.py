@@ -47,22 +47,28 @@ class BackendError(RelayError):
 
 async def open_backend(
     backend: TcpBackend | UnixBackend | NpipeBackend, *, connect_timeout: float
-) -> trio.SocketStream:
+) -> trio.abc.Stream:
     """Connect to a configured backend.
 
     TCP streams get ``TCP_NODELAY`` (trio sets it on every TCP
     :class:`trio.SocketStream`): debuggers send small requests and wait for
     the reply, so Nagle's algorithm would add a delayed-ACK wait to each.
+    Named pipes (Windows only) are retried while every instance is busy, up
+    to ``connect_timeout``; see :mod:`relay.npipe`.
 
     Raises:
         BackendError: refused, unreachable, or not within ``connect_timeout``.
     """
-    if isinstance(backend, NpipeBackend):
+    if isinstance(backend, NpipeBackend) and sys.platform != "win32":
         raise BackendError(
             "npipe:// backends need the relay to run on Windows", reason="backend_unsupported"
         )
     try:
         with trio.fail_after(connect_timeout):
+            if isinstance(backend, NpipeBackend):
+                from .npipe import open_pipe_stream
+
+                return await open_pipe_stream(backend.path)
             if isinstance(backend, TcpBackend):
                 if backend.port is None:
                     raise BackendError("managed backend has no port yet", reason="launch_failed")
@@ -86,7 +92,7 @@ def _describe(backend: Any) -> str:
         return f"tcp://{backend.host}:{backend.port}"
     if isinstance(backend, UnixBackend):
         return f"unix://{backend.path}"
-    return repr(backend)
+    return str(backend)
 
 
 async def probe_backend(
