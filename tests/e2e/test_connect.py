@@ -275,3 +275,20 @@ def test_connect_refuses_password_the_shells_would_change(kinds_relay: LiveRelay
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("dbgrelay: --password-file bad.pw: the password holds '%'")
     assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_connect_on_ipv6_loopback_prints_ipversion_6(
+    procs: ProcGroup, kinds_relay: LiveRelay
+) -> None:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    connect = _start_connect(procs, kinds_relay, "k-dbgsrv", "--listen", "[::1]:0")
+    listening = connect.wait_line("listening on ")
+    port = int(re.search(r"listening on \[::1\]:(\d+),", listening).group(1))
+    connect.wait_line("cdb ", stream="stdout")
+
+    tcp = f"tcp:server=::1,port={port},ipversion=6"
+    assert connect.lines["stdout"] == [f'windbg -premote "{tcp}"', f'cdb -premote "{tcp}"']
+    socket.create_connection(("::1", port), timeout=5).close()
