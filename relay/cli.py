@@ -629,11 +629,12 @@ def cmd_connect(args: argparse.Namespace) -> int:
         with trio.open_signal_receiver(*INTERRUPT_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(serve, headers)
-                async for signum in signals:
-                    nursery.cancel_scope.cancel()
-                    _err(f"connect: stopped by {_signal_name(signum)}; tunnels closed")
-                    return 128 + signum
-        return EXIT_OK  # pragma: no cover - the loop above only ends by a signal
+                # serve() runs until cancelled or until it fails (which
+                # cancels this loop), so only a signal gets past here.
+                signum = await signals.__anext__()
+                nursery.cancel_scope.cancel()
+        _err(f"connect: stopped by {_signal_name(signum)}; tunnels closed")
+        return 128 + signum
 
     return trio.run(run)
 
