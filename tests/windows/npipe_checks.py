@@ -17,7 +17,7 @@ import win32file
 import win32pipe
 
 from config import NpipeBackend
-from relay.backends import BackendError, open_backend
+from relay.backends import BackendError, open_backend, probe_backend
 
 NAME = f"dbgrelay-test-{os.getpid()}"
 PATH = rf"\\.\pipe\{NAME}"
@@ -187,6 +187,14 @@ async def scenario_cancel_read():
     data = await stream.receive_some()
     await stream.aclose()
     return {"cancelled": scope.cancelled_caught, "after": bytes(data).decode()}
+
+
+async def scenario_probe():
+    log = []
+    serve(1, log)
+    live = await probe_backend(BACKEND, connect_timeout=10)
+    absent = await probe_backend(NpipeBackend(host=".", pipe=NAME + "-absent"), connect_timeout=10)
+    return {"live": live, "absent": absent}
 
 
 def main():

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from .conftest import WineTier
 
 CHECKS = Path(__file__).with_name("npipe_checks.py")
@@ -53,9 +51,12 @@ def test_server_closing_the_pipe_is_eof_then_broken(wine_tier: WineTier, tmp_pat
     assert result == {"received": ["bye", ""], "send_after_eof": "broken"}
 
 
-@pytest.mark.parametrize("scenario", ["cancel_read"])
-def test_cancelled_pending_read_leaves_pipe_usable(
-    wine_tier: WineTier, tmp_path: Path, scenario: str
-) -> None:
-    result = _scenario(wine_tier, tmp_path, scenario)
+def test_cancelled_pending_read_leaves_pipe_usable(wine_tier: WineTier, tmp_path: Path) -> None:
+    result = _scenario(wine_tier, tmp_path, "cancel_read")
     assert result == {"cancelled": True, "after": "still here"}
+
+
+def test_forgotten_server_probe_sees_a_live_pipe_and_an_absent_one(
+    wine_tier: WineTier, tmp_path: Path
+) -> None:
+    assert _scenario(wine_tier, tmp_path, "probe") == {"live": True, "absent": False}
