@@ -16,7 +16,8 @@ $(BIN)/dbgrelay: pyproject.toml
 demo: $(BIN)/dbgrelay
 	$(BIN)/dbgrelay demo --state demo-state
 
-# The tests use real gcc, gdb, gdbserver and stunnel; scripts/install-tools adds them if missing.
+# The tests use real gcc, gdb, gdbserver and stunnel, and Wine with mingw-w64 for the Windows
+# tier (tests/windows/); scripts/install-tools adds them if missing.
 test: $(BIN)/dbgrelay tools
 	$(BIN)/python -m pytest -q
 
@@ -31,4 +32,5 @@ bench: $(BIN)/dbgrelay tools
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) demo-state .pytest_cache
+	-[ -d .wine-tier ] && $(PYTHON) scripts/wine-tier --stop
+	rm -rf $(VENV) demo-state .pytest_cache .wine-tier

@@ -14,6 +14,8 @@ import os
 import secrets
 from pathlib import Path
 
+from oslayer import restrict_to_owner
+
 from .errors import KeyFileError
 
 __all__ = ["write_atomic", "write_private", "write_public", "read_file", "ensure_private_dir"]
@@ -48,6 +50,10 @@ def write_atomic(path: Path, data: bytes, *, mode: int) -> None:
             # The umask can only remove bits; fchmod makes the mode exact so a
             # public file is readable even under a strict umask.
             os.fchmod(fd, mode)
+            if mode == PRIVATE_MODE:
+                # On Windows the mode is no protection; an owner-only ACL is,
+                # set before the secret is in the file.
+                restrict_to_owner(tmp)
             view = memoryview(data)
             while view:
                 written = os.write(fd, view)

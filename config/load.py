@@ -262,7 +262,8 @@ def parse_backend_url(text: str) -> Backend:
         text: ``tcp://HOST:PORT`` (HOST an IP literal, ``[v6]`` or a name;
             PORT 1-65535 or the literal ``{port}`` for managed targets),
             ``unix:///abs/path`` or ``npipe://HOST/PIPE`` (HOST ``.`` for this
-            machine).
+            machine), or WinDbg's ``npipe:pipe=NAME`` /
+            ``npipe:server=HOST,pipe=NAME``.
 
     Returns:
         A :class:`TcpBackend` (port ``None`` for ``{port}``),
@@ -277,6 +278,8 @@ def parse_backend_url(text: str) -> Backend:
     if not isinstance(text, str):
         raise ValueError(f"invalid backend {text!r}: {_BACKEND_FORMS}")
     shown = json.dumps(text)
+    if text[:6].lower() == "npipe:" and not text[6:].startswith("//"):
+        return _parse_windbg_npipe(text)
     scheme, sep, rest = text.partition("://")
     if not sep:
         raise ValueError(f"invalid backend {shown}: {_BACKEND_FORMS}")
@@ -317,6 +320,30 @@ def parse_backend_url(text: str) -> Backend:
     raise ValueError(
         f"invalid backend {shown}: unknown scheme {json.dumps(scheme)}; {_BACKEND_FORMS}"
     )
+
+
+def _parse_windbg_npipe(text: str) -> NpipeBackend:
+    """WinDbg's own pipe syntax: ``npipe:pipe=NAME`` or ``npipe:server=HOST,pipe=NAME``.
+
+    The same string a debug server was started with (``cdb -server
+    npipe:pipe=NAME``, ``dbgsrv -t npipe:pipe=NAME``) or a client connects with.
+    """
+    shown = json.dumps(text)
+    form = "npipe:pipe=NAME or npipe:server=HOST,pipe=NAME"
+    fields: dict[str, str] = {}
+    for item in text[len("npipe:") :].split(","):
+        key, eq, value = item.partition("=")
+        key = key.strip().lower()
+        if not eq or key not in ("pipe", "server") or key in fields or not value:
+            raise ValueError(f"invalid backend {shown}: expected {form}")
+        fields[key] = value
+    pipe = fields.get("pipe")
+    if pipe is None or "/" in pipe or "\\" in pipe or len(pipe) > 256:
+        raise ValueError(f"invalid backend {shown}: expected {form} with one pipe name")
+    host = fields.get("server", ".")
+    if host != ".":
+        _check_host(host, text, "backend")
+    return NpipeBackend(host=host, pipe=pipe)
 
 
 def _same_socket(a: Address, b: Address) -> bool:

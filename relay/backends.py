@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,24 +46,30 @@ class BackendError(RelayError):
 
 async def open_backend(
     backend: TcpBackend | UnixBackend | NpipeBackend | ManagedServer, *, connect_timeout: float
-) -> trio.SocketStream:
+) -> trio.abc.Stream:
     """Connect to a configured backend, or to a managed server through its launcher.
 
     TCP streams get ``TCP_NODELAY`` (trio sets it on every TCP
     :class:`trio.SocketStream`): debuggers send small requests and wait for
     the reply, so Nagle's algorithm would add a delayed-ACK wait to each.
+    Named pipes (Windows only) are retried while every instance is busy, up
+    to ``connect_timeout``; see :mod:`relay.npipe`.
 
     Raises:
         BackendError: refused, unreachable, or not within ``connect_timeout``.
     """
     if isinstance(backend, ManagedServer):
         return await backend.connect(connect_timeout=connect_timeout)
-    if isinstance(backend, NpipeBackend):
+    if isinstance(backend, NpipeBackend) and sys.platform != "win32":
         raise BackendError(
             "npipe:// backends need the relay to run on Windows", reason="backend_unsupported"
         )
     try:
         with trio.fail_after(connect_timeout):
+            if isinstance(backend, NpipeBackend):
+                from .npipe import open_pipe_stream
+
+                return await open_pipe_stream(backend.path)
             if isinstance(backend, TcpBackend):
                 if backend.port is None:
                     raise BackendError("managed backend has no port yet", reason="launch_failed")
@@ -86,7 +93,7 @@ def _describe(backend: Any) -> str:
         return f"tcp://{backend.host}:{backend.port}"
     if isinstance(backend, UnixBackend):
         return f"unix://{backend.path}"
-    return repr(backend)
+    return str(backend)
 
 
 async def probe_backend(

@@ -643,10 +643,13 @@ def _version() -> str:
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
+    from oslayer import INTERRUPT_SIGNALS
+
     from .connector import (
         ConnectFailed,
         RelayRefused,
-        debugger_command,
+        check_password,
+        debugger_commands,
         make_settings,
         preflight,
         serve_connector,
@@ -664,6 +667,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
         token = ""
     else:
         token = _read_token(args)
+    password = _read_password(args, check_password)
     try:
         settings = make_settings(
             relay=args.relay,
@@ -693,6 +697,41 @@ def cmd_connect(args: argparse.Namespace) -> int:
         shown = ", ".join(groups) if groups else "none"
         return f"identity {user}, groups: {shown} ({token_summary(token)})"
 
+    async def serve(headers: dict[str, str]) -> None:
+        kind = args.kind or headers.get("dbgrelay-target-kind", "tcp")
+        kd_transport = args.kd_transport or headers.get("dbgrelay-kd-transport")
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                lambda task_status: serve_connector(
+                    settings, on_refused=on_refused, task_status=task_status
+                )
+            )
+            host, port = listeners[0].socket.getsockname()[:2]
+            shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            print(
+                f"dbgrelay connect: listening on {shown}, tunnelling to target {args.target} "
+                f"via {args.relay} (Ctrl-C to stop)",
+                file=sys.stderr,
+                flush=True,
+            )
+            try:
+                lines = debugger_commands(
+                    kind, host, port, kd_transport=kd_transport, password=password
+                )
+            except ValueError as exc:
+                raise UserError(f"cannot print a command line: {exc}") from None
+            if kind == "kdsrv" and not lines:
+                _err(
+                    f"target {args.target} is a kdsrv target and the relay names no kernel "
+                    "connection; pass --kd-transport net:port=PORT,key=KEY (as given to kdsrv's "
+                    "target) to print the windbg and kd command lines"
+                )
+            if password is not None and kind in ("gdbserver", "tcp"):
+                _err(f"--password-file is not used: a {kind} target has no WinDbg password")
+            for line in lines:
+                # kind and kd_transport may come from the relay's answer.
+                print(escape_text(line), flush=True)
+
     async def run() -> int:
         nonlocal settings
         if command is not None:
@@ -717,13 +756,12 @@ def cmd_connect(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-        kind = args.kind or headers.get("dbgrelay-target-kind", "tcp")
 
         async def refreshed(token: str) -> None:
             try:
                 answer = await preflight(settings)
             except (RelayRefused, ConnectFailed) as exc:
-                _err(f"the refreshed token does not work: {exc}")
+                _err(f"the refreshed token does not work: {escape_text(exc)}")
                 return
             print(
                 f"dbgrelay connect: token refreshed; {identity_line(answer, token)}",
@@ -734,35 +772,45 @@ def cmd_connect(args: argparse.Namespace) -> int:
         def refresh_failed(exc: TokenSourceError) -> None:
             _err(f"{exc}; keeping the current token and trying again")
 
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(
-                lambda task_status: serve_connector(
-                    settings, on_refused=on_refused, task_status=task_status
-                )
-            )
-            nursery.start_soon(source.run_refresh, refreshed, refresh_failed)
-            host, port = listeners[0].socket.getsockname()[:2]
-            print(
-                f"dbgrelay connect: listening on {host}:{port}, tunnelling to target {args.target} "
-                f"via {args.relay} (Ctrl-C to stop)",
-                file=sys.stderr,
-                flush=True,
-            )
-            # kind and kd_transport come from the relay's answer.
-            print(
-                escape_text(
-                    debugger_command(
-                        kind, host, port, kd_transport=headers.get("dbgrelay-kd-transport")
-                    )
-                ),
-                flush=True,
-            )
-        return EXIT_OK
+        # Ctrl-C (or Ctrl-Break on Windows) ends the connector through
+        # cancellation, so the tunnels close and nothing prints a traceback.
+        with trio.open_signal_receiver(*INTERRUPT_SIGNALS) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve, headers)
+                nursery.start_soon(source.run_refresh, refreshed, refresh_failed)
+                # serve() runs until cancelled or until it fails (which
+                # cancels this loop), so only a signal gets past here.
+                signum = await signals.__anext__()
+                nursery.cancel_scope.cancel()
+        _err(f"connect: stopped by {_signal_name(signum)}; tunnels closed")
+        return 128 + signum
 
+    return trio.run(run)
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    name = signal.Signals(signum).name
+    return {"SIGINT": "Ctrl-C", "SIGBREAK": "Ctrl-Break"}.get(name, name)
+
+
+def _read_password(args: argparse.Namespace, check: Callable[[str], None]) -> str | None:
+    """The debug server's password from ``--password-file``, or ``None``."""
+    if args.password_file is None:
+        return None
     try:
-        return trio.run(run)
-    except KeyboardInterrupt:
-        return EXIT_OK
+        text = Path(args.password_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"--password-file {args.password_file}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    password = text.rstrip("\r\n")
+    try:
+        check(password)
+    except ValueError as exc:
+        raise UserError(f"--password-file {args.password_file}: {exc}") from None
+    return password
 
 
 # ---------------------------------------------------------------------------
@@ -949,6 +997,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-engine", choices=["stdlib", "pyopenssl"], default="stdlib")
     p.add_argument("--cert", help="client certificate (PEM) for relays that require one")
     p.add_argument("--key", help="client key (PEM)")
+    p.add_argument(
+        "--password-file",
+        help="file holding the debug server's password (its -server ...,password=); "
+        "it appears only in the printed command lines",
+    )
+    p.add_argument(
+        "--kd-transport",
+        help="kdsrv kernel connection string (e.g. net:port=50000,key=1.2.3.4) for the "
+        "printed command line, when the relay's target names none",
+    )
 
     keys = add("keys", None, "token-signing and audit keys").add_subparsers(
         dest="sub", required=True
@@ -1057,11 +1115,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        _err(f"{args.command}: interrupted")
         return 130
     except expected as exc:
         return _report(exc)
     except BaseExceptionGroup as group:
         # Errors raised inside trio nurseries arrive wrapped in groups.
+        interrupted, group = group.split(KeyboardInterrupt)
+        if group is None:
+            _err(f"{args.command}: interrupted")
+            return 130
         mine, rest = group.split(expected)
         if rest is not None or mine is None:
             raise

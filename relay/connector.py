@@ -27,7 +27,9 @@ __all__ = [
     "ConnectorSettings",
     "RelayRefused",
     "ConnectFailed",
-    "debugger_command",
+    "check_password",
+    "debugger_commands",
+    "ListenFailed",
     "preflight",
     "open_tunnel",
     "serve_connector",
@@ -56,6 +58,10 @@ class RelayRefused(RelayError):
 
 class ConnectFailed(RelayError):
     """The relay could not be reached or the TLS handshake failed."""
+
+
+class ListenFailed(RelayError):
+    """The connector cannot listen where it was told (the port is taken...)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,19 +120,95 @@ def check_loopback(host: str) -> None:
         )
 
 
-def debugger_command(kind: str, host: str, port: int, *, kd_transport: str | None = None) -> str:
-    """The command line to paste for a target of ``kind`` reached at ``host:port``."""
+# Characters an argument may hold unquoted in both cmd.exe and PowerShell.
+# Anything else (PowerShell's "," and "@{", cmd's "<", ">", "&", "|") goes
+# inside double quotes, which both shells strip before the program runs.
+_BARE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._:/=+-")
+
+# Characters a server password may hold so that the pasted line stays the
+# password: none of cmd's "%" and "!" expansions, PowerShell's "$" and "`",
+# the quote itself, or WinDbg's own option syntax ("," "{" "}").
+_PASSWORD_UNSAFE = frozenset('"%!$`,{}')
+
+
+def _shell_arg(text: str) -> str:
+    """``text`` as one argument that cmd.exe and PowerShell pass on unchanged."""
+    if text and set(text) <= _BARE:
+        return text
+    if '"' in text or "%" in text or "$" in text or "`" in text:
+        raise ValueError(f"cannot quote {text!r} for both cmd.exe and PowerShell")
+    return f'"{text}"'
+
+
+def check_password(password: str) -> None:
+    """Refuse a debug-server password the printed command line would mangle.
+
+    Raises:
+        ValueError: ``password`` is empty, not printable ASCII, or holds a
+            character from :data:`_PASSWORD_UNSAFE`.
+    """
+    if not password:
+        raise ValueError("the password is empty")
+    bad = sorted({c for c in password if c in _PASSWORD_UNSAFE or not " " < c <= "~"})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        raise ValueError(
+            f"the password holds {shown}, which a command line pasted into cmd.exe or "
+            "PowerShell (or WinDbg's option string) would change; give the debug server "
+            'a password of letters, digits and punctuation other than " % ! $ ` , { }'
+        )
+
+
+def debugger_commands(
+    kind: str,
+    host: str,
+    port: int,
+    *,
+    kd_transport: str | None = None,
+    password: str | None = None,
+) -> list[str]:
+    """The command lines to paste for a target of ``kind`` reached at ``host:port``.
+
+    Every line works pasted into cmd.exe, PowerShell or a POSIX shell: no
+    placeholders, and arguments with separators are double-quoted.
+
+    Args:
+        kind: The target kind the relay reported (``dbgsrv``, ``server``,
+            ``kdsrv``, ``gdbserver``, ``tcp``).
+        host: The connector's listening address (IPv4 or IPv6 literal).
+        port: The connector's port.
+        kd_transport: For ``kdsrv``, the kernel connection string
+            (``net:port=N,key=K``); without it there is no line to print.
+        password: The debug server's password (WinDbg's ``password=``).
+
+    Returns:
+        One line per debugger (``windbg`` first), or no line when ``kdsrv``
+        lacks its transport.
+
+    Raises:
+        ValueError: ``password`` cannot be printed safely (see
+            :func:`check_password`).
+    """
+    v6 = ":" in host
     tcp = f"tcp:server={host},port={port}"
+    if password is not None:
+        check_password(password)
+        tcp += f",password={password}"
+    if v6:
+        tcp += ",ipversion=6"
     if kind == "dbgsrv":
-        return f"windbg -premote {tcp}"
+        return [f"{dbg} -premote {_shell_arg(tcp)}" for dbg in ("windbg", "cdb")]
     if kind == "server":
-        return f"windbg -remote {tcp}"
+        return [f"{dbg} -remote {_shell_arg(tcp)}" for dbg in ("windbg", "cdb", "kd")]
     if kind == "kdsrv":
-        trans = kd_transport or "net:port=<PORT>,key=<KEY>"
-        return f"windbg -k kdsrv:server=@{{{tcp}}},trans=@{{{trans}}}"
+        if not kd_transport:
+            return []
+        spec = _shell_arg(f"kdsrv:server=@{{{tcp}}},trans=@{{{kd_transport}}}")
+        return [f"{dbg} -k {spec}" for dbg in ("windbg", "kd")]
+    address = f"[{host}]:{port}" if v6 else f"{host}:{port}"
     if kind == "gdbserver":
-        return f"gdb -ex 'target remote {host}:{port}'"
-    return f"connect your client to {host}:{port}"
+        return [f"gdb -ex {_shell_arg(f'target remote {address}')}"]
+    return [f"connect your client to {address}"]
 
 
 async def _exchange(
@@ -226,10 +308,21 @@ async def serve_connector(
         settings: Where to connect and with what.
         on_refused: Called when a tunnel cannot be opened.
         task_status: Receives the bound listeners once listening.
+
+    Raises:
+        ListenFailed: the listen address cannot be bound (in use, not local).
     """
     host, port = settings.listen
     check_loopback(host)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ListenFailed(
+            f"cannot listen on {shown}: {exc.strerror or exc}; choose another --listen port "
+            "(port 0 picks a free one)",
+            reason="listen_failed",
+        ) from exc
     opening = trio.CapacityLimiter(_OPENING_AT_ONCE)
 
     async def handle(local: trio.SocketStream) -> None:

@@ -76,6 +76,10 @@ def test_listen_address_rejects_non_strings() -> None:
         ("unix:///run/dbgsrv.sock", UnixBackend(Path("/run/dbgsrv.sock"))),
         ("npipe://./dbgsrv", NpipeBackend(".", "dbgsrv")),
         ("npipe://build42/kd_pipe", NpipeBackend("build42", "kd_pipe")),
+        # WinDbg's own syntax, as given to cdb -server or dbgsrv -t.
+        ("npipe:pipe=dbgsrv", NpipeBackend(".", "dbgsrv")),
+        ("npipe:server=build42,pipe=kd_pipe", NpipeBackend("build42", "kd_pipe")),
+        ("NPIPE:Pipe=a,Server=10.0.5.42", NpipeBackend("10.0.5.42", "a")),
     ],
 )
 def test_backend_url_good(url: str, backend: object) -> None:
@@ -99,6 +103,12 @@ def test_backend_url_good(url: str, backend: object) -> None:
         ("npipe://build42", "one pipe name"),
         ("npipe://./a/b", "one pipe name"),
         ("npipe:///dbgsrv", "missing host"),
+        ("npipe:server=build42", "npipe:pipe=NAME or npipe:server=HOST,pipe=NAME"),
+        ("npipe:pipe=", "npipe:pipe=NAME or npipe:server=HOST,pipe=NAME"),
+        ("npipe:pipe=a,pipe=b", "npipe:pipe=NAME or npipe:server=HOST,pipe=NAME"),
+        ("npipe:pipe=a,port=5", "npipe:pipe=NAME or npipe:server=HOST,pipe=NAME"),
+        ("npipe:pipe=a/b", "one pipe name"),
+        ("npipe:server=bad host,pipe=a", "is not an IP address or a host name"),
     ],
 )
 def test_backend_url_bad(url: str, expected: str) -> None:

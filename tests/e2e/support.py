@@ -82,6 +82,7 @@ class Proc:
         argv: The command.
         cwd: Its working directory (also its ``HOME``).
         name: A label for failure messages.
+        env: Its environment (default :func:`clean_env`).
 
     Resource handling:
         :meth:`stop` ends the child (SIGTERM, then SIGKILL) and joins the

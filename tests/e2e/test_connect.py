@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,17 +23,28 @@ from .support import (
 
 KD_TRANSPORT = "net:port=50000,key=1.2.3.4"
 
-# What each kind's connector prints, with {local} for the connector's own address
-# split as {host} and {port}.
+# What each kind's connector prints on stdout, one line per debugger, with
+# {host} and {port} for the connector's own address.
 EXPECTED_COMMANDS = {
-    "k-dbgsrv": "windbg -premote tcp:server={host},port={port}",
-    "k-server": "windbg -remote tcp:server={host},port={port}",
-    "k-kdsrv": "windbg -k kdsrv:server=@{{tcp:server={host},port={port}}},"
-    "trans=@{{net:port=<PORT>,key=<KEY>}}",
-    "k-kdsrv-net": "windbg -k kdsrv:server=@{{tcp:server={host},port={port}}},"
-    "trans=@{{" + KD_TRANSPORT + "}}",
-    "k-gdbserver": "gdb -ex 'target remote {host}:{port}'",
-    "k-tcp": "connect your client to {host}:{port}",
+    "k-dbgsrv": [
+        'windbg -premote "tcp:server={host},port={port}"',
+        'cdb -premote "tcp:server={host},port={port}"',
+    ],
+    "k-server": [
+        'windbg -remote "tcp:server={host},port={port}"',
+        'cdb -remote "tcp:server={host},port={port}"',
+        'kd -remote "tcp:server={host},port={port}"',
+    ],
+    # No kernel connection string: no line to paste (stderr says what to pass).
+    "k-kdsrv": [],
+    "k-kdsrv-net": [
+        'windbg -k "kdsrv:server=@{{tcp:server={host},port={port}}},trans=@{{'
+        + KD_TRANSPORT
+        + '}}"',
+        'kd -k "kdsrv:server=@{{tcp:server={host},port={port}}},trans=@{{' + KD_TRANSPORT + '}}"',
+    ],
+    "k-gdbserver": ['gdb -ex "target remote {host}:{port}"'],
+    "k-tcp": ["connect your client to {host}:{port}"],
 }
 
 
@@ -88,12 +100,15 @@ def test_connect_prints_debugger_command_for_target_kind(
     host, port = re.search(r"listening on (127\.0\.0\.1):(\d+),", listening).groups()
     assert int(port) != 0
 
-    command = connect.wait_line(lambda line: bool(line), stream="stdout")
-
-    assert command == EXPECTED_COMMANDS[target].format(host=host, port=port)
-    assert connect.lines["stdout"] == [command]
+    expected = [line.format(host=host, port=port) for line in EXPECTED_COMMANDS[target]]
+    if expected:
+        connect.wait_line(expected[-1], stream="stdout")
+    else:
+        connect.wait_line("--kd-transport net:port=PORT,key=KEY")
     # The connector really listens where the command points.
     socket.create_connection((host, int(port)), timeout=5).close()
+
+    assert connect.lines["stdout"] == expected
 
 
 @pytest.fixture
@@ -194,3 +209,89 @@ def test_connect_refuses_non_loopback_listen_address(home: Path) -> None:
     assert len(lines) == 1, done.stderr
     assert "--listen" in lines[0] and "loopback" in lines[0] and "'0.0.0.0'" in lines[0], lines
     assert "Traceback" not in done.stderr
+
+
+def _start_connect(procs: ProcGroup, relay: LiveRelay, target: str, *extra: str) -> Proc:
+    return procs.dbgrelay(
+        "connect", "--relay", relay.address, "--ca", "pki/ca.pem", "--target", target,
+        "--token-file", "alice.jwt", *extra, cwd=relay.home, name=f"connect {target}",
+    )  # fmt: skip
+
+
+def _no_traceback(proc: Proc) -> None:
+    text = "\n".join(proc.lines["stderr"])
+    assert "Traceback" not in text and "ExceptionGroup" not in text, proc.output()
+
+
+def test_connect_ctrl_c_prints_one_line_and_exits_130(
+    procs: ProcGroup, kinds_relay: LiveRelay
+) -> None:
+    connect = _start_connect(procs, kinds_relay, "k-tcp", "--listen", "127.0.0.1:0")
+    listening = connect.wait_line("listening on ")
+    host, port = re.search(r"listening on (127\.0\.0\.1):(\d+),", listening).groups()
+    # An open tunnel does not keep it from stopping.
+    with socket.create_connection((host, int(port)), timeout=5):
+        connect.send_signal(signal.SIGINT)
+        assert connect.wait() == 130, connect.output()
+    _no_traceback(connect)
+    after = connect.lines["stderr"][connect.lines["stderr"].index(listening) + 1 :]
+    stopped = [line for line in after if "tunnel." not in line]
+    assert stopped == ["dbgrelay: connect: stopped by Ctrl-C; tunnels closed"], connect.output()
+
+
+def test_connect_busy_listen_port_prints_one_line(procs: ProcGroup, kinds_relay: LiveRelay) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        connect = _start_connect(procs, kinds_relay, "k-tcp", "--listen", f"127.0.0.1:{port}")
+        assert connect.wait() == 2, connect.output()
+    # The identity line from the token check comes first; the failure is one line.
+    using, *rest = connect.lines["stderr"]
+    assert using.startswith("dbgrelay connect: using identity alice"), connect.output()
+    assert rest == [
+        f"dbgrelay: cannot listen on 127.0.0.1:{port}: Address already in use; choose another "
+        "--listen port (port 0 picks a free one)"
+    ], connect.output()
+
+
+def test_connect_prints_server_password_from_file_only_in_command_lines(
+    procs: ProcGroup, kinds_relay: LiveRelay
+) -> None:
+    (kinds_relay.home / "server.pw").write_text("s3cret-Pass.1\n")
+    connect = _start_connect(
+        procs, kinds_relay, "k-dbgsrv", "--listen", "127.0.0.1:0", "--password-file", "server.pw"
+    )
+    listening = connect.wait_line("listening on ")
+    host, port = re.search(r"listening on (127\.0\.0\.1):(\d+),", listening).groups()
+    connect.wait_line("cdb ", stream="stdout")
+
+    tcp = f"tcp:server={host},port={port},password=s3cret-Pass.1"
+    assert connect.lines["stdout"] == [f'windbg -premote "{tcp}"', f'cdb -premote "{tcp}"']
+    assert "s3cret" not in "\n".join(connect.lines["stderr"]), connect.output()
+
+
+def test_connect_refuses_password_the_shells_would_change(kinds_relay: LiveRelay) -> None:
+    (kinds_relay.home / "bad.pw").write_text("100%sure\n")
+    done = run_cli(
+        "connect", "--relay", kinds_relay.address, "--ca", "pki/ca.pem", "--target", "k-dbgsrv",
+        "--token-file", "alice.jwt", "--password-file", "bad.pw", cwd=kinds_relay.home,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("dbgrelay: --password-file bad.pw: the password holds '%'")
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_connect_on_ipv6_loopback_prints_ipversion_6(
+    procs: ProcGroup, kinds_relay: LiveRelay
+) -> None:
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    connect = _start_connect(procs, kinds_relay, "k-dbgsrv", "--listen", "[::1]:0")
+    listening = connect.wait_line("listening on ")
+    port = int(re.search(r"listening on \[::1\]:(\d+),", listening).group(1))
+    connect.wait_line("cdb ", stream="stdout")
+
+    tcp = f"tcp:server=::1,port={port},ipversion=6"
+    assert connect.lines["stdout"] == [f'windbg -premote "{tcp}"', f'cdb -premote "{tcp}"']
+    socket.create_connection(("::1", port), timeout=5).close()

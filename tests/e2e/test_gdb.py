@@ -39,7 +39,7 @@ def _start_connector(
     command = connect.wait_line("gdb -ex", stream="stdout")
     listening = connect.wait_line("listening on 127.0.0.1:")
     local = re.search(r"listening on (127\.0\.0\.1:\d+)", listening).group(1)
-    assert command == f"gdb -ex 'target remote {local}'"
+    assert command == f'gdb -ex "target remote {local}"'
     return local
 
 

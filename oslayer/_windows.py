@@ -1,0 +1,54 @@
+"""Windows.
+
+Python turns the console's Ctrl-C event into SIGINT and Ctrl-Break into
+SIGBREAK; trio's signal receiver sees both.
+
+File modes mean almost nothing on Windows (0600 only clears the read-only
+flag); what keeps a secret from other accounts is the file's DACL.  A new
+file inherits its folder's entries, which on most folders admit Users or
+Authenticated Users, so secrets get an explicit DACL instead.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import ntsecuritycon
+import win32api
+import win32security
+
+#: Ctrl-C and Ctrl-Break at a console.
+INTERRUPT_SIGNALS: tuple[int, ...] = (signal.SIGINT, signal.SIGBREAK)
+
+
+def _current_user_sid():
+    token = win32security.OpenProcessToken(win32api.GetCurrentProcess(), win32security.TOKEN_QUERY)
+    return win32security.GetTokenInformation(token, win32security.TokenUser)[0]
+
+
+def restrict_to_owner(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` a protected DACL whose only entry grants its creator full access.
+
+    "Protected" stops the folder's inheritable entries from being added back.
+    The account running this (the file's creator) is the one admitted; call it
+    on a file just created, before a secret is written into it.
+
+    Raises:
+        OSError: the DACL cannot be set (``pywintypes.error`` is translated).
+    """
+    import pywintypes
+
+    try:
+        dacl = win32security.ACL()
+        dacl.AddAccessAllowedAce(
+            win32security.ACL_REVISION, ntsecuritycon.FILE_ALL_ACCESS, _current_user_sid()
+        )
+        sd = win32security.SECURITY_DESCRIPTOR()
+        sd.SetSecurityDescriptorDacl(True, dacl, False)
+        sd.SetSecurityDescriptorControl(
+            win32security.SE_DACL_PROTECTED, win32security.SE_DACL_PROTECTED
+        )
+        win32security.SetFileSecurity(os.fspath(path), win32security.DACL_SECURITY_INFORMATION, sd)
+    except pywintypes.error as exc:
+        raise OSError(exc.winerror, exc.strerror, os.fspath(path)) from exc
