@@ -27,19 +27,22 @@ import array
 import contextlib
 import json
 import os
-import pwd
 import socket
 import subprocess
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from config import Config
 
 from .errors import LocalProtocolError, RelayError
+
+if TYPE_CHECKING:
+    import pwd
 
 __all__ = [
     "HELPER",
@@ -90,6 +93,8 @@ def missing_account_warnings(config: Config) -> list[str]:
     """One line per account the config names that does not exist on this host."""
     named = [("relay.user", config.relay.user)] if config.relay.user else []
     named += [("run_as", name) for name in run_as_accounts(config)]
+    import pwd  # POSIX only; this module is imported on Windows too
+
     lines = []
     for key, name in named:
         try:
@@ -103,6 +108,8 @@ def missing_account_warnings(config: Config) -> list[str]:
 
 
 def _account_name(uid: int) -> str:
+    import pwd
+
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -274,6 +281,8 @@ def drop_privileges(user: str, own: Iterable[Path]) -> pwd.struct_passwd:
         LocalProtocolError: unknown account, root as ``relay.user``, or a
             failed step; the message says which.
     """
+    import pwd
+
     try:
         account = pwd.getpwnam(user)
     except KeyError:

@@ -116,7 +116,8 @@ def test_a_recorded_session_on_a_full_audit_disk_ends_without_a_crash_or_a_leak(
     echoed = b""
     while len(echoed) < len(payload):
         echoed += client.recv(65536)
-    client.close()
+    # close_notify first: a clean close (a bare close() is audited client_error).
+    client.unwrap().close()
 
     closed = relay.wait_event("session.closed", session_id=session_id)
     assert closed["reason"] == "client_closed"

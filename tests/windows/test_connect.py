@@ -176,7 +176,9 @@ def test_windows_connector_ctrl_c_prints_one_line(
         assert connect.wait(60) == 130, connect.output()
 
     _no_traceback(connect)
-    after = connect.lines["stderr"][1:]
+    # The identity and listening lines come first; then nothing but the one line.
+    after = connect.lines["stderr"][2:]
+    assert connect.lines["stderr"][0].startswith("dbgrelay connect: using identity ")
     assert [line for line in after if "tunnel." not in line] == [
         "dbgrelay: connect: stopped by Ctrl-C; tunnels closed"
     ], connect.output()
@@ -194,7 +196,8 @@ def test_windows_connector_busy_port_prints_one_line(
         code = connect.wait(60)
 
     assert code == 2, connect.output()
-    (line,) = connect.lines["stderr"]
+    using, line = connect.lines["stderr"]  # the token check's identity line, then the failure
+    assert using.startswith("dbgrelay connect: using identity "), using
     assert line.startswith(f"dbgrelay: cannot listen on 127.0.0.1:{port}: "), line
     assert line.endswith("; choose another --listen port (port 0 picks a free one)"), line
 
