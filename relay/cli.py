@@ -229,7 +229,9 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if config is not None:
-        from auth import KeySet, RevocationStore
+        from auth import KeySet
+
+        from .state import open_revocation_store
 
         claims = verify_token(
             token,
@@ -239,18 +241,16 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
             now=now,
             leeway=0,
         )
-        config.relay.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with RevocationStore(config.relay.state_dir / "tokens.sqlite") as store:
+        with open_revocation_store(config) as store:
             store.record_issued(claims)
     print(token)
     return EXIT_OK
 
 
 def _store(args: argparse.Namespace):
-    from auth import RevocationStore
+    from .state import open_revocation_store
 
-    config = _load_config(Path(args.config))
-    return RevocationStore(config.relay.state_dir / "tokens.sqlite")
+    return open_revocation_store(_load_config(Path(args.config)))
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
@@ -266,7 +266,6 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
         print(f"revoked {what} through the running relay; {tunnels}", file=sys.stderr)
         return EXIT_OK
     now = time.time()
-    config.relay.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _store(args) as store:
         if args.user:
             n = store.revoke_user(args.user, now=now, reason=reason)
@@ -483,6 +482,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load_config(Path(args.config))
     load_runtime(config)
     print(f"{args.config}: ok ({len(config.targets)} targets)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_state_migrate(args: argparse.Namespace) -> int:
+    from auth import migrate_schema, read_dsn
+
+    config = _load_config(Path(args.config))
+    state = config.state
+    if state.backend != "postgres":
+        raise UserError(
+            f'{args.config}: state.backend is "{state.backend}"; state migrate applies to '
+            '[state] backend = "postgres" (the SQLite file sets itself up)'
+        )
+    assert state.dsn_file is not None
+    before, after = migrate_schema(read_dsn(state.dsn_file), connect_timeout=state.connect_timeout)
+    if before == after:
+        print(f"state schema is at version {after}; nothing to do", file=sys.stderr)
+    else:
+        print(f"state schema migrated from version {before} to {after}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -741,6 +759,17 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("serve", cmd_serve, "run the relay")
+    p.add_argument("--config", required=True, help="dbgrelay.toml")
+
+    state_sub = add("state", None, "the shared state database").add_subparsers(
+        dest="state_command", metavar="COMMAND", required=True
+    )
+    p = add(
+        "migrate",
+        cmd_state_migrate,
+        "apply the PostgreSQL schema migrations this dbgrelay needs",
+        parent=state_sub,
+    )
     p.add_argument("--config", required=True, help="dbgrelay.toml")
 
     p = add("check-config", cmd_check_config, "validate a config file and the files it names")

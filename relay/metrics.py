@@ -115,6 +115,9 @@ class _Families:
         "idle_kills",
         "forgotten_servers",
         "audit_write_errors",
+        "state_up",
+        "state_outages",
+        "state_notifications",
         "build_info",
         "labelled",
     )
@@ -209,6 +212,23 @@ class _Families:
             "Audit records that could not be written.",
             registry=r,
         )
+        self.state_up = Gauge(
+            "dbgrelay_state_up",
+            "1 while the shared state database is reachable, 0 during an outage; "
+            "only with the postgres backend.",
+            ["backend"],
+            registry=r,
+        )
+        self.state_outages = Counter(
+            "dbgrelay_state_outages_total",
+            "Times the shared state database became unreachable.",
+            registry=r,
+        )
+        self.state_notifications = Counter(
+            "dbgrelay_state_notifications_total",
+            "Revocation notifications received from the shared state database.",
+            registry=r,
+        )
         self.build_info = Gauge(
             "dbgrelay_build_info", "Always 1; the version is a label.", ["version"], registry=r
         )
@@ -227,6 +247,7 @@ class _Families:
             (self.managed_servers, 1),
             (self.idle_kills, 1),
             (self.forgotten_servers, 1),
+            (self.state_up, 1),
             (self.build_info, 1),
         ]
 
@@ -388,6 +409,18 @@ class Metrics:
         """Count an audit record that could not be written."""
         self._f.audit_write_errors.inc()
 
+    def state_up(self, up: bool) -> None:
+        """Whether the shared state database (postgres backend) is reachable."""
+        self._f.state_up.labels("postgres").set(1 if up else 0)
+
+    def state_outage(self) -> None:
+        """Count an outage of the shared state database (once per episode)."""
+        self._f.state_outages.inc()
+
+    def state_notification(self) -> None:
+        """Count a revocation notification from the shared state database."""
+        self._f.state_notifications.inc()
+
     def render(self) -> tuple[bytes, str]:
         """Return the exposition body and its ``Content-Type``."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -446,6 +479,15 @@ class NilMetrics:
         """Do nothing."""
 
     def audit_write_error(self) -> None:
+        """Do nothing."""
+
+    def state_up(self, up: bool) -> None:
+        """Do nothing."""
+
+    def state_outage(self) -> None:
+        """Do nothing."""
+
+    def state_notification(self) -> None:
         """Do nothing."""
 
     def render(self) -> tuple[bytes, str]:

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from auth import KeySet, RevocationSet, RevocationStore, load_audit_key, load_jwks, peek_unverified
+from auth import KeySet, RevocationSet, load_audit_key, load_jwks, peek_unverified
 from config import Config, TargetConfig, format_address, load_config
 
 from .audit import AuditWriter, relay_audit_path
@@ -35,6 +35,7 @@ from .backends import ManagedServer, open_backend
 from .errors import LocalProtocolError, RelayError
 from .metrics import Metrics, NilMetrics
 from .session import Session, handle_connection
+from .state import SharedState, open_revocation_store
 from .tls import ServerTLS, make_server_engine
 from .watch import run_watch
 
@@ -84,6 +85,7 @@ _RESTART_KEYS: tuple[tuple[str, Callable[[Config], Any]], ...] = (
     ("relay.state_dir", lambda c: c.relay.state_dir),
     ("metrics.listen", lambda c: c.metrics.listen),
     ("admin.listen", lambda c: c.admin.listen),
+    ("state", lambda c: c.state),
 )
 
 
@@ -96,6 +98,7 @@ def _keep_bound(new: Config, old: Config) -> Config:
         ),
         metrics=old.metrics,
         admin=old.admin,
+        state=old.state,
     )
 
 
@@ -156,7 +159,11 @@ class Relay:
         self.listeners: list[trio.SocketListener] = []
         state = config.relay.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = RevocationStore(state / "tokens.sqlite")
+        self.store = open_revocation_store(config)
+        # With PostgreSQL, revocations are shared by every relay of a cluster.
+        self.shared: SharedState | None = None
+        if config.state.backend == "postgres":
+            self.shared = SharedState(self.store, config.state, metrics=self.metrics)
         self.revoked: RevocationSet = self.store.snapshot()
         self._revocation_version = self.store.data_version()
         try:
@@ -473,6 +480,8 @@ async def serve_relay(
                 async with trio.open_nursery() as main:
                     main.start_soon(relay.run_housekeeping)
                     main.start_soon(run_watch, relay)
+                    if relay.shared is not None:
+                        main.start_soon(relay.shared.run, relay.refresh_revocations)
                     accept = trio.CancelScope()
 
                     async def accept_loop() -> None:

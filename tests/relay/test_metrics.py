@@ -168,6 +168,9 @@ def exercise(m) -> None:
     m.idle_kill("t")
     m.forgotten_server("t", True)
     m.audit_write_error()
+    m.state_up(False)
+    m.state_outage()
+    m.state_notification()
 
 
 def test_metric_names_is_exactly_what_render_emits():
