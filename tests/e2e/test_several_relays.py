@@ -1,0 +1,195 @@
+"""Several ``dbgrelay serve`` processes sharing one real PostgreSQL server.
+
+Each relay has its own folder (audit trail, admin socket) and the same keys;
+they share revocations through the database.  Tunnels are opened from the
+test with the standard library's ``ssl``; every wait is for an event (a log
+line, EOF) bounded by a generous timeout, never a sleep.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from auth import peek_unverified
+
+from ..postgres import PgServer
+from .support import ProcGroup, config_text, copy_materials, run_cli, start_relay
+from .test_operations import (
+    EchoServer,
+    echo,
+    issue,
+    open_tunnel,
+    refused,
+    target,
+    wait_eof,
+)
+
+
+@pytest.fixture
+def echo_server() -> Iterator[EchoServer]:
+    server = EchoServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+#: Far beyond any test's length: only a notification can deliver a revocation in time.
+NEVER = "1h"
+
+
+def relay_home(
+    base: Path, name: str, materials: Path, dsn: str, echo_port: int, **state: str
+) -> Path:
+    """A relay folder whose config uses the postgres backend with ``[state]`` overrides."""
+    home = base / name
+    home.mkdir()
+    copy_materials(materials, home)
+    (home / "dsn").write_text(dsn + "\n")
+    (home / "dsn").chmod(0o600)
+    text = config_text([target("build42", echo_port)])
+    text += '[state]\nbackend = "postgres"\ndsn_file = "dsn"\n'
+    text += "".join(f"{key} = {json.dumps(value)}\n" for key, value in state.items())
+    (home / "dbgrelay.toml").write_text(text)
+    return home
+
+
+def migrate(home: Path) -> str:
+    done = run_cli("state", "migrate", "--config", "dbgrelay.toml", cwd=home)
+    assert done.returncode == 0, done.stderr
+    return done.stderr.strip()
+
+
+def verify_audit(home: Path) -> list[dict]:
+    """Every audit file of a stopped relay verifies; returns the session records."""
+    paths = sorted((home / "state" / "audit").rglob("*.jsonl"))
+    assert paths
+    done = run_cli("audit", "verify", "--pubkey", "keys/audit.pub", *paths, cwd=home)
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = []
+    for path in paths:
+        if not path.name.startswith("relay-"):
+            records.append([json.loads(line) for line in path.read_text().splitlines()])
+    return records
+
+
+def test_state_migrate_then_a_relay_refuses_an_unknown_schema_with_what_to_run(
+    procs: ProcGroup, tmp_path: Path, materials: Path, pg_dsn: str, echo_server: EchoServer
+) -> None:
+    home = relay_home(tmp_path, "a", materials, pg_dsn, echo_server.port)
+
+    relay = procs.dbgrelay("serve", "--config", "dbgrelay.toml", cwd=home, name="relay")
+    assert relay.wait() != 0
+    assert relay.lines["stderr"][-1].endswith(
+        "has no dbgrelay schema yet; run `dbgrelay state migrate --config FILE`"
+    ), relay.output()
+
+    assert migrate(home) == "state schema migrated from version 0 to 1"
+    assert migrate(home) == "state schema is at version 1; nothing to do"
+    start_relay(procs, home)
+
+
+def test_a_revoke_on_relay_a_ends_a_tunnel_on_relay_b_through_notify(
+    procs: ProcGroup, tmp_path: Path, materials: Path, pg_dsn: str, echo_server: EchoServer
+) -> None:
+    # resync_interval is an hour: without LISTEN/NOTIFY relay B would not learn in time.
+    state = {"resync_interval": NEVER}
+    home_a = relay_home(tmp_path, "a", materials, pg_dsn, echo_server.port, **state)
+    home_b = relay_home(tmp_path, "b", materials, pg_dsn, echo_server.port, **state)
+    migrate(home_a)
+    relay_a, address_a = start_relay(procs, home_a)
+    relay_b, address_b = start_relay(procs, home_b)
+    token = issue(home_a)
+    jti = peek_unverified(token)["jti"]
+    tls, sid = open_tunnel(home_b, address_b, "build42", token)
+    echo(tls, b"before")
+
+    done = run_cli("token", "revoke", jti, "--config", "dbgrelay.toml", cwd=home_a)
+
+    assert done.returncode == 0, done.stderr
+    assert "through the running relay; 0 live tunnel(s) ended" in done.stderr
+    relay_b.wait_event("session.revoked", session_id=sid)
+    wait_eof(tls)
+    assert refused(home_a, address_a, "build42", token).reason == "revoked"
+    assert refused(home_b, address_b, "build42", token).reason == "revoked"
+    relay_a.stop()
+    relay_b.stop()
+    (session,) = verify_audit(home_b)
+    assert session[-1]["event"] == "session.closed" and session[-1]["reason"] == "revoked"
+
+
+def test_a_revocation_missed_while_disconnected_arrives_with_the_resync(
+    procs: ProcGroup, tmp_path: Path, materials: Path, pg_dsn: str, echo_server: EchoServer
+) -> None:
+    # A row written without NOTIFY stands for a notification lost in a disconnect.
+    import psycopg
+
+    home = relay_home(tmp_path, "a", materials, pg_dsn, echo_server.port, resync_interval="1s")
+    migrate(home)
+    relay, address = start_relay(procs, home)
+    token = issue(home)
+    tls, sid = open_tunnel(home, address, "build42", token)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO dbgrelay_revoked_jtis (jti, revoked_at) VALUES (%s, 0)",
+            (peek_unverified(token)["jti"],),
+        )
+
+    relay.wait_event("session.revoked", session_id=sid)
+    wait_eof(tls)
+
+
+def test_postgres_stopped_mid_run_live_tunnels_go_on_new_ones_get_503_after_the_grace(
+    procs: ProcGroup,
+    tmp_path: Path,
+    materials: Path,
+    pg_server: PgServer,
+    pg_dsn: str,
+    echo_server: EchoServer,
+) -> None:
+    # Relay A's grace outlasts the test, relay B has none: both sides of the grace,
+    # without waiting for a clock.
+    home_a = relay_home(tmp_path, "a", materials, pg_dsn, echo_server.port, unavailable_grace=NEVER)
+    home_b = relay_home(tmp_path, "b", materials, pg_dsn, echo_server.port, unavailable_grace="0")
+    migrate(home_a)
+    relay_a, address_a = start_relay(procs, home_a)
+    relay_b, address_b = start_relay(procs, home_b)
+    token = issue(home_a)
+    live_a, _ = open_tunnel(home_a, address_a, "build42", token)
+    live_b, _ = open_tunnel(home_b, address_b, "build42", token)
+
+    pg_server.stop()
+    try:
+        relay_a.wait_event("state.unavailable")
+        relay_b.wait_event("state.unavailable")
+        echo(live_a, b"still here")
+        echo(live_b, b"still here")
+        within_grace, _ = open_tunnel(home_a, address_a, "build42", token)
+        echo(within_grace, b"admitted")
+        answer = refused(home_b, address_b, "build42", token)
+        assert (answer.status, answer.reason) == (503, "state_unavailable")
+    finally:
+        pg_server.start()
+
+    relay_a.wait_event("state.recovered")
+    relay_b.wait_event("state.recovered")
+    again, _ = open_tunnel(home_b, address_b, "build42", token)
+    echo(again, b"back")
+    echo(live_b, b"still here")
+    for tls in (live_a, live_b, within_grace, again):
+        tls.close()
+    relay_a.stop()
+    relay_b.stop()
+    # One line per outage, not one per retry.
+    assert len(relay_a.events("state.unavailable")) == 1
+    assert len(relay_b.events("state.unavailable")) == 1
+    for home, count in ((home_a, 2), (home_b, 2)):
+        sessions = verify_audit(home)
+        assert len(sessions) == count
+        for records in sessions:
+            events = [r.get("event") for r in records]
+            assert events[1] == "session.opened" and events[-1] == "session.closed", events
