@@ -316,6 +316,7 @@ async def _health(relay: Relay, request: HttpRequest, actor: dict) -> HttpRespon
             "sessions": len(relay.sessions),
             "targets": [t.name for t in relay.config.targets],
             "managed_servers": sorted(n for n, s in relay.managed.items() if s.running),
+            "state": relay.shared.describe() if relay.shared else {"backend": "sqlite"},
         },
     )
 
