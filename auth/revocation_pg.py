@@ -85,6 +85,21 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    (
+        2,
+        """
+        -- Live sessions, each registered by the relay that holds it under a
+        -- lease the relay renews: the rows of a relay that died expire.
+        CREATE TABLE dbgrelay_sessions (
+            id          text PRIMARY KEY,
+            relay       text NOT NULL,           -- the holding relay's id
+            lease_until timestamptz NOT NULL,
+            info        text NOT NULL,           -- JSON: what the admin API lists
+            end_reason  text                     -- set when another relay asks to end it
+        );
+        CREATE INDEX dbgrelay_sessions_relay ON dbgrelay_sessions (relay);
+        """,
+    ),
 )
 
 #: The schema version this code reads and writes.
@@ -237,9 +252,13 @@ def check_schema(conn: psycopg.Connection) -> None:
 
 
 def open_listen_connection(
-    dsn: str, *, connect_timeout: float = 5.0, statement_timeout: float = 5.0
+    dsn: str,
+    *,
+    connect_timeout: float = 5.0,
+    statement_timeout: float = 5.0,
+    channels: tuple[str, ...] = (CHANNEL,),
 ) -> psycopg.Connection:
-    """A connection that has run ``LISTEN`` on :data:`CHANNEL`, in non-blocking mode.
+    """A connection that has run ``LISTEN`` on ``channels``, in non-blocking mode.
 
     The caller waits for its socket (``conn.fileno()``) to become readable,
     then calls ``conn.pgconn.consume_input()`` and drains
@@ -251,7 +270,8 @@ def open_listen_connection(
     try:
         conn = _connect(dsn, connect_timeout=connect_timeout, statement_timeout=statement_timeout)
         try:
-            conn.execute(f"LISTEN {CHANNEL}")
+            for channel in channels:
+                conn.execute(f"LISTEN {channel}")
             conn.pgconn.nonblocking = 1
         except BaseException:
             conn.close()
@@ -378,6 +398,17 @@ class PgRevocationStore:
     def close(self) -> None:
         """Close every pooled connection. Safe to call more than once."""
         self._pool.close()
+
+    @contextmanager
+    def connection(self, doing: str = "use") -> Iterator[psycopg.Connection]:
+        """A pooled autocommit connection, for the other shared-state tables.
+
+        Raises:
+            AuthError: ``"state_unavailable"`` when the database cannot be
+                reached or a query on it fails (``doing`` says what failed).
+        """
+        with self._pool.connection(doing) as conn:
+            yield conn
 
     # -- the copy in memory ------------------------------------------------
 

@@ -85,6 +85,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "statement_timeout",
         "resync_interval",
         "unavailable_grace",
+        "session_lease",
     ),
     "targets": (
         "name",
@@ -755,6 +756,7 @@ class _Validator:
             ),
             "resync_interval": self.duration(table, w, "resync_interval", 5.0, zero="forbidden"),
             "unavailable_grace": self.duration(table, w, "unavailable_grace", 30.0),
+            "session_lease": self.duration(table, w, "session_lease", 15.0, zero="forbidden"),
         }
 
     def targets(self, data: Mapping[str, Any], tls: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -286,6 +286,10 @@ class StateSection:
         unavailable_grace: Seconds new tunnels are still admitted after the
             database became unreachable; after that they get 503
             ``state_unavailable``.  0 refuses at once.  Default 30.
+        session_lease: Seconds a relay's registration of its live sessions
+            stays valid without renewal (renewed every third of it); the
+            sessions of a relay that died vanish from the cluster's list after
+            it.  Default 15.
     """
 
     backend: Literal["sqlite", "postgres"] = "sqlite"
@@ -295,6 +299,7 @@ class StateSection:
     statement_timeout: float = 5.0
     resync_interval: float = 5.0
     unavailable_grace: float = 30.0
+    session_lease: float = 15.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -425,10 +425,11 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         s | {"age": _age(s.get("duration", 0)), "state": s.get("ending") or "open"}
         for s in sessions
     ]
-    _table(
-        rows,
-        ["id", "user", "target", "client", "age", "bytes_to_backend", "bytes_to_client", "state"],
-    )
+    columns = ["id", "user", "target", "client", "age", "bytes_to_backend", "bytes_to_client"]
+    # With shared state the list is the cluster's: say which relay holds each session.
+    if any("relay" in s for s in sessions):
+        columns.append("relay")
+    _table(rows, [*columns, "state"])
     return EXIT_OK
 
 

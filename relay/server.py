@@ -301,9 +301,13 @@ class Relay:
 
     def add_session(self, session: Session) -> None:
         self.sessions[session.id] = session
+        if self.shared is not None:
+            self.shared.sessions_changed()
 
     def remove_session(self, session: Session) -> None:
         del self.sessions[session.id]
+        if self.shared is not None:
+            self.shared.sessions_changed()
         self.last_activity[session.target] = trio.current_time()
         gone = self._gone.pop(session.id, None)
         if gone is not None:
@@ -481,7 +485,7 @@ async def serve_relay(
                     main.start_soon(relay.run_housekeeping)
                     main.start_soon(run_watch, relay)
                     if relay.shared is not None:
-                        main.start_soon(relay.shared.run, relay.refresh_revocations)
+                        main.start_soon(relay.shared.run, relay)
                     accept = trio.CancelScope()
 
                     async def accept_loop() -> None:

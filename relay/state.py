@@ -6,7 +6,10 @@ module is the trio side of it:
 
 * :func:`open_revocation_store` picks the store the config names (SQLite for
   one relay, PostgreSQL for several); the CLI and the relay both use it.
-* :class:`SharedState` runs one task per relay that LISTENs for the
+* :class:`SharedState` registers the relay's live sessions in the database
+  under a lease it renews (so the rows of a relay that died expire), lists
+  the whole cluster's sessions and asks the relay holding one to end it.
+* It also runs one task per relay that LISTENs for the
   notification every revocation write sends, re-reads the whole list when one
   arrives, after every reconnect and every ``resync_interval`` (a
   notification sent while the relay was disconnected is lost), and hands the
@@ -33,24 +36,38 @@ and does not run under trio):
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import secrets
+import socket
 from collections.abc import Callable
+from datetime import datetime
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import trio
 
 from auth import AuthError, PgRevocationStore, RevocationStore, read_dsn
-from auth.revocation_pg import open_listen_connection
+from auth.revocation_pg import CHANNEL, open_listen_connection
 from config import Config, StateSection
 
-__all__ = ["RECONNECT_INTERVAL", "SharedState", "open_revocation_store"]
+if TYPE_CHECKING:
+    from .server import Relay
+
+__all__ = ["RECONNECT_INTERVAL", "SESSION_END_CHANNEL", "SharedState", "open_revocation_store"]
 
 log = logging.getLogger("dbgrelay.state")
 
 #: Seconds between attempts to reach the database again after it went away.
 RECONNECT_INTERVAL = 1.0
+
+#: Notified with a session id when a relay asks the holder of that session to end it.
+SESSION_END_CHANNEL = "dbgrelay_session_end"
+
+#: Seconds between looks at whether a session another relay holds has ended.
+_GONE_POLL_INTERVAL = 0.1
 
 
 def open_revocation_store(config: Config) -> RevocationStore | PgRevocationStore:
@@ -94,7 +111,14 @@ class SharedState:
         self.limiter = trio.CapacityLimiter(section.pool_size)
         self.unavailable_since: float | None = None
         self.last_error: str | None = None
+        #: This relay's name in the sessions table; unique per process start.
+        self.relay_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._sessions_changed = trio.Event()
         metrics.state_up(True)
+
+    def sessions_changed(self) -> None:
+        """A session opened or closed: register the change now, not at the next renewal."""
+        self._sessions_changed.set()
 
     def admitting(self) -> bool:
         """Whether new tunnels may be admitted: the database is up, or down for less than the grace."""
@@ -139,21 +163,25 @@ class SharedState:
             log.info("state.recovered", extra={"unavailable_for": round(down_for, 3)})
         self.metrics.state_up(True)
 
-    async def run(self, on_change: Callable[[], None]) -> None:
-        """Follow the database until cancelled; call ``on_change`` after each re-read.
+    async def run(self, relay: Relay) -> None:
+        """Follow the database for ``relay`` until cancelled.
 
-        ``on_change`` runs on the event loop after the store's copy in memory
-        was refreshed (the relay compares versions and ends revoked tunnels).
+        After each re-read of the revocations, ``relay.refresh_revocations()``
+        runs on the event loop (it compares versions and ends revoked
+        tunnels).  The relay's live sessions are registered under a lease, and
+        those another relay asked to end are ended.
 
         Cancellation:
             Safe at any point; a connection attempt in a worker thread is
             bounded by ``connect_timeout`` and finishes before this returns.
         """
+        on_change = relay.refresh_revocations
         opener = partial(
             open_listen_connection,
             self.store.dsn,
             connect_timeout=self.section.connect_timeout,
             statement_timeout=self.section.statement_timeout,
+            channels=(CHANNEL, SESSION_END_CHANNEL),
         )
         while True:
             conn = None
@@ -166,6 +194,7 @@ class SharedState:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._listen, conn, on_change)
                     nursery.start_soon(self._resync, on_change)
+                    nursery.start_soon(self._register, relay)
             except* AuthError as group:
                 self._down(group.exceptions[0])
             except* psycopg.Error as group:
@@ -183,8 +212,11 @@ class SharedState:
             # Reads what the socket holds without blocking; raises once the server is gone.
             pgconn.consume_input()
             notified = False
-            while pgconn.notifies() is not None:
-                notified = True
+            while (note := pgconn.notifies()) is not None:
+                if note.relname.decode() == SESSION_END_CHANNEL:
+                    self._sessions_changed.set()
+                else:
+                    notified = True
             if notified:
                 self.metrics.state_notification()
                 await self._refresh()
@@ -195,3 +227,139 @@ class SharedState:
             await trio.sleep(self.section.resync_interval)
             await self._refresh()
             on_change()
+
+    async def _register(self, relay: Relay) -> None:
+        """Keep this relay's rows in the sessions table current; end what others asked to."""
+        lease = self.section.session_lease
+        while True:
+            # A fresh event before reading the sessions: a change from here on wakes the next round.
+            self._sessions_changed = trio.Event()
+            infos = {sid: json.dumps(s.describe()) for sid, s in relay.sessions.items()}
+            sync = partial(_sync_sessions, self.store, self.relay_id, infos, lease)
+            ends = await trio.to_thread.run_sync(sync, limiter=self.limiter)
+            for sid, reason in ends:
+                session = relay.sessions.get(sid)
+                if session is not None and session.end_reason is None:
+                    log.info(
+                        "session.end_requested",
+                        extra={"session_id": sid, "reason": reason, "from": "another relay"},
+                    )
+                    session.end(reason)
+            with trio.move_on_after(lease / 3):
+                await self._sessions_changed.wait()
+
+    async def list_sessions(self, now: float) -> list[dict[str, Any]]:
+        """The live sessions other relays of the cluster hold, as the admin API lists them.
+
+        Raises:
+            AuthError: ``"state_unavailable"``.
+        """
+        rows = await trio.to_thread.run_sync(
+            partial(_list_sessions, self.store, self.relay_id), limiter=self.limiter
+        )
+        listed = []
+        for holder, info, end_reason in rows:
+            session = json.loads(info)
+            started = datetime.fromisoformat(session["started"]).timestamp()
+            listed.append(
+                session
+                | {
+                    "duration": round(max(0.0, now - started), 3),
+                    "ending": end_reason,
+                    "relay": holder,
+                }
+            )
+        return listed
+
+    async def request_end(self, session_id: str, reason: str) -> tuple[str, dict] | None:
+        """Ask the relay holding ``session_id`` to end it.
+
+        Returns:
+            The holder's id and the session as listed, or ``None`` if no live
+            relay holds such a session.
+
+        Raises:
+            AuthError: ``"state_unavailable"``.
+        """
+        found = await trio.to_thread.run_sync(
+            partial(_request_end, self.store, session_id, reason), limiter=self.limiter
+        )
+        if found is None:
+            return None
+        holder, info = found
+        return holder, json.loads(info)
+
+    async def wait_session_gone(self, session_id: str) -> None:
+        """Return once no live relay lists ``session_id`` any more (its holder ended it).
+
+        Raises:
+            AuthError: ``"state_unavailable"``.
+        """
+        look = partial(_session_listed, self.store, session_id)
+        # The row lives in another process's database: polling is the only way to watch it.
+        while True:
+            if not await trio.to_thread.run_sync(look, limiter=self.limiter):
+                return
+            await trio.sleep(_GONE_POLL_INTERVAL)
+
+
+# -- the sessions table (run in worker threads) ---------------------------------
+
+
+def _sync_sessions(
+    store: PgRevocationStore, relay_id: str, infos: dict[str, str], lease: float
+) -> list[tuple[str, str]]:
+    """Register ``relay_id``'s live sessions for ``lease`` seconds; the end requests for them."""
+    with store.connection("register sessions in") as conn, conn.transaction():
+        conn.execute(
+            "DELETE FROM dbgrelay_sessions WHERE (relay = %s AND NOT (id = ANY(%s))) "
+            "OR lease_until < now()",
+            (relay_id, list(infos)),
+        )
+        if infos:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO dbgrelay_sessions (id, relay, lease_until, info) "
+                    "VALUES (%s, %s, now() + make_interval(secs => %s), %s) "
+                    "ON CONFLICT (id) DO UPDATE SET lease_until = excluded.lease_until, "
+                    "info = excluded.info WHERE dbgrelay_sessions.relay = excluded.relay",
+                    [(sid, relay_id, lease, info) for sid, info in infos.items()],
+                )
+        rows = conn.execute(
+            "SELECT id, end_reason FROM dbgrelay_sessions "
+            "WHERE relay = %s AND end_reason IS NOT NULL",
+            (relay_id,),
+        ).fetchall()
+    return [(sid, reason) for sid, reason in rows]
+
+
+def _list_sessions(store: PgRevocationStore, relay_id: str) -> list[tuple[str, str, str | None]]:
+    with store.connection("list sessions in") as conn:
+        rows = conn.execute(
+            "SELECT relay, info, end_reason FROM dbgrelay_sessions "
+            "WHERE lease_until > now() AND relay <> %s",
+            (relay_id,),
+        ).fetchall()
+    return [(holder, info, end_reason) for holder, info, end_reason in rows]
+
+
+def _request_end(store: PgRevocationStore, session_id: str, reason: str) -> tuple[str, str] | None:
+    with store.connection("end a session through") as conn, conn.transaction():
+        row = conn.execute(
+            "UPDATE dbgrelay_sessions SET end_reason = coalesce(end_reason, %s) "
+            "WHERE id = %s AND lease_until > now() RETURNING relay, info",
+            (reason, session_id),
+        ).fetchone()
+        if row is None:
+            return None
+        conn.execute("SELECT pg_notify(%s, %s)", (SESSION_END_CHANNEL, session_id))
+    return row[0], row[1]
+
+
+def _session_listed(store: PgRevocationStore, session_id: str) -> bool:
+    with store.connection("read sessions in") as conn:
+        row = conn.execute(
+            "SELECT 1 FROM dbgrelay_sessions WHERE id = %s AND lease_until > now()",
+            (session_id,),
+        ).fetchone()
+    return row is not None

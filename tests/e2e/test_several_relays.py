@@ -9,21 +9,32 @@ line, EOF) bounded by a generous timeout, never a sleep.
 from __future__ import annotations
 
 import json
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from auth import peek_unverified
+from auth.revocation_pg import PG_SCHEMA_VERSION
 
 from ..postgres import PgServer
-from .support import ProcGroup, config_text, copy_materials, run_cli, start_relay
+from .support import (
+    READY_TIMEOUT,
+    ProcGroup,
+    config_text,
+    copy_materials,
+    run_cli,
+    start_relay,
+)
 from .test_operations import (
     EchoServer,
     echo,
     issue,
     open_tunnel,
     refused,
+    relay_audit,
     target,
     wait_eof,
 )
@@ -88,8 +99,8 @@ def test_state_migrate_then_a_relay_refuses_an_unknown_schema_with_what_to_run(
         "has no dbgrelay schema yet; run `dbgrelay state migrate --config FILE`"
     ), relay.output()
 
-    assert migrate(home) == "state schema migrated from version 0 to 1"
-    assert migrate(home) == "state schema is at version 1; nothing to do"
+    assert migrate(home) == f"state schema migrated from version 0 to {PG_SCHEMA_VERSION}"
+    assert migrate(home) == f"state schema is at version {PG_SCHEMA_VERSION}; nothing to do"
     start_relay(procs, home)
 
 
@@ -193,3 +204,81 @@ def test_postgres_stopped_mid_run_live_tunnels_go_on_new_ones_get_503_after_the_
         for records in sessions:
             events = [r.get("event") for r in records]
             assert events[1] == "session.opened" and events[-1] == "session.closed", events
+
+
+def cluster_sessions(home: Path) -> list[dict]:
+    done = run_cli("sessions", "--json", "--config", "dbgrelay.toml", cwd=home)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_sessions_are_listed_and_ended_across_relays(
+    procs: ProcGroup, tmp_path: Path, materials: Path, pg_dsn: str, echo_server: EchoServer
+) -> None:
+    # Renewals an hour apart: the listing and the end request ride on registration
+    # at open and on the end notification, not on the periodic renewal.
+    state = {"session_lease": "3h", "resync_interval": NEVER}
+    home_a = relay_home(tmp_path, "a", materials, pg_dsn, echo_server.port, **state)
+    home_b = relay_home(tmp_path, "b", materials, pg_dsn, echo_server.port, **state)
+    migrate(home_a)
+    relay_a, address_a = start_relay(procs, home_a)
+    relay_b, address_b = start_relay(procs, home_b)
+    token = issue(home_a)
+    on_a, sid_a = open_tunnel(home_a, address_a, "build42", token)
+    on_b, sid_b = open_tunnel(home_b, address_b, "build42", token)
+    echo(on_b, b"x" * 1000)
+
+    # Registration follows the open at once, but in its own task: wait for it.
+    deadline = time.monotonic() + READY_TIMEOUT
+    while {s["id"] for s in cluster_sessions(home_a)} != {sid_a, sid_b}:
+        assert time.monotonic() < deadline, cluster_sessions(home_a)
+        time.sleep(0.05)
+    listed = {s["id"]: s for s in cluster_sessions(home_a)}
+    assert listed[sid_b]["user"] == "alice" and listed[sid_b]["target"] == "build42"
+    assert listed[sid_a]["relay"] != listed[sid_b]["relay"]
+    table = run_cli("sessions", "--config", "dbgrelay.toml", cwd=home_b).stdout
+    assert sid_a in table and sid_b in table and "RELAY" in table.splitlines()[0]
+
+    done = run_cli("sessions", "end", sid_b, "--config", "dbgrelay.toml", cwd=home_a)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == (
+        f"ended session {sid_b} of alice to build42 (reason ended_by_admin, closed)"
+    )
+    relay_b.wait_event("session.closed", session_id=sid_b, reason="ended_by_admin")
+    wait_eof(on_b)
+    assert [s["id"] for s in cluster_sessions(home_b)] == [sid_a]
+    unknown = run_cli("sessions", "end", sid_b, "--config", "dbgrelay.toml", cwd=home_a)
+    assert unknown.returncode == 1 and "no live session" in unknown.stderr
+    on_a.close()
+    relay_a.stop()
+    relay_b.stop()
+    (ended,) = [r for r in relay_audit(home_a) if r.get("event") == "admin.session_ended"]
+    assert ended["session_id"] == sid_b and ended["relay"] == listed[sid_b]["relay"]
+
+
+def test_the_sessions_of_a_relay_killed_with_sigkill_expire_with_its_lease(
+    procs: ProcGroup, tmp_path: Path, materials: Path, pg_dsn: str, echo_server: EchoServer
+) -> None:
+    state = {"session_lease": "2s"}
+    home_a = relay_home(tmp_path, "a", materials, pg_dsn, echo_server.port, **state)
+    home_b = relay_home(tmp_path, "b", materials, pg_dsn, echo_server.port, **state)
+    migrate(home_a)
+    relay_a, _ = start_relay(procs, home_a)
+    relay_b, address_b = start_relay(procs, home_b)
+    token = issue(home_a)
+    on_b, sid_b = open_tunnel(home_b, address_b, "build42", token)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while [s["id"] for s in cluster_sessions(home_a)] != [sid_b]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    relay_b.send_signal(signal.SIGKILL)
+    relay_b.wait()
+
+    # Nobody renews the lease now; the row expires after at most 2 s.
+    deadline = time.monotonic() + READY_TIMEOUT
+    while cluster_sessions(home_a):
+        assert time.monotonic() < deadline, cluster_sessions(home_a)
+        time.sleep(0.1)
+    on_b.close()
