@@ -202,6 +202,7 @@ def test_the_config_the_chart_writes_is_one_dbgrelay_accepts(tmp_path: Path) -> 
     config = config_from_dict(data, base_dir=tmp_path)
     assert config.state.backend == "postgres"
     assert config.state.unavailable_grace == 30
+    assert config.state.session_lease == 15
     assert config.relay.listen == (("0.0.0.0", 7443),)
     (target,) = config.targets
     assert target.name == "build42" and target.allow == ("alice",) and target.idle_timeout == 900
