@@ -41,6 +41,7 @@ __all__ = [
     "PgRevocationStore",
     "migrate_schema",
     "open_listen_connection",
+    "open_lock_connection",
     "read_dsn",
 ]
 
@@ -278,6 +279,34 @@ def open_listen_connection(
             raise
     except psycopg.Error as exc:
         raise _unavailable(exc, "listen on") from exc
+    return conn
+
+
+def open_lock_connection(
+    dsn: str, key: int, *, connect_timeout: float = 5.0, statement_timeout: float = 5.0
+) -> psycopg.Connection | None:
+    """A connection holding the session-level advisory lock ``key``, or ``None`` if another has it.
+
+    The lock lasts as long as the connection: closing it, or the process or
+    network dying, releases it.  The connection comes back in non-blocking
+    mode for the caller to watch (its socket turns readable when it breaks).
+
+    Raises:
+        AuthError: ``"state_unavailable"`` if the database cannot be reached.
+    """
+    try:
+        conn = _connect(dsn, connect_timeout=connect_timeout, statement_timeout=statement_timeout)
+        try:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+            if not row or not row[0]:
+                conn.close()
+                return None
+            conn.pgconn.nonblocking = 1
+        except BaseException:
+            conn.close()
+            raise
+    except psycopg.Error as exc:
+        raise _unavailable(exc, "lock in") from exc
     return conn
 
 

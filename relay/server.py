@@ -483,8 +483,11 @@ async def serve_relay(
             async with trio.open_nursery() as sessions:
                 async with trio.open_nursery() as main:
                     main.start_soon(relay.run_housekeeping)
-                    main.start_soon(run_watch, relay)
-                    if relay.shared is not None:
+                    if relay.shared is None:
+                        main.start_soon(run_watch, relay)
+                    else:
+                        # One watcher per cluster: probes and on_idle run on one relay.
+                        main.start_soon(relay.shared.run_watch, relay, run_watch)
                         main.start_soon(relay.shared.run, relay)
                     accept = trio.CancelScope()
 

@@ -50,21 +50,31 @@ import psycopg
 import trio
 
 from auth import AuthError, PgRevocationStore, RevocationStore, read_dsn
-from auth.revocation_pg import CHANNEL, open_listen_connection
+from auth.revocation_pg import CHANNEL, open_listen_connection, open_lock_connection
 from config import Config, StateSection
 
 if TYPE_CHECKING:
     from .server import Relay
 
-__all__ = ["RECONNECT_INTERVAL", "SESSION_END_CHANNEL", "SharedState", "open_revocation_store"]
+__all__ = [
+    "RECONNECT_INTERVAL",
+    "SESSIONS_CHANNEL",
+    "WATCH_LOCK",
+    "SharedState",
+    "open_revocation_store",
+]
 
 log = logging.getLogger("dbgrelay.state")
 
 #: Seconds between attempts to reach the database again after it went away.
 RECONNECT_INTERVAL = 1.0
 
-#: Notified with a session id when a relay asks the holder of that session to end it.
-SESSION_END_CHANNEL = "dbgrelay_session_end"
+#: Notified when a relay's set of sessions changes or a relay asks another to end one.
+SESSIONS_CHANNEL = "dbgrelay_sessions"
+
+#: Advisory lock held by the one relay of a cluster that runs the watcher
+#: (forgotten-server probes and on_idle), so no target is probed or killed twice.
+WATCH_LOCK = 0x646267_776174  # "dbg" "wat"
 
 #: Seconds between looks at whether a session another relay holds has ended.
 _GONE_POLL_INTERVAL = 0.1
@@ -114,6 +124,9 @@ class SharedState:
         #: This relay's name in the sessions table; unique per process start.
         self.relay_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._sessions_changed = trio.Event()
+        self._registered: frozenset[str] | None = None
+        #: Targets with a live session on another relay, as of the last look.
+        self.busy_elsewhere: frozenset[str] = frozenset()
         metrics.state_up(True)
 
     def sessions_changed(self) -> None:
@@ -181,7 +194,7 @@ class SharedState:
             self.store.dsn,
             connect_timeout=self.section.connect_timeout,
             statement_timeout=self.section.statement_timeout,
-            channels=(CHANNEL, SESSION_END_CHANNEL),
+            channels=(CHANNEL, SESSIONS_CHANNEL),
         )
         while True:
             conn = None
@@ -213,7 +226,7 @@ class SharedState:
             pgconn.consume_input()
             notified = False
             while (note := pgconn.notifies()) is not None:
-                if note.relname.decode() == SESSION_END_CHANNEL:
+                if note.relname.decode() == SESSIONS_CHANNEL:
                     self._sessions_changed.set()
                 else:
                     notified = True
@@ -235,8 +248,12 @@ class SharedState:
             # A fresh event before reading the sessions: a change from here on wakes the next round.
             self._sessions_changed = trio.Event()
             infos = {sid: json.dumps(s.describe()) for sid, s in relay.sessions.items()}
-            sync = partial(_sync_sessions, self.store, self.relay_id, infos, lease)
-            ends = await trio.to_thread.run_sync(sync, limiter=self.limiter)
+            # Tell the other relays when our set changed: their watcher needs to know.
+            announce = frozenset(infos) != self._registered
+            sync = partial(_sync_sessions, self.store, self.relay_id, infos, lease, announce)
+            ends, busy = await trio.to_thread.run_sync(sync, limiter=self.limiter)
+            self._registered = frozenset(infos)
+            self._update_busy(relay, frozenset(busy))
             for sid, reason in ends:
                 session = relay.sessions.get(sid)
                 if session is not None and session.end_reason is None:
@@ -247,6 +264,50 @@ class SharedState:
                     session.end(reason)
             with trio.move_on_after(lease / 3):
                 await self._sessions_changed.wait()
+
+    def _update_busy(self, relay: Relay, busy: frozenset[str]) -> None:
+        if busy == self.busy_elsewhere:
+            return
+        now = trio.current_time()
+        for target in self.busy_elsewhere - busy:
+            # Its last tunnel elsewhere closed: an idle spell starts now, here too.
+            relay.last_activity[target] = now
+        self.busy_elsewhere = busy
+        log.info("state.busy_elsewhere", extra={"targets": sorted(busy)})
+
+    async def run_watch(self, relay: Relay, watch: Callable[[Relay], Any]) -> None:
+        """Run ``watch(relay)`` while this relay holds the cluster's watcher lock.
+
+        One relay of the cluster probes for forgotten servers and runs
+        ``on_idle``; the others wait for the lock, which PostgreSQL releases
+        when the holder's connection ends (it stopped, crashed or lost the
+        database), and take over.
+        """
+        opener = partial(
+            open_lock_connection,
+            self.store.dsn,
+            WATCH_LOCK,
+            connect_timeout=self.section.connect_timeout,
+            statement_timeout=self.section.statement_timeout,
+        )
+        while True:
+            try:
+                conn = await trio.to_thread.run_sync(opener)
+            except AuthError:
+                conn = None
+            if conn is None:
+                await trio.sleep(self.section.session_lease / 3)
+                continue
+            log.info("state.watch_leader", extra={"relay": self.relay_id})
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(watch, relay)
+                    await _wait_broken(conn)
+                    nursery.cancel_scope.cancel()
+            finally:
+                conn.close()
+            log.warning("state.watch_lost", extra={"relay": self.relay_id})
+            await trio.sleep(RECONNECT_INTERVAL)
 
     async def list_sessions(self, now: float) -> list[dict[str, Any]]:
         """The live sessions other relays of the cluster hold, as the admin API lists them.
@@ -306,10 +367,31 @@ class SharedState:
 # -- the sessions table (run in worker threads) ---------------------------------
 
 
+async def _wait_broken(conn: Any) -> None:
+    """Return when the server closes ``conn`` (or the network drops it)."""
+    pgconn = conn.pgconn
+    while True:
+        await trio.lowlevel.wait_readable(conn.fileno())
+        try:
+            pgconn.consume_input()
+        except psycopg.Error:
+            return
+        while pgconn.notifies() is not None:
+            pass
+
+
 def _sync_sessions(
-    store: PgRevocationStore, relay_id: str, infos: dict[str, str], lease: float
-) -> list[tuple[str, str]]:
-    """Register ``relay_id``'s live sessions for ``lease`` seconds; the end requests for them."""
+    store: PgRevocationStore,
+    relay_id: str,
+    infos: dict[str, str],
+    lease: float,
+    announce: bool,
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Register ``relay_id``'s live sessions for ``lease`` seconds.
+
+    Returns:
+        The end requests for them, and the targets other relays hold sessions to.
+    """
     with store.connection("register sessions in") as conn, conn.transaction():
         conn.execute(
             "DELETE FROM dbgrelay_sessions WHERE (relay = %s AND NOT (id = ANY(%s))) "
@@ -330,7 +412,14 @@ def _sync_sessions(
             "WHERE relay = %s AND end_reason IS NOT NULL",
             (relay_id,),
         ).fetchall()
-    return [(sid, reason) for sid, reason in rows]
+        busy = conn.execute(
+            "SELECT DISTINCT (info::json)->>'target' FROM dbgrelay_sessions "
+            "WHERE relay <> %s AND lease_until > now()",
+            (relay_id,),
+        ).fetchall()
+        if announce:
+            conn.execute("SELECT pg_notify(%s, %s)", (SESSIONS_CHANNEL, relay_id))
+    return [(sid, reason) for sid, reason in rows], [target for (target,) in busy]
 
 
 def _list_sessions(store: PgRevocationStore, relay_id: str) -> list[tuple[str, str, str | None]]:
@@ -352,7 +441,7 @@ def _request_end(store: PgRevocationStore, session_id: str, reason: str) -> tupl
         ).fetchone()
         if row is None:
             return None
-        conn.execute("SELECT pg_notify(%s, %s)", (SESSION_END_CHANNEL, session_id))
+        conn.execute("SELECT pg_notify(%s, %s)", (SESSIONS_CHANNEL, session_id))
     return row[0], row[1]
 
 

@@ -54,7 +54,13 @@ NEVER = "1h"
 
 
 def relay_home(
-    base: Path, name: str, materials: Path, dsn: str, echo_port: int, **state: str
+    base: Path,
+    name: str,
+    materials: Path,
+    dsn: str,
+    echo_port: int,
+    target_keys: dict | None = None,
+    **state: str,
 ) -> Path:
     """A relay folder whose config uses the postgres backend with ``[state]`` overrides."""
     home = base / name
@@ -62,7 +68,7 @@ def relay_home(
     copy_materials(materials, home)
     (home / "dsn").write_text(dsn + "\n")
     (home / "dsn").chmod(0o600)
-    text = config_text([target("build42", echo_port)])
+    text = config_text([target("build42", echo_port) | (target_keys or {})])
     text += '[state]\nbackend = "postgres"\ndsn_file = "dsn"\n'
     text += "".join(f"{key} = {json.dumps(value)}\n" for key, value in state.items())
     (home / "dbgrelay.toml").write_text(text)
@@ -282,3 +288,46 @@ def test_the_sessions_of_a_relay_killed_with_sigkill_expire_with_its_lease(
         assert time.monotonic() < deadline, cluster_sessions(home_a)
         time.sleep(0.1)
     on_b.close()
+
+
+def test_one_relay_watches_for_forgotten_servers_and_counts_tunnels_on_the_others(
+    procs: ProcGroup, tmp_path: Path, materials: Path, pg_dsn: str, echo_server: EchoServer
+) -> None:
+    watched = {
+        "idle_timeout": "1s",
+        "probe_interval": "0.1s",
+        "on_idle": ["sh", "-c", "echo stop it"],
+    }
+    homes = [
+        relay_home(tmp_path, name, materials, pg_dsn, echo_server.port, target_keys=watched)
+        for name in ("a", "b")
+    ]
+    home_a, home_b = homes
+    migrate(home_a)
+    relay_a, _ = start_relay(procs, home_a)
+    relay_a.wait_event("state.watch_leader")
+    relay_b, address_b = start_relay(procs, home_b)
+    # Nobody uses the target: the watching relay reports it once.
+    first = relay_a.wait_event("on_idle.ran", trigger="forgotten")
+    token = issue(home_a)
+
+    tls, sid = open_tunnel(home_b, address_b, "build42", token)
+    relay_a.wait_event("state.busy_elsewhere", targets=["build42"])
+    echo(tls, b"in use")
+    tls.close()
+    relay_b.wait_event("session.closed", session_id=sid)
+    relay_a.wait_event("state.busy_elsewhere", targets=[])
+
+    # The tunnel on B started a new idle spell on A, which runs on_idle when it ends
+    # (through the idle trigger or the probe, whichever looks first).
+    relay_a.wait_line(
+        lambda line: '"on_idle.ran"' in line and json.loads(line)["time"] > first["time"]
+    )
+    # B never watched while A held the lock.
+    assert relay_b.events("state.watch_leader") == []
+    assert relay_b.events("on_idle.ran") == [] and relay_b.events("server.forgotten") == []
+
+    relay_a.send_signal(signal.SIGKILL)
+    relay_a.wait()
+    # PostgreSQL releases the dead relay's lock with its connection: B takes over.
+    relay_b.wait_event("state.watch_leader")
