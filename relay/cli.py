@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,20 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of processes >= 1 or 'auto', got {text!r}"
+        )
+    return value
 
 
 def _load_config(path: Path):
@@ -507,16 +522,43 @@ def cmd_state_migrate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load_config(Path(args.config))
+    if args.worker_index is not None:
+        from .workers import log_filter, worker_config
+
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(log_filter(args.worker_index, os.getpid()))
+        trio.run(
+            partial(_run_relay, worker_config(config, args.worker_index), worker=args.worker_index)
+        )
+        return EXIT_OK
+    if args.workers > 1:
+        from .workers import reuseport_available, run_supervisor, worker_argv
+
+        if not reuseport_available():
+            raise UserError(
+                "serve --workers needs SO_REUSEPORT, which this platform lacks; run one "
+                "relay per port instead"
+            )
+        if any(port == 0 for _host, port in config.relay.listen):
+            raise UserError(
+                f"{args.config}: relay.listen has port 0; --workers needs a fixed port that "
+                "every worker binds"
+            )
+        argv = worker_argv(args.config, args.log_format, args.log_level)
+        return trio.run(run_supervisor, argv, args.workers)
     trio.run(_run_relay, config)
     return EXIT_OK
 
 
-async def _run_relay(config: Any, before: Callable[[trio.Nursery], Any] | None = None) -> None:
+async def _run_relay(
+    config: Any, before: Callable[[trio.Nursery], Any] | None = None, *, worker: int | None = None
+) -> None:
     """Run the relay with its metrics endpoint, admin API and signal handling."""
     from .server import Relay, run_signals, serve_relay
 
     metrics = _make_metrics(config)
     relay = Relay(config, metrics=metrics)
+    relay.worker_index = worker
     stop = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
@@ -761,6 +803,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("serve", cmd_serve, "run the relay")
     p.add_argument("--config", required=True, help="dbgrelay.toml")
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="run N relay processes sharing the listeners (SO_REUSEPORT) and the state, "
+        "under a supervisor; 'auto' is one per CPU (default 1)",
+    )
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
 
     state_sub = add("state", None, "the shared state database").add_subparsers(
         dest="state_command", metavar="COMMAND", required=True

@@ -38,6 +38,7 @@ from .session import Session, handle_connection
 from .state import SharedState, open_revocation_store
 from .tls import ServerTLS, make_server_engine
 from .watch import run_watch
+from .workers import open_reuseport_listeners
 
 __all__ = ["Relay", "ReloadResult", "serve_relay", "load_runtime", "Runtime"]
 
@@ -157,6 +158,8 @@ class Relay:
         self._launch_locks: dict[str, trio.Lock] = {}
         self._managed_nursery: trio.Nursery | None = None
         self.listeners: list[trio.SocketListener] = []
+        # Set by ``serve --workers``: this process is one of several sharing the port.
+        self.worker_index: int | None = None
         state = config.relay.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = open_revocation_store(config)
@@ -461,7 +464,10 @@ async def serve_relay(
     listeners: list[trio.SocketListener] = []
     for host, port in config.relay.listen:
         try:
-            listeners += await trio.open_tcp_listeners(port, host=host)
+            if relay.worker_index is None:
+                listeners += await trio.open_tcp_listeners(port, host=host)
+            else:
+                listeners += await open_reuseport_listeners(port, host)
         except OSError as exc:
             for lst in listeners:
                 await lst.aclose()
@@ -484,7 +490,8 @@ async def serve_relay(
                 async with trio.open_nursery() as main:
                     main.start_soon(relay.run_housekeeping)
                     if relay.shared is None:
-                        main.start_soon(run_watch, relay)
+                        if not relay.worker_index:  # SQLite workers: worker 0 watches
+                            main.start_soon(run_watch, relay)
                     else:
                         # One watcher per cluster: probes and on_idle run on one relay.
                         main.start_soon(relay.shared.run_watch, relay, run_watch)
