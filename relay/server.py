@@ -283,6 +283,9 @@ class Relay:
             server = self.managed.get(target.name)
             if server is not None and server.running:
                 return server, False
+            if self.shared is not None:
+                # One relay of the cluster runs a target's server at a time.
+                await self.shared.claim_server(target.name)
             server = ManagedServer(
                 target,
                 log_dir=self.config.relay.state_dir / "servers",
@@ -290,7 +293,12 @@ class Relay:
             )
             assert self._managed_nursery is not None
             self.managed[target.name] = server
-            await self._managed_nursery.start(server.run)
+            try:
+                await self._managed_nursery.start(server.run)
+            except BaseException:
+                if self.shared is not None:
+                    self.shared.release_server(target.name)
+                raise
             self.metrics.managed_servers(target.name, 1)
             return server, True
 
@@ -298,6 +306,8 @@ class Relay:
         self.audit_event(event, target=target, **fields)
         log.info(event, extra={"target": target} | fields)
         if event == "server.exited":
+            if self.shared is not None:
+                self.shared.release_server(target)
             self.metrics.managed_servers(target, 0)
             if fields.get("reason") in ("idle", "max_session"):
                 self.metrics.idle_kill(target)
@@ -436,6 +446,8 @@ class Relay:
     def close(self) -> None:
         if self._relay_audit is not None:
             self._relay_audit.close()
+        if self.shared is not None:
+            self.shared.close()
         self.store.close()
 
 

@@ -398,6 +398,7 @@ _PEER_MESSAGES = {
     "backend_timeout": "the debug server did not answer in time",
     "backend_unsupported": "this relay cannot reach that kind of debug server",
     "launch_failed": "the debug server could not be started",
+    "server_elsewhere": "the target's debug server runs on another relay; try that one or later",
 }
 
 

@@ -36,6 +36,7 @@ and does not run under trio):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -52,6 +53,8 @@ import trio
 from auth import AuthError, PgRevocationStore, RevocationStore, read_dsn
 from auth.revocation_pg import CHANNEL, open_listen_connection, open_lock_connection
 from config import Config, StateSection
+
+from .backends import BackendError
 
 if TYPE_CHECKING:
     from .server import Relay
@@ -127,6 +130,8 @@ class SharedState:
         self._registered: frozenset[str] | None = None
         #: Targets with a live session on another relay, as of the last look.
         self.busy_elsewhere: frozenset[str] = frozenset()
+        # Managed servers this relay owns: target name -> the connection holding its lock.
+        self._owned: dict[str, Any] = {}
         metrics.state_up(True)
 
     def sessions_changed(self) -> None:
@@ -309,6 +314,51 @@ class SharedState:
             log.warning("state.watch_lost", extra={"relay": self.relay_id})
             await trio.sleep(RECONNECT_INTERVAL)
 
+    async def claim_server(self, target: str) -> None:
+        """Become the one relay that runs ``target``'s managed server, or refuse.
+
+        The claim is a PostgreSQL advisory lock on a connection of its own,
+        held until :meth:`release_server`; PostgreSQL drops it when this
+        relay dies, so a crashed relay's targets can be launched elsewhere.
+
+        Raises:
+            BackendError: ``server_elsewhere`` when another relay runs it,
+                ``state_unavailable`` when the database cannot be reached.
+        """
+        if target in self._owned:
+            return
+        opener = partial(
+            open_lock_connection,
+            self.store.dsn,
+            _server_lock(target),
+            connect_timeout=self.section.connect_timeout,
+            statement_timeout=self.section.statement_timeout,
+        )
+        try:
+            conn = await trio.to_thread.run_sync(opener)
+        except AuthError as exc:
+            raise BackendError(
+                f"target {target!r}: cannot claim its managed server: {exc}",
+                reason="state_unavailable",
+            ) from exc
+        if conn is None:
+            raise BackendError(
+                f"target {target!r}: its managed server runs on another relay",
+                reason="server_elsewhere",
+            )
+        self._owned[target] = conn
+
+    def release_server(self, target: str) -> None:
+        """Give up the claim on ``target``'s managed server (it has exited)."""
+        conn = self._owned.pop(target, None)
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        """Release every claim (the relay is stopping)."""
+        for target in list(self._owned):
+            self.release_server(target)
+
     async def list_sessions(self, now: float) -> list[dict[str, Any]]:
         """The live sessions other relays of the cluster hold, as the admin API lists them.
 
@@ -365,6 +415,12 @@ class SharedState:
 
 
 # -- the sessions table (run in worker threads) ---------------------------------
+
+
+def _server_lock(target: str) -> int:
+    """The advisory lock key of a target's managed server (a signed 64-bit integer)."""
+    digest = hashlib.sha256(b"dbgrelay managed server\0" + target.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 async def _wait_broken(conn: Any) -> None:

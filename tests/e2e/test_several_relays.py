@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import signal
+import ssl
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,7 +38,9 @@ from .test_operations import (
     open_tunnel,
     refused,
     relay_audit,
+    request,
     target,
+    tls_connect,
     wait_eof,
 )
 
@@ -331,3 +336,64 @@ def test_one_relay_watches_for_forgotten_servers_and_counts_tunnels_on_the_other
     relay_a.wait()
     # PostgreSQL releases the dead relay's lock with its connection: B takes over.
     relay_b.wait_event("state.watch_leader")
+
+
+#: A managed debug server stand-in: echoes on 127.0.0.1:PORT until killed.
+ECHO_SERVER = (
+    "import socket, sys, threading\n"
+    "s = socket.create_server(('127.0.0.1', int(sys.argv[1])))\n"
+    "def echo(c):\n"
+    "    while data := c.recv(65536):\n"
+    "        c.sendall(data)\n"
+    "while True:\n"
+    "    threading.Thread(target=echo, args=(s.accept()[0],), daemon=True).start()\n"
+)
+
+
+def request_tunnel(home: Path, address: str, token: str) -> Any:
+    """A tunnel, or the refusal's answer when the relay refused it."""
+    tls = tls_connect(address, home / "pki" / "ca.pem")
+    answer = request(tls, "build42", token)
+    if answer.status == 200:
+        return tls
+    tls.close()
+    return answer
+
+
+def test_one_relay_at_a_time_runs_a_managed_server_and_a_dead_ones_claim_lapses(
+    procs: ProcGroup, tmp_path: Path, materials: Path, pg_dsn: str, echo_server: EchoServer
+) -> None:
+    managed = {
+        "backend": "tcp://127.0.0.1:{port}",
+        "launch": [sys.executable, "-c", ECHO_SERVER, "{port}"],
+        "idle_timeout": "1h",
+    }
+    home_a, home_b = (
+        relay_home(tmp_path, name, materials, pg_dsn, echo_server.port, target_keys=managed)
+        for name in ("a", "b")
+    )
+    migrate(home_a)
+    relay_a, address_a = start_relay(procs, home_a)
+    relay_b, address_b = start_relay(procs, home_b)
+    token = issue(home_a)
+
+    on_a, _ = open_tunnel(home_a, address_a, "build42", token)
+    echo(on_a, b"served by a")
+    launched = relay_a.wait_event("server.launched", target="build42")
+    answer = refused(home_b, address_b, "build42", token)
+    assert (answer.status, answer.reason) == (502, "server_elsewhere")
+    assert relay_b.events("server.launched") == []
+
+    relay_a.send_signal(signal.SIGKILL)
+    relay_a.wait()
+    # The launcher shim takes the server with the relay; PostgreSQL drops A's claim
+    # once its backend process sees the connection gone (milliseconds): poll for it.
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not isinstance(on_b := request_tunnel(home_b, address_b, token), ssl.SSLSocket):
+        assert on_b.reason == "server_elsewhere", (on_b.status, on_b.reason)
+        assert time.monotonic() < deadline, "relay A's claim did not lapse"
+        time.sleep(0.05)
+    echo(on_b, b"served by b")
+    assert relay_b.wait_event("server.launched", target="build42")["pid"] != launched["pid"]
+    on_a.close()
+    on_b.close()
