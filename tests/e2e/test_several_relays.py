@@ -395,5 +395,10 @@ def test_one_relay_at_a_time_runs_a_managed_server_and_a_dead_ones_claim_lapses(
         time.sleep(0.05)
     echo(on_b, b"served by b")
     assert relay_b.wait_event("server.launched", target="build42")["pid"] != launched["pid"]
+    # Relay A's server died with it.
+    deadline = time.monotonic() + READY_TIMEOUT
+    while Path(f"/proc/{launched['pid']}").exists():
+        assert time.monotonic() < deadline, "relay A's managed server outlived it"
+        time.sleep(0.05)
     on_a.close()
     on_b.close()
