@@ -86,6 +86,17 @@ def migrate(home: Path) -> str:
     return done.stderr.strip()
 
 
+def health(home: Path) -> dict:
+    """The relay's ``/v1/health`` answer, through its admin socket."""
+    import trio
+
+    from config import load_config
+    from relay.admin_client import AdminClient, AdminEndpoint
+
+    config = load_config(home / "dbgrelay.toml")
+    return trio.run(AdminClient(AdminEndpoint.from_config(config)).health)
+
+
 def verify_audit(home: Path) -> list[dict]:
     """Every audit file of a stopped relay verifies; returns the session records."""
     paths = sorted((home / "state" / "audit").rglob("*.jsonl"))
@@ -194,11 +205,22 @@ def test_postgres_stopped_mid_run_live_tunnels_go_on_new_ones_get_503_after_the_
         echo(within_grace, b"admitted")
         answer = refused(home_b, address_b, "build42", token)
         assert (answer.status, answer.reason) == (503, "state_unavailable")
+        state_a, state_b = health(home_a)["state"], health(home_b)["state"]
+        assert (state_a["available"], state_a["admitting"]) == (False, True)
+        assert (state_b["available"], state_b["admitting"]) == (False, False)
+        assert "check state.dsn_file" in state_b["error"]
     finally:
         pg_server.start()
 
     relay_a.wait_event("state.recovered")
     relay_b.wait_event("state.recovered")
+    assert health(home_b)["state"] | {"unavailable_for": None} == {
+        "backend": "postgres",
+        "available": True,
+        "admitting": True,
+        "unavailable_for": None,
+        "error": None,
+    }
     again, _ = open_tunnel(home_b, address_b, "build42", token)
     echo(again, b"back")
     echo(live_b, b"still here")
