@@ -43,6 +43,7 @@ __all__ = [
     "open_listen_connection",
     "open_lock_connection",
     "read_dsn",
+    "unavailable_error",
 ]
 
 _T = TypeVar("_T")
@@ -137,7 +138,8 @@ def _where(conn: psycopg.Connection) -> str:
     return f"postgresql {info.host}:{info.port}/{info.dbname}"
 
 
-def _unavailable(exc: BaseException, doing: str) -> AuthError:
+def unavailable_error(exc: BaseException, doing: str) -> AuthError:
+    """``exc`` from psycopg as one line for operators, with reason ``state_unavailable``."""
     # psycopg's message names host and port, never the password.
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return AuthError(
@@ -200,7 +202,7 @@ def migrate_schema(
     try:
         conn = _connect(dsn, connect_timeout=connect_timeout, statement_timeout=statement_timeout)
     except psycopg.Error as exc:
-        raise _unavailable(exc, "connect to") from exc
+        raise unavailable_error(exc, "connect to") from exc
     with conn:
         try:
             with conn.transaction():
@@ -222,7 +224,7 @@ def migrate_schema(
                             "INSERT INTO dbgrelay_schema (version) VALUES (%s)", (version,)
                         )
         except psycopg.Error as exc:
-            raise _unavailable(exc, "migrate") from exc
+            raise unavailable_error(exc, "migrate") from exc
     return before, PG_SCHEMA_VERSION
 
 
@@ -278,7 +280,7 @@ def open_listen_connection(
             conn.close()
             raise
     except psycopg.Error as exc:
-        raise _unavailable(exc, "listen on") from exc
+        raise unavailable_error(exc, "listen on") from exc
     return conn
 
 
@@ -306,7 +308,7 @@ def open_lock_connection(
             conn.close()
             raise
     except psycopg.Error as exc:
-        raise _unavailable(exc, "lock in") from exc
+        raise unavailable_error(exc, "lock in") from exc
     return conn
 
 
@@ -345,7 +347,7 @@ class _Pool:
             except psycopg.Error as exc:
                 if conn is not None:
                     conn.close()
-                raise _unavailable(exc, doing) from exc
+                raise unavailable_error(exc, doing) from exc
             except BaseException:
                 if conn is not None:
                     conn.close()

@@ -51,7 +51,12 @@ import psycopg
 import trio
 
 from auth import AuthError, PgRevocationStore, RevocationStore, read_dsn
-from auth.revocation_pg import CHANNEL, open_listen_connection, open_lock_connection
+from auth.revocation_pg import (
+    CHANNEL,
+    open_listen_connection,
+    open_lock_connection,
+    unavailable_error,
+)
 from config import Config, StateSection
 
 from .backends import BackendError
@@ -159,6 +164,8 @@ class SharedState:
         await trio.to_thread.run_sync(self.store.refresh, limiter=self.limiter)
 
     def _down(self, exc: BaseException) -> None:
+        if not isinstance(exc, AuthError):  # psycopg's own, possibly several lines
+            exc = unavailable_error(exc, "follow")
         self.last_error = str(exc)
         if self.unavailable_since is not None:
             return  # one line per outage, not one per retry

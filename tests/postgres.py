@@ -1,4 +1,4 @@
-"""A real PostgreSQL server for the tests, started with ``initdb`` and ``pg_ctl``.
+"""A real PostgreSQL server for the tests, made with ``initdb`` and run in the foreground.
 
 The server lives in a temporary folder, listens on a free port on 127.0.0.1
 only (and on a Unix socket in the same folder), trusts local connections and
@@ -12,12 +12,15 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 __all__ = ["PgServer", "find_pg_bin", "start_pg_server"]
@@ -26,6 +29,26 @@ __all__ = ["PgServer", "find_pg_bin", "start_pg_server"]
 _PG_ROOT = Path("/usr/lib/postgresql")
 _FALLBACK_ACCOUNT = "dbgrelay-pg"
 _TIMEOUT = 60.0
+
+
+def _become_and_die_with_parent(account: pwd.struct_passwd | None) -> None:
+    """In the child: switch to the server's account, then ask for SIGINT when we die.
+
+    In this order because Linux clears the parent-death signal when the
+    process's credentials change.  SIGINT is PostgreSQL's fast shutdown, which
+    ends client connections (SIGTERM would wait for them), so a killed test
+    session leaves no server running.
+    """
+    if account is not None:
+        os.setgroups([])
+        os.setgid(account.pw_gid)
+        os.setuid(account.pw_uid)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def find_pg_bin() -> Path | None:
@@ -90,6 +113,7 @@ class PgServer:
         self.log = folder / "server.log"
         self.port = _free_port()
         self.user = account.pw_name if account is not None else pwd.getpwuid(os.getuid()).pw_name
+        self.process: subprocess.Popen | None = None
 
     def _run(self, *argv: str | os.PathLike[str]) -> None:
         kwargs: dict = {}
@@ -121,18 +145,55 @@ class PgServer:
         )
 
     def start(self) -> None:
-        """Start the server (again) and wait until it accepts connections."""
-        options = (
-            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} "
-            "-c fsync=off -c max_connections=200"
-        )
-        self._run(
-            self.bin_dir / "pg_ctl", "-D", self.data, "-l", self.log, "-o", options, "-w", "start"
-        )
+        """Start the server (again) and wait until it accepts connections.
+
+        It runs in the foreground as our child with a parent-death signal, so a
+        test session that is killed does not leave it running.
+        """
+        import psycopg
+
+        log = open(self.log, "ab")  # the child keeps its own copy
+        try:
+            self.process = subprocess.Popen(
+                [
+                    str(self.bin_dir / "postgres"),
+                    "-D", str(self.data),
+                    "-p", str(self.port),
+                    "-k", str(self.folder),
+                    "-c", "listen_addresses=127.0.0.1",
+                    "-c", "fsync=off",
+                    "-c", "max_connections=200",
+                ],
+                cwd=self.folder,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env={"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"},
+                preexec_fn=partial(_become_and_die_with_parent, self.account),
+            )  # fmt: skip
+        finally:
+            log.close()
+        deadline = time.monotonic() + _TIMEOUT
+        while True:
+            try:
+                psycopg.connect(self.dsn(), connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"postgres did not start:\n{self.log.read_text()}") from None
+                time.sleep(0.05)
 
     def stop(self) -> None:
-        """Stop the server at once: clients see their connections end."""
-        self._run(self.bin_dir / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
+        """Stop the server at once (fast shutdown): clients see their connections end."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
     def dsn(self, dbname: str = "postgres") -> str:
         """A libpq connection string for ``dbname`` over TCP."""
@@ -173,8 +234,5 @@ def start_pg_server() -> Iterator[PgServer]:
         server.start()
         yield server
     finally:
-        try:
-            server.stop()
-        except (RuntimeError, subprocess.TimeoutExpired):
-            pass
+        server.stop()
         shutil.rmtree(folder, ignore_errors=True)
