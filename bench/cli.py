@@ -22,6 +22,7 @@ from pathlib import Path
 from .certs import make_certs
 from .env import REPO_ROOT, describe_machine, find_tools
 from .paths import DbgrelayPath, DbgrelaySetup, DirectPath, StunnelPath
+from .postgres import start_postgres
 from .procs import (
     BenchError,
     Interrupted,
@@ -35,7 +36,15 @@ from .workloads import MIB, QUICK, WORKLOADS, Context, Settings, metrics_for, ru
 
 __all__ = ["main", "ALL_PATHS"]
 
-ALL_PATHS = ("direct", "stunnel", "dbgrelay-stdlib", "dbgrelay-pyopenssl")
+ALL_PATHS = (
+    "direct",
+    "stunnel",
+    "dbgrelay-stdlib",
+    "dbgrelay-pyopenssl",
+    # The stdlib engine with revocations in PostgreSQL, and as two worker processes.
+    "dbgrelay-postgres",
+    "dbgrelay-workers2",
+)
 
 #: dbgrelay's stdlib engine cannot choose TLS 1.3 suites (Python's ssl has no
 #: call for it), so OpenSSL's default order applies and this suite is picked;
@@ -213,6 +222,18 @@ def main(argv: list[str] | None = None) -> int:
                 runnable.append(StunnelPath(tools.stunnel, certs, args.ciphersuite, workdir))
             else:
                 engine = name.removeprefix("dbgrelay-")
+                variant: dict = {}
+                if name == "dbgrelay-postgres":
+                    engine = "stdlib"
+                    try:
+                        _server, dsn = start_postgres(sup, workdir)
+                    except BenchError as exc:
+                        path_status[name] = {"status": "skipped", "note": str(exc)}
+                        _say(f"{name}: {exc}")
+                        continue
+                    variant = {"dsn": dsn}
+                elif name == "dbgrelay-workers2":
+                    engine, variant = "stdlib", {"workers": 2}
                 if dbgrelay_setup is None and dbgrelay_problem is None:
                     try:
                         dbgrelay_setup = dataclasses.replace(
@@ -233,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                     path_status[name] = {"status": "skipped", "note": note}
                     _say(f"{name}: {note}")
                     continue
-                runnable.append(DbgrelayPath(dbgrelay_setup, engine, workdir))
+                runnable.append(DbgrelayPath(dbgrelay_setup, engine, workdir, **variant))
         for path in runnable:
             path_status[path.name] = {"status": "ran"}
             results[path.name] = {}

@@ -184,9 +184,18 @@ class DbgrelaySetup:
         )
 
     def write_config(
-        self, folder: Path, *, engine: str, port: int, targets: dict[str, int]
+        self,
+        folder: Path,
+        *,
+        engine: str,
+        port: int,
+        targets: dict[str, int],
+        dsn: str | None = None,
     ) -> Path:
-        """Write a ``dbgrelay serve`` config for ``targets`` and return its path."""
+        """Write a ``dbgrelay serve`` config for ``targets`` and return its path.
+
+        With ``dsn``, revocations live in that PostgreSQL database (``[state]``).
+        """
         folder.mkdir(parents=True, exist_ok=True)
         lines = [
             "[relay]",
@@ -204,6 +213,11 @@ class DbgrelaySetup:
             "[metrics]",
             'listen = ""',
         ]
+        if dsn is not None:
+            dsn_file = folder / "dsn"
+            dsn_file.write_text(dsn + "\n")
+            dsn_file.chmod(0o600)
+            lines += ["[state]", 'backend = "postgres"', f'dsn_file = "{dsn_file}"']
         for name, backend in targets.items():
             lines += [
                 "[[targets]]",
@@ -251,13 +265,30 @@ class DbgrelayPath:
         setup: Keys, token and certificate.
         engine: ``"stdlib"`` or ``"pyopenssl"``.
         workdir: Folder for configs, state and logs.
+        dsn: Keep revocations in this PostgreSQL database (the shared-state
+            backend) instead of SQLite; the path is then ``dbgrelay-postgres``.
+        workers: Run ``serve --workers N``; the path is then ``dbgrelay-workersN``.
     """
 
-    def __init__(self, setup: DbgrelaySetup, engine: str, workdir: Path) -> None:
+    def __init__(
+        self,
+        setup: DbgrelaySetup,
+        engine: str,
+        workdir: Path,
+        *,
+        dsn: str | None = None,
+        workers: int = 1,
+    ) -> None:
         self.setup = setup
         self.engine = engine
         self.workdir = workdir
+        self.dsn = dsn
+        self.workers = workers
         self.name = f"dbgrelay-{engine}"
+        if dsn is not None:
+            self.name = "dbgrelay-postgres"
+        elif workers > 1:
+            self.name = f"dbgrelay-workers{workers}"
         #: What the relay logged about its handshakes: field name -> values seen.
         self.tls_seen: dict[str, set[str]] = {}
         self._count = 0
@@ -266,11 +297,16 @@ class DbgrelayPath:
         self._count += 1
         folder = self.workdir / f"{self.name}-{self._count}"
         port = free_port()
-        config = self.setup.write_config(folder, engine=self.engine, port=port, targets=targets)
-        command = list(self.setup.command)
-        serve = sup.start(
-            "dbgrelay-serve", [*command, "serve", "--config", str(config)], pinned=pinned
+        config = self.setup.write_config(
+            folder, engine=self.engine, port=port, targets=targets, dsn=self.dsn
         )
+        command = list(self.setup.command)
+        if self.dsn is not None:
+            _cli(self.setup.command, "state", "migrate", "--config", str(config))
+        serve_argv = [*command, "serve", "--config", str(config)]
+        if self.workers > 1:
+            serve_argv += ["--workers", str(self.workers)]
+        serve = sup.start("dbgrelay-serve", serve_argv, pinned=pinned)
         relay = [serve]
         ports: dict[str, int] = {}
         try:

@@ -44,6 +44,7 @@ from .schema import (
     NpipeBackend,
     OidcIssuerConfig,
     RelaySection,
+    StateSection,
     TargetConfig,
     TcpBackend,
     TLSSection,
@@ -98,6 +99,16 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "auth_failure_burst",
         "max_sources",
         "max_sessions_per_user",
+    ),
+    "state": (
+        "backend",
+        "dsn_file",
+        "pool_size",
+        "connect_timeout",
+        "statement_timeout",
+        "resync_interval",
+        "unavailable_grace",
+        "session_lease",
     ),
     "targets": (
         "name",
@@ -1044,6 +1055,31 @@ class _Validator:
             return {}
         return {"listen": address}
 
+    def state(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        table = self.table(data, "state")
+        if table is None:
+            return {}
+        w = "state"
+        backend = self.string(table, w, "backend", "sqlite", choices=("sqlite", "postgres"))
+        required = None
+        if backend == "postgres":
+            required = (
+                'backend = "postgres" needs the file holding the libpq connection string, '
+                'like dsn_file = "/run/secrets/dbgrelay-dsn"'
+            )
+        return {
+            "backend": backend,
+            "dsn_file": self.path(table, w, "dsn_file", None, required=required, readable=True),
+            "pool_size": self.positive_int(table, w, "pool_size", 4),
+            "connect_timeout": self.duration(table, w, "connect_timeout", 5.0, zero="forbidden"),
+            "statement_timeout": self.duration(
+                table, w, "statement_timeout", 5.0, zero="forbidden"
+            ),
+            "resync_interval": self.duration(table, w, "resync_interval", 5.0, zero="forbidden"),
+            "unavailable_grace": self.duration(table, w, "unavailable_grace", 30.0),
+            "session_lease": self.duration(table, w, "session_lease", 15.0, zero="forbidden"),
+        }
+
     def targets(self, data: Mapping[str, Any], tls: Mapping[str, Any]) -> list[dict[str, Any]]:
         value = data.get("targets", _MISSING)
         if value is _MISSING:
@@ -1291,6 +1327,7 @@ class _Validator:
         metrics = self.metrics(data)
         admin = self.admin(data, relay.get("state_dir", _BAD))
         limits = self.limits(data)
+        state = self.state(data)
         targets = self.targets(data, tls)
         self.check_address_clashes(relay, metrics, admin)
         if self.problems:
@@ -1307,6 +1344,7 @@ class _Validator:
                 admin_groups=identity.get("admin_groups", ()),
             ),
             limits=LimitsSection(**limits),
+            state=StateSection(**state),
             targets=tuple(TargetConfig(**target) for target in targets),
             source=source,
         )

@@ -448,6 +448,42 @@ class AdminSection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StateSection:
+    """``[state]``: where revocations live, for one relay or several.
+
+    Attributes:
+        backend: ``"sqlite"`` (default): a file in ``relay.state_dir``, for
+            one relay.  ``"postgres"``: a PostgreSQL database shared by
+            several relays.
+        dsn_file: File holding the libpq connection string (``host=...
+            dbname=... user=...`` or a ``postgresql://`` URI), so no password
+            sits in the config.  Required with ``backend = "postgres"``.
+        pool_size: Database connections a relay opens at most for queries
+            (the LISTEN connection comes on top).  Default 4.
+        connect_timeout: Seconds to open a database connection.  Default 5.
+        statement_timeout: Seconds one query may run.  Default 5.
+        resync_interval: Seconds between full re-reads of the revocations,
+            the backstop for notifications lost while disconnected.  Default 5.
+        unavailable_grace: Seconds new tunnels are still admitted after the
+            database became unreachable; after that they get 503
+            ``state_unavailable``.  0 refuses at once.  Default 30.
+        session_lease: Seconds a relay's registration of its live sessions
+            stays valid without renewal (renewed every third of it); the
+            sessions of a relay that died vanish from the cluster's list after
+            it.  Default 15.
+    """
+
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    dsn_file: Path | None = None
+    pool_size: int = 4
+    connect_timeout: float = 5.0
+    statement_timeout: float = 5.0
+    resync_interval: float = 5.0
+    unavailable_grace: float = 30.0
+    session_lease: float = 15.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TargetConfig:
     """``[[targets]]``: one debug server developers may tunnel to.
 
@@ -562,6 +598,7 @@ class Config:
         admin: ``[admin]``.
         identity: ``[identity]``.
         limits: ``[limits]``.
+        state: ``[state]``.
         targets: ``[[targets]]`` in file order.
         source: The config file it was loaded from, or ``None`` when built by
             :func:`config.config_from_dict`.
@@ -574,6 +611,7 @@ class Config:
     admin: AdminSection = field(default_factory=AdminSection)
     identity: IdentitySection = field(default_factory=IdentitySection)
     limits: LimitsSection = field(default_factory=LimitsSection)
+    state: StateSection = field(default_factory=StateSection)
     targets: tuple[TargetConfig, ...] = ()
     source: Path | None = None
 

@@ -380,13 +380,25 @@ async def _health(relay: Relay, request: HttpRequest, actor: dict) -> HttpRespon
             "sessions": len(relay.sessions),
             "targets": [t.name for t in relay.config.targets],
             "managed_servers": sorted(n for n, s in relay.managed.items() if s.running),
+            "state": relay.shared.describe() if relay.shared else {"backend": "sqlite"},
         },
     )
 
 
 async def _list_sessions(relay: Relay, request: HttpRequest, actor: dict) -> HttpResponse:
     sessions = sorted(relay.sessions.values(), key=lambda s: (s.started, s.id))
-    return _json(200, {"sessions": [_describe(relay, s) for s in sessions]})
+    listed = [_describe(relay, s) for s in sessions]
+    if relay.shared is None:
+        return _json(200, {"sessions": listed})
+    # With shared state: every relay's sessions, each naming the relay that holds it.
+    for item in listed:
+        item["relay"] = relay.shared.relay_id
+    try:
+        listed += await relay.shared.list_sessions(relay.wall_clock())
+    except AuthError as exc:
+        return _json(200, {"sessions": listed, "partial": f"only this relay's sessions: {exc}"})
+    listed.sort(key=lambda s: (s["started"], s["id"]))
+    return _json(200, {"sessions": listed})
 
 
 async def _get_session(relay: Relay, request: HttpRequest, actor: dict, sid: str) -> HttpResponse:
@@ -395,6 +407,8 @@ async def _get_session(relay: Relay, request: HttpRequest, actor: dict, sid: str
 
 async def _end_session(relay: Relay, request: HttpRequest, actor: dict, sid: str) -> HttpResponse:
     _body(request)
+    if relay.shared is not None and sid not in relay.sessions and _SESSION_ID.fullmatch(sid):
+        return await _end_elsewhere(relay, actor, sid)
     session = _find(relay, sid)
     fields = {"session_id": sid, "user": session.user, "target": session.target} | actor
     log.info("admin.session_ended", extra=fields)
@@ -409,6 +423,47 @@ async def _end_session(relay: Relay, request: HttpRequest, actor: dict, sid: str
             "target": session.target,
             "reason": session.end_reason,
             "closed": closed,
+        },
+    )
+
+
+async def _end_elsewhere(relay: Relay, actor: dict, sid: str) -> HttpResponse:
+    """End a session another relay of the cluster holds, through the shared state."""
+    assert relay.shared is not None
+    reason = "ended_by_admin"
+    try:
+        found = await relay.shared.request_end(sid, reason)
+    except AuthError as exc:
+        raise _Refusal(503, exc.reason, f"the shared state cannot be reached: {exc}") from exc
+    if found is None:
+        raise _Refusal(
+            404, "unknown_session", f"no live session {sid!r} (it may have ended already)"
+        )
+    holder, session = found
+    fields = {
+        "session_id": sid,
+        "user": session["user"],
+        "target": session["target"],
+        "relay": holder,
+    } | actor
+    log.info("admin.session_ended", extra=fields)
+    relay.audit_event("admin.session_ended", **fields)
+    closed = False
+    with trio.move_on_after(END_WAIT_TIMEOUT):
+        try:
+            await relay.shared.wait_session_gone(sid)
+            closed = True
+        except AuthError:
+            pass
+    return _json(
+        200,
+        {
+            "id": sid,
+            "user": session["user"],
+            "target": session["target"],
+            "reason": reason,
+            "closed": closed,
+            "relay": holder,
         },
     )
 

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -109,6 +110,20 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of processes >= 1 or 'auto', got {text!r}"
+        )
+    return value
 
 
 def _load_config(path: Path):
@@ -261,7 +276,9 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if config is not None:
-        from auth import KeySet, RevocationStore
+        from auth import KeySet
+
+        from .state import open_revocation_store
 
         claims = verify_token(
             token,
@@ -271,18 +288,16 @@ def cmd_token_issue(args: argparse.Namespace) -> int:
             now=now,
             leeway=0,
         )
-        config.relay.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with RevocationStore(config.relay.state_dir / "tokens.sqlite") as store:
+        with open_revocation_store(config) as store:
             store.record_issued(claims)
     print(token)
     return EXIT_OK
 
 
 def _store(args: argparse.Namespace):
-    from auth import RevocationStore
+    from .state import open_revocation_store
 
-    config = _load_config(Path(args.config))
-    return RevocationStore(config.relay.state_dir / "tokens.sqlite")
+    return open_revocation_store(_load_config(Path(args.config)))
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
@@ -298,7 +313,6 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
         _say(f"revoked {what} through the running relay; {tunnels}", file=sys.stderr)
         return EXIT_OK
     now = time.time()
-    config.relay.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with _store(args) as store:
         if args.user:
             n = store.revoke_user(args.user, now=now, reason=reason)
@@ -461,10 +475,11 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         s | {"age": _age(s.get("duration", 0)), "state": s.get("ending") or s.get("state", "open")}
         for s in sessions
     ]
-    _table(
-        rows,
-        ["id", "user", "target", "client", "age", "bytes_to_backend", "bytes_to_client", "state"],
-    )
+    columns = ["id", "user", "target", "client", "age", "bytes_to_backend", "bytes_to_client"]
+    # With shared state the list is the cluster's: say which relay holds each session.
+    if any("relay" in s for s in sessions):
+        columns.append("relay")
+    _table(rows, [*columns, "state"])
     return EXIT_OK
 
 
@@ -526,8 +541,51 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_state_migrate(args: argparse.Namespace) -> int:
+    from auth import migrate_schema, read_dsn
+
+    config = _load_config(Path(args.config))
+    state = config.state
+    if state.backend != "postgres":
+        raise UserError(
+            f'{args.config}: state.backend is "{state.backend}"; state migrate applies to '
+            '[state] backend = "postgres" (the SQLite file sets itself up)'
+        )
+    assert state.dsn_file is not None
+    before, after = migrate_schema(read_dsn(state.dsn_file), connect_timeout=state.connect_timeout)
+    if before == after:
+        print(f"state schema is at version {after}; nothing to do", file=sys.stderr)
+    else:
+        print(f"state schema migrated from version {before} to {after}", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load_config(Path(args.config))
+    if args.worker_index is not None:
+        from .workers import log_filter, worker_config
+
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(log_filter(args.worker_index, os.getpid()))
+        config = worker_config(config, args.worker_index)
+        helper = _separate_privileges(config)
+        trio.run(partial(_run_relay, config, None, helper, worker=args.worker_index))
+        return EXIT_OK
+    if args.workers > 1:
+        from .workers import reuseport_available, run_supervisor, worker_argv
+
+        if not reuseport_available():
+            raise UserError(
+                "serve --workers needs SO_REUSEPORT, which this platform lacks; run one "
+                "relay per port instead"
+            )
+        if any(port == 0 for _host, port in config.relay.listen):
+            raise UserError(
+                f"{args.config}: relay.listen has port 0; --workers needs a fixed port that "
+                "every worker binds"
+            )
+        argv = worker_argv(args.config, args.log_format, args.log_level)
+        return trio.run(run_supervisor, argv, args.workers)
     helper = _separate_privileges(config)
     trio.run(_run_relay, config, None, helper)
     return EXIT_OK
@@ -568,7 +626,11 @@ def _separate_privileges(config: Any) -> Any:
 
 
 async def _run_relay(
-    config: Any, before: Callable[[trio.Nursery], Any] | None = None, helper: Any = None
+    config: Any,
+    before: Callable[[trio.Nursery], Any] | None = None,
+    helper: Any = None,
+    *,
+    worker: int | None = None,
 ) -> None:
     """Run the relay with its metrics endpoint, admin API and signal handling."""
     from .privsep import Launchers
@@ -577,6 +639,7 @@ async def _run_relay(
     metrics = _make_metrics(config)
     relay = Relay(config, metrics=metrics)
     relay.launchers = Launchers(helper)
+    relay.worker_index = worker
     stop = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
@@ -956,6 +1019,26 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("serve", cmd_serve, "run the relay")
+    p.add_argument("--config", required=True, help="dbgrelay.toml")
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="run N relay processes sharing the listeners (SO_REUSEPORT) and the state, "
+        "under a supervisor; 'auto' is one per CPU (default 1)",
+    )
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+
+    state_sub = add("state", None, "the shared state database").add_subparsers(
+        dest="state_command", metavar="COMMAND", required=True
+    )
+    p = add(
+        "migrate",
+        cmd_state_migrate,
+        "apply the PostgreSQL schema migrations this dbgrelay needs",
+        parent=state_sub,
+    )
     p.add_argument("--config", required=True, help="dbgrelay.toml")
 
     p = add("check-config", cmd_check_config, "validate a config file and the files it names")

@@ -136,6 +136,9 @@ class _Families:
         "accept_errors",
         "accept_paused",
         "admin_refusals",
+        "state_up",
+        "state_outages",
+        "state_notifications",
         "build_info",
         "labelled",
     )
@@ -258,6 +261,23 @@ class _Families:
             ["reason"],
             registry=r,
         )
+        self.state_up = Gauge(
+            "dbgrelay_state_up",
+            "1 while the shared state database is reachable, 0 during an outage; "
+            "only with the postgres backend.",
+            ["backend"],
+            registry=r,
+        )
+        self.state_outages = Counter(
+            "dbgrelay_state_outages_total",
+            "Times the shared state database became unreachable.",
+            registry=r,
+        )
+        self.state_notifications = Counter(
+            "dbgrelay_state_notifications_total",
+            "Revocation notifications received from the shared state database.",
+            registry=r,
+        )
         self.build_info = Gauge(
             "dbgrelay_build_info", "Always 1; the version is a label.", ["version"], registry=r
         )
@@ -279,6 +299,7 @@ class _Families:
             (self.refusals, 1),
             (self.accept_errors, 1),
             (self.admin_refusals, 1),
+            (self.state_up, 1),
             (self.build_info, 1),
         ]
 
@@ -465,6 +486,18 @@ class Metrics:
         """Count an admin request refused with 401 or 403."""
         self._f.admin_refusals.labels(reason).inc()
 
+    def state_up(self, up: bool) -> None:
+        """Whether the shared state database (postgres backend) is reachable."""
+        self._f.state_up.labels("postgres").set(1 if up else 0)
+
+    def state_outage(self) -> None:
+        """Count an outage of the shared state database (once per episode)."""
+        self._f.state_outages.inc()
+
+    def state_notification(self) -> None:
+        """Count a revocation notification from the shared state database."""
+        self._f.state_notifications.inc()
+
     def render(self) -> tuple[bytes, str]:
         """Return the exposition body and its ``Content-Type``."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -538,6 +571,15 @@ class NilMetrics:
         """Do nothing."""
 
     def admin_refused(self, reason: str) -> None:
+        """Do nothing."""
+
+    def state_up(self, up: bool) -> None:
+        """Do nothing."""
+
+    def state_outage(self) -> None:
+        """Do nothing."""
+
+    def state_notification(self) -> None:
         """Do nothing."""
 
     def render(self) -> tuple[bytes, str]:

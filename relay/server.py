@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from auth import KeySet, RevocationSet, RevocationStore, load_audit_key, load_jwks, peek_unverified
+from auth import KeySet, RevocationSet, load_audit_key, load_jwks, peek_unverified
 from config import Config, TargetConfig, format_address, load_config
 
 from .accept import serve_listeners
@@ -39,8 +39,10 @@ from .identity import IdentityKeys, issuer_ssl_contexts
 from .metrics import Metrics, NilMetrics
 from .privsep import Launchers
 from .session import Session, handle_connection
+from .state import SharedState, open_revocation_store
 from .tls import ServerTLS, make_server_engine
 from .watch import run_watch
+from .workers import open_reuseport_listeners
 
 __all__ = ["Relay", "ReloadResult", "serve_relay", "load_runtime", "Runtime"]
 
@@ -69,8 +71,8 @@ class ReloadResult:
         problems: Why the new config was refused (empty when ``ok``).
         restart_needed: Changed keys that only a restart applies
             (``relay.listen``, ``relay.state_dir``, ``relay.user``, the
-            ``[metrics]`` keys, ``admin.listen``, ``identity.oidc``); the
-            running relay keeps their old values.
+            ``[metrics]`` keys, ``admin.listen``, ``identity.oidc``, the
+            ``[state]`` keys); the running relay keeps their old values.
         targets: The target names in use after the reload.
     """
 
@@ -95,6 +97,7 @@ _RESTART_KEYS: tuple[tuple[str, Callable[[Config], Any]], ...] = (
     ("metrics.client_ca", lambda c: c.metrics.client_ca),
     ("admin.listen", lambda c: c.admin.listen),
     ("identity.oidc", lambda c: c.identity.oidc),
+    ("state", lambda c: c.state),
 )
 
 
@@ -108,6 +111,7 @@ def _keep_bound(new: Config, old: Config) -> Config:
         metrics=old.metrics,
         admin=old.admin,
         identity=dataclasses.replace(new.identity, oidc=old.identity.oidc),
+        state=old.state,
     )
 
 
@@ -169,9 +173,15 @@ class Relay:
         # Starts managed servers' launchers; `dbgrelay serve` passes the privileged helper.
         self.launchers = Launchers()
         self.listeners: list[trio.SocketListener] = []
+        # Set by ``serve --workers``: this process is one of several sharing the port.
+        self.worker_index: int | None = None
         state = config.relay.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = RevocationStore(state / "tokens.sqlite")
+        self.store = open_revocation_store(config)
+        # With PostgreSQL, revocations are shared by every relay of a cluster.
+        self.shared: SharedState | None = None
+        if config.state.backend == "postgres":
+            self.shared = SharedState(self.store, config.state, metrics=self.metrics)
         self.revoked: RevocationSet = self.store.snapshot()
         self._revocation_version = self.store.data_version()
         try:
@@ -337,6 +347,9 @@ class Relay:
             server = self.managed.get(target.name)
             if server is not None and server.running:
                 return server, False
+            if self.shared is not None:
+                # One relay of the cluster runs a target's server at a time.
+                await self.shared.claim_server(target.name)
             server = ManagedServer(
                 target,
                 log_dir=self.config.relay.state_dir / "servers",
@@ -346,7 +359,12 @@ class Relay:
             )
             assert self._managed_nursery is not None
             self.managed[target.name] = server
-            await self._managed_nursery.start(server.run)
+            try:
+                await self._managed_nursery.start(server.run)
+            except BaseException:
+                if self.shared is not None:
+                    self.shared.release_server(target.name)
+                raise
             self.metrics.managed_servers(target.name, 1)
             return server, True
 
@@ -354,15 +372,21 @@ class Relay:
         self.audit_event(event, target=target, **fields)
         log.info(event, extra={"target": target} | fields)
         if event == "server.exited":
+            if self.shared is not None:
+                self.shared.release_server(target)
             self.metrics.managed_servers(target, 0)
             if fields.get("reason") in ("idle", "max_session"):
                 self.metrics.idle_kill(target)
 
     def add_session(self, session: Session) -> None:
         self.sessions[session.id] = session
+        if self.shared is not None:
+            self.shared.sessions_changed()
 
     def remove_session(self, session: Session) -> None:
         del self.sessions[session.id]
+        if self.shared is not None:
+            self.shared.sessions_changed()
         self.last_activity[session.target] = trio.current_time()
         gone = self._gone.pop(session.id, None)
         if gone is not None:
@@ -495,6 +519,8 @@ class Relay:
 
     def close(self) -> None:
         self._retire_relay_writer()
+        if self.shared is not None:
+            self.shared.close()
         self.store.close()
 
 
@@ -519,7 +545,10 @@ async def serve_relay(
     listeners: list[trio.SocketListener] = []
     for host, port in config.relay.listen:
         try:
-            listeners += await trio.open_tcp_listeners(port, host=host)
+            if relay.worker_index is None:
+                listeners += await trio.open_tcp_listeners(port, host=host)
+            else:
+                listeners += await open_reuseport_listeners(port, host)
         except OSError as exc:
             for lst in listeners:
                 await lst.aclose()
@@ -542,7 +571,13 @@ async def serve_relay(
                 async with trio.open_nursery() as main:
                     await main.start(relay.identity.serve)
                     main.start_soon(relay.run_housekeeping)
-                    main.start_soon(run_watch, relay)
+                    if relay.shared is None:
+                        if not relay.worker_index:  # SQLite workers: worker 0 watches
+                            main.start_soon(run_watch, relay)
+                    else:
+                        # One watcher per cluster: probes and on_idle run on one relay.
+                        main.start_soon(relay.shared.run_watch, relay, run_watch)
+                        main.start_soon(relay.shared.run, relay)
                     accept = trio.CancelScope()
                     gate = Gate(relay)
 

@@ -376,6 +376,11 @@ def _check_admission(relay: Relay, request: TunnelRequested, grant: Grant, info:
         return
     if relay.draining:
         raise RemoteProtocolError("the relay is shutting down", reason="shutting_down", status=503)
+    if relay.shared is not None and not relay.shared.admitting():
+        # Fail closed: without the shared state this relay cannot learn revocations.
+        raise RemoteProtocolError(
+            "the relay cannot reach its shared state", reason="state_unavailable", status=503
+        )
     limit = relay.config.relay.max_sessions
     if len(relay.sessions) >= limit:
         raise RemoteProtocolError(
@@ -531,6 +536,7 @@ _PEER_MESSAGES = {
     "backend_reset": "the debug server dropped the connection before the tunnel opened",
     "backend_closed": "the debug server closed the connection before the tunnel opened",
     "ended_by_admin": "an admin ended this tunnel",
+    "server_elsewhere": "the target's debug server runs on another relay; try that one or later",
 }
 
 

@@ -76,7 +76,10 @@ class _Watcher:
         self.states: dict[str, _TargetState] = {}
 
     def busy(self, name: str) -> bool:
-        return any(s.target == name for s in self.relay.sessions.values())
+        shared = self.relay.shared  # with shared state, tunnels on other relays count too
+        return any(s.target == name for s in self.relay.sessions.values()) or (
+            shared is not None and name in shared.busy_elsewhere
+        )
 
     def spell(self, name: str) -> float:
         """When the target's current idle spell began (relay start if it had no tunnel)."""

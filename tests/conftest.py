@@ -1,4 +1,4 @@
-"""Fixtures for the whole suite: the account managed servers run as."""
+"""Fixtures for the whole suite: the account managed servers run as, and a real PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from . import accounts
+from .postgres import PgServer, start_pg_server
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,3 +29,19 @@ def target_dir(target_account: str) -> Iterator[Path]:
     path = accounts.shared_dir(owner=target_account)
     yield path
     accounts.rmtree(path)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A PostgreSQL server for the whole test session; skips where none is installed."""
+    try:
+        with start_pg_server() as server:
+            yield server
+    except LookupError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def pg_dsn(pg_server: PgServer) -> str:
+    """The DSN of a new, empty database on the session's server."""
+    return pg_server.create_database()

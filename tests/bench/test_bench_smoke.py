@@ -213,3 +213,34 @@ def test_missing_stunnel_is_reported_and_other_paths_still_run(tmp_path):
     assert report["results"]["direct"]["pingpong"]["status"] == "ok"
     assert "stunnel" not in report["results"]
     assert left == []
+
+
+def test_postgres_and_workers_paths_run_and_leave_no_process(tmp_path):
+    from bench.postgres import find_pg_bin
+
+    if not _dbgrelay_cli_exists():
+        pytest.skip("dbgrelay's CLI is not there")
+    if find_pg_bin() is None:
+        pytest.skip("PostgreSQL's server is not installed; run scripts/install-tools")
+    paths = ["dbgrelay-postgres", "dbgrelay-workers2"]
+    workloads = ["connect", "concurrent"]
+    out = tmp_path / "out.json"
+    marker = uuid.uuid4().hex
+    args = [*TINY, "--paths", ",".join(paths), "--workloads", ",".join(workloads), "--json", str(out)]  # fmt: skip
+    proc = _bench(args, marker)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        left = _survivors(marker)
+        _kill(left)
+    assert proc.returncode == 0, stderr
+    # The PostgreSQL server and both workers with their supervisor are gone too.
+    assert left == [], f"processes left behind: {left}"
+    report = json.loads(out.read_text())
+    for path in paths:
+        assert report["paths"][path]["status"] == "ran", report["paths"][path]
+        for workload in workloads:
+            record = report["results"][path][workload]
+            assert record["status"] == "ok", f"{workload} on {path}: {record}"
+        assert path in stdout

@@ -51,7 +51,7 @@ def test_unknown_key_in_a_target(config_dir: Path) -> None:
 
 def test_unknown_tables_and_top_level_keys(config_dir: Path) -> None:
     lines = problems_of(config_dir, 'listen = "x"\n' + MINIMAL + "[logging]\nlevel = 1\n")
-    known = "known tables: relay, tls, auth, identity, metrics, admin, limits, targets"
+    known = "known tables: relay, tls, auth, identity, metrics, admin, limits, state, targets"
     assert lines == [f"{F}: listen: unknown key; {known}", f"{F}: logging: unknown table; {known}"]
 
 

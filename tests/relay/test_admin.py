@@ -107,6 +107,7 @@ async def test_unix_socket_is_owner_only_and_lists_live_sessions_with_bytes(
     health = await client.health()
     assert health["status"] == "ok" and health["sessions"] == 1
     assert health["targets"] == ["build42"]
+    assert health["state"] == {"backend": "sqlite"}
     await tls.aclose()
     running.stop.set()
 

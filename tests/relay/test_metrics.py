@@ -173,6 +173,9 @@ def exercise(m) -> None:
     m.accept_error("EMFILE")
     m.accept_paused(True)
     m.admin_refused("peer_not_allowed")
+    m.state_up(False)
+    m.state_outage()
+    m.state_notification()
 
 
 def test_metric_names_is_exactly_what_render_emits():

@@ -1,0 +1,517 @@
+"""Keeping one relay in step with the shared state in PostgreSQL.
+
+With ``[state] backend = "postgres"`` every relay of a cluster reads and
+writes revocations in one database (:class:`auth.PgRevocationStore`).  This
+module is the trio side of it:
+
+* :func:`open_revocation_store` picks the store the config names (SQLite for
+  one relay, PostgreSQL for several); the CLI and the relay both use it.
+* :class:`SharedState` registers the relay's live sessions in the database
+  under a lease it renews (so the rows of a relay that died expire), lists
+  the whole cluster's sessions and asks the relay holding one to end it.
+* It also runs one task per relay that LISTENs for the
+  notification every revocation write sends, re-reads the whole list when one
+  arrives, after every reconnect and every ``resync_interval`` (a
+  notification sent while the relay was disconnected is lost), and hands the
+  result to the relay, which ends matching live tunnels.  It also knows
+  whether the database is reachable: after ``unavailable_grace`` without it,
+  :meth:`SharedState.admitting` turns false and new tunnels are refused with
+  503 ``state_unavailable`` (fail closed: a relay that cannot learn
+  revocations must not keep admitting tokens).  Live tunnels continue.
+
+Why these two mechanisms (psycopg 3's sync API; its async API needs asyncio
+and does not run under trio):
+
+* Queries go through the store's small pool in worker threads
+  (``trio.to_thread.run_sync``) under a :class:`trio.CapacityLimiter` as large
+  as the pool, so a slow database never blocks the event loop and never
+  takes more threads than connections.  Only revocation reads and writes go
+  there; nothing of it touches the per-chunk data path.
+* The LISTEN connection stays on the event loop: its socket is awaited with
+  ``trio.lowlevel.wait_readable`` and drained with ``pgconn.consume_input()``
+  and ``pgconn.notifies()``, which never block.  A notification reaches the
+  relay within milliseconds and no thread sits parked in a blocking wait that
+  cancellation could not interrupt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from datetime import datetime
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import trio
+
+from auth import AuthError, PgRevocationStore, RevocationStore, read_dsn
+from auth.revocation_pg import (
+    CHANNEL,
+    open_listen_connection,
+    open_lock_connection,
+    unavailable_error,
+)
+from config import Config, StateSection
+
+from .backends import BackendError
+
+if TYPE_CHECKING:
+    from .server import Relay
+
+__all__ = [
+    "RECONNECT_INTERVAL",
+    "SESSIONS_CHANNEL",
+    "WATCH_LOCK",
+    "SharedState",
+    "open_revocation_store",
+]
+
+log = logging.getLogger("dbgrelay.state")
+
+#: Seconds between attempts to reach the database again after it went away.
+RECONNECT_INTERVAL = 1.0
+
+#: Notified when a relay's set of sessions changes or a relay asks another to end one.
+SESSIONS_CHANNEL = "dbgrelay_sessions"
+
+#: Advisory lock held by the one relay of a cluster that runs the watcher
+#: (forgotten-server probes and on_idle), so no target is probed or killed twice.
+WATCH_LOCK = 0x646267_776174  # "dbg" "wat"
+
+#: Seconds between looks at whether a session another relay holds has ended.
+_GONE_POLL_INTERVAL = 0.1
+
+
+def open_revocation_store(config: Config) -> RevocationStore | PgRevocationStore:
+    """The revocation store ``config`` names: SQLite in ``relay.state_dir`` or PostgreSQL.
+
+    Raises:
+        AuthError: the store cannot be opened; for PostgreSQL also when its
+            schema is missing or unknown (the message says what to run).
+    """
+    state = config.state
+    if state.backend == "postgres":
+        assert state.dsn_file is not None  # the config loader requires it
+        return PgRevocationStore(
+            read_dsn(state.dsn_file),
+            pool_size=state.pool_size,
+            connect_timeout=state.connect_timeout,
+            statement_timeout=state.statement_timeout,
+        )
+    config.relay.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return RevocationStore(config.relay.state_dir / "tokens.sqlite")
+
+
+class SharedState:
+    """One relay's link to the shared PostgreSQL state.
+
+    Args:
+        store: The relay's PostgreSQL store (already open and current).
+        section: ``[state]`` of the config.
+        metrics: Gets ``state_up``, ``state_outage`` and ``state_notification``.
+
+    Attributes:
+        unavailable_since: Trio time the current outage began, or ``None``
+            while the database is reachable.
+        last_error: Why the database was last unreachable.
+    """
+
+    def __init__(self, store: PgRevocationStore, section: StateSection, *, metrics: Any) -> None:
+        self.store = store
+        self.section = section
+        self.metrics = metrics
+        self.limiter = trio.CapacityLimiter(section.pool_size)
+        self.unavailable_since: float | None = None
+        self.last_error: str | None = None
+        #: This relay's name in the sessions table; unique per process start.
+        self.relay_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self._sessions_changed = trio.Event()
+        self._registered: frozenset[str] | None = None
+        #: Targets with a live session on another relay, as of the last look.
+        self.busy_elsewhere: frozenset[str] = frozenset()
+        # Managed servers this relay owns: target name -> the connection holding its lock.
+        self._owned: dict[str, Any] = {}
+        metrics.state_up(True)
+
+    def sessions_changed(self) -> None:
+        """A session opened or closed: register the change now, not at the next renewal."""
+        self._sessions_changed.set()
+
+    def admitting(self) -> bool:
+        """Whether new tunnels may be admitted: the database is up, or down for less than the grace."""
+        if self.unavailable_since is None:
+            return True
+        return trio.current_time() - self.unavailable_since < self.section.unavailable_grace
+
+    def describe(self) -> dict[str, Any]:
+        """The backend's health, for the admin API and logs."""
+        down = self.unavailable_since
+        return {
+            "backend": "postgres",
+            "available": down is None,
+            "admitting": self.admitting(),
+            "unavailable_for": None if down is None else round(trio.current_time() - down, 3),
+            "error": self.last_error if down is not None else None,
+        }
+
+    async def _refresh(self) -> None:
+        await trio.to_thread.run_sync(self.store.refresh, limiter=self.limiter)
+
+    def _down(self, exc: BaseException) -> None:
+        if not isinstance(exc, AuthError):  # psycopg's own, possibly several lines
+            exc = unavailable_error(exc, "follow")
+        self.last_error = str(exc)
+        if self.unavailable_since is not None:
+            return  # one line per outage, not one per retry
+        self.unavailable_since = trio.current_time()
+        self.metrics.state_up(False)
+        self.metrics.state_outage()
+        log.warning(
+            "state.unavailable",
+            extra={
+                "error": self.last_error,
+                "unavailable_grace": self.section.unavailable_grace,
+                "note": "live tunnels continue; new ones are refused after the grace",
+            },
+        )
+
+    def _up(self) -> None:
+        if self.unavailable_since is not None:
+            down_for = trio.current_time() - self.unavailable_since
+            self.unavailable_since = None
+            log.info("state.recovered", extra={"unavailable_for": round(down_for, 3)})
+        self.metrics.state_up(True)
+
+    async def run(self, relay: Relay) -> None:
+        """Follow the database for ``relay`` until cancelled.
+
+        After each re-read of the revocations, ``relay.refresh_revocations()``
+        runs on the event loop (it compares versions and ends revoked
+        tunnels).  The relay's live sessions are registered under a lease, and
+        those another relay asked to end are ended.
+
+        Cancellation:
+            Safe at any point; a connection attempt in a worker thread is
+            bounded by ``connect_timeout`` and finishes before this returns.
+        """
+        on_change = relay.refresh_revocations
+        opener = partial(
+            open_listen_connection,
+            self.store.dsn,
+            connect_timeout=self.section.connect_timeout,
+            statement_timeout=self.section.statement_timeout,
+            channels=(CHANNEL, SESSIONS_CHANNEL),
+        )
+        while True:
+            conn = None
+            try:
+                conn = await trio.to_thread.run_sync(opener)
+                # Read after LISTEN: whatever commits from now on also notifies us.
+                await self._refresh()
+                self._up()
+                on_change()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._listen, conn, on_change)
+                    nursery.start_soon(self._resync, on_change)
+                    nursery.start_soon(self._register, relay)
+            except* AuthError as group:
+                self._down(group.exceptions[0])
+            except* psycopg.Error as group:
+                self._down(group.exceptions[0])
+            finally:
+                if conn is not None:
+                    conn.close()
+            await trio.sleep(RECONNECT_INTERVAL)
+
+    async def _listen(self, conn: Any, on_change: Callable[[], None]) -> None:
+        pgconn = conn.pgconn
+        fd = conn.fileno()
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            # Reads what the socket holds without blocking; raises once the server is gone.
+            pgconn.consume_input()
+            notified = False
+            while (note := pgconn.notifies()) is not None:
+                if note.relname.decode() == SESSIONS_CHANNEL:
+                    self._sessions_changed.set()
+                else:
+                    notified = True
+            if notified:
+                self.metrics.state_notification()
+                await self._refresh()
+                on_change()
+
+    async def _resync(self, on_change: Callable[[], None]) -> None:
+        while True:
+            await trio.sleep(self.section.resync_interval)
+            await self._refresh()
+            on_change()
+
+    async def _register(self, relay: Relay) -> None:
+        """Keep this relay's rows in the sessions table current; end what others asked to."""
+        lease = self.section.session_lease
+        while True:
+            # A fresh event before reading the sessions: a change from here on wakes the next round.
+            self._sessions_changed = trio.Event()
+            infos = {sid: json.dumps(s.describe()) for sid, s in relay.sessions.items()}
+            # Tell the other relays when our set changed: their watcher needs to know.
+            announce = frozenset(infos) != self._registered
+            sync = partial(_sync_sessions, self.store, self.relay_id, infos, lease, announce)
+            ends, busy = await trio.to_thread.run_sync(sync, limiter=self.limiter)
+            self._registered = frozenset(infos)
+            self._update_busy(relay, frozenset(busy))
+            for sid, reason in ends:
+                session = relay.sessions.get(sid)
+                if session is not None and session.end_reason is None:
+                    log.info(
+                        "session.end_requested",
+                        extra={"session_id": sid, "reason": reason, "from": "another relay"},
+                    )
+                    session.end(reason)
+            with trio.move_on_after(lease / 3):
+                await self._sessions_changed.wait()
+
+    def _update_busy(self, relay: Relay, busy: frozenset[str]) -> None:
+        if busy == self.busy_elsewhere:
+            return
+        now = trio.current_time()
+        for target in self.busy_elsewhere - busy:
+            # Its last tunnel elsewhere closed: an idle spell starts now, here too.
+            relay.last_activity[target] = now
+        self.busy_elsewhere = busy
+        log.info("state.busy_elsewhere", extra={"targets": sorted(busy)})
+
+    async def run_watch(self, relay: Relay, watch: Callable[[Relay], Any]) -> None:
+        """Run ``watch(relay)`` while this relay holds the cluster's watcher lock.
+
+        One relay of the cluster probes for forgotten servers and runs
+        ``on_idle``; the others wait for the lock, which PostgreSQL releases
+        when the holder's connection ends (it stopped, crashed or lost the
+        database), and take over.
+        """
+        opener = partial(
+            open_lock_connection,
+            self.store.dsn,
+            WATCH_LOCK,
+            connect_timeout=self.section.connect_timeout,
+            statement_timeout=self.section.statement_timeout,
+        )
+        while True:
+            try:
+                conn = await trio.to_thread.run_sync(opener)
+            except AuthError:
+                conn = None
+            if conn is None:
+                await trio.sleep(self.section.session_lease / 3)
+                continue
+            log.info("state.watch_leader", extra={"relay": self.relay_id})
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(watch, relay)
+                    await _wait_broken(conn)
+                    nursery.cancel_scope.cancel()
+            finally:
+                conn.close()
+            log.warning("state.watch_lost", extra={"relay": self.relay_id})
+            await trio.sleep(RECONNECT_INTERVAL)
+
+    async def claim_server(self, target: str) -> None:
+        """Become the one relay that runs ``target``'s managed server, or refuse.
+
+        The claim is a PostgreSQL advisory lock on a connection of its own,
+        held until :meth:`release_server`; PostgreSQL drops it when this
+        relay dies, so a crashed relay's targets can be launched elsewhere.
+
+        Raises:
+            BackendError: ``server_elsewhere`` when another relay runs it,
+                ``state_unavailable`` when the database cannot be reached.
+        """
+        if target in self._owned:
+            return
+        opener = partial(
+            open_lock_connection,
+            self.store.dsn,
+            _server_lock(target),
+            connect_timeout=self.section.connect_timeout,
+            statement_timeout=self.section.statement_timeout,
+        )
+        try:
+            conn = await trio.to_thread.run_sync(opener)
+        except AuthError as exc:
+            raise BackendError(
+                f"target {target!r}: cannot claim its managed server: {exc}",
+                reason="state_unavailable",
+            ) from exc
+        if conn is None:
+            raise BackendError(
+                f"target {target!r}: its managed server runs on another relay",
+                reason="server_elsewhere",
+            )
+        self._owned[target] = conn
+
+    def release_server(self, target: str) -> None:
+        """Give up the claim on ``target``'s managed server (it has exited)."""
+        conn = self._owned.pop(target, None)
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        """Release every claim (the relay is stopping)."""
+        for target in list(self._owned):
+            self.release_server(target)
+
+    async def list_sessions(self, now: float) -> list[dict[str, Any]]:
+        """The live sessions other relays of the cluster hold, as the admin API lists them.
+
+        Raises:
+            AuthError: ``"state_unavailable"``.
+        """
+        rows = await trio.to_thread.run_sync(
+            partial(_list_sessions, self.store, self.relay_id), limiter=self.limiter
+        )
+        listed = []
+        for holder, info, end_reason in rows:
+            session = json.loads(info)
+            started = datetime.fromisoformat(session["started"]).timestamp()
+            listed.append(
+                session
+                | {
+                    "duration": round(max(0.0, now - started), 3),
+                    "ending": end_reason,
+                    "relay": holder,
+                }
+            )
+        return listed
+
+    async def request_end(self, session_id: str, reason: str) -> tuple[str, dict] | None:
+        """Ask the relay holding ``session_id`` to end it.
+
+        Returns:
+            The holder's id and the session as listed, or ``None`` if no live
+            relay holds such a session.
+
+        Raises:
+            AuthError: ``"state_unavailable"``.
+        """
+        found = await trio.to_thread.run_sync(
+            partial(_request_end, self.store, session_id, reason), limiter=self.limiter
+        )
+        if found is None:
+            return None
+        holder, info = found
+        return holder, json.loads(info)
+
+    async def wait_session_gone(self, session_id: str) -> None:
+        """Return once no live relay lists ``session_id`` any more (its holder ended it).
+
+        Raises:
+            AuthError: ``"state_unavailable"``.
+        """
+        look = partial(_session_listed, self.store, session_id)
+        # The row lives in another process's database: polling is the only way to watch it.
+        while True:
+            if not await trio.to_thread.run_sync(look, limiter=self.limiter):
+                return
+            await trio.sleep(_GONE_POLL_INTERVAL)
+
+
+# -- the sessions table (run in worker threads) ---------------------------------
+
+
+def _server_lock(target: str) -> int:
+    """The advisory lock key of a target's managed server (a signed 64-bit integer)."""
+    digest = hashlib.sha256(b"dbgrelay managed server\0" + target.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+async def _wait_broken(conn: Any) -> None:
+    """Return when the server closes ``conn`` (or the network drops it)."""
+    pgconn = conn.pgconn
+    while True:
+        await trio.lowlevel.wait_readable(conn.fileno())
+        try:
+            pgconn.consume_input()
+        except psycopg.Error:
+            return
+        while pgconn.notifies() is not None:
+            pass
+
+
+def _sync_sessions(
+    store: PgRevocationStore,
+    relay_id: str,
+    infos: dict[str, str],
+    lease: float,
+    announce: bool,
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Register ``relay_id``'s live sessions for ``lease`` seconds.
+
+    Returns:
+        The end requests for them, and the targets other relays hold sessions to.
+    """
+    with store.connection("register sessions in") as conn, conn.transaction():
+        conn.execute(
+            "DELETE FROM dbgrelay_sessions WHERE (relay = %s AND NOT (id = ANY(%s))) "
+            "OR lease_until < now()",
+            (relay_id, list(infos)),
+        )
+        if infos:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO dbgrelay_sessions (id, relay, lease_until, info) "
+                    "VALUES (%s, %s, now() + make_interval(secs => %s), %s) "
+                    "ON CONFLICT (id) DO UPDATE SET lease_until = excluded.lease_until, "
+                    "info = excluded.info WHERE dbgrelay_sessions.relay = excluded.relay",
+                    [(sid, relay_id, lease, info) for sid, info in infos.items()],
+                )
+        rows = conn.execute(
+            "SELECT id, end_reason FROM dbgrelay_sessions "
+            "WHERE relay = %s AND end_reason IS NOT NULL",
+            (relay_id,),
+        ).fetchall()
+        busy = conn.execute(
+            "SELECT DISTINCT (info::json)->>'target' FROM dbgrelay_sessions "
+            "WHERE relay <> %s AND lease_until > now()",
+            (relay_id,),
+        ).fetchall()
+        if announce:
+            conn.execute("SELECT pg_notify(%s, %s)", (SESSIONS_CHANNEL, relay_id))
+    return [(sid, reason) for sid, reason in rows], [target for (target,) in busy]
+
+
+def _list_sessions(store: PgRevocationStore, relay_id: str) -> list[tuple[str, str, str | None]]:
+    with store.connection("list sessions in") as conn:
+        rows = conn.execute(
+            "SELECT relay, info, end_reason FROM dbgrelay_sessions "
+            "WHERE lease_until > now() AND relay <> %s",
+            (relay_id,),
+        ).fetchall()
+    return [(holder, info, end_reason) for holder, info, end_reason in rows]
+
+
+def _request_end(store: PgRevocationStore, session_id: str, reason: str) -> tuple[str, str] | None:
+    with store.connection("end a session through") as conn, conn.transaction():
+        row = conn.execute(
+            "UPDATE dbgrelay_sessions SET end_reason = coalesce(end_reason, %s) "
+            "WHERE id = %s AND lease_until > now() RETURNING relay, info",
+            (reason, session_id),
+        ).fetchone()
+        if row is None:
+            return None
+        conn.execute("SELECT pg_notify(%s, %s)", (SESSIONS_CHANNEL, session_id))
+    return row[0], row[1]
+
+
+def _session_listed(store: PgRevocationStore, session_id: str) -> bool:
+    with store.connection("read sessions in") as conn:
+        row = conn.execute(
+            "SELECT 1 FROM dbgrelay_sessions WHERE id = %s AND lease_until > now()",
+            (session_id,),
+        ).fetchone()
+    return row is not None
