@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import signal
 import ssl
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from auth import peek_unverified
 from auth.revocation_pg import PG_SCHEMA_VERSION
 
+from .. import accounts
 from ..postgres import PgServer
 from .support import (
     READY_TIMEOUT,
@@ -387,7 +387,8 @@ def test_one_relay_at_a_time_runs_a_managed_server_and_a_dead_ones_claim_lapses(
 ) -> None:
     managed = {
         "backend": "tcp://127.0.0.1:{port}",
-        "launch": [sys.executable, "-c", ECHO_SERVER, "{port}"],
+        # Run as the target account: an interpreter that account can execute.
+        "launch": [accounts.public_python(), "-I", "-c", ECHO_SERVER, "{port}"],
         "idle_timeout": "1h",
     }
     home_a, home_b = (
