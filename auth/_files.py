@@ -12,11 +12,20 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import sys
 from pathlib import Path
 
-from oslayer import restrict_to_owner
-
 from .errors import KeyFileError
+
+if sys.platform == "win32":
+    # A 0600 mode means nothing there; the file's DACL keeps others out.
+    from ._acl_windows import restrict_to_owner
+else:
+
+    def restrict_to_owner(path: str | os.PathLike[str]) -> None:
+        """Give ``path`` mode 0600: read and write for its owner, nothing for others."""
+        os.chmod(path, PRIVATE_MODE)
+
 
 __all__ = ["write_atomic", "write_private", "write_public", "read_file", "ensure_private_dir"]
 

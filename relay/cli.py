@@ -706,8 +706,6 @@ def _version() -> str:
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
-    from oslayer import INTERRUPT_SIGNALS
-
     from .connector import (
         ConnectFailed,
         RelayRefused,
@@ -718,6 +716,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
         serve_connector,
     )
     from .credentials import TokenSource, TokenSourceError, token_summary
+    from .platform import INTERRUPT_SIGNALS
 
     if args.token_command is not None and args.token_file is not None:
         raise UserError("give either --token-file or --token-command, not both")

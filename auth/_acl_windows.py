@@ -1,7 +1,4 @@
-"""Windows.
-
-Python turns the console's Ctrl-C event into SIGINT and Ctrl-Break into
-SIGBREAK; trio's signal receiver sees both.
+"""Owner-only secret files on Windows.
 
 File modes mean almost nothing on Windows (0600 only clears the read-only
 flag); what keeps a secret from other accounts is the file's DACL.  A new
@@ -12,14 +9,10 @@ Authenticated Users, so secrets get an explicit DACL instead.
 from __future__ import annotations
 
 import os
-import signal
 
 import ntsecuritycon
 import win32api
 import win32security
-
-#: Ctrl-C and Ctrl-Break at a console.
-INTERRUPT_SIGNALS: tuple[int, ...] = (signal.SIGINT, signal.SIGBREAK)
 
 
 def _current_user_sid():
