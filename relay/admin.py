@@ -108,7 +108,10 @@ async def serve_admin(
     listeners = await open_http_listeners(spec)
     for lst in listeners:
         address = spec if unix else format_address(lst.socket.getsockname()[:2])
-        log.info("admin.listening", extra={"address": address, "auth": "file" if unix else "token"})
+        log.info(
+            "admin.listening",
+            extra={"address": address, "auth": "peer_credentials" if unix else "token"},
+        )
     await serve_http(
         listeners, admin_handler(relay, require_token=not unix), task_status=task_status
     )
