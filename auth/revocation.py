@@ -19,7 +19,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -149,6 +149,60 @@ class TokenRecord:
         return self.exp is not None and self.exp <= now
 
 
+def issued_row(claims: Claims, issued_at: float) -> tuple:
+    """The ``issued_tokens`` row of a token: (jti, sub, targets, scope, iat, exp, issued_at)."""
+    return (
+        claims.jti,
+        claims.sub,
+        json.dumps(list(claims.targets)),
+        claims.scope,
+        claims.iat,
+        claims.exp,
+        issued_at,
+    )
+
+
+def token_records(rows: Iterable[tuple], orphans: Iterable[tuple]) -> list[TokenRecord]:
+    """Token records from the store's rows, whichever database they came from.
+
+    Args:
+        rows: (jti, sub, targets, scope, iat, exp, issued_at, revoked_at,
+            revoke_reason, user_cutoff, cutoff_at, cutoff_reason) per issued
+            token, the last five NULL where they do not apply.
+        orphans: (jti, revoked_at, reason) of revoked jtis never recorded as
+            issued (the token was issued elsewhere).
+    """
+    records: list[TokenRecord] = []
+    for (
+        jti, sub, targets, scope, iat, exp, issued_at,
+        r_at, r_reason, cutoff, c_at, c_reason,
+    ) in rows:  # fmt: skip
+        status, revoked_at, reason = "active", None, ""
+        if r_at is not None:
+            status, revoked_at, reason = "revoked", r_at, r_reason
+        elif cutoff is not None and iat <= cutoff:
+            status, revoked_at, reason = "revoked", c_at, c_reason
+        records.append(
+            TokenRecord(
+                jti=jti,
+                status=status,
+                sub=sub,
+                targets=tuple(json.loads(targets)),
+                scope=scope,
+                iat=iat,
+                exp=exp,
+                issued_at=issued_at,
+                revoked_at=revoked_at,
+                revoke_reason=reason,
+            )
+        )
+    for jti, r_at, r_reason in orphans:
+        records.append(
+            TokenRecord(jti=jti, status="revoked", revoked_at=r_at, revoke_reason=r_reason)
+        )
+    return records
+
+
 class RevocationStore:
     """Read and write the revocation database.
 
@@ -275,15 +329,7 @@ class RevocationStore:
             conn.execute(
                 "INSERT OR REPLACE INTO issued_tokens "
                 "(jti, sub, targets, scope, iat, exp, issued_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    claims.jti,
-                    claims.sub,
-                    json.dumps(list(claims.targets)),
-                    claims.scope,
-                    claims.iat,
-                    claims.exp,
-                    issued_at,
-                ),
+                issued_row(claims, issued_at),
             )
 
         self._write(run)
@@ -425,32 +471,4 @@ class RevocationStore:
                 ).fetchall()
             except sqlite3.Error as exc:
                 raise _db_error(self.path, exc, "read") from exc
-        records: list[TokenRecord] = []
-        for (
-            jti, sub, targets, scope, iat, exp, issued_at,
-            r_at, r_reason, cutoff, c_at, c_reason,
-        ) in rows:  # fmt: skip
-            status, revoked_at, reason = "active", None, ""
-            if r_at is not None:
-                status, revoked_at, reason = "revoked", r_at, r_reason
-            elif cutoff is not None and iat <= cutoff:
-                status, revoked_at, reason = "revoked", c_at, c_reason
-            records.append(
-                TokenRecord(
-                    jti=jti,
-                    status=status,
-                    sub=sub,
-                    targets=tuple(json.loads(targets)),
-                    scope=scope,
-                    iat=iat,
-                    exp=exp,
-                    issued_at=issued_at,
-                    revoked_at=revoked_at,
-                    revoke_reason=reason,
-                )
-            )
-        for jti, r_at, r_reason in orphans:
-            records.append(
-                TokenRecord(jti=jti, status="revoked", revoked_at=r_at, revoke_reason=r_reason)
-            )
-        return records
+        return token_records(rows, orphans)

@@ -20,7 +20,6 @@ database whose schema it does not know, with one line saying what to run.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -31,7 +30,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from .errors import AuthError
-from .revocation import RevocationSet, TokenRecord
+from .revocation import RevocationSet, TokenRecord, issued_row, token_records
 from .tokens import Claims
 
 __all__ = [
@@ -496,15 +495,7 @@ class PgRevocationStore:
                 "ON CONFLICT (jti) DO UPDATE SET sub = excluded.sub, targets = excluded.targets, "
                 "scope = excluded.scope, iat = excluded.iat, exp = excluded.exp, "
                 "issued_at = excluded.issued_at",
-                (
-                    claims.jti,
-                    claims.sub,
-                    json.dumps(list(claims.targets)),
-                    claims.scope,
-                    claims.iat,
-                    claims.exp,
-                    issued_at,
-                ),
+                issued_row(claims, issued_at),
             )
 
         self._write(run)
@@ -595,32 +586,4 @@ class PgRevocationStore:
                 "WHERE NOT EXISTS (SELECT 1 FROM dbgrelay_issued_tokens t WHERE t.jti = r.jti) "
                 "ORDER BY r.revoked_at, r.jti"
             ).fetchall()
-        records: list[TokenRecord] = []
-        for (
-            jti, sub, targets, scope, iat, exp, issued_at,
-            r_at, r_reason, cutoff, c_at, c_reason,
-        ) in rows:  # fmt: skip
-            status, revoked_at, reason = "active", None, ""
-            if r_at is not None:
-                status, revoked_at, reason = "revoked", r_at, r_reason
-            elif cutoff is not None and iat <= cutoff:
-                status, revoked_at, reason = "revoked", c_at, c_reason
-            records.append(
-                TokenRecord(
-                    jti=jti,
-                    status=status,
-                    sub=sub,
-                    targets=tuple(json.loads(targets)),
-                    scope=scope,
-                    iat=iat,
-                    exp=exp,
-                    issued_at=issued_at,
-                    revoked_at=revoked_at,
-                    revoke_reason=reason,
-                )
-            )
-        for jti, r_at, r_reason in orphans:
-            records.append(
-                TokenRecord(jti=jti, status="revoked", revoked_at=r_at, revoke_reason=r_reason)
-            )
-        return records
+        return token_records(rows, orphans)
