@@ -23,10 +23,10 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+from bench.postgres import find_pg_bin
+
 __all__ = ["PgServer", "find_pg_bin", "start_pg_server"]
 
-#: Where Debian's ``postgresql`` package puts the server programs.
-_PG_ROOT = Path("/usr/lib/postgresql")
 _FALLBACK_ACCOUNT = "dbgrelay-pg"
 _TIMEOUT = 60.0
 
@@ -49,21 +49,6 @@ def _become_and_die_with_parent(account: pwd.struct_passwd | None) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT, 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-def find_pg_bin() -> Path | None:
-    """The folder holding ``initdb`` and ``pg_ctl`` (newest installed version), or ``None``."""
-    on_path = shutil.which("pg_ctl")
-    if on_path and shutil.which("initdb"):
-        return Path(on_path).parent
-    if _PG_ROOT.is_dir():
-        versions = sorted(
-            (p for p in _PG_ROOT.iterdir() if (p / "bin" / "pg_ctl").exists()),
-            key=lambda p: int(p.name) if p.name.isdigit() else 0,
-        )
-        if versions:
-            return versions[-1] / "bin"
-    return None
 
 
 def _free_port() -> int:
