@@ -13,47 +13,14 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-
-import pytest
 
 from .support import READY_TIMEOUT, ProcGroup, config_text, run_cli, start_relay
 from .test_lifecycle import _token_file
 
 INTERVAL = 1.0
-
-
-@pytest.fixture
-def echo_port() -> Iterator[int]:
-    """A plain TCP echo server on loopback, in threads."""
-    server = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def serve_one(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield server.getsockname()[1]
-    finally:
-        stop.set()
-        server.close()
-        thread.join(5)
 
 
 def open_tls(home: Path, relay_addr: str) -> ssl.SSLSocket:

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,35 +28,6 @@ from .conftest import WineTier
 # receive buffer and a loopback socket's buffer, so both directions block and
 # resume on the Windows side.
 PAYLOAD = os.urandom(3 * 1024 * 1024 + 7)
-
-
-@pytest.fixture
-def echo_port() -> Iterator[int]:
-    """A native TCP echo server on 127.0.0.1, one thread per connection."""
-    server = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def echo(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=echo, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield server.getsockname()[1]
-    finally:
-        stop.set()
-        server.close()
-        thread.join(5)
 
 
 def _relay(procs: ProcGroup, home: Path, target: dict, *, engine: str = "stdlib") -> str:
