@@ -48,7 +48,7 @@ import win32job
 import win32process
 import win32security
 
-__all__ = ["JobLaunchers", "JobTree", "tcp_table"]
+__all__ = ["JobLaunchers", "JobTree", "run_as_warning", "tcp_table"]
 
 #: Seconds between looks at the TCP table while a server starts.
 POLL_INTERVAL = 0.05
@@ -129,6 +129,26 @@ def tcp_table(*, listeners: bool) -> list[tuple[int, str, int, str, int, int]]:
         )
         for r in rows
     ]
+
+
+def run_as_warning(config: Any) -> str | None:
+    """One line naming the managed targets whose ``run_as`` is not the relay's account."""
+    me = win32api.GetUserName()
+    other = sorted(
+        {
+            (t.name, config.run_as(t))
+            for t in config.targets
+            if t.managed and config.run_as(t).lower() != me.lower()
+        }
+    )
+    if not other:
+        return None
+    return (
+        f"warning: targets {', '.join(name for name, _ in other)} run as "
+        f"{', '.join(sorted({repr(a) for _, a in other}))}, but on Windows the relay starts "
+        f'managed servers only as its own account {me!r}: set run_as = "{me}" (the server then '
+        "runs under a restricted, low-integrity token), or their tunnels get 502 launch_failed"
+    )
 
 
 class JobLaunchers:

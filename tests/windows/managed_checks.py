@@ -64,7 +64,7 @@ def token_facts(pid: int) -> dict:
     }
 
 
-def make_server(token: str, events: list) -> ManagedServer:
+def make_server(token: str, events: list, run_as: str | None = None) -> ManagedServer:
     target = TargetConfig(
         name="winserver",
         kind="server",
@@ -78,7 +78,7 @@ def make_server(token: str, events: list) -> ManagedServer:
         target,
         log_dir=Path("servers"),
         on_event=lambda event, fields: events.append([event, fields]),
-        run_as=win32api.GetUserName(),
+        run_as=run_as or win32api.GetUserName(),
     )
 
 
@@ -182,6 +182,50 @@ async def host(token: str, clock: trio.testing.MockClock) -> None:
         pid, grandchild = map(int, (await ask(stream, b"pids")).split())
         say(ready=True, pid=pid, grandchild=grandchild)
         await trio.sleep_forever()
+
+
+async def other_account(token: str, clock: trio.testing.MockClock) -> None:
+    """A run_as the relay has no logon for: the launch fails with one line, nothing starts."""
+    events: list = []
+    server = make_server(token, events, run_as="dbgrelay-target")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+    except* BackendError as group:
+        (exc,) = group.exceptions
+        say(reason=exc.reason, message=str(exc), events=events)
+
+
+async def warnings(token: str, clock: trio.testing.MockClock) -> None:
+    """What check-config says about run_as on Windows, for a config in this folder."""
+    from config import config_from_dict
+    from relay.privsep import development_mode_warning, missing_account_warnings
+
+    for name in ("server.pem", "server.key", "jwks.json"):
+        await trio.Path(name).touch()
+    me = win32api.GetUserName()
+
+    def config(run_as: str):
+        target = {
+            "name": "build42",
+            "kind": "server",
+            "backend": "tcp://127.0.0.1:{port}",
+            "launch": [sys.executable, str(SERVER), "{port}", token],
+        }
+        data = {
+            "tls": {"cert": "server.pem", "key": "server.key"},
+            "auth": {"jwks": "jwks.json"},
+            "relay": {"run_as": run_as},
+            "targets": [target],
+        }
+        return config_from_dict(data, base_dir=Path.cwd())
+
+    say(
+        me=me,
+        other=development_mode_warning(config("dbgrelay-target")),
+        own=development_mode_warning(config(me)),
+        missing=missing_account_warnings(config("dbgrelay-target")),
+    )
 
 
 if __name__ == "__main__":

@@ -99,3 +99,30 @@ def test_the_relay_dying_kills_the_server_and_its_grandchild(
     while _linux_pids_with(token) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _linux_pids_with(token) == [], "the server or its grandchild outlived the relay"
+
+
+def test_check_config_warns_about_run_as_the_relay_cannot_honour(
+    wine_tier: WineTier, tmp_path: Path
+) -> None:
+    result = _scenario(wine_tier, tmp_path, "warnings", f"dbgrelay-job-{uuid.uuid4().hex}")
+    me = result["me"]
+    assert result["other"] == (
+        "warning: targets build42 run as 'dbgrelay-target', but on Windows the relay starts "
+        f'managed servers only as its own account {me!r}: set run_as = "{me}" (the server '
+        "then runs under a restricted, low-integrity token), or their tunnels get 502 "
+        "launch_failed"
+    )
+    assert result["own"] is None
+    assert result["missing"] == []
+
+
+def test_launch_as_another_account_is_refused_with_one_line(
+    wine_tier: WineTier, tmp_path: Path
+) -> None:
+    result = _scenario(wine_tier, tmp_path, "other_account", f"dbgrelay-job-{uuid.uuid4().hex}")
+    assert result["reason"] == "launch_failed"
+    assert result["message"].startswith(
+        "cannot start processes as 'dbgrelay-target' on Windows: the relay has no logon for "
+        "that account; set run_as = "
+    ), result
+    assert result["events"] == []
