@@ -167,8 +167,10 @@ class ManagedServer:
     ``idle_timeout``, when it has run for ``max_session``, on shutdown, or
     when the relay dies (see :mod:`relay.launcher`).
 
-    The server runs as ``run_as`` in a private network namespace (see
-    :mod:`relay.launcher`); tunnels reach it only through :meth:`connect`.
+    On Linux the server runs as ``run_as`` in a private network namespace
+    (see :mod:`relay.launcher`); on Windows in a Job Object under a
+    restricted token (see :mod:`relay.platform._jobs_windows`).  Tunnels
+    reach it only through :meth:`connect`.
 
     Args:
         target: The target whose ``launch`` command this runs.

@@ -18,7 +18,9 @@ root, which the relay itself should not keep, so:
   unprivileged user namespace for the private network.
 
 Everything here is Linux machinery; :func:`check_platform` is the one place
-that says so.
+that says so.  On Windows, managed servers run in Job Objects instead
+(:mod:`relay.platform._jobs_windows`); only the ``check-config`` warnings
+here answer for both.
 """
 
 from __future__ import annotations

@@ -127,6 +127,19 @@ async def idle(token: str, clock: trio.testing.MockClock) -> None:
     )
 
 
+async def exits(token: str, clock: trio.testing.MockClock) -> None:
+    """A server that exits by itself is reported as exited; the rest of its tree goes too."""
+    events: list = []
+    server = make_server(token, events)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        stream = await server.connect(connect_timeout=10)
+        pid, grandchild = map(int, (await ask(stream, b"pids")).split())
+        await stream.send_all(b"quit\n")
+        await server.wait_done()
+    say(events=events, grandchild_alive=alive(grandchild), running=server.running)
+
+
 async def outsider(token: str, clock: trio.testing.MockClock) -> None:
     """A listener on the server's port owned by a process outside the job is refused."""
     events: list = []

@@ -4,7 +4,8 @@
 Python whose command line carries TOKEN, so the tests can find it from
 Linux), listens on 127.0.0.1:PORT and echoes each connection's lines.  The
 line ``pids`` answers ``SERVER_PID GRANDCHILD_PID``; ``unlisten`` closes the
-listening socket while the server keeps running.  Not collected by pytest.
+listening socket while the server keeps running; ``quit`` ends the server
+with status 3 (its grandchild left running).  Not collected by pytest.
 """
 
 import socket
@@ -30,6 +31,8 @@ def serve(conn: socket.socket) -> None:
         for line in f:
             if line.strip() == b"pids":
                 f.write(f"{os.getpid()} {grandchild.pid}\n".encode())
+            elif line.strip() == b"quit":
+                os._exit(3)
             elif line.strip() == b"unlisten":
                 listener.close()
                 f.write(b"closed\n")

@@ -57,6 +57,18 @@ def test_managed_server_runs_in_a_job_and_is_killed_on_idle_with_its_grandchild(
     assert _linux_pids_with(token) == []
 
 
+def test_a_server_exiting_by_itself_is_reported_and_its_grandchild_ends_too(
+    wine_tier: WineTier, tmp_path: Path
+) -> None:
+    token = f"dbgrelay-job-{uuid.uuid4().hex}"
+    result = _scenario(wine_tier, tmp_path, "exits", token)
+    (_, _), (exited, fields) = result["events"]
+    assert exited == "server.exited", result
+    assert (fields["reason"], fields["returncode"]) == ("exited", 3), fields
+    assert not result["grandchild_alive"] and not result["running"], result
+    assert _linux_pids_with(token) == []
+
+
 def test_managed_server_token_has_administrators_for_deny_only_and_no_privileges(
     wine_tier: WineTier, tmp_path: Path
 ) -> None:
