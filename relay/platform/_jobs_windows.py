@@ -20,7 +20,13 @@ process: the relay itself holds each server's job.
   checks that the server side of its connection is owned by a process in the
   job, and closes it otherwise.  The relay thus never talks to an impostor;
   what it cannot prevent is another local process connecting to the server
-  directly (README, "What the relay guarantees").
+  directly (README, "What the relay guarantees").  Where the table names no
+  owner (pid 0: Wine 8 reports none for any endpoint; Windows always
+  reports one), a listener on the port is taken as the server's, unverified.
+* **Handles.**  The server is created with handle inheritance on, for the
+  log and NUL handles duplicated for it; Python creates every other handle
+  non-inheritable, so besides those it can inherit only the relay's own
+  standard handles, when whoever started the relay made them inheritable.
 * **Restricted token.**  A Windows relay has no password for another
   account, so ``run_as`` must name the relay's own account; the server then
   runs under a restricted copy of the relay's token: Administrators for deny
@@ -176,7 +182,7 @@ class JobLaunchers:
                 "low-integrity token of the relay's account)",
                 reason="launch_failed",
             )
-        host, _, port = listen.rpartition(":")
+        port = listen.rpartition(":")[2]
         try:
             return JobTree.start(argv, log_fd, int(port))
         except pywintypes.error as exc:
