@@ -32,6 +32,7 @@ from .durations import parse_duration
 from .errors import ConfigError
 from .schema import (
     CERT_USER_RULES,
+    DEBUGGER_RESTRICTIONS,
     TARGET_KINDS,
     Address,
     AdminSection,
@@ -49,6 +50,7 @@ from .schema import (
     TcpBackend,
     TLSSection,
     UnixBackend,
+    debugger_name,
     format_address,
 )
 
@@ -133,6 +135,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "kd_transport",
         "require_pq",
         "run_as",
+        "debugger_restrictions",
     ),
 }
 _TABLES = tuple(_KEYS)
@@ -987,6 +990,28 @@ class _Validator:
             )
         return out
 
+    def restrictions(self, table: Mapping[str, Any], where: str, launch: Any) -> Any:
+        """``debugger_restrictions``: only for a ``launch`` debugger that offers them."""
+        value = self.boolean(table, where, "debugger_restrictions", False)
+        if value is not True or launch is _BAD:
+            return value
+        if launch is None:
+            self.problem(
+                f"{where}.debugger_restrictions",
+                "only applies to targets with launch (the relay adds the options to that command)",
+            )
+            return _BAD
+        name = debugger_name(launch[0])
+        if name not in DEBUGGER_RESTRICTIONS:
+            self.problem(
+                f"{where}.debugger_restrictions",
+                f"{launch[0]} offers no -noshell or -secure option (only "
+                f"{', '.join(sorted(DEBUGGER_RESTRICTIONS))} do; dbgsrv and kdsrv take neither); "
+                "remove the key or launch one of those",
+            )
+            return _BAD
+        return value
+
     def account(self, table: Mapping[str, Any], where: str, key: str, default: Any) -> Any:
         """An account or group name (checked for form only: it may not exist here yet)."""
         value = table.get(key, _MISSING)
@@ -1217,6 +1242,7 @@ class _Validator:
             require_pq = _BAD
         out["require_pq"] = require_pq
         out["run_as"] = self.account(table, w, "run_as", None)
+        out["debugger_restrictions"] = self.restrictions(table, w, launch)
 
         out["backend_url"], out["backend"] = self.backend(table, w, launch)
 

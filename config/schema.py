@@ -39,6 +39,8 @@ __all__ = [
     "TargetConfig",
     "Config",
     "format_address",
+    "DEBUGGER_RESTRICTIONS",
+    "debugger_name",
 ]
 
 #: What sort of debug server a target is.  ``dbgsrv``/``kdsrv``/``server`` are
@@ -527,6 +529,11 @@ class TargetConfig:
             (default) inherits it.
         run_as: The account this target's managed server runs as; ``None``
             (default) means ``relay.run_as``.
+        debugger_restrictions: Start the ``launch`` debugger with the
+            restrictions it offers: ``-noshell`` for cdb, ntsd and windbg
+            (no ``.shell``), ``-noshell -secure`` for kd (Secure Mode, which
+            WinDbg offers for kernel-mode sessions only).  dbgsrv and kdsrv
+            accept neither option.  Default false.
     """
 
     name: str
@@ -551,6 +558,7 @@ class TargetConfig:
     kd_transport: str | None = None
     require_pq: bool | None = None
     run_as: str | None = None
+    debugger_restrictions: bool = False
 
     @property
     def managed(self) -> bool:
@@ -583,7 +591,31 @@ class TargetConfig:
         """
         if self.launch is None:
             raise ValueError(f"target {self.name!r} has no launch command")
-        return tuple(arg.replace("{port}", str(port)) for arg in self.launch)
+        argv = tuple(arg.replace("{port}", str(port)) for arg in self.launch)
+        if self.debugger_restrictions:
+            flags = DEBUGGER_RESTRICTIONS.get(debugger_name(argv[0]))
+            if flags is None:
+                raise ValueError(f"{argv[0]} offers no restrictions (see DEBUGGER_RESTRICTIONS)")
+            argv = (argv[0], *flags, *argv[1:])
+        return argv
+
+
+#: Command-line options each WinDbg-family debugger offers to restrict what a
+#: remote client can do on the server's machine: ``-noshell`` disables
+#: ``.shell``; ``-secure`` turns on Secure Mode (kernel-mode debuggers only).
+#: dbgsrv and kdsrv take neither.
+DEBUGGER_RESTRICTIONS: dict[str, tuple[str, ...]] = {
+    "cdb": ("-noshell",),
+    "ntsd": ("-noshell",),
+    "windbg": ("-noshell",),
+    "kd": ("-noshell", "-secure"),
+}
+
+
+def debugger_name(program: str) -> str:
+    """``C:\\Debuggers\\cdb.exe`` -> ``cdb``: the program's name, lower case, no ``.exe``."""
+    name = program.replace("\\", "/").rsplit("/", 1)[-1].lower()
+    return name[: -len(".exe")] if name.endswith(".exe") else name
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

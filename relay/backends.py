@@ -35,6 +35,7 @@ __all__ = [
     "ServerExit",
     "pick_free_port",
     "LAUNCHER",
+    "default_launchers",
 ]
 
 log = logging.getLogger("dbgrelay.backend")
@@ -42,6 +43,19 @@ log = logging.getLogger("dbgrelay.backend")
 
 class BackendError(RelayError):
     """The backend could not be reached or started (answered with 502)."""
+
+
+# How managed servers are started, chosen once: the Linux launcher shim
+# (relay.launcher, through relay.privsep) or a Job Object per server.
+if sys.platform == "win32":
+    from .platform._jobs_windows import JobLaunchers as _PlatformLaunchers
+else:
+    _PlatformLaunchers = Launchers
+
+
+def default_launchers() -> Any:
+    """What starts managed servers on this system when no privileged helper is used."""
+    return _PlatformLaunchers()
 
 
 async def open_backend(
@@ -153,8 +167,10 @@ class ManagedServer:
     ``idle_timeout``, when it has run for ``max_session``, on shutdown, or
     when the relay dies (see :mod:`relay.launcher`).
 
-    The server runs as ``run_as`` in a private network namespace (see
-    :mod:`relay.launcher`); tunnels reach it only through :meth:`connect`.
+    On Linux the server runs as ``run_as`` in a private network namespace
+    (see :mod:`relay.launcher`); on Windows in a Job Object under a
+    restricted token (see :mod:`relay.platform._jobs_windows`).  Tunnels
+    reach it only through :meth:`connect`.
 
     Args:
         target: The target whose ``launch`` command this runs.
@@ -187,8 +203,8 @@ class ManagedServer:
         self.log_dir = log_dir
         self.on_event = on_event
         self.run_as = run_as
-        self.launchers = launchers or Launchers()
-        self._launched: Launched | None = None
+        self.launchers = launchers or default_launchers()
+        self._launched: Any = None
         self._early_exit: dict | None = None
         self.port: int | None = None
         self.pid: int | None = None
@@ -273,7 +289,9 @@ class ManagedServer:
             self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             # The server's own output goes to a log file the operator can read.
             log_fd = os.open(
-                self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+                self.log_path,
+                os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
+                0o600,
             )
         except OSError as exc:
             self._done.set()
@@ -295,92 +313,53 @@ class ManagedServer:
             raise BackendError(str(exc), reason="launch_failed") from exc
         finally:
             os.close(log_fd)
-        self._launched = launched
-        reports = _Reports(launched.control)
+        # The Linux shim is driven over its control socket; other platforms'
+        # launchers return an object with the same methods.
+        tree = _ShimTree(launched) if isinstance(launched, Launched) else launched
+        self._launched = tree
         try:
-            await self._launch(launched, reports, argv, task_status)
+            await self._launch(tree, argv, task_status)
         finally:
             with trio.CancelScope(shield=True):
                 if self.exit is None:
                     self.kill_reason = self.kill_reason or (
                         "shutdown" if self._started else "launch_failed"
                     )
-                    await self._kill(launched, reports)
-                await _reap(launched)
+                    await self._kill(tree)
+                await tree.aclose()
             self._done.set()
 
     async def connect(self, *, connect_timeout: float) -> trio.SocketStream:
-        """A TCP connection to the server, made by its shim inside its namespace.
+        """A TCP connection to the server, checked to belong to its tree.
 
-        The shim checks that the listener on the port belongs to the tree it
-        launched before it connects, and passes the connected socket back
-        over the control socket (``SCM_RIGHTS``): nothing on the host can
-        reach the server, and the relay never connects to an impostor.
+        On Linux the shim connects inside the server's network namespace,
+        after checking that the listener belongs to the tree it launched,
+        and passes the socket back over the control socket (``SCM_RIGHTS``):
+        nothing on the host can reach the server.  On Windows the relay
+        connects to ``127.0.0.1`` after checking the listener's and the
+        accepted connection's owners are in the server's Job Object (see
+        :mod:`relay.platform._jobs_windows`).  Either way the relay never
+        talks to an impostor.
 
         Raises:
             BackendError: the server is gone, refused, or did not answer in
                 ``connect_timeout`` (``backend_unreachable`` / ``backend_timeout``).
         """
-        launched = self._launched
-        if launched is None or self.exit is not None:
+        tree = self._launched
+        if tree is None or self.exit is not None:
             raise BackendError("the managed server has exited", reason="backend_unreachable")
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        reply = trio.socket.from_stdlib_socket(mine)
-        try:
-            with trio.fail_after(connect_timeout):
-                try:
-                    await launched.control.sendmsg(
-                        [b"c"],
-                        [
-                            (
-                                socket.SOL_SOCKET,
-                                socket.SCM_RIGHTS,
-                                array.array("i", [theirs.fileno()]),
-                            )
-                        ],
-                    )
-                finally:
-                    theirs.close()
-                data, fds = await receive_message(reply)
-        except trio.TooSlowError as exc:
-            raise BackendError(
-                f"backend {_describe(self.backend)} did not accept within {connect_timeout:g}s",
-                reason="backend_timeout",
-            ) from exc
-        except OSError as exc:
-            raise BackendError(
-                f"backend {_describe(self.backend)}: the launcher is gone ({exc.strerror or exc})",
-                reason="backend_unreachable",
-            ) from exc
-        finally:
-            reply.close()
-        try:
-            answer = json.loads(data) if data else {}
-        except ValueError:
-            answer = {}
-        if answer.get("event") != "connected" or len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise BackendError(
-                f"backend {_describe(self.backend)}: {answer.get('error', 'the launcher is gone')}",
-                reason="backend_unreachable",
-            )
-        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fds[0]))
-        stream = trio.SocketStream(sock)
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return stream
+        return await tree.connect(describe=_describe(self.backend), connect_timeout=connect_timeout)
 
     async def _launch(
         self,
-        launched: Launched,
-        reports: _Reports,
+        tree: Any,
         argv: list[str],
         task_status: trio.TaskStatus[None],
     ) -> None:
         target = self.target
         # One deadline covers the launcher starting and the server listening.
         with trio.move_on_after(target.launch_timeout) as launching:
-            first = await reports.next()
+            first = await tree.next_report()
             if first is None or first.get("event") != "started":
                 error = (first or {}).get("error", "the launcher exited at once")
                 raise BackendError(
@@ -390,7 +369,7 @@ class ManagedServer:
             self.pid = first.get("pid")
             self.on_event("server.launched", {"pid": self.pid, "port": self.port, "argv": argv})
             # The shim reports once a process of its tree listens on the port.
-            ready = await reports.next()
+            ready = await tree.next_report()
             if ready is None or ready.get("event") != "listening":
                 if ready is not None and ready.get("event") == "exited":
                     self._early_exit = ready
@@ -417,39 +396,33 @@ class ManagedServer:
         with self._lifetime:
             with self._idle:
                 # The server runs until it exits by itself or a scope fires.
-                self._record_exit(await reports.next("exited"), "exited")
+                self._record_exit(tree, await tree.next_report("exited"), "exited")
                 return
             self.kill_reason = self.kill_reason or "idle"
         self.kill_reason = self.kill_reason or "max_session"
-        await self._kill(launched, reports)
+        await self._kill(tree)
 
-    async def _kill(self, launched: Launched, reports: _Reports) -> None:
+    async def _kill(self, tree: Any) -> None:
         """Ask the launcher to kill the tree and wait, bounded, for its report."""
         reason = self.kill_reason or "killed"
         if self._early_exit is not None:
-            self._record_exit(self._early_exit, reason)
+            self._record_exit(tree, self._early_exit, reason)
             return
         with trio.move_on_after(self.target.kill_grace + 5):
-            with contextlib.suppress(OSError):
-                await launched.control.send(b"k")
-            self._record_exit(await reports.next("exited"), reason)
+            await tree.request_kill()
+            self._record_exit(tree, await tree.next_report("exited"), reason)
             return
-        # The launcher is stuck: take down what we can reach from here.  A
-        # relay that is not root cannot signal it; closing the control
-        # socket (in _reap) tells a live launcher to kill the tree anyway.
-        if launched.process is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                launched.process.kill()
-        self._record_exit(None, reason)
+        # The launcher is stuck: take down what we can reach from here.
+        tree.kill_launcher()
+        self._record_exit(tree, None, reason)
 
-    def _record_exit(self, final: dict | None, reason: str) -> None:
+    def _record_exit(self, tree: Any, final: dict | None, reason: str) -> None:
         if self.exit is not None:
             return
         if final is None and self.pid is not None:
             # The launcher vanished without a report (killed itself?): the
-            # server may still run, orphaned.  Its group is its pid.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
+            # server may still run, orphaned.
+            tree.kill_orphans(self.pid)
         final = final or {}
         self.exit = ServerExit(
             pid=self.pid,
@@ -471,18 +444,104 @@ class ManagedServer:
         )
 
 
-async def _reap(launched: Launched) -> None:
-    """Close the control socket and wait, bounded, for a launcher we started ourselves."""
-    launched.control.close()
-    process = launched.process
-    if process is None:
-        return  # the privileged helper reaps the launchers it starts
-    with trio.move_on_after(5):
-        await process.wait()
-    if process.returncode is None:
-        process.kill()
+class _ShimTree:
+    """A Linux launcher shim (:mod:`relay.launcher`), driven over its control socket."""
+
+    def __init__(self, launched: Launched) -> None:
+        self.launched = launched
+        self._reports = _Reports(launched.control)
+
+    async def next_report(self, event: str | None = None) -> dict | None:
+        """The shim's next report (whose ``event`` is ``event``, if given), None at EOF."""
+        return await self._reports.next(event)
+
+    async def request_kill(self) -> None:
+        """Ask the shim to kill the tree (SIGTERM, SIGKILL after its grace)."""
+        with contextlib.suppress(OSError):
+            await self.launched.control.send(b"k")
+
+    def kill_launcher(self) -> None:
+        """The shim is stuck: kill it, if the relay started it itself.
+
+        A relay that is not root cannot signal a helper-started shim;
+        closing the control socket (in :meth:`aclose`) tells a live shim to
+        kill the tree anyway.
+        """
+        if self.launched.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                self.launched.process.kill()
+
+    def kill_orphans(self, pid: int) -> None:
+        """Kill the server's process group (its pid), left behind by a vanished shim."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+    async def connect(self, *, describe: str, connect_timeout: float) -> trio.SocketStream:
+        """A TCP connection to the server, made by the shim inside its namespace.
+
+        The shim checks that the listener on the port belongs to the tree it
+        launched before it connects, and passes the connected socket back
+        over the control socket (``SCM_RIGHTS``).
+        """
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        reply = trio.socket.from_stdlib_socket(mine)
+        try:
+            with trio.fail_after(connect_timeout):
+                try:
+                    await self.launched.control.sendmsg(
+                        [b"c"],
+                        [
+                            (
+                                socket.SOL_SOCKET,
+                                socket.SCM_RIGHTS,
+                                array.array("i", [theirs.fileno()]),
+                            )
+                        ],
+                    )
+                finally:
+                    theirs.close()
+                data, fds = await receive_message(reply)
+        except trio.TooSlowError as exc:
+            raise BackendError(
+                f"backend {describe} did not accept within {connect_timeout:g}s",
+                reason="backend_timeout",
+            ) from exc
+        except OSError as exc:
+            raise BackendError(
+                f"backend {describe}: the launcher is gone ({exc.strerror or exc})",
+                reason="backend_unreachable",
+            ) from exc
+        finally:
+            reply.close()
+        try:
+            answer = json.loads(data) if data else {}
+        except ValueError:
+            answer = {}
+        if answer.get("event") != "connected" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise BackendError(
+                f"backend {describe}: {answer.get('error', 'the launcher is gone')}",
+                reason="backend_unreachable",
+            )
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fds[0]))
+        stream = trio.SocketStream(sock)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return stream
+
+    async def aclose(self) -> None:
+        """Close the control socket and wait, bounded, for a shim we started ourselves."""
+        launched = self.launched
+        launched.control.close()
+        process = launched.process
+        if process is None:
+            return  # the privileged helper reaps the launchers it starts
         with trio.move_on_after(5):
             await process.wait()
+        if process.returncode is None:
+            process.kill()
+            with trio.move_on_after(5):
+                await process.wait()
 
 
 class _Reports:

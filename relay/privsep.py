@@ -18,7 +18,9 @@ root, which the relay itself should not keep, so:
   unprivileged user namespace for the private network.
 
 Everything here is Linux machinery; :func:`check_platform` is the one place
-that says so.
+that says so.  On Windows, managed servers run in Job Objects instead
+(:mod:`relay.platform._jobs_windows`); only the ``check-config`` warnings
+here answer for both.
 """
 
 from __future__ import annotations
@@ -78,7 +80,15 @@ def run_as_accounts(config: Config) -> list[str]:
 
 
 def development_mode_warning(config: Config) -> str | None:
-    """One line when managed servers would run as the relay's own account."""
+    """One line when managed servers would run as the relay's own account.
+
+    On Windows, one line per target whose ``run_as`` the relay cannot honour
+    (see :mod:`relay.platform._jobs_windows`).
+    """
+    if sys.platform == "win32":
+        from .platform._jobs_windows import run_as_warning
+
+        return run_as_warning(config)
     me = _account_name(os.getuid())
     own = [t.name for t in config.targets if t.managed and config.run_as(t) == me]
     if own and os.getuid() != 0:
@@ -91,6 +101,8 @@ def development_mode_warning(config: Config) -> str | None:
 
 def missing_account_warnings(config: Config) -> list[str]:
     """One line per account the config names that does not exist on this host."""
+    if sys.platform == "win32":
+        return []  # run_as is the relay's own account there (development_mode_warning)
     named = [("relay.user", config.relay.user)] if config.relay.user else []
     named += [("run_as", name) for name in run_as_accounts(config)]
     import pwd  # POSIX only; this module is imported on Windows too

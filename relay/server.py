@@ -32,12 +32,11 @@ from config import Config, TargetConfig, format_address, load_config
 
 from .accept import serve_listeners
 from .audit import AuditWriter, relay_audit_path
-from .backends import ManagedServer, open_backend
+from .backends import ManagedServer, default_launchers, open_backend
 from .errors import LocalProtocolError, RelayError
 from .gate import Gate
 from .identity import IdentityKeys, issuer_ssl_contexts
 from .metrics import Metrics, NilMetrics
-from .privsep import Launchers
 from .session import Session, handle_connection
 from .state import SharedState, open_revocation_store
 from .tls import ServerTLS, make_server_engine
@@ -171,7 +170,7 @@ class Relay:
         self._launch_locks: dict[str, trio.Lock] = {}
         self._managed_nursery: trio.Nursery | None = None
         # Starts managed servers' launchers; `dbgrelay serve` passes the privileged helper.
-        self.launchers = Launchers()
+        self.launchers = default_launchers()
         self.listeners: list[trio.SocketListener] = []
         # Set by ``serve --workers``: this process is one of several sharing the port.
         self.worker_index: int | None = None

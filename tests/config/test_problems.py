@@ -648,3 +648,81 @@ def test_data_plane_names_the_drivers(config_dir: Path) -> None:
     (line,) = problems_of(config_dir, MINIMAL + '[relay]\ndata_plane = "epoll"\n')
     assert line.startswith(f"{F}: relay.data_plane: ")
     assert '"trio"' in line and '"thread"' in line and "epoll" in line
+
+
+# -- debugger_restrictions ------------------------------------------------------------
+
+
+def _debugger(config_dir: Path, name: str) -> str:
+    """An executable stand-in for a debugger program, as a path relative to the config."""
+    (config_dir / "bin").mkdir(exist_ok=True)
+    program = config_dir / "bin" / name
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    return f"bin/{name}"
+
+
+SERVER_TARGET = 'kind = "server"\nbackend = "tcp://127.0.0.1:{port}"\n'
+
+
+@pytest.mark.parametrize(
+    ("program", "flags"),
+    [("kd", ("-noshell", "-secure")), ("cdb.exe", ("-noshell",)), ("CDB.EXE", ("-noshell",))],
+)
+def test_debugger_restrictions_add_the_options_the_debugger_offers(
+    config_dir: Path, program: str, flags: tuple[str, ...]
+) -> None:
+    path = _debugger(config_dir, program)
+    text = MINIMAL + target(
+        SERVER_TARGET + f'launch = ["{path}", "-server", "tcp:port={{port}}", "-p", "42"]\n'
+        "debugger_restrictions = true"
+    )
+    (loaded,) = load_config(write_config(config_dir, text)).targets
+    argv = loaded.launch_command(5005)
+    assert argv == (argv[0], *flags, "-server", "tcp:port=5005", "-p", "42")
+    assert argv[0].endswith(program)
+
+
+def test_debugger_restrictions_default_to_off(config_dir: Path) -> None:
+    path = _debugger(config_dir, "cdb")
+    text = MINIMAL + target(SERVER_TARGET + f'launch = ["{path}", "-server", "tcp:port={{port}}"]')
+    (loaded,) = load_config(write_config(config_dir, text)).targets
+    assert loaded.debugger_restrictions is False
+    assert loaded.launch_command(5005)[1:] == ("-server", "tcp:port=5005")
+
+
+@pytest.mark.parametrize("program", ["dbgsrv.exe", "kdsrv"])
+def test_debugger_restrictions_refused_for_servers_without_them(
+    config_dir: Path, program: str
+) -> None:
+    path = _debugger(config_dir, program)
+    text = MINIMAL + target(
+        SERVER_TARGET + f'launch = ["{path}", "-t", "tcp:port={{port}}"]\n'
+        "debugger_restrictions = true"
+    )
+    assert problems_of(config_dir, text) == [
+        f"{F}: targets[0].debugger_restrictions: {config_dir / 'bin' / program} offers no "
+        "-noshell or -secure option (only cdb, kd, ntsd, windbg do; dbgsrv and kdsrv take "
+        "neither); remove the key or launch one of those"
+    ]
+
+
+def test_debugger_restrictions_need_a_launch_command(config_dir: Path) -> None:
+    text = MINIMAL + target(
+        'kind = "server"\nbackend = "tcp://10.0.5.42:5005"\ndebugger_restrictions = true'
+    )
+    assert problems_of(config_dir, text) == [
+        f"{F}: targets[0].debugger_restrictions: only applies to targets with launch "
+        "(the relay adds the options to that command)"
+    ]
+
+
+def test_debugger_restrictions_must_be_a_boolean(config_dir: Path) -> None:
+    path = _debugger(config_dir, "cdb")
+    text = MINIMAL + target(
+        SERVER_TARGET + f'launch = ["{path}", "-server", "tcp:port={{port}}"]\n'
+        'debugger_restrictions = "yes"'
+    )
+    assert problems_of(config_dir, text) == [
+        f'{F}: targets[0].debugger_restrictions: expected true or false, got "yes"'
+    ]
