@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from auth import KeySet, RevocationSet, load_audit_key, load_jwks, peek_unverified
+from auth import KeySet, RevocationSet, TokenCache, load_audit_key, load_jwks, peek_unverified
 from config import Config, TargetConfig, format_address, load_config
 
 from .accept import serve_listeners
@@ -195,6 +195,9 @@ class Relay:
         self.identity = IdentityKeys(
             config.identity.oidc, wall_clock=wall_clock, audit=self.audit_event
         )
+        # Tokens verified before: a connector opening several tunnels pays
+        # the signature check once (revocation is still checked every time).
+        self.token_cache = TokenCache()
         self._relay_audit: AuditWriter | None = None
         self._relay_audit_day: str | None = None
         # Monotonic (trio) time each target last saw a tunnel end, for forgotten-server checks.

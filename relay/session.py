@@ -282,6 +282,7 @@ async def _serve(
             client_cert=ClientCertNames(cn=info.peer_cn, sans=info.peer_sans)
             if info.peer_subject is not None
             else None,
+            cache=relay.token_cache,
         )
         if admission is not None:
             admission.passed()
