@@ -99,6 +99,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "auth_failure_burst",
         "max_sources",
         "max_sessions_per_user",
+        "max_handshakes",
     ),
     "state": (
         "backend",
@@ -759,6 +760,7 @@ class _Validator:
             "auth_failure_burst",
             "max_sources",
             "max_sessions_per_user",
+            "max_handshakes",
         ):
             out[key] = self.positive_int(table, w, key, getattr(d, key))
         for key in ("handshake_rate", "auth_failure_rate"):

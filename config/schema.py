@@ -249,6 +249,11 @@ class LimitsSection:
             bytes each).  Default 65536.
         max_sessions_per_user: Live tunnels one user (token ``sub``) may
             hold; more get 429.  Default 16.
+        max_handshakes: TLS handshakes the relay runs at once; more
+            connections wait for a slot, within their ``handshake_timeout``.
+            Bounds the memory and CPU of a connection burst.  Default 64
+            (above ``max_unauthenticated_per_source``, so one source cannot
+            hold every slot).
     """
 
     max_unauthenticated: int = 256
@@ -259,6 +264,7 @@ class LimitsSection:
     auth_failure_burst: int = 20
     max_sources: int = 65536
     max_sessions_per_user: int = 16
+    max_handshakes: int = 64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -198,6 +198,8 @@ class Relay:
         # Tokens verified before: a connector opening several tunnels pays
         # the signature check once (revocation is still checked every time).
         self.token_cache = TokenCache()
+        # Server handshakes at once (limits.max_handshakes; a reload resizes it).
+        self.handshake_slots = trio.CapacityLimiter(config.limits.max_handshakes)
         self._relay_audit: AuditWriter | None = None
         self._relay_audit_day: str | None = None
         # Monotonic (trio) time each target last saw a tunnel end, for forgotten-server checks.
@@ -509,6 +511,7 @@ class Relay:
             self._retire_relay_writer()
         self.runtime = runtime
         self.tls.swap(runtime.tls_engine)
+        self.handshake_slots.total_tokens = runtime.config.limits.max_handshakes
         self.refresh_revocations()
         targets = tuple(t.name for t in runtime.config.targets)
         fields = {"targets": list(targets), "actor": actor, "restart_needed": list(restart)}

@@ -233,10 +233,11 @@ async def _serve(
     started = trio.current_time()
     deadline = started + config.relay.handshake_timeout
 
-    # 1. TLS handshake, within the handshake deadline.
+    # 1. TLS handshake, within the handshake deadline (waiting for a slot included).
     with trio.move_on_at(deadline) as scope:
         try:
-            await tls.do_handshake()
+            async with relay.handshake_slots:
+                await tls.do_handshake()
         except _BROKEN as exc:
             metrics.handshake("tls_error")
             # The pyOpenSSL engine says why in the error itself; trio's SSLStream in its cause.
