@@ -32,6 +32,7 @@ from config import Config, TargetConfig, format_address, load_config
 
 from .accept import serve_listeners
 from .audit import AuditWriter, relay_audit_path
+from .audit_pool import AuditPool
 from .backends import ManagedServer, open_backend
 from .errors import LocalProtocolError, RelayError
 from .gate import Gate
@@ -200,6 +201,8 @@ class Relay:
         self.token_cache = TokenCache()
         # Server handshakes at once (limits.max_handshakes; a reload resizes it).
         self.handshake_slots = trio.CapacityLimiter(config.limits.max_handshakes)
+        # Session audit files made ahead of time (filled by serve_relay).
+        self.audit_pool = AuditPool()
         self._relay_audit: AuditWriter | None = None
         self._relay_audit_day: str | None = None
         # Monotonic (trio) time each target last saw a tunnel end, for forgotten-server checks.
@@ -524,6 +527,7 @@ class Relay:
             session.end(reason)
 
     def close(self) -> None:
+        self.audit_pool.close()
         self._retire_relay_writer()
         if self.shared is not None:
             self.shared.close()
@@ -577,6 +581,7 @@ async def serve_relay(
                 async with trio.open_nursery() as main:
                     await main.start(relay.identity.serve)
                     main.start_soon(relay.run_housekeeping)
+                    main.start_soon(relay.audit_pool.serve, relay)
                     if relay.shared is None:
                         if not relay.worker_index:  # SQLite workers: worker 0 watches
                             main.start_soon(run_watch, relay)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 import trio
+import trio.testing
 
 from auth import peek_unverified
+from relay.audit import AuditWriteError
 from relay.connector import RelayRefused, open_tunnel
+from relay.preamble import render_request
 
 from .conftest import start_echo, start_relay
-from .test_relay import gdb_target
+from .test_relay import gdb_target, raw_request
 
 pytestmark = pytest.mark.parametrize("engine", ["stdlib", "pyopenssl"])
 
@@ -35,3 +39,138 @@ async def test_a_revoked_token_is_refused_at_once_though_its_check_was_cached(
     with trio.fail_after(5):
         await running.relay.wait_no_sessions()
     running.stop.set()
+
+
+class Recorded(trio.abc.HalfCloseableStream):
+    """A backend stream that notes, for each send, whether the start record was on disk."""
+
+    def __init__(self, inner: trio.SocketStream, synced: list[bool], sends: list[bool]) -> None:
+        self.inner, self.synced, self.sends = inner, synced, sends
+
+    async def send_all(self, data) -> None:
+        self.sends.append(bool(self.synced))
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def hold_start_record(relay, release: trio.Event, synced: list[bool], *, fail: bool = False):
+    """Make the first sync of each session file wait for ``release`` (and maybe fail)."""
+    real = relay.sync_audit
+    seen: set = set()
+
+    async def sync_audit(writer) -> None:
+        if writer.kind == "session" and writer.path not in seen:
+            seen.add(writer.path)
+            await release.wait()
+            if fail:
+                raise AuditWriteError(f"audit file {writer.path}: fsync failed: EIO")
+            await real(writer)
+            synced.append(True)
+            return
+        await real(writer)
+
+    relay.sync_audit = sync_audit
+
+
+def record_backend_sends(relay, synced: list[bool], sends: list[bool]) -> None:
+    real = relay.open_backend
+
+    async def open_backend(backend, *, connect_timeout):
+        return Recorded(await real(backend, connect_timeout=connect_timeout), synced, sends)
+
+    relay.open_backend = open_backend
+
+
+async def wait_pool_full(relay) -> None:
+    with trio.fail_after(10):
+        while len(relay.audit_pool) < relay.audit_pool.size:  # noqa: ASYNC110 - no event to wait on
+            await trio.sleep(0.01)
+
+
+async def test_no_byte_reaches_the_backend_before_the_start_record_is_on_disk(
+    nursery, make_config, token_for, pki
+):
+    backend = await start_echo(nursery)
+    config = make_config([gdb_target("build42", backend.port)])
+    running = await start_relay(nursery, config, pki)
+    relay = running.relay
+    await wait_pool_full(relay)
+    made_ahead = {p.stem for p in config.relay.audit_dir.glob("*/*.jsonl")}
+    release, synced, sends = trio.Event(), [], []
+    hold_start_record(relay, release, synced)
+    record_backend_sends(relay, synced, sends)
+
+    # The request and the debugger's first bytes in one write, before any answer.
+    data = render_request(method="CONNECT", target="build42", token=token_for()) + b"early"
+    answer: list = []
+
+    async def client() -> None:
+        answer.append(await raw_request(running.port, running.ca, data))
+
+    nursery.start_soon(client)
+    with trio.fail_after(10):
+        while backend.connections == 0:  # noqa: ASYNC110 - the echo server has no event
+            await trio.sleep(0.01)
+    # The backend connect overlapped the sync; the sync is still held.
+    await trio.testing.wait_all_tasks_blocked()
+    assert synced == [] and sends == [] and backend.received == b""
+    (session,) = relay.sessions.values()
+    assert session.opening and session.id in made_ahead  # the file was made ahead
+
+    release.set()
+    with trio.fail_after(10):
+        while not answer or backend.received != b"early":  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    event, tls = answer[0]
+    assert event.status == 200
+    assert sends and all(sends)  # every byte went after the sync
+    assert await tls.receive_some(10) == b"early"  # echoed
+    await tls.aclose()
+    with trio.fail_after(5):
+        await relay.wait_no_sessions()
+    (path,) = config.relay.audit_dir.glob(f"*/{session.id}.jsonl")
+    events = [json.loads(line).get("event") for line in path.read_text().splitlines()[1:]]
+    assert events[0] == "session.opened" and events[-1] == "session.closed"
+    running.stop.set()
+
+
+async def test_a_start_record_that_cannot_be_synced_gets_503_and_reaches_no_backend(
+    nursery, make_config, token_for, pki
+):
+    backend = await start_echo(nursery)
+    running = await start_relay(nursery, make_config([gdb_target("build42", backend.port)]), pki)
+    release, synced, sends = trio.Event(), [], []
+    release.set()
+    hold_start_record(running.relay, release, synced, fail=True)
+    record_backend_sends(running.relay, synced, sends)
+    data = render_request(method="CONNECT", target="build42", token=token_for()) + b"early"
+    event, tls = await raw_request(running.port, running.ca, data)
+    assert (event.status, event.reason) == (503, "audit_unavailable")
+    assert await tls.receive_some(100) == b""
+    assert sends == [] and backend.received == b""
+    with trio.fail_after(5):
+        await running.relay.wait_no_sessions()
+    running.stop.set()
+
+
+async def test_unused_files_made_ahead_are_removed_when_the_relay_stops(nursery, make_config, pki):
+    config = make_config([gdb_target("build42", 9)])
+    running = await start_relay(nursery, config, pki)
+    await wait_pool_full(running.relay)
+    assert len(list(config.relay.audit_dir.glob("*/*.jsonl"))) == running.relay.audit_pool.size
+    running.stop.set()
+    with trio.fail_after(10):
+        while running.relay.audit_pool:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    assert list(config.relay.audit_dir.glob("*/*.jsonl")) == []

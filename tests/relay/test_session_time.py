@@ -19,6 +19,8 @@ from relay.server import Relay
 from relay.session import handle_connection
 from relay.tls import make_client_engine
 
+from .conftest import session_files
+
 # The whole suite runs on both TLS engines.
 pytestmark = pytest.mark.parametrize("engine", ["stdlib", "pyopenssl"])
 
@@ -230,7 +232,7 @@ async def test_token_expiring_before_the_tunnel_opens_gets_401_not_a_bare_close(
     assert (event.status, event.reason) == (401, "expired")
     assert event.message == "the token has expired; ask an admin for a new one"
     assert trio.current_time() == pytest.approx(10, abs=0.01)
-    (path,) = h.relay.config.relay.audit_dir.glob("*/*.jsonl")
+    (path,) = session_files(h.relay.config.relay.audit_dir)
     assert closed_reason(h.relay, path.stem) == "token_expired"
 
 
