@@ -22,8 +22,9 @@ ending without ``session.closed``).
 from __future__ import annotations
 
 import logging
+import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,10 +53,16 @@ RETRY_INTERVAL = 5.0
 @dataclass(frozen=True, slots=True)
 class _Ready:
     session_id: str
-    writer: AuditWriter
+    path: Path
     audit_dir: Path
     signing_key: object
     sign_interval: float | None
+    # The writer, once made (a list: the entry is made before its file).
+    writers: list[AuditWriter] = field(default_factory=list)
+
+    @property
+    def writer(self) -> AuditWriter:
+        return self.writers[0]
 
 
 class AuditPool:
@@ -70,6 +77,11 @@ class AuditPool:
         self._ready: deque[_Ready] = deque()
         self._stale: list[_Ready] = []
         self._wanted = trio.Event()
+        # Made by a worker thread and not yet taken into _ready; and whether
+        # close() ran (a thread finishing after it removes its own file).
+        self._lock = threading.Lock()
+        self._made: list[_Ready] = []
+        self._closed = False
         self.made = 0
 
     def __len__(self) -> int:
@@ -113,44 +125,62 @@ class AuditPool:
         try:
             while True:
                 self._wanted = trio.Event()
-                await self._run(relay, self._discard_stale)
+                self._discard_stale()
                 rc = relay.config.relay
                 if len(self._ready) >= self.size:
                     await self._wanted.wait()
                     continue
                 session_id = new_session_id()
-                key = relay.audit_key
-                path = session_audit_path(rc.audit_dir, session_id, relay.audit_clock())
+                entry = _Ready(
+                    session_id=session_id,
+                    path=session_audit_path(rc.audit_dir, session_id, relay.audit_clock()),
+                    audit_dir=rc.audit_dir,
+                    signing_key=relay.audit_key,
+                    sign_interval=rc.checkpoint_interval,
+                )
                 try:
-                    # Shielded: a file made while we were cancelled would be lost.
-                    with trio.CancelScope(shield=True):
-                        writer = await self._run(
-                            relay, _make, path, session_id, key, relay.audit_clock, rc
+                    if relay.fsync_in_thread:
+                        # Abandoned on cancel: the thread then puts the file
+                        # where close() finds it, or removes it itself.
+                        await trio.to_thread.run_sync(
+                            self._make, entry, relay.audit_clock, abandon_on_cancel=True
                         )
+                    else:
+                        self._make(entry, relay.audit_clock)
                 except (OSError, RelayError) as exc:
                     # The session that finds the pool empty creates its own
                     # file, and reports the failure to its client (503).
                     log.warning("audit.pool_failed", extra={"error": str(exc)})
                     await trio.sleep(RETRY_INTERVAL)
                     continue
-                self.made += 1
-                self._ready.append(
-                    _Ready(
-                        session_id=session_id,
-                        writer=writer,
-                        audit_dir=rc.audit_dir,
-                        signing_key=key,
-                        sign_interval=rc.checkpoint_interval,
-                    )
-                )
+                with self._lock:
+                    self._ready.extend(self._made)
+                    self._made.clear()
         finally:
             self.close()
 
-    @staticmethod
-    async def _run(relay: Relay, fn, *args):
-        if relay.fsync_in_thread:
-            return await trio.to_thread.run_sync(fn, *args)
-        return fn(*args)
+    def _make(self, entry: _Ready, clock) -> None:
+        """Create, write the header of and sync one file (in a worker thread)."""
+        writer = AuditWriter.create(
+            entry.path,
+            kind="session",
+            session_id=entry.session_id,
+            signing_key=entry.signing_key,
+            clock=clock,
+            sign_interval=entry.sign_interval,
+        )
+        entry.writers.append(writer)
+        try:
+            writer.sync()  # the file, and its folder's entry for it
+        except BaseException:
+            _remove(entry)
+            raise
+        with self._lock:
+            if not self._closed:
+                self.made += 1
+                self._made.append(entry)
+                return
+        _remove(entry)
 
     def _discard_stale(self) -> None:
         stale, self._stale = self._stale, []
@@ -158,36 +188,26 @@ class AuditPool:
             _remove(entry)
 
     def close(self) -> None:
-        """Remove every unused file (they hold only a header); safe to call twice."""
+        """Remove every unused file (they hold only a header); safe to call twice.
+
+        A file still being made when this runs is removed by its own thread.
+        """
+        with self._lock:
+            self._closed = True
+            self._stale.extend(self._made)
+            self._made.clear()
         self._stale.extend(self._ready)
         self._ready.clear()
         self._discard_stale()
 
 
-def _make(path: Path, session_id: str, key, clock, rc) -> AuditWriter:
-    writer = AuditWriter.create(
-        path,
-        kind="session",
-        session_id=session_id,
-        signing_key=key,
-        clock=clock,
-        sign_interval=rc.checkpoint_interval,
-    )
-    try:
-        writer.sync()  # the file, and its folder's entry for it
-    except BaseException:
-        writer.close()
-        path.unlink(missing_ok=True)
-        raise
-    return writer
-
-
 def _remove(entry: _Ready) -> None:
+    for writer in entry.writers:
+        try:
+            writer.close()
+        except (OSError, RelayError) as exc:
+            log.warning("audit.pool_failed", extra={"error": str(exc)})
     try:
-        entry.writer.close()
-    except (OSError, RelayError) as exc:
-        log.warning("audit.pool_failed", extra={"error": str(exc)})
-    try:
-        entry.writer.path.unlink(missing_ok=True)
+        entry.path.unlink(missing_ok=True)
     except OSError as exc:
         log.warning("audit.pool_failed", extra={"error": str(exc)})

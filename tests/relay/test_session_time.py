@@ -257,6 +257,8 @@ async def test_session_ended_by_an_admin_before_its_200_is_told_so(
     nursery.start_soon(client)
     await connecting.wait()
     (session,) = h.relay.sessions.values()
+    # The start record is synced while the backend connects; then the session is open.
+    await trio.testing.wait_all_tasks_blocked()
     assert session.describe()["state"] == "open"
     session.end("ended_by_admin")
     await answered.wait()
