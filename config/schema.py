@@ -284,6 +284,11 @@ class TLSSection:
             ``engine = "pyopenssl"``.  Default false.
         ocsp_response: DER OCSP response to staple; needs
             ``engine = "pyopenssl"``.  Default ``None``.
+        ticket_key_interval: Seconds between new TLS 1.3 session-ticket
+            keys; a ticket resumes a session only until the key that sealed
+            it is replaced, so this also bounds how long a client may
+            resume.  ``0`` issues no tickets (every tunnel a full
+            handshake).  Default 3600.
     """
 
     cert: Path
@@ -294,6 +299,7 @@ class TLSSection:
     require_client_cert: bool = False
     require_pq: bool = False
     ocsp_response: Path | None = None
+    ticket_key_interval: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -41,7 +41,7 @@ from .metrics import Metrics, NilMetrics
 from .privsep import Launchers
 from .session import Session, handle_connection
 from .state import SharedState, open_revocation_store
-from .tls import ServerTLS, make_server_engine
+from .tls import ServerEngine, ServerTLS, make_server_engine
 from .watch import run_watch
 from .workers import open_reuseport_listeners
 
@@ -116,6 +116,27 @@ def _keep_bound(new: Config, old: Config) -> Config:
     )
 
 
+def server_engine(
+    config: Config, *, is_serial_revoked: Callable[[int], bool] | None = None
+) -> ServerEngine:
+    """The TLS server engine ``[tls]`` describes, with a new session-ticket key.
+
+    Raises:
+        RelayError: a file cannot be used; the message names it.
+    """
+    return make_server_engine(
+        engine=config.tls.engine,
+        cert=config.tls.cert,
+        key=config.tls.key,
+        min_version=config.tls.min_version,
+        client_ca=config.tls.client_ca,
+        require_client_cert=config.tls.require_client_cert,
+        is_serial_revoked=is_serial_revoked,
+        ocsp_response=config.tls.ocsp_response,
+        ticket_lifetime=config.tls.ticket_key_interval,
+    )
+
+
 def load_runtime(
     config: Config, *, is_serial_revoked: Callable[[int], bool] | None = None
 ) -> Runtime:
@@ -125,16 +146,7 @@ def load_runtime(
         RelayError or AuthError: a file cannot be used; the message names it.
     """
     keys = load_jwks(config.auth.jwks)
-    engine = make_server_engine(
-        engine=config.tls.engine,
-        cert=config.tls.cert,
-        key=config.tls.key,
-        min_version=config.tls.min_version,
-        client_ca=config.tls.client_ca,
-        require_client_cert=config.tls.require_client_cert,
-        is_serial_revoked=is_serial_revoked,
-        ocsp_response=config.tls.ocsp_response,
-    )
+    engine = server_engine(config, is_serial_revoked=is_serial_revoked)
     audit_key = load_audit_key(config.auth.audit_key) if config.auth.audit_key else None
     issuer_ssl_contexts(config.identity.oidc)  # a bad identity.oidc ca fails here, not later
     return Runtime(config=config, keys=keys, tls_engine=engine, audit_key=audit_key)
@@ -412,6 +424,37 @@ class Relay:
         if session_id in self.sessions:
             await self._gone.setdefault(session_id, trio.Event()).wait()
 
+    # -- TLS session tickets --------------------------------------------------
+
+    def new_ticket_key(self) -> None:
+        """Start issuing session tickets under a new key; earlier tickets stop resuming.
+
+        Neither engine lets the relay set OpenSSL's ticket key, which is made
+        with each context: so the server context is built again, from the
+        ``[tls]`` files as of the last reload.  Live tunnels keep theirs.  If
+        the files cannot be loaded now, the current context stays (logged).
+        """
+        try:
+            engine = server_engine(self.config, is_serial_revoked=self.is_serial_revoked)
+        except RelayError as exc:
+            log.error("tls.ticket_key_failed", extra={"error": str(exc)})
+            return
+        self.runtime = dataclasses.replace(self.runtime, tls_engine=engine)
+        self.tls.swap(engine)
+        log.info("tls.ticket_key_rotated")
+
+    async def run_ticket_keys(self) -> None:
+        """Rotate the session-ticket key every ``tls.ticket_key_interval`` seconds."""
+        while True:
+            interval = self.config.tls.ticket_key_interval
+            if interval <= 0:
+                # No tickets are issued; look again after a reload might change that.
+                await trio.sleep(60)
+                continue
+            await trio.sleep(interval)
+            if self.config.tls.ticket_key_interval > 0:
+                self.new_ticket_key()  # reads two small files, once per interval
+
     # -- housekeeping --------------------------------------------------------
 
     def refresh_revocations(self) -> None:
@@ -582,6 +625,7 @@ async def serve_relay(
                     await main.start(relay.identity.serve)
                     main.start_soon(relay.run_housekeeping)
                     main.start_soon(relay.audit_pool.serve, relay)
+                    main.start_soon(relay.run_ticket_keys)
                     if relay.shared is None:
                         if not relay.worker_index:  # SQLite workers: worker 0 watches
                             main.start_soon(run_watch, relay)

@@ -477,6 +477,7 @@ def _open_audit(relay: Relay, session: Session, ctx: dict) -> None:
             tls_version=info.version,
             tls_cipher=info.cipher,
             tls_group=info.group,
+            tls_resumed=info.resumed,
             client_cert=info.peer_subject,
             client_cert_serial=str(info.peer_serial) if info.peer_serial is not None else None,
             target=target.name,

@@ -12,7 +12,7 @@ import trio.testing
 from auth import peek_unverified
 from relay.audit import AuditWriteError
 from relay.connector import RelayRefused, open_tunnel
-from relay.preamble import render_request
+from relay.preamble import NEED_DATA, ResponseParser, render_request
 
 from .conftest import start_echo, start_relay
 from .test_relay import gdb_target, raw_request
@@ -174,3 +174,109 @@ async def test_unused_files_made_ahead_are_removed_when_the_relay_stops(nursery,
         while running.relay.audit_pool:  # noqa: ASYNC110
             await trio.sleep(0.01)
     assert list(config.relay.audit_dir.glob("*/*.jsonl")) == []
+
+
+# -- TLS session resumption ----------------------------------------------------
+
+
+async def test_a_second_tunnel_resumes_the_tls_session(nursery, make_config, token_for, pki):
+    backend = await start_echo(nursery)
+    config = make_config([gdb_target("build42", backend.port)])
+    running = await start_relay(nursery, config, pki)
+    settings = running.settings(token_for())
+    ids = []
+    for _ in range(3):
+        tls, session_id, _ = await open_tunnel(settings)
+        ids.append((session_id, tls.tls_info().resumed))
+        await tls.send_all(b"ping")
+        assert await tls.receive_some(10) == b"ping"
+        await tls.aclose()
+    assert [resumed for _, resumed in ids] == [False, True, True]
+    assert len(settings.tls_sessions) == 1
+    with trio.fail_after(5):
+        await running.relay.wait_no_sessions()
+    # The relay audits which tunnels resumed.
+    for session_id, resumed in ids:
+        (path,) = config.relay.audit_dir.glob(f"*/{session_id}.jsonl")
+        opened = json.loads(path.read_text().splitlines()[1])
+        assert opened["event"] == "session.opened" and opened["tls_resumed"] is resumed
+    running.stop.set()
+
+
+async def test_a_resumed_session_still_needs_a_valid_token(nursery, make_config, token_for, pki):
+    backend = await start_echo(nursery)
+    running = await start_relay(nursery, make_config([gdb_target("build42", backend.port)]), pki)
+    settings = running.settings(token_for())
+    tls, _, _ = await open_tunnel(settings)
+    await tls.aclose()
+    ((_, session),) = settings.tls_sessions.values()
+
+    engine = settings.engine
+    for token, status, reason in [
+        (token_for(audience="someone-else"), 401, "bad_audience"),
+        (token_for(targets=["other"]), 403, "not_granted"),
+    ]:
+        raw = await trio.open_tcp_stream("127.0.0.1", running.port)
+        tls = engine.wrap(raw, "127.0.0.1", session=session)
+        await tls.do_handshake()
+        assert tls.tls_info().resumed
+        await tls.send_all(render_request(method="CONNECT", target="build42", token=token))
+        parser = ResponseParser()
+        while (event := parser.next_event()) is NEED_DATA:
+            parser.receive_data(await tls.receive_some(4096))
+        assert (event.status, event.reason) == (status, reason)
+        assert await tls.receive_some(100) == b""
+        await tls.aclose()
+    assert backend.connections == 1
+    with trio.fail_after(5):
+        await running.relay.wait_no_sessions()
+    running.stop.set()
+
+
+async def test_a_new_ticket_key_ends_resumption_of_earlier_tickets(
+    nursery, make_config, token_for, pki
+):
+    backend = await start_echo(nursery)
+    running = await start_relay(nursery, make_config([gdb_target("build42", backend.port)]), pki)
+    settings = running.settings(token_for())
+    resumed = []
+    for rotate in (False, False, True, False):
+        if rotate:
+            running.relay.new_ticket_key()
+        tls, _, _ = await open_tunnel(settings)
+        resumed.append(tls.tls_info().resumed)
+        await tls.aclose()
+    assert resumed == [False, True, False, True]
+    with trio.fail_after(5):
+        await running.relay.wait_no_sessions()
+    running.stop.set()
+
+
+async def test_the_ticket_key_is_rotated_every_interval(autojump_clock, make_config, pki, nursery):
+    from relay.server import Relay
+
+    relay = Relay(make_config([gdb_target("build42", 9)], tls={"ticket_key_interval": "10m"}))
+    first = relay.tls.current
+    nursery.start_soon(relay.run_ticket_keys)
+    await trio.sleep(599)
+    assert relay.tls.current is first
+    await trio.sleep(2)
+    second = relay.tls.current
+    assert second is not first
+    await trio.sleep(600)
+    assert relay.tls.current is not second
+    relay.close()
+
+
+async def test_without_a_ticket_interval_no_session_resumes(nursery, make_config, token_for, pki):
+    backend = await start_echo(nursery)
+    config = make_config([gdb_target("build42", backend.port)], tls={"ticket_key_interval": 0})
+    running = await start_relay(nursery, config, pki)
+    settings = running.settings(token_for())
+    for _ in range(2):
+        tls, _, _ = await open_tunnel(settings)
+        assert not tls.tls_info().resumed
+        await tls.aclose()
+    with trio.fail_after(5):
+        await running.relay.wait_no_sessions()
+    running.stop.set()
