@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 
 import pytest
 import trio
 import trio.testing
 
 from auth import peek_unverified
+from relay import connector
 from relay.audit import AuditWriteError
 from relay.connector import RelayRefused, open_tunnel
 from relay.preamble import NEED_DATA, ResponseParser, render_request
@@ -279,4 +281,111 @@ async def test_without_a_ticket_interval_no_session_resumes(nursery, make_config
         await tls.aclose()
     with trio.fail_after(5):
         await running.relay.wait_no_sessions()
+    running.stop.set()
+
+
+# -- the debugger's first bytes go with the request ----------------------------
+
+
+async def test_the_first_bytes_go_with_the_request_before_the_answer(
+    nursery, make_config, token_for, pki
+):
+    backend = await start_echo(nursery)
+    running = await start_relay(nursery, make_config([gdb_target("build42", backend.port)]), pki)
+    release, synced, sends = trio.Event(), [], []
+    hold_start_record(running.relay, release, synced)
+    record_backend_sends(running.relay, synced, sends)
+    asked: list[bytes] = []
+
+    def early() -> bytes:
+        asked.append(b"first")
+        return b"first"
+
+    opened: list = []
+
+    async def connect() -> None:
+        opened.append(await open_tunnel(running.settings(token_for()), early=early))
+
+    nursery.start_soon(connect)
+    with trio.fail_after(10):
+        while not running.relay.sessions:  # noqa: ASYNC110 - no event to wait on
+            await trio.sleep(0.01)
+    # The token passed and the relay holds the start record's sync: no answer
+    # yet, and the bytes were already sent; nothing reached the backend.
+    await trio.testing.wait_all_tasks_blocked()
+    assert asked == [b"first"] and opened == []
+    assert sends == [] and backend.received == b""
+    release.set()
+    with trio.fail_after(10):
+        while not opened or backend.received != b"first":  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    assert all(sends)
+    tls, _, first = opened[0]
+    echoed = first
+    while len(echoed) < 5:
+        echoed += await tls.receive_some(10)
+    assert echoed == b"first"
+    await tls.aclose()
+    with trio.fail_after(5):
+        await running.relay.wait_no_sessions()
+    running.stop.set()
+
+
+async def test_first_bytes_sent_with_a_refused_request_are_dropped(
+    nursery, make_config, token_for, pki
+):
+    backend = await start_echo(nursery)
+    running = await start_relay(nursery, make_config([gdb_target("build42", backend.port)]), pki)
+    token = token_for()
+    running.relay.store.revoke(peek_unverified(token)["jti"], now=time.time())
+    running.relay.refresh_revocations()
+    with pytest.raises(RelayRefused) as info:
+        await open_tunnel(running.settings(token), early=lambda: b"first")
+    assert (info.value.status, info.value.reason) == (401, "revoked")
+    assert backend.connections == 0 and backend.received == b""
+    running.stop.set()
+
+
+@pytest.mark.parametrize("accepted", [True, False])
+async def test_the_connector_sends_what_the_debugger_already_wrote(
+    nursery, make_config, token_for, pki, accepted
+):
+    backend = await start_echo(nursery)
+    running = await start_relay(nursery, make_config([gdb_target("build42", backend.port)]), pki)
+    token = token_for()
+    if not accepted:
+        running.relay.store.revoke(peek_unverified(token)["jti"], now=time.time())
+        running.relay.refresh_revocations()
+    settings = running.settings(token)
+    taken: list[bytes] = []
+    real = connector.try_receive
+
+    def spy(stream, max_bytes):
+        taken.append(data := real(stream, max_bytes))
+        return data
+
+    connector.try_receive = spy
+    try:
+        refused: list = []
+        (listener,) = await nursery.start(
+            partial(connector.serve_connector, settings, on_refused=refused.append)
+        )
+        debugger = await trio.open_tcp_stream(*listener.socket.getsockname()[:2])
+        await debugger.send_all(b"$qSupported#37")
+        if accepted:
+            got = b""
+            while len(got) < 14:
+                got += await debugger.receive_some(100)
+            assert got == b"$qSupported#37"
+            assert backend.received == b"$qSupported#37"
+        else:
+            assert await debugger.receive_some(100) == b""  # the connector hung up
+            (exc,) = refused
+            assert exc.reason == "revoked"
+            assert backend.connections == 0 and backend.received == b""
+        # Sent before the answer whenever it had arrived before the handshake ended.
+        assert len(taken) == 1
+        await debugger.aclose()
+    finally:
+        connector.try_receive = real
     running.stop.set()
