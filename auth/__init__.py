@@ -59,6 +59,7 @@ _EXPORTS = {
     "MAX_TIME_CLAIM": "tokens",
     "MAX_TOKEN_LENGTH": "tokens",
     "peek_unverified": "tokens",
+    "TokenCache": "tokens",
     "verify_token": "tokens",
 }
 

@@ -20,6 +20,7 @@ import base64
 import json
 import math
 import secrets
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -32,6 +33,7 @@ from .keys import KeySet, SigningKey
 
 __all__ = [
     "Claims",
+    "TokenCache",
     "issue_token",
     "verify_token",
     "peek_unverified",
@@ -344,23 +346,33 @@ def verify_token(
     if audience not in (aud if isinstance(aud, tuple) else (aud,)):
         raise _reject("token audience does not include this relay", "bad_audience")
 
-    # Same comparisons as PyJWT, but against ``now``: a token is expired from
-    # exp + leeway on, and not yet valid while nbf (or iat) is after now + leeway.
-    if payload["exp"] <= now - leeway:
+    _check_times(payload["exp"], payload["nbf"], payload["iat"], now=now, leeway=leeway)
+    return _claims(payload, aud, targets, scope, kid)
+
+
+def _check_times(exp: float, nbf: float, iat: float, *, now: float, leeway: float) -> None:
+    """Same comparisons as PyJWT, but against ``now``.
+
+    A token is expired from exp + leeway on, and not yet valid while nbf (or
+    iat) is after now + leeway.
+
+    Raises:
+        TokenRejected: ``expired`` or ``not_yet_valid``.
+    """
+    if exp <= now - leeway:
+        raise _reject(f"token expired at {exp} (now {now:.0f}, leeway {leeway:g}s)", "expired")
+    if nbf > now + leeway:
         raise _reject(
-            f"token expired at {payload['exp']} (now {now:.0f}, leeway {leeway:g}s)", "expired"
+            f"token not valid before {nbf} (now {now:.0f}, leeway {leeway:g}s)", "not_yet_valid"
         )
-    if payload["nbf"] > now + leeway:
+    if iat > now + leeway:
         raise _reject(
-            f"token not valid before {payload['nbf']} (now {now:.0f}, leeway {leeway:g}s)",
-            "not_yet_valid",
-        )
-    if payload["iat"] > now + leeway:
-        raise _reject(
-            f"token issued in the future at {payload['iat']} (now {now:.0f}, leeway {leeway:g}s)",
+            f"token issued in the future at {iat} (now {now:.0f}, leeway {leeway:g}s)",
             "not_yet_valid",
         )
 
+
+def _claims(payload: dict, aud: Any, targets: list, scope: str | None, kid: str) -> Claims:
     return Claims(
         sub=payload["sub"],
         jti=payload["jti"],
@@ -373,6 +385,81 @@ def verify_token(
         scope=scope,
         kid=kid,
     )
+
+
+class TokenCache:
+    """Verified tokens, so a token presented again skips the signature check.
+
+    An Ed25519 verify and the JSON decoding cost about half a millisecond; a
+    connector that opens several tunnels with one token pays it once.  What
+    is cached is only what :func:`verify_token` proves from the token's bytes
+    and the key (signature, claims, issuer, audience).  On every hit the time
+    claims are checked again against ``now``, and the entry counts only if
+    the key set still holds the very key that verified it, so a rotated or
+    removed key takes effect at once.  Revocation is not cached here: the
+    caller checks it on every use (:func:`relay.access.authorize`), so a
+    revoked token is refused on its next use, cached or not.
+
+    Bounded: at most ``max_entries`` tokens, least recently used evicted
+    first, and an entry is dropped once its token has expired.
+
+    Args:
+        max_entries: How many tokens to keep.
+    """
+
+    def __init__(self, max_entries: int = 1024) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        # token -> (issuer, audience, key, claims, raw exp, nbf, iat)
+        self._entries: OrderedDict[str, tuple[str, str, Any, Claims, float, float, float]] = (
+            OrderedDict()
+        )
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def verify(
+        self,
+        token: str,
+        keys: KeySet,
+        *,
+        issuer: str,
+        audience: str,
+        now: float,
+        leeway: float,
+    ) -> Claims:
+        """:func:`verify_token`, answered from the cache when it can be.
+
+        Raises:
+            TokenRejected: As :func:`verify_token` does.
+        """
+        entry = self._entries.get(token) if isinstance(token, str) else None
+        if entry is not None:
+            e_issuer, e_audience, key, claims, exp, nbf, iat = entry
+            if e_issuer == issuer and e_audience == audience and keys.get(claims.kid) is key:
+                if exp <= now - leeway:
+                    del self._entries[token]
+                _check_times(exp, nbf, iat, now=now, leeway=leeway)
+                self._entries.move_to_end(token)
+                self.hits += 1
+                return claims
+            del self._entries[token]
+        claims = verify_token(token, keys, issuer=issuer, audience=audience, now=now, leeway=leeway)
+        payload = jwt.decode(token, options={"verify_signature": False})
+        self._entries[token] = (
+            issuer,
+            audience,
+            keys[claims.kid],
+            claims,
+            payload["exp"],
+            payload["nbf"],
+            payload["iat"],
+        )
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return claims
 
 
 def peek_unverified(token: str) -> dict[str, str]:

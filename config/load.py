@@ -87,6 +87,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "require_client_cert",
         "require_pq",
         "ocsp_response",
+        "ticket_key_interval",
     ),
     "auth": ("issuer", "audience", "jwks", "leeway", "audit_key"),
     "identity": ("oidc", "group_targets", "admin_groups"),
@@ -101,6 +102,7 @@ _KEYS: dict[str, tuple[str, ...]] = {
         "auth_failure_burst",
         "max_sources",
         "max_sessions_per_user",
+        "max_handshakes",
     ),
     "state": (
         "backend",
@@ -762,6 +764,7 @@ class _Validator:
             "auth_failure_burst",
             "max_sources",
             "max_sessions_per_user",
+            "max_handshakes",
         ):
             out[key] = self.positive_int(table, w, key, getattr(d, key))
         for key in ("handshake_rate", "auth_failure_rate"):
@@ -803,6 +806,7 @@ class _Validator:
             "require_client_cert": self.boolean(table, w, "require_client_cert", False),
             "require_pq": self.boolean(table, w, "require_pq", False),
             "ocsp_response": self.path(table, w, "ocsp_response", None, readable=True),
+            "ticket_key_interval": self.duration(table, w, "ticket_key_interval", 3600.0),
         }
         if out["require_client_cert"] is True and out["client_ca"] is None:
             self.problem(

@@ -251,6 +251,11 @@ class LimitsSection:
             bytes each).  Default 65536.
         max_sessions_per_user: Live tunnels one user (token ``sub``) may
             hold; more get 429.  Default 16.
+        max_handshakes: TLS handshakes the relay runs at once; more
+            connections wait for a slot, within their ``handshake_timeout``.
+            Bounds the memory and CPU of a connection burst.  Default 64
+            (above ``max_unauthenticated_per_source``, so one source cannot
+            hold every slot).
     """
 
     max_unauthenticated: int = 256
@@ -261,6 +266,7 @@ class LimitsSection:
     auth_failure_burst: int = 20
     max_sources: int = 65536
     max_sessions_per_user: int = 16
+    max_handshakes: int = 64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -280,6 +286,11 @@ class TLSSection:
             ``engine = "pyopenssl"``.  Default false.
         ocsp_response: DER OCSP response to staple; needs
             ``engine = "pyopenssl"``.  Default ``None``.
+        ticket_key_interval: Seconds between new TLS 1.3 session-ticket
+            keys; a ticket resumes a session only until the key that sealed
+            it is replaced, so this also bounds how long a client may
+            resume.  ``0`` issues no tickets (every tunnel a full
+            handshake).  Default 3600.
     """
 
     cert: Path
@@ -290,6 +301,7 @@ class TLSSection:
     require_client_cert: bool = False
     require_pq: bool = False
     ocsp_response: Path | None = None
+    ticket_key_interval: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

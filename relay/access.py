@@ -34,6 +34,7 @@ from auth import (
     KeySet,
     OidcTrust,
     RevocationSet,
+    TokenCache,
     TokenRejected,
     unverified_issuer,
     verify_oidc_token,
@@ -112,12 +113,19 @@ def issuer_policy(item: OidcIssuerConfig, index: int = 0) -> IssuerPolicy:
 
 
 def verify_identity(
-    token: str, *, config: Config, keys: KeySet, oidc: OidcTrust | None, now: float
+    token: str,
+    *,
+    config: Config,
+    keys: KeySet,
+    oidc: OidcTrust | None,
+    now: float,
+    cache: TokenCache | None = None,
 ) -> Claims:
     """Verify a locally issued or IdP token.
 
     A token whose unverified ``iss`` is a configured OIDC issuer is checked
-    only against that issuer; any other token only against ``[auth]``.
+    only against that issuer; any other token only against ``[auth]``, through
+    ``cache`` when one is given (IdP tokens are verified every time).
 
     Raises:
         TokenRejected: With the reason.
@@ -137,7 +145,8 @@ def verify_identity(
             leeway=config.auth.leeway,
             on_unknown_kid=trust.on_unknown_kid,
         )
-    return verify_token(
+    verify = cache.verify if cache is not None else verify_token
+    return verify(
         token,
         keys,
         issuer=config.auth.issuer,
@@ -178,6 +187,7 @@ def authorize(
     now: float,
     oidc: OidcTrust | None = None,
     client_cert: ClientCertNames | None = None,
+    cache: TokenCache | None = None,
 ) -> Grant:
     """Decide whether ``token`` may open a tunnel to ``target_name``.
 
@@ -190,6 +200,8 @@ def authorize(
         now: Current Unix time (the caller's clock; tests pass their own).
         oidc: Policies and last good keys of the OIDC issuers.
         client_cert: Names in the verified client certificate, if one was presented.
+        cache: Verified tokens to reuse (:class:`auth.TokenCache`); revocation
+            is checked here on every call, cached or not.
 
     Returns:
         The grant.
@@ -202,7 +214,7 @@ def authorize(
             "no bearer token in Proxy-Authorization or Authorization", reason="missing", status=401
         )
     try:
-        claims = verify_identity(token, config=config, keys=keys, oidc=oidc, now=now)
+        claims = verify_identity(token, config=config, keys=keys, oidc=oidc, now=now, cache=cache)
     except TokenRejected as exc:
         raise RemoteProtocolError(str(exc), reason=exc.reason, status=401) from exc
     if not claims.oidc and claims.scope == ADMIN_SCOPE:

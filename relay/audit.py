@@ -176,6 +176,11 @@ def _make_private_dirs(directory: Path) -> None:
         os.chmod(level, 0o700)
 
 
+#: ``fdatasync`` where there is one (Linux): appends need their data and
+#: size on disk, which it guarantees, and skip the inode's times.
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
 def _lock(fd: int, path: Path) -> None:
     if fcntl is None:  # pragma: no cover - Windows
         return
@@ -603,7 +608,7 @@ class AuditWriter:
             self._write_pending()
 
     def sync(self) -> None:
-        """:meth:`flush`, then fsync the file (and, once, its directory).
+        """:meth:`flush`, then fdatasync the file (and, once, fsync its directory).
 
         Blocks on the disk: the relay runs it with ``trio.to_thread.run_sync``.
 
@@ -615,7 +620,8 @@ class AuditWriter:
         if fd is None:
             return
         try:
-            os.fsync(fd)
+            # The data and the file size (all a reader needs); not the mtime.
+            _datasync(fd)
             if not self._dir_synced:
                 # The new directory entry must be durable too, or a crash can
                 # lose the whole file even though its data was fsynced.

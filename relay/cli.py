@@ -652,8 +652,15 @@ async def _run_relay(
 
 
 def _make_metrics(config):
-    from .metrics import Metrics
+    """Live metrics when ``[metrics]`` serves them, else :class:`NilMetrics`.
 
+    Without an endpoint nothing reads the counters, and the relay does not
+    load prometheus_client at all.
+    """
+    from .metrics import Metrics, NilMetrics
+
+    if not config.metrics.enabled:
+        return NilMetrics()
     return Metrics(version=_version(), targets=[t.name for t in config.targets])
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from .credentials import TokenSource
+from .datapath.sockets import try_receive
 from .errors import RelayError, RemoteProtocolError
 from .preamble import NEED_DATA, ResponseParser, TunnelResponse, render_request
 from .pump import Traffic, run_pump
@@ -80,6 +81,11 @@ class ConnectorSettings:
         handshake_timeout: Seconds for TLS plus the relay's answer.
         token_source: Where a fresh token comes from; when set, its current
             token is sent instead of ``token``.
+        tls_sessions: The newest TLS session of each relay (by host, port
+            and server name) with the engine that made it, resumed by the
+            next tunnel to it through that engine: a resumed
+            handshake skips the certificate exchange.  The relay checks the
+            token of every tunnel, resumed or not.
     """
 
     relay_host: str
@@ -91,6 +97,9 @@ class ConnectorSettings:
     engine: ClientEngine
     handshake_timeout: float = 15.0
     token_source: TokenSource | None = None
+    tls_sessions: dict[tuple[str, int, str], tuple[ClientEngine, object]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     @property
     def current_token(self) -> str:
@@ -212,9 +221,16 @@ def debugger_commands(
 
 
 async def _exchange(
-    settings: ConnectorSettings, method: str
+    settings: ConnectorSettings, method: str, early: Callable[[], bytes] | None = None
 ) -> tuple[trio.abc.Stream, TunnelResponse]:
-    """Open TLS to the relay, send one request, read the answer head."""
+    """Open TLS to the relay, send one request, read the answer head.
+
+    The TLS session resumes the relay's last one when there is one, and the
+    newest is kept for the next tunnel.  ``early``, called once the
+    handshake is done, returns bytes sent in the same write as the request,
+    without waiting for the answer: the relay forwards them only after the
+    token check passed, and drops them with the connection on a refusal.
+    """
     try:
         with trio.fail_after(settings.handshake_timeout):
             raw = await trio.open_tcp_stream(settings.relay_host, settings.relay_port)
@@ -224,7 +240,12 @@ async def _exchange(
             f"{getattr(exc, 'strerror', None) or exc or 'timed out'}; check --relay",
             reason="relay_unreachable",
         ) from exc
-    tls = settings.engine.wrap(raw, settings.server_name)
+    relay_key = (settings.relay_host, settings.relay_port, settings.server_name)
+    # A session resumes only with the engine (and context) that made it.
+    made_by, session = settings.tls_sessions.get(relay_key, (None, None))
+    tls = settings.engine.wrap(
+        raw, settings.server_name, session=session if made_by is settings.engine else None
+    )
     try:
         with trio.fail_after(settings.handshake_timeout):
             try:
@@ -236,20 +257,23 @@ async def _exchange(
                     f"{settings.server_name!r}",
                     reason="tls_error",
                 ) from exc
-            await tls.send_all(
-                render_request(
-                    method=method,
-                    target=settings.target,
-                    token=settings.current_token,
-                    host=settings.target,
-                )
+            request = render_request(
+                method=method,
+                target=settings.target,
+                token=settings.current_token,
+                host=settings.target,
             )
+            await tls.send_all(request + early() if early is not None else request)
             parser = ResponseParser(method=method)
             while True:
                 event = parser.next_event()
                 if event is not NEED_DATA:
                     break
                 parser.receive_data(await tls.receive_some(16384))
+            # The relay's ticket came before its answer.
+            session = tls.session()
+            if session is not None:
+                settings.tls_sessions[relay_key] = (settings.engine, session)
     except trio.TooSlowError as exc:
         await trio.aclose_forcefully(tls)
         raise ConnectFailed(
@@ -285,14 +309,21 @@ async def preflight(settings: ConnectorSettings) -> dict[str, str]:
     return dict(event.headers)
 
 
-async def open_tunnel(settings: ConnectorSettings) -> tuple[trio.abc.Stream, str, bytes]:
+async def open_tunnel(
+    settings: ConnectorSettings, *, early: Callable[[], bytes] | None = None
+) -> tuple[trio.abc.Stream, str, bytes]:
     """Open one tunnel.
+
+    Args:
+        settings: Where and as whom.
+        early: Called after the TLS handshake; what it returns (the
+            debugger's first bytes) goes with the request, before the answer.
 
     Returns:
         The TLS stream (raw bytes from now on), the relay's session id, and
         any tunnel bytes that arrived with the answer.
     """
-    tls, event = await _exchange(settings, "CONNECT")
+    tls, event = await _exchange(settings, "CONNECT", early)
     return tls, event.headers.get("dbgrelay-session", "?"), event.trailing
 
 
@@ -326,9 +357,17 @@ async def serve_connector(
     opening = trio.CapacityLimiter(_OPENING_AT_ONCE)
 
     async def handle(local: trio.SocketStream) -> None:
+        sent_early: list[bytes] = []
+
+        def early() -> bytes:
+            # What the debugger sent while TLS was set up; never waits.
+            data = try_receive(local, 65536)
+            sent_early.append(data)
+            return data
+
         try:
             async with opening:
-                tls, session_id, first = await open_tunnel(settings)
+                tls, session_id, first = await open_tunnel(settings, early=early)
         except (RelayRefused, ConnectFailed) as exc:
             log.warning("tunnel.refused", extra={"reason": exc.reason, "error": str(exc)})
             if on_refused is not None:
@@ -337,6 +376,7 @@ async def serve_connector(
             return
         log.info("tunnel.opened", extra={"session_id": session_id, "target": settings.target})
         traffic = Traffic()
+        traffic.to_backend = sum(map(len, sent_early))
         try:
             if first:
                 await local.send_all(first)

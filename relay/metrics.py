@@ -16,17 +16,14 @@ belong in the logs.
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from typing import TYPE_CHECKING
 
 from auth import TOKEN_REJECT_REASONS
+
+if TYPE_CHECKING:
+    # Imported where used: a relay without a metrics endpoint runs on
+    # NilMetrics and never loads prometheus_client (about 2 MiB of RSS).
+    from prometheus_client import CollectorRegistry, Counter
 
 __all__ = [
     "Metrics",
@@ -144,6 +141,8 @@ class _Families:
     )
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
         r = registry
         self.sessions_active = Gauge(
             "dbgrelay_sessions_active", "Tunnels open right now.", ["target"], registry=r
@@ -363,6 +362,8 @@ class Metrics:
     """
 
     def __init__(self, *, version: str, targets: Iterable[str] = ()) -> None:
+        from prometheus_client import CollectorRegistry
+
         self.registry = CollectorRegistry()
         self._f = _Families(self.registry)
         self._targets: dict[str, _TargetSeries] = {}
@@ -500,6 +501,8 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """Return the exposition body and its ``Content-Type``."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def metric_names(self) -> set[str]:
@@ -509,6 +512,8 @@ class Metrics:
         ``_created``) exactly as :func:`prometheus_client.generate_latest`
         writes them, whether or not a series exists yet.
         """
+        from prometheus_client import CollectorRegistry
+
         scratch = CollectorRegistry()
         # A labelled family emits no sample until it has a child: give each one.
         for family, n_labels in _Families(scratch).labelled:
@@ -584,6 +589,8 @@ class NilMetrics:
 
     def render(self) -> tuple[bytes, str]:
         """Return an empty exposition."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+
         return b"", CONTENT_TYPE_LATEST
 
     def metric_names(self) -> set[str]:

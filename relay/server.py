@@ -27,11 +27,12 @@ from typing import Any
 
 import trio
 
-from auth import KeySet, RevocationSet, load_audit_key, load_jwks, peek_unverified
+from auth import KeySet, RevocationSet, TokenCache, load_audit_key, load_jwks, peek_unverified
 from config import Config, TargetConfig, format_address, load_config
 
 from .accept import serve_listeners
 from .audit import AuditWriter, relay_audit_path
+from .audit_pool import AuditPool
 from .backends import ManagedServer, default_launchers, open_backend
 from .errors import LocalProtocolError, RelayError
 from .gate import Gate
@@ -39,7 +40,7 @@ from .identity import IdentityKeys, issuer_ssl_contexts
 from .metrics import Metrics, NilMetrics
 from .session import Session, handle_connection
 from .state import SharedState, open_revocation_store
-from .tls import ServerTLS, make_server_engine
+from .tls import ServerEngine, ServerTLS, make_server_engine
 from .watch import run_watch
 from .workers import open_reuseport_listeners
 
@@ -114,6 +115,27 @@ def _keep_bound(new: Config, old: Config) -> Config:
     )
 
 
+def server_engine(
+    config: Config, *, is_serial_revoked: Callable[[int], bool] | None = None
+) -> ServerEngine:
+    """The TLS server engine ``[tls]`` describes, with a new session-ticket key.
+
+    Raises:
+        RelayError: a file cannot be used; the message names it.
+    """
+    return make_server_engine(
+        engine=config.tls.engine,
+        cert=config.tls.cert,
+        key=config.tls.key,
+        min_version=config.tls.min_version,
+        client_ca=config.tls.client_ca,
+        require_client_cert=config.tls.require_client_cert,
+        is_serial_revoked=is_serial_revoked,
+        ocsp_response=config.tls.ocsp_response,
+        ticket_lifetime=config.tls.ticket_key_interval,
+    )
+
+
 def load_runtime(
     config: Config, *, is_serial_revoked: Callable[[int], bool] | None = None
 ) -> Runtime:
@@ -123,16 +145,7 @@ def load_runtime(
         RelayError or AuthError: a file cannot be used; the message names it.
     """
     keys = load_jwks(config.auth.jwks)
-    engine = make_server_engine(
-        engine=config.tls.engine,
-        cert=config.tls.cert,
-        key=config.tls.key,
-        min_version=config.tls.min_version,
-        client_ca=config.tls.client_ca,
-        require_client_cert=config.tls.require_client_cert,
-        is_serial_revoked=is_serial_revoked,
-        ocsp_response=config.tls.ocsp_response,
-    )
+    engine = server_engine(config, is_serial_revoked=is_serial_revoked)
     audit_key = load_audit_key(config.auth.audit_key) if config.auth.audit_key else None
     issuer_ssl_contexts(config.identity.oidc)  # a bad identity.oidc ca fails here, not later
     return Runtime(config=config, keys=keys, tls_engine=engine, audit_key=audit_key)
@@ -194,6 +207,13 @@ class Relay:
         self.identity = IdentityKeys(
             config.identity.oidc, wall_clock=wall_clock, audit=self.audit_event
         )
+        # Tokens verified before: a connector opening several tunnels pays
+        # the signature check once (revocation is still checked every time).
+        self.token_cache = TokenCache()
+        # Server handshakes at once (limits.max_handshakes; a reload resizes it).
+        self.handshake_slots = trio.CapacityLimiter(config.limits.max_handshakes)
+        # Session audit files made ahead of time (filled by serve_relay).
+        self.audit_pool = AuditPool()
         self._relay_audit: AuditWriter | None = None
         self._relay_audit_day: str | None = None
         # Monotonic (trio) time each target last saw a tunnel end, for forgotten-server checks.
@@ -403,6 +423,37 @@ class Relay:
         if session_id in self.sessions:
             await self._gone.setdefault(session_id, trio.Event()).wait()
 
+    # -- TLS session tickets --------------------------------------------------
+
+    def new_ticket_key(self) -> None:
+        """Start issuing session tickets under a new key; earlier tickets stop resuming.
+
+        Neither engine lets the relay set OpenSSL's ticket key, which is made
+        with each context: so the server context is built again, from the
+        ``[tls]`` files as of the last reload.  Live tunnels keep theirs.  If
+        the files cannot be loaded now, the current context stays (logged).
+        """
+        try:
+            engine = server_engine(self.config, is_serial_revoked=self.is_serial_revoked)
+        except RelayError as exc:
+            log.error("tls.ticket_key_failed", extra={"error": str(exc)})
+            return
+        self.runtime = dataclasses.replace(self.runtime, tls_engine=engine)
+        self.tls.swap(engine)
+        log.info("tls.ticket_key_rotated")
+
+    async def run_ticket_keys(self) -> None:
+        """Rotate the session-ticket key every ``tls.ticket_key_interval`` seconds."""
+        while True:
+            interval = self.config.tls.ticket_key_interval
+            if interval <= 0:
+                # No tickets are issued; look again after a reload might change that.
+                await trio.sleep(60)
+                continue
+            await trio.sleep(interval)
+            if self.config.tls.ticket_key_interval > 0:
+                self.new_ticket_key()  # reads two small files, once per interval
+
     # -- housekeeping --------------------------------------------------------
 
     def refresh_revocations(self) -> None:
@@ -505,6 +556,7 @@ class Relay:
             self._retire_relay_writer()
         self.runtime = runtime
         self.tls.swap(runtime.tls_engine)
+        self.handshake_slots.total_tokens = runtime.config.limits.max_handshakes
         self.refresh_revocations()
         targets = tuple(t.name for t in runtime.config.targets)
         fields = {"targets": list(targets), "actor": actor, "restart_needed": list(restart)}
@@ -517,6 +569,7 @@ class Relay:
             session.end(reason)
 
     def close(self) -> None:
+        self.audit_pool.close()
         self._retire_relay_writer()
         if self.shared is not None:
             self.shared.close()
@@ -570,6 +623,8 @@ async def serve_relay(
                 async with trio.open_nursery() as main:
                     await main.start(relay.identity.serve)
                     main.start_soon(relay.run_housekeeping)
+                    main.start_soon(relay.audit_pool.serve, relay)
+                    main.start_soon(relay.run_ticket_keys)
                     if relay.shared is None:
                         if not relay.worker_index:  # SQLite workers: worker 0 watches
                             main.start_soon(run_watch, relay)

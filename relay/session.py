@@ -233,10 +233,11 @@ async def _serve(
     started = trio.current_time()
     deadline = started + config.relay.handshake_timeout
 
-    # 1. TLS handshake, within the handshake deadline.
+    # 1. TLS handshake, within the handshake deadline (waiting for a slot included).
     with trio.move_on_at(deadline) as scope:
         try:
-            await tls.do_handshake()
+            async with relay.handshake_slots:
+                await tls.do_handshake()
         except _BROKEN as exc:
             metrics.handshake("tls_error")
             # The pyOpenSSL engine says why in the error itself; trio's SSLStream in its cause.
@@ -282,6 +283,7 @@ async def _serve(
             client_cert=ClientCertNames(cn=info.peer_cn, sans=info.peer_sans)
             if info.peer_subject is not None
             else None,
+            cache=relay.token_cache,
         )
         if admission is not None:
             admission.passed()
@@ -305,7 +307,26 @@ async def _serve(
                 limit=config.relay.final_write_timeout,
             )
             return
-        session = Session(id=sid, peer=peer, grant=grant, tls=info, started=relay.wall_clock())
+        opened_at = relay.wall_clock()
+        # A file made ahead of time (its creation and folder already on
+        # disk) names the session: the id it was made under replaces ours,
+        # before any record or log line carries it.
+        ready = relay.audit_pool.take(
+            audit_dir=config.relay.audit_dir,
+            signing_key=relay.audit_key,
+            sign_interval=config.relay.checkpoint_interval,
+            now=datetime.fromtimestamp(opened_at, UTC),
+        )
+        if ready is not None:
+            sid = ctx["session_id"] = ready[0]
+        session = Session(
+            id=sid,
+            peer=peer,
+            grant=grant,
+            tls=info,
+            started=opened_at,
+            audit=ready[1] if ready is not None else None,
+        )
         # Registered in the same step as the revocation check in authorize():
         # no await between them, so a revocation applied from here on finds
         # the session and ends it, and one applied before was seen by the
@@ -328,14 +349,13 @@ async def _serve(
         return
 
     try:
-        await _open_audit(relay, session, ctx)
+        _open_audit(relay, session, ctx)
     except BaseException as exc:
         relay.remove_session(session)
         if isinstance(exc, RemoteProtocolError):
             await _refuse(relay, tls, exc, ctx, **fields)
             return
         raise
-    session.opening = False
     metrics.session_opened(target.name)
     relay.audit_event("token.accepted", session_id=sid, **fields)
     log.info("session.opened", extra=ctx)
@@ -424,8 +444,14 @@ def _preflight_headers(target: TargetConfig, claims: Any = None) -> dict[str, st
     return headers
 
 
-async def _open_audit(relay: Relay, session: Session, ctx: dict) -> None:
-    """Create the session's audit file with its start record, on disk.
+def _open_audit(relay: Relay, session: Session, ctx: dict) -> None:
+    """Write the session's start record into its audit file, not yet synced.
+
+    The file is the one the session took from :mod:`relay.audit_pool`, or
+    is created here when the pool had none.  The record is written to the
+    file now and made durable by :func:`_sync_start_record`, which
+    :func:`_run_tunnel` overlaps with the backend connect and waits for
+    before the 200 and before a byte reaches the backend.
 
     Raises:
         RemoteProtocolError: 503 ``audit_unavailable`` (fail closed).
@@ -433,14 +459,15 @@ async def _open_audit(relay: Relay, session: Session, ctx: dict) -> None:
     claims, target, info = session.grant.claims, session.grant.target, session.tls
     started = datetime.fromtimestamp(session.started, UTC)
     try:
-        session.audit = AuditWriter.create(
-            session_audit_path(relay.config.relay.audit_dir, session.id, started),
-            kind="session",
-            session_id=session.id,
-            signing_key=relay.audit_key,
-            clock=relay.audit_clock,
-            sign_interval=relay.config.relay.checkpoint_interval,
-        )
+        if session.audit is None:
+            session.audit = AuditWriter.create(
+                session_audit_path(relay.config.relay.audit_dir, session.id, started),
+                kind="session",
+                session_id=session.id,
+                signing_key=relay.audit_key,
+                clock=relay.audit_clock,
+                sign_interval=relay.config.relay.checkpoint_interval,
+            )
         session.audit.append(
             "session.opened",
             session_id=session.id,
@@ -450,6 +477,7 @@ async def _open_audit(relay: Relay, session: Session, ctx: dict) -> None:
             tls_version=info.version,
             tls_cipher=info.cipher,
             tls_group=info.group,
+            tls_resumed=info.resumed,
             client_cert=info.peer_subject,
             client_cert_serial=str(info.peer_serial) if info.peer_serial is not None else None,
             target=target.name,
@@ -459,7 +487,7 @@ async def _open_audit(relay: Relay, session: Session, ctx: dict) -> None:
             token_exp=claims.exp,
             start=started.isoformat(),
         )
-        await relay.sync_audit(session.audit)
+        session.audit.flush()
     except (OSError, RelayError) as exc:
         relay.metrics.audit_write_error()
         log.error("audit.unwritable", extra=ctx | {"error": str(exc)})
@@ -474,6 +502,21 @@ async def _open_audit(relay: Relay, session: Session, ctx: dict) -> None:
         raise RemoteProtocolError(
             "the relay cannot write its audit log", reason="audit_unavailable", status=503
         ) from exc
+
+
+async def _sync_start_record(relay: Relay, session: Session, failed: list[Exception]) -> None:
+    """Make the start record durable (fdatasync); a failure is put in ``failed``.
+
+    Its file and folder entry are on disk already when the file came from
+    the pool, so this is one ``fdatasync`` of the appended record.
+    """
+    assert session.audit is not None
+    try:
+        await relay.sync_audit(session.audit)
+    except (OSError, RelayError) as exc:
+        failed.append(exc)
+    else:
+        session.opening = False
 
 
 async def _refuse(
@@ -639,30 +682,46 @@ async def _run_tunnel(
                     life_deadline, life_reason = exp_at, "token_expired"
             session.scope.deadline = life_deadline
 
-            # Backend: launch (or reuse) a managed server, then connect.
-            try:
-                if target.managed:
-                    managed, launched = await relay.managed_server(target)
-                    managed.tunnel_opened()
-                    audit.append(
-                        "backend.launched" if launched else "backend.reused",
-                        pid=managed.pid,
-                        port=managed.port,
+            # Backend: launch (or reuse) a managed server, then connect, while
+            # the start record goes to disk; both are done before anything
+            # is sent either way.
+            unsynced: list[Exception] = []
+            backend_error: BackendError | None = None
+            async with trio.open_nursery() as overlap:
+                overlap.start_soon(_sync_start_record, relay, session, unsynced)
+                try:
+                    if target.managed:
+                        managed, launched = await relay.managed_server(target)
+                        managed.tunnel_opened()
+                        audit.append(
+                            "backend.launched" if launched else "backend.reused",
+                            pid=managed.pid,
+                            port=managed.port,
+                        )
+                        backend_addr = managed.backend
+                    else:
+                        backend_addr = target.backend
+                    # A managed server is reached through its launcher, never on the host.
+                    backend = await relay.open_backend(
+                        managed or backend_addr, connect_timeout=target.connect_timeout
                     )
-                    backend_addr = managed.backend
-                else:
-                    backend_addr = target.backend
-                # A managed server is reached through its launcher, never on the host.
-                backend = await relay.open_backend(
-                    managed or backend_addr, connect_timeout=target.connect_timeout
-                )
-            except BackendError as exc:
+                except BackendError as exc:
+                    backend_error = exc
+            if unsynced:
+                relay.metrics.audit_write_error()
+                reason, detail = "audit_failed", f"start record not on disk: {unsynced[0]}"
+                log.error("audit.unwritable", extra=ctx | {"error": str(unsynced[0])})
+                await _answer(relay, tls, 503, "audit_unavailable")
+                return
+            if backend_error is not None:
+                exc = backend_error
                 relay.metrics.backend_connect_error(target.name)
                 reason, detail = exc.reason, str(exc)
                 audit.append("backend.failed", reason=exc.reason, error=str(exc))
                 log.warning("backend.failed", extra=ctx | {"reason": exc.reason, "error": str(exc)})
                 await _answer(relay, tls, 502, exc.reason)
                 return
+            assert backend is not None
             gone = _backend_gone(backend)
             if gone is not None:
                 # Connected, but the server already reset or closed it (a

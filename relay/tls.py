@@ -69,7 +69,9 @@ class ServerEngine(Protocol):
 class ClientEngine(Protocol):
     name: str
 
-    def wrap(self, transport: trio.abc.Stream, server_hostname: str) -> TLSStream: ...
+    def wrap(
+        self, transport: trio.abc.Stream, server_hostname: str, *, session: object = None
+    ) -> TLSStream: ...
 
 
 _MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
@@ -119,7 +121,12 @@ class StdlibEngine:
     __slots__ = ("server_side", "_incoming", "_outgoing", "_obj")
 
     def __init__(
-        self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
+        self,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
     ) -> None:
         self.server_side = server_side
         self._incoming = ssl.MemoryBIO()
@@ -129,6 +136,7 @@ class StdlibEngine:
             self._outgoing,
             server_side=server_side,
             server_hostname=server_hostname,
+            session=session,
         )
 
     def feed(self, data: bytes | memoryview) -> None:
@@ -178,6 +186,11 @@ class StdlibEngine:
     def version(self) -> str | None:
         return self._obj.version()
 
+    def session(self) -> ssl.SSLSession | None:
+        session = self._obj.session
+        # A TLS 1.3 session resumes only with the ticket that came after the handshake.
+        return session if session is not None and session.has_ticket else None
+
     def info(self) -> TLSInfo:
         obj = self._obj
         cipher = obj.cipher()
@@ -196,6 +209,7 @@ class StdlibEngine:
             peer_serial=serial,
             peer_cn=cn,
             peer_sans=sans,
+            resumed=obj.session_reused,
         )
 
 
@@ -212,15 +226,24 @@ def _bad_files(message: str) -> LocalProtocolError:
 
 
 def _stdlib_server_context(
-    *, cert: Path, key: Path, min_version: str, client_ca: Path | None, require_client_cert: bool
+    *,
+    cert: Path,
+    key: Path,
+    min_version: str,
+    client_ca: Path | None,
+    require_client_cert: bool,
+    tickets: bool,
 ) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx, min_version)
     ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-    # No TLS 1.3 session tickets: the connector never resumes a session,
-    # and each client kept two of them (with the server's certificate),
-    # about 16 KiB per tunnel, besides the server's work to issue them.
-    ctx.num_tickets = 0
+    # One TLS 1.3 ticket per handshake (OpenSSL's default is two): the
+    # connector keeps the newest per relay, and every ticket a client
+    # holds costs it memory (the session carries the server's certificate).
+    # The ticket key is OpenSSL's, made with the context; the stdlib has no
+    # call to set it, so the relay rotates it by building a new context
+    # (Relay.new_ticket_key).  Without tickets, none are sent.
+    ctx.num_tickets = 1 if tickets else 0
     try:
         ctx.load_cert_chain(str(cert), str(key))
         if client_ca is not None:
@@ -255,9 +278,14 @@ def _stdlib_server_stream(context: ssl.SSLContext, transport: trio.abc.Stream) -
 
 
 def _stdlib_client_stream(
-    context: ssl.SSLContext, transport: trio.abc.Stream, server_hostname: str
+    context: ssl.SSLContext,
+    transport: trio.abc.Stream,
+    server_hostname: str,
+    session: ssl.SSLSession | None = None,
 ) -> TLSStream:
-    engine = StdlibEngine(context, server_side=False, server_hostname=server_hostname)
+    engine = StdlibEngine(
+        context, server_side=False, server_hostname=server_hostname, session=session
+    )
     return TLSStream.over(transport, engine)
 
 
@@ -277,8 +305,17 @@ class _BuiltEngine:
         self.context = context
         self._wrap = wrap
 
-    def wrap(self, transport: trio.abc.Stream, *server_hostname: str) -> TLSStream:
-        """A TLS stream over ``transport`` (a client passes the server's name)."""
+    def wrap(
+        self, transport: trio.abc.Stream, *server_hostname: str, session: object = None
+    ) -> TLSStream:
+        """A TLS stream over ``transport``.
+
+        A client passes the server's name, and may pass a session from
+        :meth:`TLSStream.session` of an earlier connection to the same
+        server to resume it.
+        """
+        if session is not None:
+            return self._wrap(self.context, transport, *server_hostname, session)
         return self._wrap(self.context, transport, *server_hostname)
 
 
@@ -298,12 +335,18 @@ def make_server_engine(
     require_client_cert: bool = False,
     is_serial_revoked: Callable[[int], bool] | None = None,
     ocsp_response: Path | None = None,
+    ticket_lifetime: float = 0.0,
 ) -> ServerEngine:
     """Build the server side of a TLS engine from files.
 
     ``is_serial_revoked`` and ``ocsp_response`` are used by the pyOpenSSL
     engine during the handshake; the stdlib engine's sessions check
-    revocation right after it.
+    revocation right after it.  With ``ticket_lifetime`` (seconds, the
+    rotation interval of ``tls.ticket_key_interval``) the engine issues TLS
+    1.3 session tickets under a key of its own, made with it; 0 issues none.
+    A resumed handshake skips the certificate checks of a full one, so the
+    relay checks a client certificate's revocation after every handshake,
+    resumed or not.
 
     Raises:
         LocalProtocolError: the files cannot be loaded or the engine is unknown.
@@ -316,12 +359,14 @@ def make_server_engine(
         "require_client_cert": require_client_cert,
     }
     if engine == "stdlib":
-        return _BuiltEngine(engine, _stdlib_server_context(**files), _stdlib_server_stream)
+        context = _stdlib_server_context(**files, tickets=ticket_lifetime > 0)
+        return _BuiltEngine(engine, context, _stdlib_server_stream)
     if engine == "pyopenssl":
         from . import tls_openssl
 
         context = tls_openssl.make_server_context(
             **files,
+            ticket_lifetime=ticket_lifetime,
             is_serial_revoked=is_serial_revoked,
             ocsp_response=Path(ocsp_response) if ocsp_response is not None else None,
         )

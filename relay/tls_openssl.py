@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import ocsp
 from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
 from OpenSSL.crypto import X509
 
 from .datapath.stream import TLSStream
@@ -222,6 +224,11 @@ class OpenSSLEngine:
     def version(self) -> str | None:
         return self._conn.get_protocol_version_name()
 
+    def session(self) -> SSL.Session | None:
+        # pyOpenSSL cannot tell whether a ticket came (the stdlib can): a
+        # session without one is harmless, OpenSSL then runs a full handshake.
+        return self._conn.get_session()
+
     def info(self) -> TLSInfo:
         """What the handshake negotiated.
 
@@ -247,6 +254,8 @@ class OpenSSLEngine:
             peer_serial=serial,
             peer_cn=cn,
             peer_sans=sans,
+            # pyOpenSSL has no call for it; OpenSSL's own, on the same SSL object.
+            resumed=bool(_lib.SSL_session_reused(conn._ssl)),
         )
 
 
@@ -371,14 +380,21 @@ def make_server_context(
     require_client_cert: bool = False,
     is_serial_revoked: Callable[[int], bool] | None = None,
     ocsp_response: Path | Callable[[], bytes | None] | None = None,
+    ticket_lifetime: float = 0.0,
 ) -> SSL.Context:
     """Build a hardened server :class:`OpenSSL.SSL.Context`.
 
     TLS 1.2 minimum (1.3 with ``min_version="1.3"``), no compression, no
     renegotiation, server cipher preference, ECDHE+AEAD TLS 1.2 suites, and
-    OpenSSL's default key-exchange groups (X25519MLKEM768 first).  Session
-    resumption is off: a resumed session would skip the client-certificate
-    checks, including revocation, and the relay does one handshake per tunnel.
+    OpenSSL's default key-exchange groups (X25519MLKEM768 first).
+
+    Session resumption: off by default.  With ``ticket_lifetime`` seconds,
+    the context issues stateless TLS 1.3 tickets (no server-side cache)
+    sealed with a ticket key OpenSSL makes with the context, valid for that
+    long; pyOpenSSL has no call to set or rotate the key itself, so the
+    relay rotates it by building a new context.  A resumed handshake skips
+    the client-certificate checks, including ``is_serial_revoked``: the
+    relay checks revocation again after every handshake.
 
     Args:
         cert: PEM certificate chain, leaf first.
@@ -406,8 +422,14 @@ def make_server_context(
             reason="bad_config",
         )
     ctx = _new_context(min_version)
-    ctx.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_TICKET)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    if ticket_lifetime > 0:
+        ctx.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
+        ctx.set_timeout(max(1, math.ceil(ticket_lifetime)))
+        # Required to resume sessions whose client presented a certificate.
+        ctx.set_session_id(b"dbgrelay")
+    else:
+        ctx.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_TICKET)
     _load_identity(ctx, cert, key)
     ctx.set_alpn_select_callback(_alpn_selector(alpn))
 
@@ -670,13 +692,17 @@ def open_server_stream(ctx: SSL.Context, transport: trio.abc.Stream) -> TLSStrea
 
 
 def open_client_stream(
-    ctx: SSL.Context, transport: trio.abc.Stream, server_hostname: str
+    ctx: SSL.Context,
+    transport: trio.abc.Stream,
+    server_hostname: str,
+    session: SSL.Session | None = None,
 ) -> TLSStream:
     """Wrap a connected transport as the client end of a TLS stream.
 
     Sends SNI for DNS names (never for IP literals, RFC 6066 section 3) and
     checks the server certificate against ``server_hostname`` during the
-    handshake.
+    handshake.  ``session`` (from an earlier stream's ``session()``) asks the
+    server to resume it.
 
     Raises:
         LocalProtocolError: ``server_hostname`` is not a DNS name or IP address.
@@ -684,6 +710,8 @@ def open_client_stream(
     wanted = _normalize_hostname(server_hostname)
     conn = SSL.Connection(ctx, None)
     conn.set_connect_state()
+    if session is not None:
+        conn.set_session(session)
     if isinstance(wanted, str):
         conn.set_tlsext_host_name(wanted.encode("ascii"))
     conn.set_verify(ctx.get_verify_mode(), _server_cert_verifier(server_hostname, wanted))

@@ -20,7 +20,7 @@ import socket
 
 import trio
 
-__all__ = ["RawSocket", "try_send"]
+__all__ = ["RawSocket", "try_receive", "try_send"]
 
 
 class RawSocket:
@@ -57,5 +57,24 @@ def try_send(stream: trio.abc.Stream, data: bytes | memoryview) -> int:
         return raw.sock.send(data)
     except OSError:
         return 0
+    finally:
+        raw.release()
+
+
+def try_receive(stream: trio.abc.Stream, max_bytes: int) -> bytes:
+    """What ``stream``'s socket holds now, without waiting.
+
+    Returns:
+        Up to ``max_bytes`` bytes; empty when nothing has arrived, at EOF,
+        on an error (the next real read reports it), or when ``stream`` is
+        not a :class:`trio.SocketStream`.
+    """
+    if type(stream) is not trio.SocketStream:
+        return b""
+    raw = RawSocket(stream)
+    try:
+        return raw.sock.recv(max_bytes)
+    except OSError:
+        return b""
     finally:
         raw.release()

@@ -299,6 +299,15 @@ class TLSStream(trio.abc.Stream):
 
     # -- introspection ----------------------------------------------------------
 
+    def session(self) -> object | None:
+        """The engine's session, to resume a later connection with (client side).
+
+        A TLS 1.3 session can resume only once its ticket arrived, which the
+        server sends after the handshake: take it after reading from the
+        stream.
+        """
+        return self.conn.engine.session()
+
     def tls_info(self) -> TLSInfo:
         """What the handshake negotiated.
 

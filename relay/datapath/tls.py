@@ -92,6 +92,8 @@ class TLSInfo:
         peer_serial: That certificate's serial number.
         peer_cn: Its subject's common name, if any.
         peer_sans: Its subjectAltName email, DNS and URI values.
+        resumed: Whether the handshake resumed an earlier session (a TLS 1.3
+            ticket) instead of running in full.
     """
 
     version: str
@@ -102,6 +104,7 @@ class TLSInfo:
     peer_serial: int | None = None
     peer_cn: str | None = None
     peer_sans: tuple[str, ...] = ()
+    resumed: bool = False
 
 
 class TLSError(Exception):
@@ -178,6 +181,10 @@ class Engine(Protocol):
 
     def version(self) -> str | None:
         """The negotiated protocol version, once known."""
+        ...
+
+    def session(self) -> object | None:
+        """The session to resume the next connection to the same peer with (client side)."""
         ...
 
     def info(self) -> TLSInfo:

@@ -234,13 +234,17 @@ async def run_pump(
             close_timeout=close_timeout,
             tap=tap,
         )
+        sweeper = None
+        if activity is not None and idle_timeout is not None:
+            sweeper = _sweeper()
+            sweeper.watch(pump, activity)
         async with trio.open_nursery() as nursery:
-            if activity is not None and idle_timeout is not None:
-                nursery.start_soon(_watch_idle, pump, activity)
             nursery.start_soon(_run_direction, pump, sides, BACKEND, nursery)
             # One direction runs in this task: a tunnel holds one task fewer.
             await _run_direction(pump, sides, CLIENT, nursery)
     finally:
+        if sweeper is not None:
+            sweeper.forget(pump)
         for side in sides:
             side.release()
     # Every way out but an outer cancellation records a result first.
@@ -290,19 +294,66 @@ async def _run_direction(pump: Pump, sides: list[_Side], src: int, nursery: trio
     nursery.cancel_scope.cancel()
 
 
-async def _watch_idle(pump: Pump, activity: trio.CancelScope) -> None:
-    """Cancel ``activity`` once the pump's idle deadline passes.
+class IdleSweeper:
+    """Ends idle tunnels: one task for every tunnel of a trio run.
 
-    Moving a cancel scope's deadline for every chunk re-sorts trio's deadline
-    heap each time; instead the pump only records the deadline and this task
-    sleeps until it, again as long as bytes kept moving: one wake-up per
-    ``idle_timeout`` on a busy tunnel, and an idle one closes exactly on time.
+    A task per tunnel that sleeps until its idle deadline costs a task and
+    a deadline in trio's heap for each tunnel.  Moving a cancel scope's
+    deadline for every chunk would re-sort that heap each time; instead each
+    pump only records its deadline, and this task sleeps until the earliest
+    one, looks at every watched pump, cancels the ``activity`` scope of each
+    whose deadline has passed and sleeps again.  A busy tunnel costs a look
+    per wake-up; an idle one is ended exactly on time.
     """
-    while True:
-        due = pump.idle_deadline
-        if due == math.inf:
-            return
-        if trio.current_time() >= due:
-            activity.cancel()
-            return
-        await trio.sleep_until(due)
+
+    def __init__(self) -> None:
+        self._watched: dict[Pump, trio.CancelScope] = {}
+        self._due = math.inf
+        self._wake = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self._watched)
+
+    def watch(self, pump: Pump, activity: trio.CancelScope) -> None:
+        """Cancel ``activity`` once ``pump`` has been idle past its deadline."""
+        self._watched[pump] = activity
+        if pump.idle_deadline < self._due:
+            self._wake.set()
+
+    def forget(self, pump: Pump) -> None:
+        """Stop watching ``pump`` (its tunnel ended)."""
+        self._watched.pop(pump, None)
+
+    def sweep(self, now: float) -> float:
+        """Cancel the scopes of pumps idle at ``now``; return the next deadline."""
+        due = math.inf
+        for pump, activity in list(self._watched.items()):
+            deadline = pump.idle_deadline
+            if deadline <= now:
+                activity.cancel()
+                del self._watched[pump]
+            elif deadline < due:
+                due = deadline
+        return due
+
+    async def run(self) -> None:
+        """Sweep at each earliest deadline, and whenever an earlier one is watched."""
+        while True:
+            self._wake = trio.Event()
+            self._due = self.sweep(trio.current_time())
+            with trio.move_on_at(self._due):
+                await self._wake.wait()
+
+
+_SWEEPER: trio.lowlevel.RunVar[IdleSweeper] = trio.lowlevel.RunVar("dbgrelay_idle_sweeper")
+
+
+def _sweeper() -> IdleSweeper:
+    """This trio run's sweeper, started (as a system task) on first use."""
+    try:
+        return _SWEEPER.get()
+    except LookupError:
+        sweeper = IdleSweeper()
+        _SWEEPER.set(sweeper)
+        trio.lowlevel.spawn_system_task(sweeper.run, name="dbgrelay idle sweeper")
+        return sweeper

@@ -23,6 +23,7 @@ def test_defaults(config_dir: Path) -> None:
         auth_failure_burst=20,
         max_sources=65536,
         max_sessions_per_user=16,
+        max_handshakes=64,
     )
     assert config.relay.proxy_protocol is False
     assert config.relay.proxy_trusted == ()
@@ -33,6 +34,7 @@ def test_every_key_is_read(config_dir: Path) -> None:
         "[limits]\nmax_unauthenticated = 100\nmax_unauthenticated_per_source = 10\n"
         "handshake_rate = 5\nhandshake_burst = 50\nauth_failure_rate = 0.25\n"
         "auth_failure_burst = 40\nmax_sources = 1000\nmax_sessions_per_user = 4\n"
+        "max_handshakes = 8\n"
         '[relay]\nproxy_protocol = true\nproxy_trusted = ["10.0.0.0/8", "fd00::/8", "192.0.2.1"]\n'
     )
     config = load_config(write_config(config_dir, text))
@@ -45,6 +47,7 @@ def test_every_key_is_read(config_dir: Path) -> None:
         auth_failure_burst=40,
         max_sources=1000,
         max_sessions_per_user=4,
+        max_handshakes=8,
     )
     assert config.relay.proxy_protocol is True
     assert config.relay.proxy_trusted == (
@@ -58,13 +61,15 @@ def test_bad_values_each_get_one_line(config_dir: Path) -> None:
     text = MINIMAL + (
         '[limits]\nmax_unauthenticated = 0\nhandshake_rate = "fast"\n'
         "auth_failure_rate = -1\nmax_sessions_per_user = 1.5\nmax_unknown = 3\n"
+        "max_handshakes = 0\n"
     )
     assert problems_of(config_dir, text) == [
         f"{F}: limits.max_unknown: unknown key; known keys: max_unauthenticated, "
         "max_unauthenticated_per_source, handshake_rate, handshake_burst, auth_failure_rate, "
-        "auth_failure_burst, max_sources, max_sessions_per_user",
+        "auth_failure_burst, max_sources, max_sessions_per_user, max_handshakes",
         f"{F}: limits.max_unauthenticated: expected a positive integer, got 0",
         f"{F}: limits.max_sessions_per_user: expected a positive integer, got 1.5",
+        f"{F}: limits.max_handshakes: expected a positive integer, got 0",
         f'{F}: limits.handshake_rate: expected a positive number per second, got "fast"',
         f"{F}: limits.auth_failure_rate: expected a positive number per second, got -1",
     ]

@@ -104,6 +104,19 @@ def token_for(keydir: Path) -> Callable[..., str]:
     return make
 
 
+def session_files(audit_dir: Path) -> list[Path]:
+    """Session audit files in which a session began.
+
+    A running relay keeps a few files made ahead of time (a header and no
+    record yet, :mod:`relay.audit_pool`); they are not sessions.
+    """
+    return [
+        path
+        for path in audit_dir.glob("*/*.jsonl")
+        if not path.name.endswith(".bytes.jsonl") and len(path.read_bytes().splitlines()) > 1
+    ]
+
+
 @dataclass
 class Backend:
     """A plaintext echo server on loopback that counts its connections."""

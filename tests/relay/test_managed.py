@@ -33,7 +33,7 @@ import trio.testing
 
 from relay.connector import RelayRefused, open_tunnel
 
-from .conftest import RunningRelay, start_relay
+from .conftest import RunningRelay, session_files, start_relay
 
 GDBSERVER = shutil.which("gdbserver")
 SLEEP = shutil.which("sleep")
@@ -374,7 +374,7 @@ async def test_a_launch_program_removed_after_startup_refuses_the_tunnel_with_50
     assert (refused.value.status, refused.value.reason) == (502, "launch_failed")
     with trio.fail_after(10):
         await running.relay.wait_no_sessions()
-    (path,) = running.relay.config.relay.audit_dir.glob("*/*.jsonl")
+    (path,) = session_files(running.relay.config.relay.audit_dir)
     records = [json.loads(line) for line in path.read_text().splitlines()]
     failed = next(r for r in records if r.get("event") == "backend.failed")
     assert failed["reason"] == "launch_failed"
@@ -437,7 +437,7 @@ async def test_a_server_that_never_listens_is_killed_after_launch_timeout(
     assert [(e.status, e.reason) for e in outcome] == [(502, "launch_failed")]
     with trio.fail_after(10):
         await running.relay.wait_no_sessions()
-    (path,) = running.relay.config.relay.audit_dir.glob("*/*.jsonl")
+    (path,) = session_files(running.relay.config.relay.audit_dir)
     records = [json.loads(line) for line in path.read_text().splitlines()]
     failed = next(r for r in records if r.get("event") == "backend.failed")
     assert f"did not listen on port {launched['port']} within 10s" in failed["error"]

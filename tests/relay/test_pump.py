@@ -188,6 +188,44 @@ async def test_a_busy_tunnel_is_never_idle(engines, nursery, autojump_clock):
     assert not t.done.is_set()
 
 
+async def test_one_sweeper_ends_every_idle_tunnel_on_time(engines, nursery, autojump_clock):
+    from relay.datapath.trio_driver import _SWEEPER
+
+    tunnels = [await memory_tunnel(engines, nursery, idle_timeout=t) for t in (300, 100, 200)]
+    await trio.testing.wait_all_tasks_blocked()
+    start = trio.current_time()
+    sweeper = _SWEEPER.get()
+    assert len(sweeper) == 3
+    # One task watches them all: no tunnel runs a timer task of its own.
+    timers = [n for n in _task_names() if n.startswith(("relay.", "dbgrelay")) and "idle" in n]
+    assert timers == ["dbgrelay idle sweeper"]
+    ended = []
+    for t in sorted(tunnels, key=lambda t: id(t)):
+        nursery.start_soon(lambda t=t: _note_end(t, ended))
+    await trio.sleep(301)
+    assert sorted(ended) == [
+        pytest.approx(start + 100, abs=1e-6),
+        pytest.approx(start + 200, abs=1e-6),
+        pytest.approx(start + 300, abs=1e-6),
+    ]
+    assert all(t.idle.cancelled_caught for t in tunnels)
+    assert len(sweeper) == 0
+
+
+def _task_names() -> list[str]:
+    names, todo = [], [trio.lowlevel.current_root_task()]
+    while todo:
+        task = todo.pop()
+        names.append(task.name)
+        todo.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
+    return names
+
+
+async def _note_end(t: Tunnel, ended: list[float]) -> None:
+    await t.done.wait()
+    ended.append(trio.current_time())
+
+
 async def test_after_the_client_closes_the_backend_may_answer_for_close_timeout(
     nursery, autojump_clock
 ):

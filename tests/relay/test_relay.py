@@ -22,7 +22,7 @@ from relay.datapath.thread_driver import shared_plane
 from relay.preamble import NEED_DATA, ResponseParser, TunnelResponse, render_request
 from relay.tls import make_client_engine
 
-from .conftest import start_echo, start_relay
+from .conftest import session_files, start_echo, start_relay
 
 # The whole suite runs on both TLS engines.
 pytestmark = pytest.mark.parametrize("engine", ["stdlib", "pyopenssl"])
@@ -341,7 +341,7 @@ async def test_unreachable_backend_gets_502(nursery, make_config, token_for, pki
     assert (info.value.status, info.value.reason) == (502, "backend_unreachable")
     assert sample(running.metrics, "dbgrelay_backend_connect_errors_total", target="build42") == 1
     # The session existed (token valid), so it has its own audit file with the reason.
-    (session_file,) = config.relay.audit_dir.glob("*/*.jsonl")
+    (session_file,) = session_files(config.relay.audit_dir)
     assert audit_records(session_file)[-1]["reason"] == "backend_unreachable"
     running.stop.set()
 
@@ -495,7 +495,7 @@ async def test_backend_that_resets_before_the_tunnel_opens_gets_502(
     assert info.value.message == "the debug server dropped the connection before the tunnel opened"
     with trio.fail_after(5):
         await running.relay.wait_no_sessions()
-    (session_file,) = config.relay.audit_dir.glob("*/*.jsonl")
+    (session_file,) = session_files(config.relay.audit_dir)
     events = [r.get("event") for r in audit_records(session_file)]
     assert "backend.failed" in events and "backend.connected" not in events
     assert audit_records(session_file)[-1]["reason"] == "backend_reset"
@@ -564,7 +564,7 @@ async def test_signed_token_with_an_absurd_time_claim_gets_401_malformed(
     relay_file = next(config.relay.audit_dir.glob("relay-*.jsonl"))
     (rejected,) = [r for r in audit_records(relay_file) if r.get("event") == "token.rejected"]
     assert rejected["reason"] == "malformed" and rejected["status"] == 401
-    assert not list(config.relay.audit_dir.glob("*/*.jsonl"))  # no session began
+    assert not list(session_files(config.relay.audit_dir))  # no session began
     running.stop.set()
 
 

@@ -208,3 +208,34 @@ async def test_certificate_revoked_between_handshake_and_request_is_refused(
     assert backend.connections == 0
     assert running.relay.sessions == {}
     running.stop.set()
+
+
+@pytest.mark.parametrize("engine", ["stdlib", "pyopenssl"])
+async def test_a_revoked_certificate_cannot_resume_its_tls_session(
+    engine, nursery, make_config, token_for, pki, alice_cert
+):
+    # The attack: resume a session made while the certificate was good; a
+    # resumed handshake does not check the certificate again.
+    backend, config, running, settings = await alice_over_mtls(
+        engine, nursery, make_config, token_for, pki, alice_cert
+    )
+    tls, _, _ = await open_tunnel(settings)
+    await tls.aclose()
+    running.relay.store.revoke_serial(alice_cert.serial, now=0)
+    running.relay.refresh_revocations()
+    ((_, session),) = settings.tls_sessions.values()
+    tls = settings.engine.wrap(
+        await trio.open_tcp_stream("127.0.0.1", running.port), "127.0.0.1", session=session
+    )
+    await tls.do_handshake()
+    assert tls.tls_info().resumed
+    try:
+        await tls.send_all(b"CONNECT build42 HTTP/1.1\r\n\r\n")
+        assert await tls.receive_some(100) == b""  # closed without an answer
+    except trio.BrokenResourceError:
+        pass
+    assert backend.connections == 1
+    await eventually(
+        lambda: sample(running.metrics, "dbgrelay_handshakes_total", outcome="cert_revoked") == 1
+    )
+    running.stop.set()

@@ -23,6 +23,7 @@ from relay.audit import AuditWriteError, AuditWriter, ByteRecorder
 from relay.metrics import Metrics
 from relay.server import Relay
 
+from .conftest import session_files
 from .test_metrics import value
 from .test_session_time import Harness, wall
 
@@ -236,7 +237,7 @@ async def test_a_bytes_file_that_cannot_be_created_refuses_the_tunnel_with_503(
 
     assert (response.status, response.reason) == (503, "audit_unavailable")
     assert "session.crashed" not in [r.getMessage() for r in caplog.records]
-    (session_file,) = config.relay.audit_dir.glob("*/*.jsonl")
+    (session_file,) = session_files(config.relay.audit_dir)
     records = [json.loads(line) for line in session_file.read_text().splitlines()]
     assert records[-1]["event"] == "session.closed" and records[-1]["reason"] == "audit_failed"
     assert records[-1]["bytes_to_backend"] == 0

@@ -19,6 +19,8 @@ from relay.server import Relay
 from relay.session import handle_connection
 from relay.tls import make_client_engine
 
+from .conftest import session_files
+
 # The whole suite runs on both TLS engines.
 pytestmark = pytest.mark.parametrize("engine", ["stdlib", "pyopenssl"])
 
@@ -230,7 +232,7 @@ async def test_token_expiring_before_the_tunnel_opens_gets_401_not_a_bare_close(
     assert (event.status, event.reason) == (401, "expired")
     assert event.message == "the token has expired; ask an admin for a new one"
     assert trio.current_time() == pytest.approx(10, abs=0.01)
-    (path,) = h.relay.config.relay.audit_dir.glob("*/*.jsonl")
+    (path,) = session_files(h.relay.config.relay.audit_dir)
     assert closed_reason(h.relay, path.stem) == "token_expired"
 
 
@@ -255,6 +257,8 @@ async def test_session_ended_by_an_admin_before_its_200_is_told_so(
     nursery.start_soon(client)
     await connecting.wait()
     (session,) = h.relay.sessions.values()
+    # The start record is synced while the backend connects; then the session is open.
+    await trio.testing.wait_all_tasks_blocked()
     assert session.describe()["state"] == "open"
     session.end("ended_by_admin")
     await answered.wait()
