@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from .support import ProcGroup, config_text, free_port, run_cli, start_relay
-from .test_audit_crash import echo_port, tunnel  # noqa: F401 - echo_port is a fixture
+from .test_audit_crash import tunnel
 from .test_lifecycle import _token_file
 
 

@@ -35,7 +35,9 @@ from .test_gdb import _assert_debugged, _run_gdb, _start_connector
 pytestmark = pytest.mark.skipif(not accounts.is_root(), reason=accounts.NOT_ROOT)
 
 HOSTILE = Path(__file__).with_name("data") / "hostile.py"
-RELAY_USER = "dbgr-t-relay"
+# Named for this test process: a run beside another, or after one that was
+# killed before its cleanup, must not find the name taken.
+RELAY_USER = f"dbgr-r{os.getpid()}"
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from pathlib import Path
 from auth import issue_token, load_signing_key
 
 from .support import DBGRELAY, READY_TIMEOUT, clean_env, config_text
-from .test_audit_crash import echo_port, tunnel  # noqa: F401 - echo_port is a fixture
+from .test_audit_crash import tunnel
 
 FORGED = "12:00:00 info    token.accepted sub=admin target=echo"
 EVIL_SUB = (

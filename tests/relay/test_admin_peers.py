@@ -28,11 +28,13 @@ from .test_relay import gdb_target, sample
 
 pytestmark = pytest.mark.skipif(not accounts.is_root(), reason=accounts.NOT_ROOT)
 
+# Named for this test process: a run beside another, or after one that was
+# killed before its cleanup, must not find the names taken.
 OUTSIDER, LISTED, GROUPED, GROUP = (
-    "dbgr-t-outsider",
-    "dbgr-t-listed",
-    "dbgr-t-grouped",
-    "dbgr-t-ops",
+    f"dbgr-o{os.getpid()}",
+    f"dbgr-l{os.getpid()}",
+    f"dbgr-g{os.getpid()}",
+    f"dbgr-ops{os.getpid()}",
 )
 
 # Runs as another account: one request on the admin socket, prints the status line.
