@@ -49,106 +49,25 @@ from .schema import (
     TcpBackend,
     TLSSection,
     UnixBackend,
+    file_defaults,
+    file_keys,
+    file_tables,
     format_address,
 )
 
 __all__ = ["load_config", "config_from_dict", "parse_listen_address", "parse_backend_url"]
 
-# Every key each table accepts, in the order the README documents them.
-_KEYS: dict[str, tuple[str, ...]] = {
-    "relay": (
-        "listen",
-        "state_dir",
-        "audit_dir",
-        "handshake_timeout",
-        "close_timeout",
-        "shutdown_grace",
-        "max_sessions",
-        "revocation_interval",
-        "checkpoint_interval",
-        "audit_fsync_interval",
-        "final_write_timeout",
-        "session_end_timeout",
-        "server_stop_timeout",
-        "proxy_protocol",
-        "proxy_trusted",
-        "user",
-        "run_as",
-        "data_plane",
-    ),
-    "tls": (
-        "cert",
-        "key",
-        "min_version",
-        "engine",
-        "client_ca",
-        "require_client_cert",
-        "require_pq",
-        "ocsp_response",
-    ),
-    "auth": ("issuer", "audience", "jwks", "leeway", "audit_key"),
-    "identity": ("oidc", "group_targets", "admin_groups"),
-    "metrics": ("listen", "bearer_token_file", "tls_cert", "tls_key", "client_ca"),
-    "admin": ("listen", "users", "groups"),
-    "limits": (
-        "max_unauthenticated",
-        "max_unauthenticated_per_source",
-        "handshake_rate",
-        "handshake_burst",
-        "auth_failure_rate",
-        "auth_failure_burst",
-        "max_sources",
-        "max_sessions_per_user",
-    ),
-    "state": (
-        "backend",
-        "dsn_file",
-        "pool_size",
-        "connect_timeout",
-        "statement_timeout",
-        "resync_interval",
-        "unavailable_grace",
-        "session_lease",
-    ),
-    "targets": (
-        "name",
-        "kind",
-        "backend",
-        "allow_users",
-        "allow",
-        "allow_groups",
-        "cert_user",
-        "connect_timeout",
-        "idle_timeout",
-        "max_session",
-        "end_on_token_expiry",
-        "launch",
-        "launch_timeout",
-        "kill_grace",
-        "on_idle",
-        "on_idle_timeout",
-        "probe_interval",
-        "record",
-        "record_max_bytes",
-        "kd_transport",
-        "require_pq",
-        "run_as",
-    ),
-}
+# Every key each table accepts, in the order the README documents them: the
+# schema's field order.
+_SECTIONS: dict[str, type] = file_tables()
+_KEYS: dict[str, tuple[str, ...]] = {name: file_keys(cls) for name, cls in _SECTIONS.items()}
 _TABLES = tuple(_KEYS)
 # [[identity.oidc]] entries.
-_OIDC_KEYS: tuple[str, ...] = (
-    "issuer",
-    "audience",
-    "algorithms",
-    "ca",
-    "user_claim",
-    "groups_claim",
-    "refresh_interval",
-    "unknown_kid_cooldown",
-    "max_staleness",
-    "fetch_timeout",
-)
+_OIDC_KEYS: tuple[str, ...] = file_keys(OidcIssuerConfig)
+# Each table's defaults, by the ``where`` of its problem lines without index.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    name: file_defaults(cls) for name, cls in _SECTIONS.items()
+} | {"identity.oidc": file_defaults(OidcIssuerConfig)}
 
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
@@ -171,6 +90,9 @@ class _Bad:
 
 _BAD: Any = _Bad()
 _MISSING: Any = object()
+# A validator's default: the schema's default of that key.
+_SCHEMA: Any = object()
+_INDEX = re.compile(r"\[\d+\]$")
 
 
 # --------------------------------------------------------------------------
@@ -414,6 +336,12 @@ class _Validator:
     def problem(self, key: str, message: str) -> None:
         self.problems.append(f"{self.source_name}: {key}: {message}")
 
+    def default(self, where: str, key: str, default: Any) -> Any:
+        """``default``, or the schema's default of ``key`` when it is ``_SCHEMA``."""
+        if default is _SCHEMA:
+            return _DEFAULTS[_INDEX.sub("", where)][key]
+        return default
+
     # -- tables and unknown keys ------------------------------------------
 
     def table(self, data: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
@@ -450,7 +378,7 @@ class _Validator:
         table: Mapping[str, Any],
         where: str,
         key: str,
-        default: Any,
+        default: Any = _SCHEMA,
         *,
         choices: tuple[str, ...] | None = None,
         required: str | None = None,
@@ -461,7 +389,7 @@ class _Validator:
             if required is not None:
                 self.problem(name, f"required key is missing; {required}")
                 return _BAD
-            return default
+            return self.default(where, key, default)
         if choices is not None:
             if not isinstance(value, str) or value not in choices:
                 options = " or ".join(json.dumps(choice) for choice in choices)
@@ -473,19 +401,23 @@ class _Validator:
             return _BAD
         return value
 
-    def boolean(self, table: Mapping[str, Any], where: str, key: str, default: Any) -> Any:
+    def boolean(
+        self, table: Mapping[str, Any], where: str, key: str, default: Any = _SCHEMA
+    ) -> Any:
         value = table.get(key, _MISSING)
         if value is _MISSING:
-            return default
+            return self.default(where, key, default)
         if not isinstance(value, bool):
             self.problem(f"{where}.{key}", f"expected true or false, got {_show(value)}")
             return _BAD
         return value
 
-    def positive_int(self, table: Mapping[str, Any], where: str, key: str, default: int) -> Any:
+    def positive_int(
+        self, table: Mapping[str, Any], where: str, key: str, default: Any = _SCHEMA
+    ) -> Any:
         value = table.get(key, _MISSING)
         if value is _MISSING:
-            return default
+            return self.default(where, key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             self.problem(f"{where}.{key}", f"expected a positive integer, got {_show(value)}")
             return _BAD
@@ -496,7 +428,7 @@ class _Validator:
         table: Mapping[str, Any],
         where: str,
         key: str,
-        default: float | None,
+        default: Any = _SCHEMA,
         *,
         zero: str = "allowed",
     ) -> Any:
@@ -508,7 +440,7 @@ class _Validator:
         value = table.get(key, _MISSING)
         name = f"{where}.{key}"
         if value is _MISSING:
-            return default
+            return self.default(where, key, default)
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             self.problem(name, f"{_DURATION_FORMS}, got {_show(value)}")
             return _BAD
@@ -532,7 +464,7 @@ class _Validator:
         table: Mapping[str, Any],
         where: str,
         key: str,
-        default: Path | None,
+        default: Any = _SCHEMA,
         *,
         required: str | None = None,
         readable: bool = False,
@@ -544,7 +476,7 @@ class _Validator:
             if required is not None:
                 self.problem(name, f"required key is missing; {required}")
                 return _BAD
-            return default
+            return self.default(where, key, default)
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         if not isinstance(value, str) or not value.strip() or "\0" in value:
@@ -645,7 +577,7 @@ class _Validator:
         out: dict[str, Any] = {}
         listen = table.get("listen", _MISSING)
         if listen is _MISSING:
-            out["listen"] = (("127.0.0.1", 7443),)
+            out["listen"] = self.default(w, "listen", _SCHEMA)
         elif not isinstance(listen, list | tuple) or not listen:
             self.problem(
                 "relay.listen",
@@ -672,29 +604,23 @@ class _Validator:
         if audit_dir is _MISSING:
             audit_dir = _BAD if state_dir is _BAD else state_dir / "audit"
         out["audit_dir"] = audit_dir
-        out["handshake_timeout"] = self.duration(
-            table, w, "handshake_timeout", 10.0, zero="forbidden"
-        )
-        out["close_timeout"] = self.duration(table, w, "close_timeout", 5.0)
-        out["shutdown_grace"] = self.duration(table, w, "shutdown_grace", 30.0)
-        out["max_sessions"] = self.positive_int(table, w, "max_sessions", 256)
+        out["handshake_timeout"] = self.duration(table, w, "handshake_timeout", zero="forbidden")
+        out["close_timeout"] = self.duration(table, w, "close_timeout")
+        out["shutdown_grace"] = self.duration(table, w, "shutdown_grace")
+        out["max_sessions"] = self.positive_int(table, w, "max_sessions")
         out["revocation_interval"] = self.duration(
-            table, w, "revocation_interval", 2.0, zero="forbidden"
+            table, w, "revocation_interval", zero="forbidden"
         )
         out["checkpoint_interval"] = self.duration(
-            table, w, "checkpoint_interval", 5.0, zero="forbidden"
+            table, w, "checkpoint_interval", zero="forbidden"
         )
-        out["audit_fsync_interval"] = self.duration(table, w, "audit_fsync_interval", 2.0)
-        out["data_plane"] = self.string(table, w, "data_plane", "trio", choices=("trio", "thread"))
-        out["user"] = self.account(table, w, "user", None)
-        out["run_as"] = self.account(table, w, "run_as", "dbgrelay-target")
-        for key, default in (
-            ("final_write_timeout", 2.0),
-            ("session_end_timeout", 10.0),
-            ("server_stop_timeout", 30.0),
-        ):
-            out[key] = self.duration(table, w, key, default, zero="forbidden")
-        out["proxy_protocol"] = self.boolean(table, w, "proxy_protocol", False)
+        out["audit_fsync_interval"] = self.duration(table, w, "audit_fsync_interval")
+        out["data_plane"] = self.string(table, w, "data_plane", choices=("trio", "thread"))
+        out["user"] = self.account(table, w, "user")
+        out["run_as"] = self.account(table, w, "run_as")
+        for key in ("final_write_timeout", "session_end_timeout", "server_stop_timeout"):
+            out[key] = self.duration(table, w, key, zero="forbidden")
+        out["proxy_protocol"] = self.boolean(table, w, "proxy_protocol")
         out["proxy_trusted"] = self.networks(table, w, "proxy_trusted")
         if out["proxy_protocol"] is True and out["proxy_trusted"] == ():
             self.problem(
@@ -729,11 +655,11 @@ class _Validator:
                 return _BAD
         return tuple(networks)
 
-    def rate(self, table: Mapping[str, Any], where: str, key: str, default: float) -> Any:
+    def rate(self, table: Mapping[str, Any], where: str, key: str, default: Any = _SCHEMA) -> Any:
         """Read a positive number of events per second."""
         value = table.get(key, _MISSING)
         if value is _MISSING:
-            return default
+            return self.default(where, key, default)
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
@@ -750,7 +676,6 @@ class _Validator:
         if table is None:
             return {}
         w = "limits"
-        d = LimitsSection()
         out: dict[str, Any] = {}
         for key in (
             "max_unauthenticated",
@@ -760,9 +685,9 @@ class _Validator:
             "max_sources",
             "max_sessions_per_user",
         ):
-            out[key] = self.positive_int(table, w, key, getattr(d, key))
+            out[key] = self.positive_int(table, w, key)
         for key in ("handshake_rate", "auth_failure_rate"):
-            out[key] = self.rate(table, w, key, getattr(d, key))
+            out[key] = self.rate(table, w, key)
         total, sources = out["max_unauthenticated"], out["max_sources"]
         if _BAD not in (total, sources) and sources <= total:
             self.problem(
@@ -794,12 +719,12 @@ class _Validator:
                 required='the PEM private key of tls.cert, like key = "server.key"',
                 readable=True,
             ),
-            "min_version": self.string(table, w, "min_version", "1.2", choices=("1.2", "1.3")),
-            "engine": self.string(table, w, "engine", "stdlib", choices=("stdlib", "pyopenssl")),
-            "client_ca": self.path(table, w, "client_ca", None, readable=True),
-            "require_client_cert": self.boolean(table, w, "require_client_cert", False),
-            "require_pq": self.boolean(table, w, "require_pq", False),
-            "ocsp_response": self.path(table, w, "ocsp_response", None, readable=True),
+            "min_version": self.string(table, w, "min_version", choices=("1.2", "1.3")),
+            "engine": self.string(table, w, "engine", choices=("stdlib", "pyopenssl")),
+            "client_ca": self.path(table, w, "client_ca", readable=True),
+            "require_client_cert": self.boolean(table, w, "require_client_cert"),
+            "require_pq": self.boolean(table, w, "require_pq"),
+            "ocsp_response": self.path(table, w, "ocsp_response", readable=True),
         }
         if out["require_client_cert"] is True and out["client_ca"] is None:
             self.problem(
@@ -826,8 +751,8 @@ class _Validator:
             return {}
         w = "auth"
         return {
-            "issuer": self.string(table, w, "issuer", "dbgrelay"),
-            "audience": self.string(table, w, "audience", "dbgrelay"),
+            "issuer": self.string(table, w, "issuer"),
+            "audience": self.string(table, w, "audience"),
             "jwks": self.path(
                 table,
                 w,
@@ -836,8 +761,8 @@ class _Validator:
                 required='the JSON Web Key Set tokens are verified with, like jwks = "jwks.json"',
                 readable=True,
             ),
-            "leeway": self.duration(table, w, "leeway", 30.0),
-            "audit_key": self.path(table, w, "audit_key", None, readable=True),
+            "leeway": self.duration(table, w, "leeway"),
+            "audit_key": self.path(table, w, "audit_key", readable=True),
         }
 
     def names(self, value: Any, name: str, example: str) -> Any:
@@ -931,7 +856,7 @@ class _Validator:
                 out["audience"] = _BAD
         algorithms = table.get("algorithms", _MISSING)
         if algorithms is _MISSING:
-            out["algorithms"] = ("RS256", "ES256")
+            out["algorithms"] = self.default(w, "algorithms", _SCHEMA)
         elif (
             not isinstance(algorithms, list | tuple)
             or not algorithms
@@ -945,19 +870,17 @@ class _Validator:
             out["algorithms"] = _BAD
         else:
             out["algorithms"] = tuple(dict.fromkeys(algorithms))
-        out["ca"] = self.path(table, w, "ca", None, readable=True)
+        out["ca"] = self.path(table, w, "ca", readable=True)
         out["user_claim"] = self.string(
-            table, w, "user_claim", "sub", choices=("sub", "email", "preferred_username", "upn")
+            table, w, "user_claim", choices=("sub", "email", "preferred_username", "upn")
         )
-        out["groups_claim"] = self.string(table, w, "groups_claim", "groups")
-        out["refresh_interval"] = self.duration(
-            table, w, "refresh_interval", 3600.0, zero="forbidden"
-        )
+        out["groups_claim"] = self.string(table, w, "groups_claim")
+        out["refresh_interval"] = self.duration(table, w, "refresh_interval", zero="forbidden")
         out["unknown_kid_cooldown"] = self.duration(
-            table, w, "unknown_kid_cooldown", 300.0, zero="forbidden"
+            table, w, "unknown_kid_cooldown", zero="forbidden"
         )
-        out["max_staleness"] = self.duration(table, w, "max_staleness", 86400.0, zero="forbidden")
-        out["fetch_timeout"] = self.duration(table, w, "fetch_timeout", 10.0, zero="forbidden")
+        out["max_staleness"] = self.duration(table, w, "max_staleness", zero="forbidden")
+        out["fetch_timeout"] = self.duration(table, w, "fetch_timeout", zero="forbidden")
         return out
 
     def metrics(self, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -967,16 +890,16 @@ class _Validator:
         value = table.get("listen", _MISSING)
         out: dict[str, Any] = {}
         if value is _MISSING:
-            out["listen"] = ("127.0.0.1", 9464)
+            out["listen"] = self.default("metrics", "listen", _SCHEMA)
         elif value == "":
             out["listen"] = None
         else:
             out["listen"] = self.address(value, "metrics.listen")
         w = "metrics"
-        out["bearer_token_file"] = self.path(table, w, "bearer_token_file", None, readable=True)
+        out["bearer_token_file"] = self.path(table, w, "bearer_token_file", readable=True)
         tls_keys = ("tls_cert", "tls_key", "client_ca")
         for key in tls_keys:
-            out[key] = self.path(table, w, key, None, readable=True)
+            out[key] = self.path(table, w, key, readable=True)
         given = [key for key in tls_keys if key in table]
         if given and len(given) != len(tls_keys):
             missing = ", ".join(f"metrics.{key}" for key in tls_keys if key not in table)
@@ -987,11 +910,13 @@ class _Validator:
             )
         return out
 
-    def account(self, table: Mapping[str, Any], where: str, key: str, default: Any) -> Any:
+    def account(
+        self, table: Mapping[str, Any], where: str, key: str, default: Any = _SCHEMA
+    ) -> Any:
         """An account or group name (checked for form only: it may not exist here yet)."""
         value = table.get(key, _MISSING)
         if value is _MISSING:
-            return default
+            return self.default(where, key, default)
         if not isinstance(value, str) or not _ACCOUNT.fullmatch(value):
             self.problem(
                 f"{where}.{key}",
@@ -1060,7 +985,7 @@ class _Validator:
         if table is None:
             return {}
         w = "state"
-        backend = self.string(table, w, "backend", "sqlite", choices=("sqlite", "postgres"))
+        backend = self.string(table, w, "backend", choices=("sqlite", "postgres"))
         required = None
         if backend == "postgres":
             required = (
@@ -1069,15 +994,13 @@ class _Validator:
             )
         return {
             "backend": backend,
-            "dsn_file": self.path(table, w, "dsn_file", None, required=required, readable=True),
-            "pool_size": self.positive_int(table, w, "pool_size", 4),
-            "connect_timeout": self.duration(table, w, "connect_timeout", 5.0, zero="forbidden"),
-            "statement_timeout": self.duration(
-                table, w, "statement_timeout", 5.0, zero="forbidden"
-            ),
-            "resync_interval": self.duration(table, w, "resync_interval", 5.0, zero="forbidden"),
-            "unavailable_grace": self.duration(table, w, "unavailable_grace", 30.0),
-            "session_lease": self.duration(table, w, "session_lease", 15.0, zero="forbidden"),
+            "dsn_file": self.path(table, w, "dsn_file", required=required, readable=True),
+            "pool_size": self.positive_int(table, w, "pool_size"),
+            "connect_timeout": self.duration(table, w, "connect_timeout", zero="forbidden"),
+            "statement_timeout": self.duration(table, w, "statement_timeout", zero="forbidden"),
+            "resync_interval": self.duration(table, w, "resync_interval", zero="forbidden"),
+            "unavailable_grace": self.duration(table, w, "unavailable_grace"),
+            "session_lease": self.duration(table, w, "session_lease", zero="forbidden"),
         }
 
     def targets(self, data: Mapping[str, Any], tls: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -1171,7 +1094,7 @@ class _Validator:
             if groups is _MISSING
             else self.names(groups, f"{w}.allow_groups", '["firmware", "debug-admins"]')
         )
-        out["cert_user"] = self.string(table, w, "cert_user", None, choices=CERT_USER_RULES)
+        out["cert_user"] = self.string(table, w, "cert_user", choices=CERT_USER_RULES)
         if out["cert_user"] not in (None, _BAD) and tls.get("client_ca") is None:
             self.problem(
                 f"{w}.cert_user",
@@ -1179,10 +1102,10 @@ class _Validator:
                 "to the user",
             )
 
-        out["connect_timeout"] = self.duration(table, w, "connect_timeout", 5.0, zero="forbidden")
-        out["idle_timeout"] = self.duration(table, w, "idle_timeout", 900.0, zero="forbidden")
-        out["max_session"] = self.duration(table, w, "max_session", None, zero="none")
-        out["end_on_token_expiry"] = self.boolean(table, w, "end_on_token_expiry", True)
+        out["connect_timeout"] = self.duration(table, w, "connect_timeout", zero="forbidden")
+        out["idle_timeout"] = self.duration(table, w, "idle_timeout", zero="forbidden")
+        out["max_session"] = self.duration(table, w, "max_session", zero="none")
+        out["end_on_token_expiry"] = self.boolean(table, w, "end_on_token_expiry")
         launch = self.command(table, w, "launch", name)
         if launch not in (None, _BAD) and not any(_PORT_PLACEHOLDER in arg for arg in launch):
             self.problem(
@@ -1192,14 +1115,14 @@ class _Validator:
             )
             launch = _BAD
         out["launch"] = launch
-        out["launch_timeout"] = self.duration(table, w, "launch_timeout", 10.0, zero="forbidden")
-        out["kill_grace"] = self.duration(table, w, "kill_grace", 5.0)
+        out["launch_timeout"] = self.duration(table, w, "launch_timeout", zero="forbidden")
+        out["kill_grace"] = self.duration(table, w, "kill_grace")
         out["on_idle"] = self.command(table, w, "on_idle", name)
-        out["on_idle_timeout"] = self.duration(table, w, "on_idle_timeout", 30.0, zero="forbidden")
-        out["probe_interval"] = self.duration(table, w, "probe_interval", 30.0, zero="none")
-        out["record"] = self.boolean(table, w, "record", False)
-        out["record_max_bytes"] = self.positive_int(table, w, "record_max_bytes", 64 * 1024 * 1024)
-        kd_transport = self.string(table, w, "kd_transport", None)
+        out["on_idle_timeout"] = self.duration(table, w, "on_idle_timeout", zero="forbidden")
+        out["probe_interval"] = self.duration(table, w, "probe_interval", zero="none")
+        out["record"] = self.boolean(table, w, "record")
+        out["record_max_bytes"] = self.positive_int(table, w, "record_max_bytes")
+        kd_transport = self.string(table, w, "kd_transport")
         if kd_transport not in (None, _BAD) and kind not in ("kdsrv", _BAD):
             self.problem(
                 f"{w}.kd_transport",
@@ -1207,7 +1130,7 @@ class _Validator:
             )
             kd_transport = _BAD
         out["kd_transport"] = kd_transport
-        require_pq = self.boolean(table, w, "require_pq", None)
+        require_pq = self.boolean(table, w, "require_pq")
         if require_pq is True and tls.get("engine") == "stdlib":
             self.problem(
                 f"{w}.require_pq",
@@ -1216,7 +1139,7 @@ class _Validator:
             )
             require_pq = _BAD
         out["require_pq"] = require_pq
-        out["run_as"] = self.account(table, w, "run_as", None)
+        out["run_as"] = self.account(table, w, "run_as")
 
         out["backend_url"], out["backend"] = self.backend(table, w, launch)
 
