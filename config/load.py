@@ -28,6 +28,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .addresses import (
+    BACKEND_FORMS,
+    PORT_PLACEHOLDER,
+    parse_backend_url,
+    parse_listen_address,
+    same_socket,
+)
 from .durations import parse_duration
 from .errors import ConfigError
 from .schema import (
@@ -36,7 +43,6 @@ from .schema import (
     Address,
     AdminSection,
     AuthSection,
-    Backend,
     Config,
     IdentitySection,
     LimitsSection,
@@ -48,14 +54,13 @@ from .schema import (
     TargetConfig,
     TcpBackend,
     TLSSection,
-    UnixBackend,
     file_defaults,
     file_keys,
     file_tables,
     format_address,
 )
 
-__all__ = ["load_config", "config_from_dict", "parse_listen_address", "parse_backend_url"]
+__all__ = ["load_config", "config_from_dict"]
 
 # Every key each table accepts, in the order the README documents them: the
 # schema's field order.
@@ -70,15 +75,10 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 } | {"identity.oidc": file_defaults(OidcIssuerConfig)}
 
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
-_PORT = re.compile(r"\d{1,5}")
-_PORT_PLACEHOLDER = "{port}"
 _ACCOUNT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
 _LOOPBACK_NAMES = ("localhost",)
 
 _DURATION_FORMS = 'expected a duration like "30s", "15m" or "8h"'
-_LISTEN_FORMS = 'write "host:port" like "127.0.0.1:7443" or "[::1]:7443"'
-_BACKEND_FORMS = "use tcp://HOST:PORT, unix:///abs/path or npipe://HOST/PIPE"
 
 
 class _Bad:
@@ -93,207 +93,6 @@ _MISSING: Any = object()
 # A validator's default: the schema's default of that key.
 _SCHEMA: Any = object()
 _INDEX = re.compile(r"\[\d+\]$")
-
-
-# --------------------------------------------------------------------------
-# Addresses and backend URLs
-
-
-def _is_host_name(host: str) -> bool:
-    """A DNS name (letters, digits, ``-`` and ``_`` in dot-separated labels)."""
-    name = host[:-1] if host.endswith(".") else host
-    if not name or len(name) > 253:
-        return False
-    labels = name.split(".")
-    if not all(_HOST_LABEL.fullmatch(label) for label in labels):
-        return False
-    # An all-numeric last label is a mistyped IPv4 address, not a name
-    # (RFC 3696 section 2).
-    return not labels[-1].isdigit()
-
-
-def _check_host(host: str, text: str, what: str) -> None:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not _is_host_name(host):
-            raise ValueError(
-                f"invalid {what} {json.dumps(text)}: {json.dumps(host)} is not an IP "
-                "address or a host name"
-            ) from None
-
-
-def _split_host_port(
-    text: str, what: str, forms: str, *, whole: str | None = None
-) -> tuple[str, str]:
-    """Split ``host:port`` or ``[v6]:port`` into host (no brackets) and port text.
-
-    ``whole`` is the full value to quote in messages when ``text`` is part of
-    it (the authority of a URL).
-    """
-    whole = text if whole is None else whole
-    shown = json.dumps(whole)
-    if text.startswith("["):
-        end = text.find("]")
-        if end == -1:
-            raise ValueError(f'invalid {what} {shown}: missing "]" after the IPv6 address; {forms}')
-        host, rest = text[1:end], text[end + 1 :]
-        if not rest.startswith(":"):
-            raise ValueError(f'invalid {what} {shown}: missing ":PORT" after "]"; {forms}')
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(
-                f"invalid {what} {shown}: {json.dumps(host)} in brackets is not an IPv6 address"
-            ) from None
-        return host, rest[1:]
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        raise ValueError(f'invalid {what} {shown}: missing ":PORT"; {forms}')
-    if ":" in host:
-        raise ValueError(f"invalid {what} {shown}: put IPv6 addresses in brackets; {forms}")
-    if not host:
-        raise ValueError(f"invalid {what} {shown}: missing host; {forms}")
-    _check_host(host, whole, what)
-    return host, port_text
-
-
-def _parse_port(port_text: str, text: str, what: str, *, lowest: int) -> int:
-    if not _PORT.fullmatch(port_text) or not lowest <= int(port_text) <= 65535:
-        raise ValueError(
-            f"invalid {what} {json.dumps(text)}: the port must be a number from "
-            f"{lowest} to 65535, got {json.dumps(port_text)}"
-        )
-    return int(port_text)
-
-
-def parse_listen_address(text: str) -> Address:
-    """Parse a listen address for ``relay.listen``, ``metrics`` or ``admin``.
-
-    Args:
-        text: ``"host:port"`` where host is an IPv4 address or a host name, or
-            ``"[v6]:port"``.  Port 0 means any free port.
-
-    Returns:
-        ``(host, port)`` with IPv6 hosts unbracketed: ``"[::1]:7443"`` gives
-        ``("::1", 7443)``.
-
-    Raises:
-        ValueError: the text is not in that form; the message quotes it and
-            shows the accepted form.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"invalid address {text!r}: {_LISTEN_FORMS}")
-    host, port_text = _split_host_port(text, "address", _LISTEN_FORMS)
-    return host, _parse_port(port_text, text, "address", lowest=0)
-
-
-def parse_backend_url(text: str) -> Backend:
-    """Parse a target's ``backend`` URL.
-
-    Args:
-        text: ``tcp://HOST:PORT`` (HOST an IP literal, ``[v6]`` or a name;
-            PORT 1-65535 or the literal ``{port}`` for managed targets),
-            ``unix:///abs/path`` or ``npipe://HOST/PIPE`` (HOST ``.`` for this
-            machine), or WinDbg's ``npipe:pipe=NAME`` /
-            ``npipe:server=HOST,pipe=NAME``.
-
-    Returns:
-        A :class:`TcpBackend` (port ``None`` for ``{port}``),
-        :class:`UnixBackend` or :class:`NpipeBackend`.  Whether the URL is
-        usable here (``{port}`` only with ``launch``, named pipes only on
-        Windows) is checked by the loader, which knows the target.
-
-    Raises:
-        ValueError: the URL is malformed; the message quotes it and shows the
-            accepted forms.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"invalid backend {text!r}: {_BACKEND_FORMS}")
-    shown = json.dumps(text)
-    if text[:6].lower() == "npipe:" and not text[6:].startswith("//"):
-        return _parse_windbg_npipe(text)
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        raise ValueError(f"invalid backend {shown}: {_BACKEND_FORMS}")
-    scheme = scheme.lower()
-    if scheme == "tcp":
-        if "/" in rest:
-            raise ValueError(
-                f"invalid backend {shown}: tcp:// URLs end after the port; {_BACKEND_FORMS}"
-            )
-        host, port_text = _split_host_port(rest, "backend", _BACKEND_FORMS, whole=text)
-        if port_text == _PORT_PLACEHOLDER:
-            return TcpBackend(host=host, port=None)
-        return TcpBackend(host=host, port=_parse_port(port_text, text, "backend", lowest=1))
-    if scheme == "unix":
-        if not rest.startswith("/") or rest == "/":
-            raise ValueError(
-                f"invalid backend {shown}: unix:// needs an absolute socket path, "
-                "like unix:///run/dbgsrv.sock"
-            )
-        if "\0" in rest:
-            raise ValueError(f"invalid backend {shown}: the socket path contains a NUL byte")
-        return UnixBackend(path=Path(rest))
-    if scheme == "npipe":
-        host, slash, pipe = rest.partition("/")
-        if not slash or not pipe or "/" in pipe or "\\" in pipe or len(pipe) > 256:
-            raise ValueError(
-                f"invalid backend {shown}: expected npipe://HOST/PIPE with one pipe name, "
-                "like npipe://./dbgsrv"
-            )
-        if host != ".":
-            if not host:
-                raise ValueError(
-                    f'invalid backend {shown}: missing host; use "." for this machine, '
-                    "like npipe://./dbgsrv"
-                )
-            _check_host(host, text, "backend")
-        return NpipeBackend(host=host, pipe=pipe)
-    raise ValueError(
-        f"invalid backend {shown}: unknown scheme {json.dumps(scheme)}; {_BACKEND_FORMS}"
-    )
-
-
-def _parse_windbg_npipe(text: str) -> NpipeBackend:
-    """WinDbg's own pipe syntax: ``npipe:pipe=NAME`` or ``npipe:server=HOST,pipe=NAME``.
-
-    The same string a debug server was started with (``cdb -server
-    npipe:pipe=NAME``, ``dbgsrv -t npipe:pipe=NAME``) or a client connects with.
-    """
-    shown = json.dumps(text)
-    form = "npipe:pipe=NAME or npipe:server=HOST,pipe=NAME"
-    fields: dict[str, str] = {}
-    for item in text[len("npipe:") :].split(","):
-        key, eq, value = item.partition("=")
-        key = key.strip().lower()
-        if not eq or key not in ("pipe", "server") or key in fields or not value:
-            raise ValueError(f"invalid backend {shown}: expected {form}")
-        fields[key] = value
-    pipe = fields.get("pipe")
-    if pipe is None or "/" in pipe or "\\" in pipe or len(pipe) > 256:
-        raise ValueError(f"invalid backend {shown}: expected {form} with one pipe name")
-    host = fields.get("server", ".")
-    if host != ".":
-        _check_host(host, text, "backend")
-    return NpipeBackend(host=host, pipe=pipe)
-
-
-def _same_socket(a: Address, b: Address) -> bool:
-    """Whether binding both addresses would fail (same port, overlapping host)."""
-    if a[1] != b[1]:
-        return False
-    if a[0] == b[0]:
-        return True
-    # A wildcard bind takes the port on every address of its family.
-    wildcards = {"0.0.0.0": 4, "::": 6}
-    for host, other in ((a[0], b[0]), (b[0], a[0])):
-        if host in wildcards:
-            try:
-                return ipaddress.ip_address(other).version == wildcards[host]
-            except ValueError:
-                return True  # a host name may resolve to anything
-    return False
 
 
 # --------------------------------------------------------------------------
@@ -1107,7 +906,7 @@ class _Validator:
         out["max_session"] = self.duration(table, w, "max_session", zero="none")
         out["end_on_token_expiry"] = self.boolean(table, w, "end_on_token_expiry")
         launch = self.command(table, w, "launch", name)
-        if launch not in (None, _BAD) and not any(_PORT_PLACEHOLDER in arg for arg in launch):
+        if launch not in (None, _BAD) and not any(PORT_PLACEHOLDER in arg for arg in launch):
             self.problem(
                 f"{w}.launch",
                 "must contain {port} where the server's listen port goes, like "
@@ -1149,7 +948,7 @@ class _Validator:
             for key in ("on_idle", "kd_transport"):
                 item = table.get(key)
                 items = item if isinstance(item, list | tuple) else [item]
-                if any(isinstance(x, str) and _PORT_PLACEHOLDER in x for x in items):
+                if any(isinstance(x, str) and PORT_PLACEHOLDER in x for x in items):
                     self.problem(
                         f"{w}.{key}",
                         "{port} is only filled in for targets with launch; "
@@ -1169,7 +968,7 @@ class _Validator:
             )
             return _BAD, _BAD
         if not isinstance(value, str):
-            self.problem(name, f"expected a string URL ({_BACKEND_FORMS}), got {_show(value)}")
+            self.problem(name, f"expected a string URL ({BACKEND_FORMS}), got {_show(value)}")
             return _BAD, _BAD
         try:
             backend = parse_backend_url(value)
@@ -1182,7 +981,7 @@ class _Validator:
             )
             return value, _BAD
         if launch is None:
-            if _PORT_PLACEHOLDER in value:
+            if PORT_PLACEHOLDER in value:
                 self.problem(
                     name,
                     f"{{port}} is only allowed on targets with launch; write the real port, "
@@ -1221,7 +1020,7 @@ class _Validator:
             if not isinstance(address, tuple) or address[1] == 0:
                 continue
             for other, other_key in taken:
-                if _same_socket(address, other):
+                if same_socket(address, other):
                     self.problem(
                         key,
                         f"{format_address(address)} clashes with {other_key} "

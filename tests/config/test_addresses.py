@@ -12,6 +12,7 @@ from config import (
     UnixBackend,
     format_address,
     parse_backend_url,
+    parse_host_port,
     parse_listen_address,
 )
 
@@ -58,6 +59,39 @@ def test_listen_address_bad(text: str, expected: str) -> None:
     message = str(info.value)
     assert expected in message
     assert f'"{text}"' in message
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("[::1]:1", ("::1", 1)),
+        ("[2001:db8::7]:65535", ("2001:db8::7", 65535)),
+        ("relay.example.com:7443", ("relay.example.com", 7443)),
+        ("relay_1.internal.:443", ("relay_1.internal.", 443)),
+    ],
+)
+def test_host_port_to_connect_to(text: str, address: tuple[str, int]) -> None:
+    assert parse_host_port(text, lowest_port=1) == address
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:0", 'the port must be a number from 1 to 65535, got "0"'),
+        ("127.0.0.1:65536", 'the port must be a number from 1 to 65535, got "65536"'),
+        ("relay.example.com", 'missing ":PORT"'),
+        ("[::1]", 'missing ":PORT" after "]"'),
+        ("[relay.example.com]:7443", "in brackets is not an IPv6 address"),
+        ("2001:db8::7:7443", "put IPv6 addresses in brackets"),
+        ("relay..example:7443", "is not an IP address or a host name"),
+    ],
+)
+def test_host_port_to_connect_to_bad(text: str, expected: str) -> None:
+    # Port 0 only makes sense for a socket that is bound, not connected to.
+    with pytest.raises(ValueError) as info:
+        parse_host_port(text, lowest_port=1)
+    assert expected in str(info.value)
+    assert str(info.value).startswith(f'invalid address "{text}": ')
 
 
 def test_listen_address_rejects_non_strings() -> None:
