@@ -880,13 +880,15 @@ def _read_password(args: argparse.Namespace, check: Callable[[str], None]) -> st
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from .audit import load_public_key_file, verify_file
+    from auth import KeyFileError, load_audit_pubkey
+
+    from .audit import verify_file
 
     pubkey = None
     if args.pubkey:
         try:
-            pubkey = load_public_key_file(Path(args.pubkey))
-        except (OSError, ValueError) as exc:
+            pubkey = load_audit_pubkey(Path(args.pubkey))
+        except KeyFileError as exc:
             raise UserError(f"--pubkey {args.pubkey}: {exc}") from None
     failed = False
     unreadable = False
