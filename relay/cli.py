@@ -634,10 +634,10 @@ async def _run_relay(
 ) -> None:
     """Run the relay with its metrics endpoint, admin API and signal handling."""
     from .privsep import Launchers
-    from .server import Relay, run_signals, serve_relay
+    from .server import open_relay, run_signals, serve_relay
 
     metrics = _make_metrics(config)
-    relay = Relay(config, metrics=metrics)
+    relay = open_relay(config, metrics=metrics)
     relay.launchers = Launchers(helper)
     relay.worker_index = worker
     stop = trio.Event()
