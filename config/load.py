@@ -15,6 +15,7 @@ are checked by the code that uses them.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import json
@@ -26,7 +27,7 @@ import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .addresses import (
     BACKEND_FORMS,
@@ -87,6 +88,8 @@ class _Bad:
     def __repr__(self) -> str:
         return "<bad>"
 
+
+_T = TypeVar("_T")
 
 _BAD: Any = _Bad()
 _MISSING: Any = object()
@@ -1055,21 +1058,34 @@ class _Validator:
         if self.problems:
             raise ConfigError(self.problems)
         return Config(
-            relay=RelaySection(**relay),
-            tls=TLSSection(**tls),
-            auth=AuthSection(**auth),
-            metrics=MetricsSection(**metrics),
-            admin=AdminSection(**admin),
+            relay=_build(RelaySection, relay),
+            tls=_build(TLSSection, tls),
+            auth=_build(AuthSection, auth),
+            metrics=_build(MetricsSection, metrics),
+            admin=_build(AdminSection, admin),
             identity=IdentitySection(
-                oidc=tuple(OidcIssuerConfig(**item) for item in identity.get("oidc", ())),
+                oidc=tuple(_build(OidcIssuerConfig, item) for item in identity.get("oidc", ())),
                 group_targets=identity.get("group_targets", ()),
                 admin_groups=identity.get("admin_groups", ()),
             ),
-            limits=LimitsSection(**limits),
-            state=StateSection(**state),
-            targets=tuple(TargetConfig(**target) for target in targets),
+            limits=_build(LimitsSection, limits),
+            state=_build(StateSection, state),
+            targets=tuple(_build(TargetConfig, target) for target in targets),
             source=source,
         )
+
+
+def _build(cls: type[_T], values: Mapping[str, Any]) -> _T:
+    """``cls(**values)``, insisting that the validator produced every field.
+
+    The keys a table accepts come from the schema, so a field added there
+    but never read here would be accepted in the file and silently ignored;
+    this turns that mistake into a failure of every config load.
+    """
+    unread = [item.name for item in dataclasses.fields(cls) if item.name not in values]
+    if unread:
+        raise RuntimeError(f"config.load never reads {cls.__name__} field(s) {', '.join(unread)}")
+    return cls(**values)
 
 
 # --------------------------------------------------------------------------
