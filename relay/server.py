@@ -191,9 +191,13 @@ def open_relay(
         runtime = load_runtime(config, is_serial_revoked=is_serial_revoked)
         identity = IdentityKeys(config.identity.oidc, wall_clock=wall_clock, audit=audit)
         relay = Relay(runtime, store, identity, metrics=metrics, wall_clock=wall_clock)
-        relay.refresh_revocations()
     except BaseException:
         store.close()
+        raise
+    try:
+        relay.refresh_revocations()
+    except BaseException:
+        relay.close()  # the store, and the shared state built on it
         raise
     return relay
 
