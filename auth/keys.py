@@ -328,21 +328,44 @@ def load_audit_key(path: Path) -> Ed25519PrivateKey:
 
 
 def load_audit_pubkey(path: Path) -> Ed25519PublicKey:
-    """Load the public key that verifies audit log signatures (PEM).
+    """Load the public key that verifies audit log signatures.
+
+    The file is the PEM public key (``audit.pub``) or, for convenience on
+    the relay's own machine, the PEM private key (``audit.key``), whose
+    public half is returned.
 
     Raises:
-        KeyFileError: If the file is missing, unreadable or not an Ed25519 public key.
+        KeyFileError: If the file is missing, unreadable, encrypted or not an
+            Ed25519 PEM key.
     """
-    data = read_file(Path(path), "audit public key")
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise KeyFileError(
-            f"{path}: not a PEM public key; expected the audit.pub written by `dbgrelay keys init`"
-        ) from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise KeyFileError(f"{path}: audit public key must be Ed25519, got {type(key).__name__}")
-    return key
+    path = Path(path)
+    data = read_file(path, "audit public key")
+    key: object
+    if b"PRIVATE KEY-----" in data:
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except TypeError as exc:
+            raise KeyFileError(
+                f"{path}: audit key is an encrypted private key; give its public key "
+                "(PEM 'BEGIN PUBLIC KEY') instead"
+            ) from exc
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise KeyFileError(f"{path}: audit key is not a readable PEM private key") from exc
+        if isinstance(key, Ed25519PrivateKey):
+            return key.public_key()
+    else:
+        try:
+            key = serialization.load_pem_public_key(data)
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise KeyFileError(
+                f"{path}: not a PEM public key; expected the audit.pub written by "
+                "`dbgrelay keys init`"
+            ) from exc
+        if isinstance(key, Ed25519PublicKey):
+            return key
+    raise KeyFileError(
+        f"{path}: audit public key must be Ed25519, got {type(key).__name__.lstrip('_')}"
+    )
 
 
 def _read_jwks_json(path: Path) -> dict[str, Any]:

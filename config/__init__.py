@@ -6,9 +6,10 @@ Load a file with :func:`load_config`, or validate an in-memory table with
 ``relay`` or ``auth``.
 """
 
+from .addresses import parse_backend_url, parse_host_port, parse_listen_address
 from .durations import format_duration, parse_duration
 from .errors import ConfigError
-from .load import config_from_dict, load_config, parse_backend_url, parse_listen_address
+from .load import config_from_dict, load_config
 from .schema import (
     CERT_USER_RULES,
     TARGET_KINDS,
@@ -60,4 +61,5 @@ __all__ = [
     "parse_backend_url",
     "parse_duration",
     "parse_listen_address",
+    "parse_host_port",
 ]

@@ -15,6 +15,7 @@ are checked by the code that uses them.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import json
@@ -26,8 +27,15 @@ import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from .addresses import (
+    BACKEND_FORMS,
+    PORT_PLACEHOLDER,
+    parse_backend_url,
+    parse_listen_address,
+    same_socket,
+)
 from .durations import parse_duration
 from .errors import ConfigError
 from .schema import (
@@ -37,7 +45,6 @@ from .schema import (
     Address,
     AdminSection,
     AuthSection,
-    Backend,
     Config,
     IdentitySection,
     LimitsSection,
@@ -49,122 +56,32 @@ from .schema import (
     TargetConfig,
     TcpBackend,
     TLSSection,
-    UnixBackend,
     debugger_name,
+    file_defaults,
+    file_keys,
+    file_tables,
     format_address,
 )
 
-__all__ = ["load_config", "config_from_dict", "parse_listen_address", "parse_backend_url"]
+__all__ = ["load_config", "config_from_dict"]
 
-# Every key each table accepts, in the order the README documents them.
-_KEYS: dict[str, tuple[str, ...]] = {
-    "relay": (
-        "listen",
-        "state_dir",
-        "audit_dir",
-        "handshake_timeout",
-        "close_timeout",
-        "shutdown_grace",
-        "max_sessions",
-        "revocation_interval",
-        "checkpoint_interval",
-        "audit_fsync_interval",
-        "final_write_timeout",
-        "session_end_timeout",
-        "server_stop_timeout",
-        "proxy_protocol",
-        "proxy_trusted",
-        "user",
-        "run_as",
-        "data_plane",
-    ),
-    "tls": (
-        "cert",
-        "key",
-        "min_version",
-        "engine",
-        "client_ca",
-        "require_client_cert",
-        "require_pq",
-        "ocsp_response",
-        "ticket_key_interval",
-    ),
-    "auth": ("issuer", "audience", "jwks", "leeway", "audit_key"),
-    "identity": ("oidc", "group_targets", "admin_groups"),
-    "metrics": ("listen", "bearer_token_file", "tls_cert", "tls_key", "client_ca"),
-    "admin": ("listen", "users", "groups"),
-    "limits": (
-        "max_unauthenticated",
-        "max_unauthenticated_per_source",
-        "handshake_rate",
-        "handshake_burst",
-        "auth_failure_rate",
-        "auth_failure_burst",
-        "max_sources",
-        "max_sessions_per_user",
-        "max_handshakes",
-    ),
-    "state": (
-        "backend",
-        "dsn_file",
-        "pool_size",
-        "connect_timeout",
-        "statement_timeout",
-        "resync_interval",
-        "unavailable_grace",
-        "session_lease",
-    ),
-    "targets": (
-        "name",
-        "kind",
-        "backend",
-        "allow_users",
-        "allow",
-        "allow_groups",
-        "cert_user",
-        "connect_timeout",
-        "idle_timeout",
-        "max_session",
-        "end_on_token_expiry",
-        "launch",
-        "launch_timeout",
-        "kill_grace",
-        "on_idle",
-        "on_idle_timeout",
-        "probe_interval",
-        "record",
-        "record_max_bytes",
-        "kd_transport",
-        "require_pq",
-        "run_as",
-        "debugger_restrictions",
-    ),
-}
+# Every key each table accepts, in the order the README documents them: the
+# schema's field order.
+_SECTIONS: dict[str, type] = file_tables()
+_KEYS: dict[str, tuple[str, ...]] = {name: file_keys(cls) for name, cls in _SECTIONS.items()}
 _TABLES = tuple(_KEYS)
 # [[identity.oidc]] entries.
-_OIDC_KEYS: tuple[str, ...] = (
-    "issuer",
-    "audience",
-    "algorithms",
-    "ca",
-    "user_claim",
-    "groups_claim",
-    "refresh_interval",
-    "unknown_kid_cooldown",
-    "max_staleness",
-    "fetch_timeout",
-)
+_OIDC_KEYS: tuple[str, ...] = file_keys(OidcIssuerConfig)
+# Each table's defaults, by the ``where`` of its problem lines without index.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    name: file_defaults(cls) for name, cls in _SECTIONS.items()
+} | {"identity.oidc": file_defaults(OidcIssuerConfig)}
 
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
-_PORT = re.compile(r"\d{1,5}")
-_PORT_PLACEHOLDER = "{port}"
 _ACCOUNT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
 _LOOPBACK_NAMES = ("localhost",)
 
 _DURATION_FORMS = 'expected a duration like "30s", "15m" or "8h"'
-_LISTEN_FORMS = 'write "host:port" like "127.0.0.1:7443" or "[::1]:7443"'
-_BACKEND_FORMS = "use tcp://HOST:PORT, unix:///abs/path or npipe://HOST/PIPE"
 
 
 class _Bad:
@@ -174,209 +91,13 @@ class _Bad:
         return "<bad>"
 
 
+_T = TypeVar("_T")
+
 _BAD: Any = _Bad()
 _MISSING: Any = object()
-
-
-# --------------------------------------------------------------------------
-# Addresses and backend URLs
-
-
-def _is_host_name(host: str) -> bool:
-    """A DNS name (letters, digits, ``-`` and ``_`` in dot-separated labels)."""
-    name = host[:-1] if host.endswith(".") else host
-    if not name or len(name) > 253:
-        return False
-    labels = name.split(".")
-    if not all(_HOST_LABEL.fullmatch(label) for label in labels):
-        return False
-    # An all-numeric last label is a mistyped IPv4 address, not a name
-    # (RFC 3696 section 2).
-    return not labels[-1].isdigit()
-
-
-def _check_host(host: str, text: str, what: str) -> None:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if not _is_host_name(host):
-            raise ValueError(
-                f"invalid {what} {json.dumps(text)}: {json.dumps(host)} is not an IP "
-                "address or a host name"
-            ) from None
-
-
-def _split_host_port(
-    text: str, what: str, forms: str, *, whole: str | None = None
-) -> tuple[str, str]:
-    """Split ``host:port`` or ``[v6]:port`` into host (no brackets) and port text.
-
-    ``whole`` is the full value to quote in messages when ``text`` is part of
-    it (the authority of a URL).
-    """
-    whole = text if whole is None else whole
-    shown = json.dumps(whole)
-    if text.startswith("["):
-        end = text.find("]")
-        if end == -1:
-            raise ValueError(f'invalid {what} {shown}: missing "]" after the IPv6 address; {forms}')
-        host, rest = text[1:end], text[end + 1 :]
-        if not rest.startswith(":"):
-            raise ValueError(f'invalid {what} {shown}: missing ":PORT" after "]"; {forms}')
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(
-                f"invalid {what} {shown}: {json.dumps(host)} in brackets is not an IPv6 address"
-            ) from None
-        return host, rest[1:]
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        raise ValueError(f'invalid {what} {shown}: missing ":PORT"; {forms}')
-    if ":" in host:
-        raise ValueError(f"invalid {what} {shown}: put IPv6 addresses in brackets; {forms}")
-    if not host:
-        raise ValueError(f"invalid {what} {shown}: missing host; {forms}")
-    _check_host(host, whole, what)
-    return host, port_text
-
-
-def _parse_port(port_text: str, text: str, what: str, *, lowest: int) -> int:
-    if not _PORT.fullmatch(port_text) or not lowest <= int(port_text) <= 65535:
-        raise ValueError(
-            f"invalid {what} {json.dumps(text)}: the port must be a number from "
-            f"{lowest} to 65535, got {json.dumps(port_text)}"
-        )
-    return int(port_text)
-
-
-def parse_listen_address(text: str) -> Address:
-    """Parse a listen address for ``relay.listen``, ``metrics`` or ``admin``.
-
-    Args:
-        text: ``"host:port"`` where host is an IPv4 address or a host name, or
-            ``"[v6]:port"``.  Port 0 means any free port.
-
-    Returns:
-        ``(host, port)`` with IPv6 hosts unbracketed: ``"[::1]:7443"`` gives
-        ``("::1", 7443)``.
-
-    Raises:
-        ValueError: the text is not in that form; the message quotes it and
-            shows the accepted form.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"invalid address {text!r}: {_LISTEN_FORMS}")
-    host, port_text = _split_host_port(text, "address", _LISTEN_FORMS)
-    return host, _parse_port(port_text, text, "address", lowest=0)
-
-
-def parse_backend_url(text: str) -> Backend:
-    """Parse a target's ``backend`` URL.
-
-    Args:
-        text: ``tcp://HOST:PORT`` (HOST an IP literal, ``[v6]`` or a name;
-            PORT 1-65535 or the literal ``{port}`` for managed targets),
-            ``unix:///abs/path`` or ``npipe://HOST/PIPE`` (HOST ``.`` for this
-            machine), or WinDbg's ``npipe:pipe=NAME`` /
-            ``npipe:server=HOST,pipe=NAME``.
-
-    Returns:
-        A :class:`TcpBackend` (port ``None`` for ``{port}``),
-        :class:`UnixBackend` or :class:`NpipeBackend`.  Whether the URL is
-        usable here (``{port}`` only with ``launch``, named pipes only on
-        Windows) is checked by the loader, which knows the target.
-
-    Raises:
-        ValueError: the URL is malformed; the message quotes it and shows the
-            accepted forms.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"invalid backend {text!r}: {_BACKEND_FORMS}")
-    shown = json.dumps(text)
-    if text[:6].lower() == "npipe:" and not text[6:].startswith("//"):
-        return _parse_windbg_npipe(text)
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        raise ValueError(f"invalid backend {shown}: {_BACKEND_FORMS}")
-    scheme = scheme.lower()
-    if scheme == "tcp":
-        if "/" in rest:
-            raise ValueError(
-                f"invalid backend {shown}: tcp:// URLs end after the port; {_BACKEND_FORMS}"
-            )
-        host, port_text = _split_host_port(rest, "backend", _BACKEND_FORMS, whole=text)
-        if port_text == _PORT_PLACEHOLDER:
-            return TcpBackend(host=host, port=None)
-        return TcpBackend(host=host, port=_parse_port(port_text, text, "backend", lowest=1))
-    if scheme == "unix":
-        if not rest.startswith("/") or rest == "/":
-            raise ValueError(
-                f"invalid backend {shown}: unix:// needs an absolute socket path, "
-                "like unix:///run/dbgsrv.sock"
-            )
-        if "\0" in rest:
-            raise ValueError(f"invalid backend {shown}: the socket path contains a NUL byte")
-        return UnixBackend(path=Path(rest))
-    if scheme == "npipe":
-        host, slash, pipe = rest.partition("/")
-        if not slash or not pipe or "/" in pipe or "\\" in pipe or len(pipe) > 256:
-            raise ValueError(
-                f"invalid backend {shown}: expected npipe://HOST/PIPE with one pipe name, "
-                "like npipe://./dbgsrv"
-            )
-        if host != ".":
-            if not host:
-                raise ValueError(
-                    f'invalid backend {shown}: missing host; use "." for this machine, '
-                    "like npipe://./dbgsrv"
-                )
-            _check_host(host, text, "backend")
-        return NpipeBackend(host=host, pipe=pipe)
-    raise ValueError(
-        f"invalid backend {shown}: unknown scheme {json.dumps(scheme)}; {_BACKEND_FORMS}"
-    )
-
-
-def _parse_windbg_npipe(text: str) -> NpipeBackend:
-    """WinDbg's own pipe syntax: ``npipe:pipe=NAME`` or ``npipe:server=HOST,pipe=NAME``.
-
-    The same string a debug server was started with (``cdb -server
-    npipe:pipe=NAME``, ``dbgsrv -t npipe:pipe=NAME``) or a client connects with.
-    """
-    shown = json.dumps(text)
-    form = "npipe:pipe=NAME or npipe:server=HOST,pipe=NAME"
-    fields: dict[str, str] = {}
-    for item in text[len("npipe:") :].split(","):
-        key, eq, value = item.partition("=")
-        key = key.strip().lower()
-        if not eq or key not in ("pipe", "server") or key in fields or not value:
-            raise ValueError(f"invalid backend {shown}: expected {form}")
-        fields[key] = value
-    pipe = fields.get("pipe")
-    if pipe is None or "/" in pipe or "\\" in pipe or len(pipe) > 256:
-        raise ValueError(f"invalid backend {shown}: expected {form} with one pipe name")
-    host = fields.get("server", ".")
-    if host != ".":
-        _check_host(host, text, "backend")
-    return NpipeBackend(host=host, pipe=pipe)
-
-
-def _same_socket(a: Address, b: Address) -> bool:
-    """Whether binding both addresses would fail (same port, overlapping host)."""
-    if a[1] != b[1]:
-        return False
-    if a[0] == b[0]:
-        return True
-    # A wildcard bind takes the port on every address of its family.
-    wildcards = {"0.0.0.0": 4, "::": 6}
-    for host, other in ((a[0], b[0]), (b[0], a[0])):
-        if host in wildcards:
-            try:
-                return ipaddress.ip_address(other).version == wildcards[host]
-            except ValueError:
-                return True  # a host name may resolve to anything
-    return False
+# A validator's default: the schema's default of that key.
+_SCHEMA: Any = object()
+_INDEX = re.compile(r"\[\d+\]$")
 
 
 # --------------------------------------------------------------------------
@@ -419,6 +140,12 @@ class _Validator:
     def problem(self, key: str, message: str) -> None:
         self.problems.append(f"{self.source_name}: {key}: {message}")
 
+    def default(self, where: str, key: str, default: Any) -> Any:
+        """``default``, or the schema's default of ``key`` when it is ``_SCHEMA``."""
+        if default is _SCHEMA:
+            return _DEFAULTS[_INDEX.sub("", where)][key]
+        return default
+
     # -- tables and unknown keys ------------------------------------------
 
     def table(self, data: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
@@ -455,7 +182,7 @@ class _Validator:
         table: Mapping[str, Any],
         where: str,
         key: str,
-        default: Any,
+        default: Any = _SCHEMA,
         *,
         choices: tuple[str, ...] | None = None,
         required: str | None = None,
@@ -466,7 +193,7 @@ class _Validator:
             if required is not None:
                 self.problem(name, f"required key is missing; {required}")
                 return _BAD
-            return default
+            return self.default(where, key, default)
         if choices is not None:
             if not isinstance(value, str) or value not in choices:
                 options = " or ".join(json.dumps(choice) for choice in choices)
@@ -478,19 +205,23 @@ class _Validator:
             return _BAD
         return value
 
-    def boolean(self, table: Mapping[str, Any], where: str, key: str, default: Any) -> Any:
+    def boolean(
+        self, table: Mapping[str, Any], where: str, key: str, default: Any = _SCHEMA
+    ) -> Any:
         value = table.get(key, _MISSING)
         if value is _MISSING:
-            return default
+            return self.default(where, key, default)
         if not isinstance(value, bool):
             self.problem(f"{where}.{key}", f"expected true or false, got {_show(value)}")
             return _BAD
         return value
 
-    def positive_int(self, table: Mapping[str, Any], where: str, key: str, default: int) -> Any:
+    def positive_int(
+        self, table: Mapping[str, Any], where: str, key: str, default: Any = _SCHEMA
+    ) -> Any:
         value = table.get(key, _MISSING)
         if value is _MISSING:
-            return default
+            return self.default(where, key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             self.problem(f"{where}.{key}", f"expected a positive integer, got {_show(value)}")
             return _BAD
@@ -501,7 +232,7 @@ class _Validator:
         table: Mapping[str, Any],
         where: str,
         key: str,
-        default: float | None,
+        default: Any = _SCHEMA,
         *,
         zero: str = "allowed",
     ) -> Any:
@@ -513,7 +244,7 @@ class _Validator:
         value = table.get(key, _MISSING)
         name = f"{where}.{key}"
         if value is _MISSING:
-            return default
+            return self.default(where, key, default)
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             self.problem(name, f"{_DURATION_FORMS}, got {_show(value)}")
             return _BAD
@@ -537,7 +268,7 @@ class _Validator:
         table: Mapping[str, Any],
         where: str,
         key: str,
-        default: Path | None,
+        default: Any = _SCHEMA,
         *,
         required: str | None = None,
         readable: bool = False,
@@ -549,7 +280,7 @@ class _Validator:
             if required is not None:
                 self.problem(name, f"required key is missing; {required}")
                 return _BAD
-            return default
+            return self.default(where, key, default)
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         if not isinstance(value, str) or not value.strip() or "\0" in value:
@@ -650,7 +381,7 @@ class _Validator:
         out: dict[str, Any] = {}
         listen = table.get("listen", _MISSING)
         if listen is _MISSING:
-            out["listen"] = (("127.0.0.1", 7443),)
+            out["listen"] = self.default(w, "listen", _SCHEMA)
         elif not isinstance(listen, list | tuple) or not listen:
             self.problem(
                 "relay.listen",
@@ -677,29 +408,23 @@ class _Validator:
         if audit_dir is _MISSING:
             audit_dir = _BAD if state_dir is _BAD else state_dir / "audit"
         out["audit_dir"] = audit_dir
-        out["handshake_timeout"] = self.duration(
-            table, w, "handshake_timeout", 10.0, zero="forbidden"
-        )
-        out["close_timeout"] = self.duration(table, w, "close_timeout", 5.0)
-        out["shutdown_grace"] = self.duration(table, w, "shutdown_grace", 30.0)
-        out["max_sessions"] = self.positive_int(table, w, "max_sessions", 256)
+        out["handshake_timeout"] = self.duration(table, w, "handshake_timeout", zero="forbidden")
+        out["close_timeout"] = self.duration(table, w, "close_timeout")
+        out["shutdown_grace"] = self.duration(table, w, "shutdown_grace")
+        out["max_sessions"] = self.positive_int(table, w, "max_sessions")
         out["revocation_interval"] = self.duration(
-            table, w, "revocation_interval", 2.0, zero="forbidden"
+            table, w, "revocation_interval", zero="forbidden"
         )
         out["checkpoint_interval"] = self.duration(
-            table, w, "checkpoint_interval", 5.0, zero="forbidden"
+            table, w, "checkpoint_interval", zero="forbidden"
         )
-        out["audit_fsync_interval"] = self.duration(table, w, "audit_fsync_interval", 2.0)
-        out["data_plane"] = self.string(table, w, "data_plane", "trio", choices=("trio", "thread"))
-        out["user"] = self.account(table, w, "user", None)
-        out["run_as"] = self.account(table, w, "run_as", "dbgrelay-target")
-        for key, default in (
-            ("final_write_timeout", 2.0),
-            ("session_end_timeout", 10.0),
-            ("server_stop_timeout", 30.0),
-        ):
-            out[key] = self.duration(table, w, key, default, zero="forbidden")
-        out["proxy_protocol"] = self.boolean(table, w, "proxy_protocol", False)
+        out["audit_fsync_interval"] = self.duration(table, w, "audit_fsync_interval")
+        out["data_plane"] = self.string(table, w, "data_plane", choices=("trio", "thread"))
+        out["user"] = self.account(table, w, "user")
+        out["run_as"] = self.account(table, w, "run_as")
+        for key in ("final_write_timeout", "session_end_timeout", "server_stop_timeout"):
+            out[key] = self.duration(table, w, key, zero="forbidden")
+        out["proxy_protocol"] = self.boolean(table, w, "proxy_protocol")
         out["proxy_trusted"] = self.networks(table, w, "proxy_trusted")
         if out["proxy_protocol"] is True and out["proxy_trusted"] == ():
             self.problem(
@@ -734,11 +459,11 @@ class _Validator:
                 return _BAD
         return tuple(networks)
 
-    def rate(self, table: Mapping[str, Any], where: str, key: str, default: float) -> Any:
+    def rate(self, table: Mapping[str, Any], where: str, key: str, default: Any = _SCHEMA) -> Any:
         """Read a positive number of events per second."""
         value = table.get(key, _MISSING)
         if value is _MISSING:
-            return default
+            return self.default(where, key, default)
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
@@ -755,7 +480,6 @@ class _Validator:
         if table is None:
             return {}
         w = "limits"
-        d = LimitsSection()
         out: dict[str, Any] = {}
         for key in (
             "max_unauthenticated",
@@ -766,9 +490,9 @@ class _Validator:
             "max_sessions_per_user",
             "max_handshakes",
         ):
-            out[key] = self.positive_int(table, w, key, getattr(d, key))
+            out[key] = self.positive_int(table, w, key)
         for key in ("handshake_rate", "auth_failure_rate"):
-            out[key] = self.rate(table, w, key, getattr(d, key))
+            out[key] = self.rate(table, w, key)
         total, sources = out["max_unauthenticated"], out["max_sources"]
         if _BAD not in (total, sources) and sources <= total:
             self.problem(
@@ -800,13 +524,13 @@ class _Validator:
                 required='the PEM private key of tls.cert, like key = "server.key"',
                 readable=True,
             ),
-            "min_version": self.string(table, w, "min_version", "1.2", choices=("1.2", "1.3")),
-            "engine": self.string(table, w, "engine", "stdlib", choices=("stdlib", "pyopenssl")),
-            "client_ca": self.path(table, w, "client_ca", None, readable=True),
-            "require_client_cert": self.boolean(table, w, "require_client_cert", False),
-            "require_pq": self.boolean(table, w, "require_pq", False),
-            "ocsp_response": self.path(table, w, "ocsp_response", None, readable=True),
-            "ticket_key_interval": self.duration(table, w, "ticket_key_interval", 3600.0),
+            "min_version": self.string(table, w, "min_version", choices=("1.2", "1.3")),
+            "engine": self.string(table, w, "engine", choices=("stdlib", "pyopenssl")),
+            "client_ca": self.path(table, w, "client_ca", readable=True),
+            "require_client_cert": self.boolean(table, w, "require_client_cert"),
+            "require_pq": self.boolean(table, w, "require_pq"),
+            "ocsp_response": self.path(table, w, "ocsp_response", readable=True),
+            "ticket_key_interval": self.duration(table, w, "ticket_key_interval"),
         }
         if out["require_client_cert"] is True and out["client_ca"] is None:
             self.problem(
@@ -833,8 +557,8 @@ class _Validator:
             return {}
         w = "auth"
         return {
-            "issuer": self.string(table, w, "issuer", "dbgrelay"),
-            "audience": self.string(table, w, "audience", "dbgrelay"),
+            "issuer": self.string(table, w, "issuer"),
+            "audience": self.string(table, w, "audience"),
             "jwks": self.path(
                 table,
                 w,
@@ -843,8 +567,8 @@ class _Validator:
                 required='the JSON Web Key Set tokens are verified with, like jwks = "jwks.json"',
                 readable=True,
             ),
-            "leeway": self.duration(table, w, "leeway", 30.0),
-            "audit_key": self.path(table, w, "audit_key", None, readable=True),
+            "leeway": self.duration(table, w, "leeway"),
+            "audit_key": self.path(table, w, "audit_key", readable=True),
         }
 
     def names(self, value: Any, name: str, example: str) -> Any:
@@ -938,7 +662,7 @@ class _Validator:
                 out["audience"] = _BAD
         algorithms = table.get("algorithms", _MISSING)
         if algorithms is _MISSING:
-            out["algorithms"] = ("RS256", "ES256")
+            out["algorithms"] = self.default(w, "algorithms", _SCHEMA)
         elif (
             not isinstance(algorithms, list | tuple)
             or not algorithms
@@ -952,19 +676,17 @@ class _Validator:
             out["algorithms"] = _BAD
         else:
             out["algorithms"] = tuple(dict.fromkeys(algorithms))
-        out["ca"] = self.path(table, w, "ca", None, readable=True)
+        out["ca"] = self.path(table, w, "ca", readable=True)
         out["user_claim"] = self.string(
-            table, w, "user_claim", "sub", choices=("sub", "email", "preferred_username", "upn")
+            table, w, "user_claim", choices=("sub", "email", "preferred_username", "upn")
         )
-        out["groups_claim"] = self.string(table, w, "groups_claim", "groups")
-        out["refresh_interval"] = self.duration(
-            table, w, "refresh_interval", 3600.0, zero="forbidden"
-        )
+        out["groups_claim"] = self.string(table, w, "groups_claim")
+        out["refresh_interval"] = self.duration(table, w, "refresh_interval", zero="forbidden")
         out["unknown_kid_cooldown"] = self.duration(
-            table, w, "unknown_kid_cooldown", 300.0, zero="forbidden"
+            table, w, "unknown_kid_cooldown", zero="forbidden"
         )
-        out["max_staleness"] = self.duration(table, w, "max_staleness", 86400.0, zero="forbidden")
-        out["fetch_timeout"] = self.duration(table, w, "fetch_timeout", 10.0, zero="forbidden")
+        out["max_staleness"] = self.duration(table, w, "max_staleness", zero="forbidden")
+        out["fetch_timeout"] = self.duration(table, w, "fetch_timeout", zero="forbidden")
         return out
 
     def metrics(self, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -974,16 +696,16 @@ class _Validator:
         value = table.get("listen", _MISSING)
         out: dict[str, Any] = {}
         if value is _MISSING:
-            out["listen"] = ("127.0.0.1", 9464)
+            out["listen"] = self.default("metrics", "listen", _SCHEMA)
         elif value == "":
             out["listen"] = None
         else:
             out["listen"] = self.address(value, "metrics.listen")
         w = "metrics"
-        out["bearer_token_file"] = self.path(table, w, "bearer_token_file", None, readable=True)
+        out["bearer_token_file"] = self.path(table, w, "bearer_token_file", readable=True)
         tls_keys = ("tls_cert", "tls_key", "client_ca")
         for key in tls_keys:
-            out[key] = self.path(table, w, key, None, readable=True)
+            out[key] = self.path(table, w, key, readable=True)
         given = [key for key in tls_keys if key in table]
         if given and len(given) != len(tls_keys):
             missing = ", ".join(f"metrics.{key}" for key in tls_keys if key not in table)
@@ -996,7 +718,7 @@ class _Validator:
 
     def restrictions(self, table: Mapping[str, Any], where: str, launch: Any) -> Any:
         """``debugger_restrictions``: only for a ``launch`` debugger that offers them."""
-        value = self.boolean(table, where, "debugger_restrictions", False)
+        value = self.boolean(table, where, "debugger_restrictions")
         if value is not True or launch is _BAD:
             return value
         if launch is None:
@@ -1016,11 +738,13 @@ class _Validator:
             return _BAD
         return value
 
-    def account(self, table: Mapping[str, Any], where: str, key: str, default: Any) -> Any:
+    def account(
+        self, table: Mapping[str, Any], where: str, key: str, default: Any = _SCHEMA
+    ) -> Any:
         """An account or group name (checked for form only: it may not exist here yet)."""
         value = table.get(key, _MISSING)
         if value is _MISSING:
-            return default
+            return self.default(where, key, default)
         if not isinstance(value, str) or not _ACCOUNT.fullmatch(value):
             self.problem(
                 f"{where}.{key}",
@@ -1089,7 +813,7 @@ class _Validator:
         if table is None:
             return {}
         w = "state"
-        backend = self.string(table, w, "backend", "sqlite", choices=("sqlite", "postgres"))
+        backend = self.string(table, w, "backend", choices=("sqlite", "postgres"))
         required = None
         if backend == "postgres":
             required = (
@@ -1098,15 +822,13 @@ class _Validator:
             )
         return {
             "backend": backend,
-            "dsn_file": self.path(table, w, "dsn_file", None, required=required, readable=True),
-            "pool_size": self.positive_int(table, w, "pool_size", 4),
-            "connect_timeout": self.duration(table, w, "connect_timeout", 5.0, zero="forbidden"),
-            "statement_timeout": self.duration(
-                table, w, "statement_timeout", 5.0, zero="forbidden"
-            ),
-            "resync_interval": self.duration(table, w, "resync_interval", 5.0, zero="forbidden"),
-            "unavailable_grace": self.duration(table, w, "unavailable_grace", 30.0),
-            "session_lease": self.duration(table, w, "session_lease", 15.0, zero="forbidden"),
+            "dsn_file": self.path(table, w, "dsn_file", required=required, readable=True),
+            "pool_size": self.positive_int(table, w, "pool_size"),
+            "connect_timeout": self.duration(table, w, "connect_timeout", zero="forbidden"),
+            "statement_timeout": self.duration(table, w, "statement_timeout", zero="forbidden"),
+            "resync_interval": self.duration(table, w, "resync_interval", zero="forbidden"),
+            "unavailable_grace": self.duration(table, w, "unavailable_grace"),
+            "session_lease": self.duration(table, w, "session_lease", zero="forbidden"),
         }
 
     def targets(self, data: Mapping[str, Any], tls: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -1200,7 +922,7 @@ class _Validator:
             if groups is _MISSING
             else self.names(groups, f"{w}.allow_groups", '["firmware", "debug-admins"]')
         )
-        out["cert_user"] = self.string(table, w, "cert_user", None, choices=CERT_USER_RULES)
+        out["cert_user"] = self.string(table, w, "cert_user", choices=CERT_USER_RULES)
         if out["cert_user"] not in (None, _BAD) and tls.get("client_ca") is None:
             self.problem(
                 f"{w}.cert_user",
@@ -1208,12 +930,12 @@ class _Validator:
                 "to the user",
             )
 
-        out["connect_timeout"] = self.duration(table, w, "connect_timeout", 5.0, zero="forbidden")
-        out["idle_timeout"] = self.duration(table, w, "idle_timeout", 900.0, zero="forbidden")
-        out["max_session"] = self.duration(table, w, "max_session", None, zero="none")
-        out["end_on_token_expiry"] = self.boolean(table, w, "end_on_token_expiry", True)
+        out["connect_timeout"] = self.duration(table, w, "connect_timeout", zero="forbidden")
+        out["idle_timeout"] = self.duration(table, w, "idle_timeout", zero="forbidden")
+        out["max_session"] = self.duration(table, w, "max_session", zero="none")
+        out["end_on_token_expiry"] = self.boolean(table, w, "end_on_token_expiry")
         launch = self.command(table, w, "launch", name)
-        if launch not in (None, _BAD) and not any(_PORT_PLACEHOLDER in arg for arg in launch):
+        if launch not in (None, _BAD) and not any(PORT_PLACEHOLDER in arg for arg in launch):
             self.problem(
                 f"{w}.launch",
                 "must contain {port} where the server's listen port goes, like "
@@ -1221,14 +943,14 @@ class _Validator:
             )
             launch = _BAD
         out["launch"] = launch
-        out["launch_timeout"] = self.duration(table, w, "launch_timeout", 10.0, zero="forbidden")
-        out["kill_grace"] = self.duration(table, w, "kill_grace", 5.0)
+        out["launch_timeout"] = self.duration(table, w, "launch_timeout", zero="forbidden")
+        out["kill_grace"] = self.duration(table, w, "kill_grace")
         out["on_idle"] = self.command(table, w, "on_idle", name)
-        out["on_idle_timeout"] = self.duration(table, w, "on_idle_timeout", 30.0, zero="forbidden")
-        out["probe_interval"] = self.duration(table, w, "probe_interval", 30.0, zero="none")
-        out["record"] = self.boolean(table, w, "record", False)
-        out["record_max_bytes"] = self.positive_int(table, w, "record_max_bytes", 64 * 1024 * 1024)
-        kd_transport = self.string(table, w, "kd_transport", None)
+        out["on_idle_timeout"] = self.duration(table, w, "on_idle_timeout", zero="forbidden")
+        out["probe_interval"] = self.duration(table, w, "probe_interval", zero="none")
+        out["record"] = self.boolean(table, w, "record")
+        out["record_max_bytes"] = self.positive_int(table, w, "record_max_bytes")
+        kd_transport = self.string(table, w, "kd_transport")
         if kd_transport not in (None, _BAD) and kind not in ("kdsrv", _BAD):
             self.problem(
                 f"{w}.kd_transport",
@@ -1236,7 +958,7 @@ class _Validator:
             )
             kd_transport = _BAD
         out["kd_transport"] = kd_transport
-        require_pq = self.boolean(table, w, "require_pq", None)
+        require_pq = self.boolean(table, w, "require_pq")
         if require_pq is True and tls.get("engine") == "stdlib":
             self.problem(
                 f"{w}.require_pq",
@@ -1245,7 +967,7 @@ class _Validator:
             )
             require_pq = _BAD
         out["require_pq"] = require_pq
-        out["run_as"] = self.account(table, w, "run_as", None)
+        out["run_as"] = self.account(table, w, "run_as")
         out["debugger_restrictions"] = self.restrictions(table, w, launch)
 
         out["backend_url"], out["backend"] = self.backend(table, w, launch)
@@ -1256,7 +978,7 @@ class _Validator:
             for key in ("on_idle", "kd_transport"):
                 item = table.get(key)
                 items = item if isinstance(item, list | tuple) else [item]
-                if any(isinstance(x, str) and _PORT_PLACEHOLDER in x for x in items):
+                if any(isinstance(x, str) and PORT_PLACEHOLDER in x for x in items):
                     self.problem(
                         f"{w}.{key}",
                         "{port} is only filled in for targets with launch; "
@@ -1276,7 +998,7 @@ class _Validator:
             )
             return _BAD, _BAD
         if not isinstance(value, str):
-            self.problem(name, f"expected a string URL ({_BACKEND_FORMS}), got {_show(value)}")
+            self.problem(name, f"expected a string URL ({BACKEND_FORMS}), got {_show(value)}")
             return _BAD, _BAD
         try:
             backend = parse_backend_url(value)
@@ -1289,7 +1011,7 @@ class _Validator:
             )
             return value, _BAD
         if launch is None:
-            if _PORT_PLACEHOLDER in value:
+            if PORT_PLACEHOLDER in value:
                 self.problem(
                     name,
                     f"{{port}} is only allowed on targets with launch; write the real port, "
@@ -1328,7 +1050,7 @@ class _Validator:
             if not isinstance(address, tuple) or address[1] == 0:
                 continue
             for other, other_key in taken:
-                if _same_socket(address, other):
+                if same_socket(address, other):
                     self.problem(
                         key,
                         f"{format_address(address)} clashes with {other_key} "
@@ -1363,21 +1085,34 @@ class _Validator:
         if self.problems:
             raise ConfigError(self.problems)
         return Config(
-            relay=RelaySection(**relay),
-            tls=TLSSection(**tls),
-            auth=AuthSection(**auth),
-            metrics=MetricsSection(**metrics),
-            admin=AdminSection(**admin),
+            relay=_build(RelaySection, relay),
+            tls=_build(TLSSection, tls),
+            auth=_build(AuthSection, auth),
+            metrics=_build(MetricsSection, metrics),
+            admin=_build(AdminSection, admin),
             identity=IdentitySection(
-                oidc=tuple(OidcIssuerConfig(**item) for item in identity.get("oidc", ())),
+                oidc=tuple(_build(OidcIssuerConfig, item) for item in identity.get("oidc", ())),
                 group_targets=identity.get("group_targets", ()),
                 admin_groups=identity.get("admin_groups", ()),
             ),
-            limits=LimitsSection(**limits),
-            state=StateSection(**state),
-            targets=tuple(TargetConfig(**target) for target in targets),
+            limits=_build(LimitsSection, limits),
+            state=_build(StateSection, state),
+            targets=tuple(_build(TargetConfig, target) for target in targets),
             source=source,
         )
+
+
+def _build(cls: type[_T], values: Mapping[str, Any]) -> _T:
+    """``cls(**values)``, insisting that the validator produced every field.
+
+    The keys a table accepts come from the schema, so a field added there
+    but never read here would be accepted in the file and silently ignored;
+    this turns that mistake into a failure of every config load.
+    """
+    unread = [item.name for item in dataclasses.fields(cls) if item.name not in values]
+    if unread:
+        raise RuntimeError(f"config.load never reads {cls.__name__} field(s) {', '.join(unread)}")
+    return cls(**values)
 
 
 # --------------------------------------------------------------------------

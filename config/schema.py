@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -41,6 +42,10 @@ __all__ = [
     "format_address",
     "DEBUGGER_RESTRICTIONS",
     "debugger_name",
+    "FILE_KEYS",
+    "file_keys",
+    "file_defaults",
+    "file_tables",
 ]
 
 #: What sort of debug server a target is.  ``dbgsrv``/``kdsrv``/``server`` are
@@ -66,6 +71,68 @@ def format_address(address: Address) -> str:
     if ":" in host:
         return f"[{host}]:{port}"
     return f"{host}:{port}"
+
+
+#: Field metadata key: the keys a field is written as in the file, when they
+#: are not exactly the field's name.  ``()`` marks a field the file never
+#: sets (the loader fills it in).
+FILE_KEYS = "file_keys"
+
+
+def file_keys(cls: type) -> tuple[str, ...]:
+    """The keys a section's table accepts, in field order (the documented order).
+
+    Args:
+        cls: A section dataclass such as :class:`RelaySection`.
+
+    Returns:
+        Each field's name, or the names in its :data:`FILE_KEYS` metadata.
+    """
+    keys: list[str] = []
+    for item in dataclasses.fields(cls):
+        keys.extend(item.metadata.get(FILE_KEYS, (item.name,)))
+    return tuple(keys)
+
+
+def file_defaults(cls: type) -> dict[str, object]:
+    """The default of every key of a section that has one, by file key.
+
+    Args:
+        cls: A section dataclass such as :class:`RelaySection`.
+
+    Returns:
+        ``{key: default}`` for the fields with a default or default factory;
+        required fields are left out.
+    """
+    defaults: dict[str, object] = {}
+    for item in dataclasses.fields(cls):
+        if item.default is not dataclasses.MISSING:
+            value = item.default
+        elif item.default_factory is not dataclasses.MISSING:
+            value = item.default_factory()
+        else:
+            continue
+        for key in item.metadata.get(FILE_KEYS, (item.name,)):
+            defaults[key] = value
+    return defaults
+
+
+def file_tables() -> dict[str, type]:
+    """The top-level tables of the file and the dataclass of each, in field order.
+
+    ``targets`` maps to :class:`TargetConfig`, the class of one
+    ``[[targets]]`` entry.
+    """
+    hints = typing.get_type_hints(Config)
+    tables: dict[str, type] = {}
+    for item in dataclasses.fields(Config):
+        if item.metadata.get(FILE_KEYS, (item.name,)) == ():
+            continue
+        hint = hints[item.name]
+        if typing.get_origin(hint) is tuple:
+            hint = typing.get_args(hint)[0]
+        tables[item.name] = hint
+    return tables
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,14 +283,14 @@ class RelaySection:
     revocation_interval: float = 2.0
     checkpoint_interval: float = 5.0
     audit_fsync_interval: float = 2.0
-    data_plane: str = "trio"
-    user: str | None = None
-    run_as: str = "dbgrelay-target"
     final_write_timeout: float = 2.0
     session_end_timeout: float = 10.0
     server_stop_timeout: float = 30.0
     proxy_protocol: bool = False
     proxy_trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    user: str | None = None
+    run_as: str = "dbgrelay-target"
+    data_plane: str = "trio"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -319,9 +386,9 @@ class AuthSection:
             (default) leaves them unsigned.
     """
 
-    jwks: Path
     issuer: str = "dbgrelay"
     audience: str = "dbgrelay"
+    jwks: Path
     leeway: float = 30.0
     audit_key: Path | None = None
 
@@ -551,8 +618,11 @@ class TargetConfig:
     name: str
     kind: TargetKind
     backend: Backend
-    backend_url: str
-    allow: tuple[str, ...] | None = None
+    backend_url: str = field(metadata={FILE_KEYS: ()})
+    # ``allow_users`` is the file's name for it; ``allow`` its older spelling.
+    allow: tuple[str, ...] | None = field(
+        default=None, metadata={FILE_KEYS: ("allow_users", "allow")}
+    )
     allow_groups: tuple[str, ...] | None = None
     cert_user: Literal["cn", "san", "cn_or_san"] | None = None
     connect_timeout: float = 5.0
@@ -651,13 +721,13 @@ class Config:
     relay: RelaySection = field(default_factory=RelaySection)
     tls: TLSSection
     auth: AuthSection
+    identity: IdentitySection = field(default_factory=IdentitySection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     admin: AdminSection = field(default_factory=AdminSection)
-    identity: IdentitySection = field(default_factory=IdentitySection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     state: StateSection = field(default_factory=StateSection)
     targets: tuple[TargetConfig, ...] = ()
-    source: Path | None = None
+    source: Path | None = field(default=None, metadata={FILE_KEYS: ()})
 
     def target(self, name: str) -> TargetConfig | None:
         """The target called ``name``, or ``None``."""

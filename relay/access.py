@@ -117,19 +117,47 @@ def verify_identity(
     *,
     config: Config,
     keys: KeySet,
+    revoked: RevocationSet,
     oidc: OidcTrust | None,
     now: float,
     cache: TokenCache | None = None,
 ) -> Claims:
-    """Verify a locally issued or IdP token.
+    """Verify a locally issued or IdP token and refuse it if it is revoked.
 
-    A token whose unverified ``iss`` is a configured OIDC issuer is checked
-    only against that issuer; any other token only against ``[auth]``, through
+    The one way a token becomes claims, for tunnels (:func:`authorize`) and
+    the admin API alike, so neither can skip the revocation check.  A token
+    whose unverified ``iss`` is a configured OIDC issuer is checked only
+    against that issuer; any other token only against ``[auth]``, through
     ``cache`` when one is given (IdP tokens are verified every time).
 
+    Args:
+        token: The bearer token.
+        config: The current configuration.
+        keys: The current token-verification keys.
+        revoked: The current revocation snapshot.
+        oidc: Policies and last good keys of the OIDC issuers.
+        now: Current Unix time.
+        cache: Verified local tokens, kept until they expire.
+
     Raises:
-        TokenRejected: With the reason.
+        TokenRejected: With the reason; ``"revoked"`` for a revoked token.
     """
+    claims = _verify_signed(token, config=config, keys=keys, oidc=oidc, now=now, cache=cache)
+    if revoked.is_revoked(claims):
+        raise TokenRejected("the token has been revoked", reason="revoked")
+    return claims
+
+
+def _verify_signed(
+    token: str,
+    *,
+    config: Config,
+    keys: KeySet,
+    oidc: OidcTrust | None,
+    now: float,
+    cache: TokenCache | None,
+) -> Claims:
+    """Signature, issuer, audience and times: :func:`verify_identity` without revocation."""
     iss = unverified_issuer(token) if config.identity.oidc else None
     item = config.identity.issuer(iss) if iss is not None and iss != config.auth.issuer else None
     if item is not None:
@@ -214,15 +242,15 @@ def authorize(
             "no bearer token in Proxy-Authorization or Authorization", reason="missing", status=401
         )
     try:
-        claims = verify_identity(token, config=config, keys=keys, oidc=oidc, now=now, cache=cache)
+        claims = verify_identity(
+            token, config=config, keys=keys, revoked=revoked, oidc=oidc, now=now, cache=cache
+        )
     except TokenRejected as exc:
         raise RemoteProtocolError(str(exc), reason=exc.reason, status=401) from exc
     if not claims.oidc and claims.scope == ADMIN_SCOPE:
         raise RemoteProtocolError(
             "an admin token cannot open tunnels", reason="not_granted", status=403
         )
-    if revoked.is_revoked(claims):
-        raise RemoteProtocolError("the token has been revoked", reason="revoked", status=401)
     granted_by = _granted_by(claims, target_name, config)
     if granted_by is None:
         raise RemoteProtocolError(

@@ -221,6 +221,7 @@ def _authenticate(relay: Relay, request: HttpRequest, require_token: bool) -> di
             token,
             config=config,
             keys=relay.keys,
+            revoked=relay.revoked,
             oidc=relay.identity.trust(),
             now=relay.wall_clock(),
         )
@@ -228,8 +229,6 @@ def _authenticate(relay: Relay, request: HttpRequest, require_token: bool) -> di
         raise _Refusal(
             401, exc.reason, f"the admin token was refused: {exc.reason}", challenge
         ) from None
-    if relay.revoked.is_revoked(claims):
-        raise _Refusal(401, "revoked", "the admin token has been revoked", challenge)
     admin_by = is_admin(claims, config)
     if admin_by is None:
         raise _Refusal(

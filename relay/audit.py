@@ -34,10 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-from cryptography.hazmat.primitives.serialization import (
-    load_pem_private_key,
-    load_pem_public_key,
-)
+
+from auth.keys import jwk_thumbprint
 
 from .audit_chain import (
     FORMAT,
@@ -52,7 +50,6 @@ from .audit_chain import (
     decode_line,
     encode_line,
     format_time,
-    key_thumbprint,
     parse_time,
 )
 from .errors import RelayError
@@ -65,7 +62,6 @@ except ImportError:  # pragma: no cover - exercised on Windows only
 
 __all__ = [
     "AuditWriteError",
-    "AuditKeyError",
     "AuditWriter",
     "ByteRecorder",
     "VerifyReport",
@@ -74,7 +70,6 @@ __all__ = [
     "session_audit_path",
     "relay_audit_path",
     "bytes_audit_path",
-    "load_public_key_file",
 ]
 
 # Lines waiting in memory beyond this are written out by append() itself, so a
@@ -94,13 +89,6 @@ class AuditWriteError(RelayError):
     """
 
     def __init__(self, message: str, *, reason: str = "audit_unwritable") -> None:
-        super().__init__(message, reason=reason)
-
-
-class AuditKeyError(RelayError):
-    """A key file given to :func:`load_public_key_file` is not an Ed25519 PEM key."""
-
-    def __init__(self, message: str, *, reason: str = "audit_key_invalid") -> None:
         super().__init__(message, reason=reason)
 
 
@@ -242,7 +230,7 @@ class AuditWriter:
         self._kind = kind
         self._session_id = session_id
         self._signing_key = signing_key
-        self._key_id = key_thumbprint(signing_key.public_key()) if signing_key else None
+        self._key_id = jwk_thumbprint(signing_key.public_key()) if signing_key else None
         self._clock = clock
         self._seq = seq
         self._last_record = last_record
@@ -1015,48 +1003,6 @@ def _check_bytes_file(path: Path, result: ChainResult) -> list[str]:
             f"says {ref.bytes_records}"
         )
     return problems
-
-
-def load_public_key_file(path: Path) -> Ed25519PublicKey:
-    """Load the audit public key from a PEM public key or PEM private key file.
-
-    Raises:
-        AuditKeyError: The file cannot be read, is not PEM, is encrypted or
-            holds a key other than Ed25519.
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise AuditKeyError(
-            f"cannot read audit key {path}: {exc.strerror or exc}", reason="audit_key_unreadable"
-        ) from exc
-    key: object
-    if b"PRIVATE KEY-----" in data:
-        try:
-            key = load_pem_private_key(data, password=None)
-        except TypeError as exc:
-            raise AuditKeyError(
-                f"audit key {path} is an encrypted private key; give its public key "
-                "(PEM 'BEGIN PUBLIC KEY') instead"
-            ) from exc
-        except ValueError as exc:
-            raise AuditKeyError(f"audit key {path} is not a readable PEM private key") from exc
-        if isinstance(key, Ed25519PrivateKey):
-            return key.public_key()
-    else:
-        try:
-            key = load_pem_public_key(data)
-        except ValueError as exc:
-            raise AuditKeyError(
-                f"audit key {path} is not a PEM key; expected an Ed25519 public key "
-                "('-----BEGIN PUBLIC KEY-----') or private key"
-            ) from exc
-        if isinstance(key, Ed25519PublicKey):
-            return key
-    raise AuditKeyError(
-        f"audit key {path} holds a {type(key).__name__.lstrip('_')}, not an Ed25519 key"
-    )
 
 
 # -- timeline ----------------------------------------------------------------

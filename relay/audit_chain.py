@@ -40,7 +40,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from auth.keys import jwk_thumbprint
 
 __all__ = [
     "FORMAT",
@@ -58,7 +59,6 @@ __all__ = [
     "decode_line",
     "encode_line",
     "format_time",
-    "key_thumbprint",
     "parse_time",
     "sign_hash",
     "signature_valid",
@@ -115,19 +115,6 @@ def signature_valid(pubkey: Ed25519PublicKey, record_hash: str, sig: object) -> 
     except (binascii.Error, ValueError, InvalidSignature):
         return False
     return True
-
-
-def key_thumbprint(pubkey: Ed25519PublicKey) -> str:
-    """RFC 7638 JWK thumbprint of an Ed25519 public key (the header's ``key_id``).
-
-    The same value ``auth`` uses as a token ``kid``: SHA-256 over the required
-    members of the OKP JWK (RFC 8037 section 2), base64url without padding.
-    """
-    raw = pubkey.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    x = base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-    members = json.dumps({"crv": "Ed25519", "kty": "OKP", "x": x}, separators=(",", ":"))
-    digest = hashlib.sha256(members.encode("ascii")).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 def format_time(moment: datetime) -> str:
@@ -189,7 +176,7 @@ def build_header(
         session_id: The session's id; None for the relay file.
         created: RFC 3339 UTC time (see :func:`format_time`).
         nonce: Random hex, so no two files share a chain.
-        key_id: :func:`key_thumbprint` of the audit key, or None when unsigned.
+        key_id: :func:`auth.keys.jwk_thumbprint` of the audit key, or None when unsigned.
     """
     if kind not in KINDS:
         raise ValueError(f"audit kind must be one of {sorted(KINDS)}, got {kind!r}")
@@ -363,7 +350,7 @@ class ChainVerifier:
             raise TypeError(f"pubkey must be an Ed25519PublicKey, got {type(pubkey).__name__}")
         self.pubkey = pubkey
         self.allow_unsigned_tail = allow_unsigned_tail
-        self._given_key_id = key_thumbprint(pubkey) if pubkey is not None else None
+        self._given_key_id = jwk_thumbprint(pubkey) if pubkey is not None else None
         self._kind: str | None = kind_hint
         self._line = 0
         self._records = 0

@@ -634,10 +634,10 @@ async def _run_relay(
 ) -> None:
     """Run the relay with its metrics endpoint, admin API and signal handling."""
     from .privsep import Launchers
-    from .server import Relay, run_signals, serve_relay
+    from .server import open_relay, run_signals, serve_relay
 
     metrics = _make_metrics(config)
-    relay = Relay(config, metrics=metrics)
+    relay = open_relay(config, metrics=metrics)
     relay.launchers = Launchers(helper)
     relay.worker_index = worker
     stop = trio.Event()
@@ -887,13 +887,15 @@ def _read_password(args: argparse.Namespace, check: Callable[[str], None]) -> st
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from .audit import load_public_key_file, verify_file
+    from auth import KeyFileError, load_audit_pubkey
+
+    from .audit import verify_file
 
     pubkey = None
     if args.pubkey:
         try:
-            pubkey = load_public_key_file(Path(args.pubkey))
-        except (OSError, ValueError) as exc:
+            pubkey = load_audit_pubkey(Path(args.pubkey))
+        except KeyFileError as exc:
             raise UserError(f"--pubkey {args.pubkey}: {exc}") from None
     failed = False
     unreadable = False

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import trio
 
+from config import parse_host_port
+
 from .credentials import TokenSource
 from .datapath.sockets import try_receive
 from .errors import RelayError, RemoteProtocolError
@@ -427,8 +429,8 @@ def make_settings(
     Raises:
         ValueError: an address is malformed (the message names the flag).
     """
-    relay_host, relay_port = _split_hostport(relay, "--relay")
-    listen_host, listen_port = _split_hostport(listen, "--listen")
+    relay_host, relay_port = _split_hostport(relay, "--relay", lowest_port=1)
+    listen_host, listen_port = _split_hostport(listen, "--listen", lowest_port=0)
     check_loopback(listen_host)
     client = make_client_engine(engine=engine, ca=ca, min_version=min_version, cert=cert, key=key)
     return ConnectorSettings(
@@ -443,9 +445,8 @@ def make_settings(
     )
 
 
-def _split_hostport(text: str, flag: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{flag} must look like HOST:PORT (e.g. relay.example:7443), got {text!r}")
-    return host, int(port)
+def _split_hostport(text: str, flag: str, *, lowest_port: int) -> tuple[str, int]:
+    try:
+        return parse_host_port(text, lowest_port=lowest_port)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
-from config import MetricsSection, format_address
+from config import MetricsSection, format_address, parse_listen_address
 
 from .errors import LocalProtocolError
 
@@ -447,17 +447,13 @@ async def open_http_listeners(listen: str) -> list[trio.abc.Listener]:
             raise _listen_error(listen, "expected unix:/path/to.sock with a path after 'unix:'")
         return [await _open_unix_listener(listen, path)]
 
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not host:
-        raise _listen_error(
-            listen, "expected HOST:PORT (for example 127.0.0.1:9464) or unix:/path/to.sock"
-        )
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise _listen_error(listen, f"port must be a number from 0 to 65535, got {port_text!r}")
     try:
-        return list(await trio.open_tcp_listeners(int(port_text), host=host))
+        host, port = parse_listen_address(listen)
+    except ValueError as exc:
+        # The same parser and messages as the config's listen addresses.
+        raise LocalProtocolError(str(exc), reason="bad_listen") from None
+    try:
+        return list(await trio.open_tcp_listeners(port, host=host))
     except OSError as exc:
         raise _listen_error(listen, f"cannot listen: {exc.strerror or exc}") from exc
 

@@ -27,7 +27,16 @@ from typing import Any
 
 import trio
 
-from auth import KeySet, RevocationSet, TokenCache, load_audit_key, load_jwks, peek_unverified
+from auth import (
+    KeySet,
+    PgRevocationStore,
+    RevocationSet,
+    RevocationStore,
+    TokenCache,
+    load_audit_key,
+    load_jwks,
+    peek_unverified,
+)
 from config import Config, TargetConfig, format_address, load_config
 
 from .accept import serve_listeners
@@ -44,7 +53,7 @@ from .tls import ServerEngine, ServerTLS, make_server_engine
 from .watch import run_watch
 from .workers import open_reuseport_listeners
 
-__all__ = ["Relay", "ReloadResult", "serve_relay", "load_runtime", "Runtime"]
+__all__ = ["Relay", "ReloadResult", "open_relay", "serve_relay", "load_runtime", "Runtime"]
 
 log = logging.getLogger("dbgrelay.relay")
 audit_log = logging.getLogger("audit")
@@ -151,12 +160,71 @@ def load_runtime(
     return Runtime(config=config, keys=keys, tls_engine=engine, audit_key=audit_key)
 
 
+def open_relay(
+    config: Config,
+    *,
+    metrics: Metrics | NilMetrics | None = None,
+    wall_clock: Callable[[], float] = time.time,
+) -> Relay:
+    """Open the relay's state from ``config``: all the disk I/O of starting up.
+
+    Creates ``relay.state_dir`` (mode 0700), opens the revocation store and
+    reads the current revocations, and loads the keys, certificates and
+    IdP CA bundles the config names.
+
+    Args:
+        config: The validated configuration.
+        metrics: A :class:`Metrics` or :class:`NilMetrics`.
+        wall_clock: Unix time source for token checks (tests pass one tied
+            to trio's mock clock).
+
+    Returns:
+        The relay, ready for :func:`serve_relay`.
+
+    Raises:
+        OSError: the state folder cannot be created.
+        RelayError or AuthError: a file cannot be used; the message names it.
+
+    Resource handling:
+        The caller closes the relay with :meth:`Relay.close`; if this raises,
+        everything it opened is already closed.
+    """
+    config.relay.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = open_revocation_store(config)
+    try:
+        relay: Relay  # bound below; neither callback runs before the relay serves
+
+        def is_serial_revoked(serial: int) -> bool:
+            # The TLS engine checks client certificates against our revocations.
+            return relay.is_serial_revoked(serial)
+
+        def audit(event: str, **fields: Any) -> None:
+            relay.audit_event(event, **fields)
+
+        runtime = load_runtime(config, is_serial_revoked=is_serial_revoked)
+        identity = IdentityKeys(config.identity.oidc, wall_clock=wall_clock, audit=audit)
+        relay = Relay(runtime, store, identity, metrics=metrics, wall_clock=wall_clock)
+    except BaseException:
+        store.close()
+        raise
+    try:
+        relay.refresh_revocations()
+    except BaseException:
+        relay.close()  # the store, and the shared state built on it
+        raise
+    return relay
+
+
 class Relay:
     """The relay's state, shared by the sessions and the housekeeping tasks.
 
+    Build one with :func:`open_relay`, which does the disk I/O; the
+    constructor only wires together what it is given.
+
     Args:
-        config: The validated configuration; keys and certificates are
-            loaded from the files it names.
+        runtime: Keys, certificates and TLS engine loaded from the config.
+        store: The open revocation store; :meth:`close` closes it.
+        identity: Signing keys of the OIDC issuers.
         metrics: A :class:`Metrics` or :class:`NilMetrics`.
         wall_clock: Unix time source for token checks (tests pass one tied
             to trio's mock clock).
@@ -164,11 +232,14 @@ class Relay:
 
     def __init__(
         self,
-        config: Config,
+        runtime: Runtime,
+        store: RevocationStore | PgRevocationStore,
+        identity: IdentityKeys,
         *,
         metrics: Metrics | NilMetrics | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        config = runtime.config
         self.metrics = metrics if metrics is not None else NilMetrics()
         self.wall_clock = wall_clock
         # How tunnels reach backends; tests swap in an in-memory listener.
@@ -187,26 +258,18 @@ class Relay:
         self.listeners: list[trio.SocketListener] = []
         # Set by ``serve --workers``: this process is one of several sharing the port.
         self.worker_index: int | None = None
-        state = config.relay.state_dir
-        state.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.store = open_revocation_store(config)
+        self.store = store
         # With PostgreSQL, revocations are shared by every relay of a cluster.
         self.shared: SharedState | None = None
         if config.state.backend == "postgres":
             self.shared = SharedState(self.store, config.state, metrics=self.metrics)
-        self.revoked: RevocationSet = self.store.snapshot()
-        self._revocation_version = self.store.data_version()
-        try:
-            # The TLS engine checks client certificates against our revocations.
-            self.runtime = load_runtime(config, is_serial_revoked=self.is_serial_revoked)
-        except BaseException:
-            self.store.close()
-            raise
+        # Filled by refresh_revocations(), which open_relay calls first.
+        self.revoked: RevocationSet = RevocationSet()
+        self._revocation_version: int | None = None
+        self.runtime = runtime
         self.tls = ServerTLS(self.runtime.tls_engine)
         # Signing keys of the OIDC issuers, refreshed by serve_relay's identity task.
-        self.identity = IdentityKeys(
-            config.identity.oidc, wall_clock=wall_clock, audit=self.audit_event
-        )
+        self.identity = identity
         # Tokens verified before: a connector opening several tunnels pays
         # the signature check once (revocation is still checked every time).
         self.token_cache = TokenCache()

@@ -119,6 +119,46 @@ def test_audit_key_is_separate_and_matches_its_public_key(key_dir: Path) -> None
     pub.verify(signature, b"audit line")  # raises if the pair does not match
 
 
+def test_audit_pubkey_from_public_or_private_pem(key_dir: Path) -> None:
+    # `dbgrelay audit verify --pubkey` takes either file keys init wrote.
+    want = jwk_thumbprint(load_audit_key(key_dir / "audit.key").public_key())
+    assert jwk_thumbprint(load_audit_pubkey(key_dir / "audit.pub")) == want
+    assert jwk_thumbprint(load_audit_pubkey(key_dir / "audit.key")) == want
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("text", "not a PEM public key"),
+        ("encrypted", "encrypted private key"),
+        ("ec_public", "must be Ed25519, got ECPublicKey"),
+        ("ec_private", "must be Ed25519, got ECPrivateKey"),
+    ],
+)
+def test_audit_pubkey_rejects_other_files(tmp_path: Path, content: str, message: str) -> None:
+    pem = serialization.Encoding.PEM
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    data = {
+        "text": b"hello\n",
+        "encrypted": Ed25519PrivateKey.generate().private_bytes(
+            pem,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"pw"),
+        ),
+        "ec_public": ec_key.public_key().public_bytes(
+            pem, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+        "ec_private": ec_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    }[content]
+    path = tmp_path / "bad.pem"
+    path.write_bytes(data)
+    with pytest.raises(KeyFileError, match=message) as info:
+        load_audit_pubkey(path)
+    assert str(path) in str(info.value)
+
+
 def test_init_refuses_to_overwrite(key_dir: Path) -> None:
     before = (key_dir / "signing.key").read_bytes()
     with pytest.raises(KeyFileError) as info:

@@ -12,6 +12,7 @@ from config import (
     UnixBackend,
     format_address,
     parse_backend_url,
+    parse_host_port,
     parse_listen_address,
 )
 
@@ -27,6 +28,7 @@ from config import (
         ("relay.example.com:7443", ("relay.example.com", 7443)),
         ("127.0.0.1:0", ("127.0.0.1", 0)),
         ("127.0.0.1:65535", ("127.0.0.1", 65535)),
+        ("[2001:db8::7]:1", ("2001:db8::7", 1)),
     ],
 )
 def test_listen_address_good(text: str, address: tuple[str, int]) -> None:
@@ -50,6 +52,10 @@ def test_listen_address_good(text: str, address: tuple[str, int]) -> None:
         ("1.2.3.999:80", "is not an IP address or a host name"),
         ("bad host:80", "is not an IP address or a host name"),
         ("-bad.example:80", "is not an IP address or a host name"),
+        ("relay..example:80", "is not an IP address or a host name"),
+        ("[relay.example.com]:80", "in brackets is not an IPv6 address"),
+        ("2001:db8::7:7443", "put IPv6 addresses in brackets"),
+        ("[::1]", 'missing ":PORT" after "]"'),
     ],
 )
 def test_listen_address_bad(text: str, expected: str) -> None:
@@ -58,6 +64,22 @@ def test_listen_address_bad(text: str, expected: str) -> None:
     message = str(info.value)
     assert expected in message
     assert f'"{text}"' in message
+
+
+def test_an_address_to_connect_to_needs_a_port_from_1() -> None:
+    # Port 0 only makes sense for a socket that is bound, not connected to.
+    assert parse_host_port("[::1]:1", lowest_port=1) == ("::1", 1)
+    assert parse_host_port("relay.example.com:65535", lowest_port=1) == (
+        "relay.example.com",
+        65535,
+    )
+    for port in ("0", "65536"):
+        with pytest.raises(ValueError) as info:
+            parse_host_port(f"relay.example.com:{port}", lowest_port=1)
+        assert str(info.value) == (
+            f'invalid address "relay.example.com:{port}": the port must be a number '
+            f'from 1 to 65535, got "{port}"'
+        )
 
 
 def test_listen_address_rejects_non_strings() -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
-from config import ConfigError, load_config
+from config import ConfigError, config_from_dict, load_config
+from config.schema import file_keys, file_tables
 
 from .support import MINIMAL, problems_of, write_config
 
@@ -726,3 +728,26 @@ def test_debugger_restrictions_must_be_a_boolean(config_dir: Path) -> None:
     assert problems_of(config_dir, text) == [
         f'{F}: targets[0].debugger_restrictions: expected true or false, got "yes"'
     ]
+
+
+@pytest.mark.parametrize(
+    ("table", "cls"),
+    [(name, cls) for name, cls in file_tables().items() if name != "targets"],
+)
+def test_each_table_accepts_exactly_its_schema_fields(
+    config_dir: Path, table: str, cls: type
+) -> None:
+    # The accepted keys are the dataclass's fields in their order: a field
+    # added to the schema is a key the loader accepts and the message lists.
+    data: dict[str, dict[str, object]] = {
+        "tls": {"cert": "server.pem", "key": "server.key"},
+        "auth": {"jwks": "jwks.json"},
+    }
+    data.setdefault(table, {})["no_such_key"] = 1
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data, base_dir=config_dir, source_name=F)
+    (line,) = info.value.problems
+    assert line == (
+        f"{F}: {table}.no_such_key: unknown key; known keys: " + ", ".join(file_keys(cls))
+    )
+    assert len(file_keys(cls)) == len(dataclasses.fields(cls))

@@ -16,7 +16,7 @@ from auth import init_keys, init_pki, issue_token, load_signing_key
 from config import Config, config_from_dict
 from relay.connector import ConnectorSettings
 from relay.metrics import Metrics
-from relay.server import Relay, serve_relay
+from relay.server import Relay, open_relay, serve_relay
 from relay.tls import make_client_engine, make_server_engine
 
 from .. import accounts
@@ -168,7 +168,7 @@ class RunningRelay:
 
 async def start_relay(nursery: trio.Nursery, config: Config, pki: Path) -> RunningRelay:
     metrics = Metrics(version="test", targets=[t.name for t in config.targets])
-    relay = Relay(config, metrics=metrics)
+    relay = open_relay(config, metrics=metrics)
     stop = trio.Event()
 
     async def run(task_status: trio.TaskStatus) -> None:

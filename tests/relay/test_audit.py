@@ -12,29 +12,24 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
-    BestAvailableEncryption,
     Encoding,
-    NoEncryption,
-    PrivateFormat,
     PublicFormat,
 )
 
+from auth import jwk_thumbprint
 from relay.audit import (
-    AuditKeyError,
     AuditWriteError,
     AuditWriter,
     ByteRecorder,
     bytes_audit_path,
-    load_public_key_file,
     relay_audit_path,
     render_timeline,
     session_audit_path,
     verify_file,
 )
-from relay.audit_chain import compute_hash, key_thumbprint, sign_hash
+from relay.audit_chain import compute_hash, sign_hash
 from relay.cli import build_parser
 from relay.errors import RelayError
 
@@ -103,7 +98,7 @@ def rechain(lines: list[str], signing_key: Ed25519PrivateKey | None) -> list[str
         rec.pop("hash")
         had_sig = rec.pop("sig", None) is not None
         if rec.get("type") == "header":
-            rec["key_id"] = key_thumbprint(signing_key.public_key()) if signing_key else None
+            rec["key_id"] = jwk_thumbprint(signing_key.public_key()) if signing_key else None
         else:
             rec["prev"] = prev
         rec["hash"] = compute_hash(rec)
@@ -138,7 +133,7 @@ def test_layout_header_and_record_fields(tmp_path, key):
     header, first, *_, last = (json.loads(line) for line in lines_of(path))
     assert header["type"] == "header" and header["format"] == "dbgrelay-audit/1"
     assert header["kind"] == "session" and header["session_id"] == SID
-    assert header["key_id"] == key_thumbprint(key.public_key())
+    assert header["key_id"] == jwk_thumbprint(key.public_key())
     assert re.fullmatch(r"[0-9a-f]{32}", header["nonce"])
     assert header["seq"] == 0 and header["prev"] is None
     assert first["time"] == "2026-11-22T10:00:02.373456Z"
@@ -270,7 +265,7 @@ def test_rewrite_with_fresh_chain_fails_only_with_pubkey(tmp_path, key):
         "line 7: session.closed signature does not verify with the given key "
         "(file rewritten or wrong key)"
     ]
-    assert any(key_thumbprint(attacker.public_key()) in note for note in report.notes)
+    assert any(jwk_thumbprint(attacker.public_key()) in note for note in report.notes)
 
 
 def test_rewrite_that_drops_signatures_fails_with_pubkey(tmp_path, key):
@@ -380,7 +375,7 @@ def test_wrong_key_is_reported_with_both_key_ids(tmp_path, key):
     assert not report.ok
     assert report.problems[0].startswith("line 7: session.closed signature does not verify")
     assert any(
-        key_thumbprint(key.public_key()) in n and key_thumbprint(other.public_key()) in n
+        jwk_thumbprint(key.public_key()) in n and jwk_thumbprint(other.public_key()) in n
         for n in report.notes
     )
 
@@ -471,7 +466,7 @@ def test_the_flag_does_not_accept_a_file_naming_another_key(tmp_path, key):
     assert not report.ok
     assert report.problems == [
         f"lines 1-6 are unsigned and the file names audit key_id None where the given "
-        f"key's key_id is {key_thumbprint(key.public_key())}"
+        f"key's key_id is {jwk_thumbprint(key.public_key())}"
     ]
 
 
@@ -777,45 +772,6 @@ def test_paths_reject_unsafe_session_ids_and_naive_times(tmp_path):
         ).parent.name
         == "2026-11-23"
     )
-
-
-# -- key loading ------------------------------------------------------------------------
-
-
-def test_load_public_key_file_accepts_public_or_private_pem(tmp_path, key):
-    pub = tmp_path / "audit.pub.pem"
-    pub.write_bytes(key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
-    priv = tmp_path / "audit.key.pem"
-    priv.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
-    want = key_thumbprint(key.public_key())
-    assert key_thumbprint(load_public_key_file(pub)) == want
-    assert key_thumbprint(load_public_key_file(priv)) == want
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (b"hello\n", "is not a PEM key"),
-        ("encrypted", "encrypted private key"),
-        ("ec", "not an Ed25519 key"),
-    ],
-)
-def test_load_public_key_file_rejects_other_files(tmp_path, key, content, message):
-    path = tmp_path / "bad.pem"
-    if content == "encrypted":
-        content = key.private_bytes(
-            Encoding.PEM, PrivateFormat.PKCS8, BestAvailableEncryption(b"pw")
-        )
-    elif content == "ec":
-        content = (
-            generate_private_key(SECP256R1())
-            .public_key()
-            .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
-        )
-    path.write_bytes(content)
-    with pytest.raises(AuditKeyError, match=message) as info:
-        load_public_key_file(path)
-    assert str(path) in str(info.value)
 
 
 def test_reopening_a_file_a_dead_relay_left_unsigned_signs_at_once(tmp_path, key):

@@ -17,7 +17,7 @@ from pathlib import Path
 import trio
 
 from relay.audit import verify_file
-from relay.server import Relay
+from relay.server import open_relay
 
 from .test_session_time import Harness, wall
 
@@ -68,7 +68,7 @@ async def test_no_record_stays_unsigned_longer_than_checkpoint_interval(
         ],
         checkpoint_interval=f"{INTERVAL}s",
     )
-    relay = Relay(config, wall_clock=wall)
+    relay = open_relay(config, wall_clock=wall)
     harness = Harness(relay, nursery, pki / "ca.pem")
     nursery.start_soon(relay.run_housekeeping)
     tls, event = await harness.connect(token_for(now=wall()))
@@ -120,7 +120,7 @@ async def test_a_session_end_signs_its_file_and_the_relay_file_at_once(
         ],
         checkpoint_interval="1h",
     )
-    relay = Relay(config, wall_clock=wall)
+    relay = open_relay(config, wall_clock=wall)
     harness = Harness(relay, nursery, pki / "ca.pem")
     nursery.start_soon(relay.run_housekeeping)
     tls, event = await harness.connect(token_for(now=wall()))
@@ -159,7 +159,7 @@ async def test_a_quiet_relay_writes_no_checkpoints(
         ],
         checkpoint_interval=f"{INTERVAL}s",
     )
-    relay = Relay(config, wall_clock=wall)
+    relay = open_relay(config, wall_clock=wall)
     nursery.start_soon(relay.run_housekeeping)
     relay.audit_event("test.activity", n=0)
     await trio.sleep(3600)

@@ -255,9 +255,9 @@ async def test_a_new_ticket_key_ends_resumption_of_earlier_tickets(
 
 
 async def test_the_ticket_key_is_rotated_every_interval(autojump_clock, make_config, pki, nursery):
-    from relay.server import Relay
+    from relay.server import open_relay
 
-    relay = Relay(make_config([gdb_target("build42", 9)], tls={"ticket_key_interval": "10m"}))
+    relay = open_relay(make_config([gdb_target("build42", 9)], tls={"ticket_key_interval": "10m"}))
     first = relay.tls.current
     nursery.start_soon(relay.run_ticket_keys)
     await trio.sleep(599)

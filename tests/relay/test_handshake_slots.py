@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from relay.server import Relay
+from relay.server import open_relay
 from relay.session import handle_connection
 from relay.tls import make_client_engine
 
@@ -27,7 +27,7 @@ def one_slot(make_config, pki, nursery) -> Harness:
         ],
         limits={"max_handshakes": 1},
     )
-    return Harness(Relay(config, wall_clock=wall), nursery, pki / "ca.pem")
+    return Harness(open_relay(config, wall_clock=wall), nursery, pki / "ca.pem")
 
 
 async def test_a_connection_over_the_cap_waits_and_opens_once_a_slot_frees(

@@ -305,10 +305,12 @@ async def test_unix_socket_refuses_to_delete_a_regular_file(tmp_path):
 @pytest.mark.parametrize(
     ("listen", "message"),
     [
-        ("9464", "expected HOST:PORT"),
-        (":9464", "expected HOST:PORT"),
-        ("127.0.0.1:http", "port must be a number"),
-        ("127.0.0.1:70000", "port must be a number"),
+        ("9464", 'missing ":PORT"'),
+        (":9464", "missing host"),
+        ("::1:9464", "put IPv6 addresses in brackets"),
+        ("127.0.0.1:http", "port must be a number from 0 to 65535"),
+        ("127.0.0.1:70000", "port must be a number from 0 to 65535"),
+        ("bad host:9464", "is not an IP address or a host name"),
         ("unix:", "with a path after"),
         ("unix:/nonexistent-dir/x/admin.sock", "cannot bind"),
     ],

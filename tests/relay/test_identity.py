@@ -23,7 +23,7 @@ from auth import issue_token, load_signing_key
 from config import Config, config_from_dict
 from relay.connector import RelayRefused, open_tunnel, preflight
 from relay.metrics import Metrics
-from relay.server import Relay, serve_relay
+from relay.server import open_relay, serve_relay
 from relay.tls import make_client_engine
 
 from ..idp import FakeIdP
@@ -89,7 +89,7 @@ def identity_config(
 
 async def start(nursery: trio.Nursery, config: Config, pki: Path) -> RunningRelay:
     metrics = Metrics(version="test", targets=[t.name for t in config.targets])
-    relay = Relay(config, metrics=metrics, wall_clock=wall)
+    relay = open_relay(config, metrics=metrics, wall_clock=wall)
     relay.fsync_in_thread = False
     stop = trio.Event()
 

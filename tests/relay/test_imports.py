@@ -24,7 +24,7 @@ from auth import issue_token, load_signing_key
 from config import config_from_dict
 from relay.cli import _make_metrics
 from relay.connector import ConnectorSettings, open_tunnel
-from relay.server import Relay, serve_relay
+from relay.server import open_relay, serve_relay
 from relay.tls import make_client_engine
 
 pki, keydir, tmp, account, engine, metrics_listen = sys.argv[1:7]
@@ -57,7 +57,7 @@ async def main():
             },
             base_dir=tmp,
         )
-        relay = Relay(config, metrics=_make_metrics(config))
+        relay = open_relay(config, metrics=_make_metrics(config))
         stop = trio.Event()
         relay_listeners = await nursery.start(lambda task_status: serve_relay(relay, stop=stop, task_status=task_status))
         token = issue_token(load_signing_key(keydir / "signing.key"), user="alice",

@@ -20,7 +20,7 @@ from relay.admin_client import AdminClient, AdminEndpoint, AdminError
 from relay.connector import open_tunnel
 from relay.metrics import Metrics
 from relay.preamble import NEED_DATA, ResponseParser, render_request
-from relay.server import Relay, serve_relay
+from relay.server import open_relay, serve_relay
 from relay.tls import make_client_engine
 
 from .conftest import RunningRelay, start_echo, start_relay
@@ -289,7 +289,7 @@ async def test_drain_refuses_new_connections_and_ends_tunnels_after_the_grace(
           "probe_interval": "0"}],
         shutdown_grace="30s",
     )  # fmt: skip
-    relay = Relay(config, metrics=Metrics(version="test", targets=["build42"]))
+    relay = open_relay(config, metrics=Metrics(version="test", targets=["build42"]))
     stop, done = trio.Event(), trio.Event()
 
     async def run(task_status: trio.TaskStatus) -> None:

@@ -21,7 +21,7 @@ import trio
 
 from relay.audit import AuditWriteError, AuditWriter, ByteRecorder
 from relay.metrics import Metrics
-from relay.server import Relay
+from relay.server import open_relay
 
 from .conftest import session_files
 from .test_metrics import value
@@ -124,7 +124,7 @@ async def test_a_failing_teardown_step_does_not_stop_the_others(
         ]
     )
     metrics = Metrics(version="test", targets=["build42"])
-    relay = Relay(config, metrics=metrics, wall_clock=wall)
+    relay = open_relay(config, metrics=metrics, wall_clock=wall)
     harness = Harness(relay, nursery, pki / "ca.pem")
     armed = [False]
     break_step(step, monkeypatch, harness, armed)
@@ -171,7 +171,7 @@ async def test_teardown_order_end_record_on_disk_before_the_client_sees_the_end(
             }
         ]
     )
-    relay = Relay(config, wall_clock=wall)
+    relay = open_relay(config, wall_clock=wall)
     harness = Harness(relay, nursery, pki / "ca.pem")
     steps: list[str] = []
 
@@ -222,7 +222,7 @@ async def test_a_bytes_file_that_cannot_be_created_refuses_the_tunnel_with_503(
         ]
     )
     metrics = Metrics(version="test", targets=["build42"])
-    relay = Relay(config, metrics=metrics, wall_clock=wall)
+    relay = open_relay(config, metrics=metrics, wall_clock=wall)
     harness = Harness(relay, nursery, pki / "ca.pem")
 
     def create(*args, **kwargs):

@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from relay.preamble import NEED_DATA, ResponseParser, render_request
-from relay.server import Relay
+from relay.server import Relay, open_relay
 from relay.session import handle_connection
 from relay.tls import make_client_engine
 
@@ -88,7 +88,7 @@ def harness(make_config, pki, nursery) -> Callable[..., Harness]:
                 | target
             ]
         )
-        relay = Relay(config, wall_clock=wall)
+        relay = open_relay(config, wall_clock=wall)
         return Harness(relay, nursery, pki / "ca.pem")
 
     return make

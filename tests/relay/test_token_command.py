@@ -20,7 +20,7 @@ import trio
 from auth import peek_unverified
 from config import config_from_dict
 from relay.metrics import Metrics
-from relay.server import Relay, serve_relay
+from relay.server import open_relay, serve_relay
 
 from ..e2e.support import READY_TIMEOUT, ProcGroup
 from ..idp import FakeIdP
@@ -103,7 +103,7 @@ async def test_token_command_refreshes_before_expiry_during_a_live_session(
         },
         base_dir=tmp_path,
     )
-    relay = Relay(
+    relay = open_relay(
         config, metrics=Metrics(version="test"), wall_clock=lambda: time.time() + shift[0]
     )
     stop = trio.Event()

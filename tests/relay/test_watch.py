@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.backends import BackendError
 from relay.metrics import Metrics
 from relay.preamble import NEED_DATA, ResponseParser, render_request
-from relay.server import Relay
+from relay.server import Relay, open_relay
 from relay.session import handle_connection
 from relay.tls import make_client_engine
 from relay.watch import ON_IDLE_OUTPUT_LIMIT, run_watch
@@ -135,7 +135,9 @@ def relayed(make_config, pki, nursery):
         config = make_config(
             [{"name": "build42", "kind": "dbgsrv", "backend": "tcp://127.0.0.1:9"} | target]
         )
-        relay = Relay(config, wall_clock=wall, metrics=Metrics(version="t", targets=["build42"]))
+        relay = open_relay(
+            config, wall_clock=wall, metrics=Metrics(version="t", targets=["build42"])
+        )
         return Relayed(relay, nursery, pki / "ca.pem")
 
     return make
