@@ -43,6 +43,7 @@ from .schema import (
     MetricsSection,
     NpipeBackend,
     OidcIssuerConfig,
+    PipeAddress,
     RelaySection,
     StateSection,
     TargetConfig,
@@ -159,6 +160,8 @@ _LOOPBACK_NAMES = ("localhost",)
 
 _DURATION_FORMS = 'expected a duration like "30s", "15m" or "8h"'
 _LISTEN_FORMS = 'write "host:port" like "127.0.0.1:7443" or "[::1]:7443"'
+#: The admin pipe on Windows: ``\\\\.\\pipe\\dbgrelay-admin``.
+DEFAULT_ADMIN_PIPE = "dbgrelay-admin"
 _BACKEND_FORMS = "use tcp://HOST:PORT, unix:///abs/path or npipe://HOST/PIPE"
 
 
@@ -1025,11 +1028,24 @@ class _Validator:
     def _admin_listen(self, table: Mapping[str, Any], state_dir: Any) -> dict[str, Any]:
         value = table.get("listen", _MISSING)
         if value is _MISSING:
+            if sys.platform == "win32":  # no Unix sockets to rely on: a pipe with a DACL
+                return {"listen": PipeAddress(DEFAULT_ADMIN_PIPE)}
             return {"listen": _BAD if state_dir is _BAD else state_dir / "admin.sock"}
         forms = 'expected "unix:PATH" or a loopback "host:port" like "127.0.0.1:9465"'
         if not isinstance(value, str) or not value:
             self.problem("admin.listen", f"{forms}, got {_show(value)}")
             return {}
+        if value.startswith("npipe:"):
+            name = value[len("npipe:") :]
+            if not name or len(name) > 256 or any(c in name for c in "\\/\0"):
+                self.problem(
+                    "admin.listen", f'expected "npipe:NAME" with one pipe name, got {_show(value)}'
+                )
+                return {}
+            if sys.platform != "win32":
+                self.problem("admin.listen", 'named pipes exist only on Windows; use "unix:PATH"')
+                return {}
+            return {"listen": PipeAddress(name)}
         if value.startswith("unix:"):
             rest = value[len("unix:") :]
             if rest.startswith("///"):

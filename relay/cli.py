@@ -335,7 +335,7 @@ def _revoke_via_relay(
 
     token = _admin_token(args)
     endpoint = AdminEndpoint.from_config(config, token=token)
-    if endpoint.unix_path is None and token is None:
+    if endpoint.address is not None and token is None:
         return None, (
             f"no --admin-token-file for the admin API at {endpoint}; a running relay "
             f"applies it within {config.relay.revocation_interval:g}s"
@@ -428,7 +428,7 @@ def _admin_client(args: argparse.Namespace, config: Any = None):
         config = _admin_config(args)
     token = _admin_token(args)
     endpoint = AdminEndpoint.from_config(config, token=token)
-    if endpoint.unix_path is None and token is None:
+    if endpoint.address is not None and token is None:
         raise UserError(
             f"the admin API listens on {endpoint} (TCP): pass --admin-token-file FILE "
             "holding an admin token ('dbgrelay token issue --scope admin')"
@@ -597,13 +597,19 @@ def _separate_privileges(config: Any) -> Any:
     Returns:
         The relay's end of the helper's socket, or None when there is no helper.
     """
-    import pwd
-
-    from .privsep import drop_privileges, run_as_accounts, start_helper
-
     user = config.relay.user
     if user is None:
         return None
+    try:
+        import pwd
+    except ImportError:  # Windows: no uids to drop to
+        raise UserError(
+            f"relay.user is {user!r}, but this system has no Unix accounts to drop to; "
+            "remove relay.user and run the relay (or its service) as that account"
+        ) from None
+
+    from .privsep import drop_privileges, run_as_accounts, start_helper
+
     if os.geteuid() != 0:
         if pwd.getpwuid(os.geteuid()).pw_name == user:
             return None  # already relay.user (e.g. systemd User=): managed servers need root
