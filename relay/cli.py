@@ -135,6 +135,18 @@ def _load_config(path: Path):
         raise UserError("\n".join(exc.problems)) from None
 
 
+def _check_platform(config: Any, path: Path) -> None:
+    """Refuse, in one line, what this system cannot run (``launch`` targets on Windows)."""
+    from .platform import LAUNCH_SUPPORTED
+
+    managed = [t.name for t in config.targets if t.launch is not None]
+    if managed and not LAUNCH_SUPPORTED:
+        raise UserError(
+            f"{path}: targets {', '.join(managed)} have launch, which this system cannot run "
+            "yet; start the debug server yourself and give its backend instead"
+        )
+
+
 def _read_token(args: argparse.Namespace) -> str:
     if args.token_file is None:
         name = getattr(args, "token_env", None) or "DBGRELAY_TOKEN"
@@ -532,6 +544,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from .server import load_runtime
 
     config = _load_config(Path(args.config))
+    _check_platform(config, Path(args.config))
     load_runtime(config)
     warnings = missing_account_warnings(config)
     warnings += [w for w in [development_mode_warning(config)] if w is not None]
@@ -561,7 +574,14 @@ def cmd_state_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from auth import ensure_private_dir
+
     config = _load_config(Path(args.config))
+    _check_platform(config, Path(args.config))
+    # Created before anything is written into them: mode 0700, or on Windows
+    # an owner-only DACL that the audit files and the state database inherit.
+    for folder in (config.relay.state_dir, config.relay.audit_dir):
+        ensure_private_dir(folder)  # KeyFileError: one line, from main()
     if args.worker_index is not None:
         from .workers import log_filter, worker_config
 
