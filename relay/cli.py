@@ -611,6 +611,44 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_service(args: argparse.Namespace) -> int:
+    try:
+        from . import winservice
+    except ImportError:
+        raise UserError(
+            "dbgrelay service manages a Windows service; elsewhere run 'dbgrelay serve' "
+            "under systemd (deploy/)"
+        ) from None
+    name = args.name
+    try:
+        if args.action == "install":
+            if args.config is None:
+                raise UserError("service install needs --config PATH: the relay's dbgrelay.toml")
+            config = _load_config(Path(args.config))  # refuse a bad config now, not at start
+            _check_platform(config, Path(args.config))
+            winservice.install(Path(args.config), name=name, auto_start=args.auto_start)
+            _say(f"service {name} installed for {Path(args.config).resolve()}", file=sys.stderr)
+        elif args.action == "remove":
+            winservice.remove(name)
+            _say(f"service {name} removed", file=sys.stderr)
+        elif args.action == "start":
+            winservice.start(name)
+            _say(f"service {name} running", file=sys.stderr)
+        elif args.action == "stop":
+            winservice.stop(name)
+            _say(f"service {name} stopped", file=sys.stderr)
+        else:
+            print(winservice.status(name))
+    except OSError as exc:
+        hint = "run it from an administrator's prompt"
+        if getattr(exc, "winerror", None) == 1060:  # ERROR_SERVICE_DOES_NOT_EXIST
+            hint = "install it first with 'dbgrelay service install --config PATH'"
+        raise UserError(
+            f"service {args.action} {name}: {exc.strerror or exc}; {hint}", code=EXIT_FAIL
+        ) from None
+    return EXIT_OK
+
+
 def _separate_privileges(config: Any) -> Any:
     """As root with ``relay.user`` set: start the privileged helper, then drop to relay.user.
 
@@ -651,12 +689,26 @@ def _separate_privileges(config: Any) -> Any:
     return helper
 
 
+async def run_relay_with_stop(
+    config: Any, ready: Callable[[trio.Event], object], signals: bool
+) -> None:
+    """Run the relay; ``ready(stop)`` gets the event that starts its drain.
+
+    The Windows service uses it: its stop request sets ``stop`` from the
+    service manager's thread, and ``signals=False`` because it does not run
+    on Python's main thread.
+    """
+    await _run_relay(config, ready=ready, signals=signals)
+
+
 async def _run_relay(
     config: Any,
     before: Callable[[trio.Nursery], Any] | None = None,
     helper: Any = None,
     *,
     worker: int | None = None,
+    ready: Callable[[trio.Event], object] | None = None,
+    signals: bool = True,
 ) -> None:
     """Run the relay with its metrics endpoint, admin API and signal handling."""
     from .privsep import Launchers
@@ -669,7 +721,9 @@ async def _run_relay(
     stop = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_signals, relay, stop)
+            nursery.start_soon(partial(run_signals, relay, stop, stop_signals=signals))
+            if ready is not None:
+                ready(stop)
             await _start_side_services(nursery, relay, metrics)
             await serve_relay(relay, stop=stop)
             nursery.cancel_scope.cancel()
@@ -1199,6 +1253,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("reload", cmd_reload, "make the running relay re-read config, certificates and JWKS")
     admin_flags(p)
+
+    p = add("service", cmd_service, "run the relay as a Windows service (install, start, ...)")
+    p.add_argument("action", choices=["install", "remove", "start", "stop", "status"])
+    p.add_argument("--config", help="the relay's dbgrelay.toml (install only)")
+    p.add_argument("--name", default="dbgrelay", help="the service's name (default dbgrelay)")
+    p.add_argument(
+        "--auto-start", action="store_true", help="install: start with Windows (default: by hand)"
+    )
 
     p = add("demo", cmd_demo, "start a relay with generated dev keys, CA and demo targets")
     p.add_argument(

@@ -663,15 +663,19 @@ async def _final_sync(relay: Relay, writer: AuditWriter) -> None:
         )
 
 
-async def run_signals(relay: Relay, stop: trio.Event) -> None:
+async def run_signals(relay: Relay, stop: trio.Event, *, stop_signals: bool = True) -> None:
     """The platform's reload trigger reloads; a stop signal starts the drain.
 
     On POSIX: SIGHUP reloads, SIGTERM/SIGINT stop.  On Windows: the named
     reload event reloads, Ctrl-C/Ctrl-Break stop (see :mod:`relay.platform`).
-    A second stop signal is ignored: the drain is already under way.
+    A second stop signal is ignored: the drain is already under way.  With
+    ``stop_signals=False`` (a Windows service, off Python's main thread,
+    stopped by the service manager) only the reload trigger runs.
     """
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(run_reload_trigger, partial(_reload_by, relay)))
+        if not stop_signals:
+            return
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
             async for signum in signals:
                 log.info("relay.stopping", extra={"signal": signal.Signals(signum).name})

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,3 +242,64 @@ def test_admin_pipe_state_and_audit_folders_admit_only_the_relay_and_admins(
             found[folder],
         )
         assert EVERYONE not in {sid for sid, _ in allowed}, (folder, found[folder])
+
+
+def _service(wine_tier: WineTier, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return wine_tier.run("-m", "relay", "service", *args, cwd=home, timeout=180)
+
+
+def _log_events(path: Path, name: str) -> list[dict]:
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("event") == name]
+
+
+def _wait_log_event(path: Path, name: str) -> list[dict]:
+    """Poll the service's log file until it holds event ``name`` (it has no other output)."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while not (found := _log_events(path, name)):
+        assert time.monotonic() < deadline, path.read_text() if path.exists() else "no log"
+        time.sleep(0.2)
+    return found
+
+
+def test_relay_as_a_windows_service_installed_started_stopped_removed(
+    wine_tier: WineTier,
+    home: Path,
+    echo_port: int,  # noqa: F811
+) -> None:
+    _config(home, echo_port, free_port(), f"dbgrelay-t{os.urandom(4).hex()}")
+    name = f"dbgrelay-test-{os.urandom(3).hex()}"
+    log = home / "state" / "dbgrelay.log"
+
+    done = _service(wine_tier, home, "install", "--config", "dbgrelay.toml", "--name", name)
+    assert done.returncode == 0, done.stdout + done.stderr
+    try:
+        done = _service(wine_tier, home, "start", "--name", name)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert _service(wine_tier, home, "status", "--name", name).stdout.strip() == "running"
+        # The service logs to its file: where it listens.  "running" means
+        # the service started, not yet that the relay listens.
+        listening = _wait_log_event(log, "relay.listening")
+        token = issue(home)
+        tls, _ = open_tunnel(home, listening[0]["address"], "build-tcp", token)
+        echo(tls, b"through the service")
+        tls.close()
+
+        done = _service(wine_tier, home, "stop", "--name", name)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert _service(wine_tier, home, "status", "--name", name).stdout.strip() == "stopped"
+        # The stop was a drain, not a kill.
+        assert _log_events(log, "relay.stopping")[0]["signal"] == "service_stop"
+        assert _log_events(log, "relay.draining")
+        assert _log_events(log, "relay.stopped")
+    finally:
+        removed = _service(wine_tier, home, "remove", "--name", name)
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    gone = _service(wine_tier, home, "status", "--name", name)
+    assert gone.returncode == 1
+    assert gone.stderr.strip() == (
+        f"dbgrelay: service status {name}: Service does not exist.; install it first with "
+        "'dbgrelay service install --config PATH'"
+    ), gone.stderr
