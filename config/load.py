@@ -330,10 +330,24 @@ def parse_backend_url(text: str) -> Backend:
                     "like npipe://./dbgsrv"
                 )
             _check_host(host, text, "backend")
+        _check_pipe_format(pipe, shown)
         return NpipeBackend(host=host, pipe=pipe)
     raise ValueError(
         f"invalid backend {shown}: unknown scheme {json.dumps(scheme)}; {_BACKEND_FORMS}"
     )
+
+
+_PIPE_FORMAT = re.compile(r"%(.?)")
+
+
+def _check_pipe_format(pipe: str, shown: str) -> None:
+    """Only WinDbg's ``%d``, ``%x`` (the server's process id) and ``%%`` may follow a ``%``."""
+    for match in _PIPE_FORMAT.finditer(pipe):
+        if match.group(1) not in ("d", "x", "%"):
+            raise ValueError(
+                f"invalid backend {shown}: in a pipe name % may only start %d or %x (the "
+                "debug server's process id) or %% (a percent sign)"
+            )
 
 
 def _parse_windbg_npipe(text: str) -> NpipeBackend:
@@ -354,6 +368,7 @@ def _parse_windbg_npipe(text: str) -> NpipeBackend:
     pipe = fields.get("pipe")
     if pipe is None or "/" in pipe or "\\" in pipe or len(pipe) > 256:
         raise ValueError(f"invalid backend {shown}: expected {form} with one pipe name")
+    _check_pipe_format(pipe, shown)
     host = fields.get("server", ".")
     if host != ".":
         _check_host(host, text, "backend")
@@ -1275,6 +1290,14 @@ class _Validator:
             )
             return value, _BAD
         if launch is None:
+            if isinstance(backend, NpipeBackend) and backend.names_process:
+                self.problem(
+                    name,
+                    f"the pipe name in {_show(value)} has %d or %x, which the debug server "
+                    "replaces with its process id when it starts; write the name it "
+                    "actually uses (cdb's .servers command shows it)",
+                )
+                return value, _BAD
             if _PORT_PLACEHOLDER in value:
                 self.problem(
                     name,

@@ -135,6 +135,26 @@ class NpipeBackend:
     pipe: str
 
     @property
+    def names_process(self) -> bool:
+        """Whether :attr:`pipe` holds ``%d``/``%x``: the debug server's process id.
+
+        WinDbg replaces them when the server starts (``cdb -server
+        npipe:pipe=dbg%d``), so only a relay that starts the server knows
+        the real name; see :meth:`for_process`.
+        """
+        return any(f in self.pipe.replace("%%", "") for f in ("%d", "%x"))
+
+    def for_process(self, pid: int) -> NpipeBackend:
+        """This backend with ``%d``/``%x`` replaced as WinDbg does for process ``pid``.
+
+        ``%d`` becomes the decimal id, ``%x`` the lowercase hexadecimal one and
+        ``%%`` a single ``%``.
+        """
+        parts = self.pipe.split("%%")
+        parts = [p.replace("%d", str(pid)).replace("%x", f"{pid:x}") for p in parts]
+        return NpipeBackend(host=self.host, pipe="%".join(parts))
+
+    @property
     def path(self) -> str:
         """The Win32 path, ``\\\\HOST\\pipe\\PIPE``."""
         return f"\\\\{self.host}\\pipe\\{self.pipe}"

@@ -303,3 +303,31 @@ def test_relay_as_a_windows_service_installed_started_stopped_removed(
         f"dbgrelay: service status {name}: Service does not exist.; install it first with "
         "'dbgrelay service install --config PATH'"
     ), gone.stderr
+
+
+def _base_config(home: Path, target: str) -> None:
+    (home / "dbgrelay.toml").write_text(
+        '[tls]\ncert = "pki/server.pem"\nkey = "pki/server.key"\n'
+        '[auth]\njwks = "keys/jwks.json"\n[[targets]]\nname = "build42"\nkind = "tcp"\n' + target
+    )
+
+
+def test_windows_refuses_launch_targets_and_unresolved_pipe_ids_in_one_line(
+    wine_tier: WineTier, home: Path
+) -> None:
+    _base_config(
+        home, 'backend = "tcp://127.0.0.1:{port}"\nlaunch = ["cmd", "/c", "echo {port}"]\n'
+    )
+    for command in ("check-config", "serve"):
+        done = wine_tier.run("-m", "relay", command, "--config", "dbgrelay.toml", cwd=home)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.splitlines() == [
+            "dbgrelay: dbgrelay.toml: targets build42 have launch, which this system cannot "
+            "run yet; start the debug server yourself and give its backend instead"
+        ], done.stderr
+
+    _base_config(home, 'backend = "npipe:pipe=dbg%d"\n')
+    done = wine_tier.run("-m", "relay", "check-config", "--config", "dbgrelay.toml", cwd=home)
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = done.stderr.splitlines()
+    assert 'the pipe name in "npipe:pipe=dbg%d" has %d or %x' in line, line
