@@ -692,7 +692,7 @@ def _separate_privileges(config: Any) -> Any:
 async def run_relay_with_stop(
     config: Any, ready: Callable[[trio.Event], object], signals: bool
 ) -> None:
-    """Run the relay; ``ready(stop)`` gets the event that starts its drain.
+    """Run the relay; once it listens, ``ready(stop)`` gets the event that starts its drain.
 
     The Windows service uses it: its stop request sets ``stop`` from the
     service manager's thread, and ``signals=False`` because it does not run
@@ -722,10 +722,13 @@ async def _run_relay(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(partial(run_signals, relay, stop, stop_signals=signals))
-            if ready is not None:
-                ready(stop)
             await _start_side_services(nursery, relay, metrics)
-            await serve_relay(relay, stop=stop)
+            if ready is None:
+                await serve_relay(relay, stop=stop)
+            else:
+                async with trio.open_nursery() as serving:
+                    await serving.start(partial(serve_relay, relay, stop=stop))
+                    ready(stop)  # the tunnel listeners are bound
             nursery.cancel_scope.cancel()
     finally:
         relay.close()

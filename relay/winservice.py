@@ -21,6 +21,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -38,6 +39,9 @@ _CLASS = "relay.winservice.RelayService"
 _CONFIG_OPTION = "config"
 #: Seconds ``start``/``stop`` wait for the service to get there.
 WAIT_TIMEOUT = 60
+#: How long the service manager should expect a start to take (ms): loading the
+#: config, keys and certificates, then binding the listeners.
+START_WAIT_HINT_MS = 30_000
 
 
 class RelayService(win32serviceutil.ServiceFramework):
@@ -66,9 +70,17 @@ class RelayService(win32serviceutil.ServiceFramework):
             except trio.RunFinishedError:
                 pass
 
+    def SvcRun(self) -> None:  # noqa: N802 - pywin32's name
+        """Like pywin32's, except that "running" is reported once the relay listens."""
+        self.ReportServiceStatus(win32service.SERVICE_START_PENDING, waitHint=START_WAIT_HINT_MS)
+        self.SvcDoRun()
+        # The host reports "stopped" when this returns.
+        self.ReportServiceStatus(win32service.SERVICE_STOP_PENDING)
+
     def _ready(self, stop: trio.Event) -> None:
         self._trio_token = trio.lowlevel.current_trio_token()
         self._stop = stop
+        self.ReportServiceStatus(win32service.SERVICE_RUNNING)
         if self._stop_requested:  # the stop came before the relay was up
             stop.set()
 
@@ -150,9 +162,21 @@ def remove(name: str = DEFAULT_NAME) -> None:
 
 
 def start(name: str = DEFAULT_NAME) -> None:
-    """Start the service and wait until it runs."""
+    """Start the service and wait until the relay listens.
+
+    Raises:
+        OSError: it could not be started, or it stopped again at start (a
+            bad config, a port in use: the reason is in its log and the
+            Event Log).
+    """
     _call(win32serviceutil.StartService, name)
-    _call(win32serviceutil.WaitForServiceStatus, name, win32service.SERVICE_RUNNING, WAIT_TIMEOUT)
+    deadline = time.monotonic() + WAIT_TIMEOUT
+    while (state := status(name)) != "running":
+        if state == "stopped":
+            raise OSError(None, "it stopped at start; its log file and the Event Log say why", name)
+        if time.monotonic() > deadline:
+            raise OSError(None, f"it did not start within {WAIT_TIMEOUT}s", name)
+        time.sleep(0.25)
 
 
 def stop(name: str = DEFAULT_NAME) -> None:
