@@ -44,6 +44,7 @@ from .schema import (
     MetricsSection,
     NpipeBackend,
     OidcIssuerConfig,
+    PipeAddress,
     RelaySection,
     StateSection,
     TargetConfig,
@@ -164,6 +165,8 @@ _LOOPBACK_NAMES = ("localhost",)
 
 _DURATION_FORMS = 'expected a duration like "30s", "15m" or "8h"'
 _LISTEN_FORMS = 'write "host:port" like "127.0.0.1:7443" or "[::1]:7443"'
+#: The admin pipe on Windows: ``\\\\.\\pipe\\dbgrelay-admin``.
+DEFAULT_ADMIN_PIPE = "dbgrelay-admin"
 _BACKEND_FORMS = "use tcp://HOST:PORT, unix:///abs/path or npipe://HOST/PIPE"
 
 
@@ -332,10 +335,24 @@ def parse_backend_url(text: str) -> Backend:
                     "like npipe://./dbgsrv"
                 )
             _check_host(host, text, "backend")
+        _check_pipe_format(pipe, shown)
         return NpipeBackend(host=host, pipe=pipe)
     raise ValueError(
         f"invalid backend {shown}: unknown scheme {json.dumps(scheme)}; {_BACKEND_FORMS}"
     )
+
+
+_PIPE_FORMAT = re.compile(r"%(.?)")
+
+
+def _check_pipe_format(pipe: str, shown: str) -> None:
+    """Only WinDbg's ``%d``, ``%x`` (the server's process id) and ``%%`` may follow a ``%``."""
+    for match in _PIPE_FORMAT.finditer(pipe):
+        if match.group(1) not in ("d", "x", "%"):
+            raise ValueError(
+                f"invalid backend {shown}: in a pipe name % may only start %d or %x (the "
+                "debug server's process id) or %% (a percent sign)"
+            )
 
 
 def _parse_windbg_npipe(text: str) -> NpipeBackend:
@@ -356,6 +373,7 @@ def _parse_windbg_npipe(text: str) -> NpipeBackend:
     pipe = fields.get("pipe")
     if pipe is None or "/" in pipe or "\\" in pipe or len(pipe) > 256:
         raise ValueError(f"invalid backend {shown}: expected {form} with one pipe name")
+    _check_pipe_format(pipe, shown)
     host = fields.get("server", ".")
     if host != ".":
         _check_host(host, text, "backend")
@@ -1054,11 +1072,24 @@ class _Validator:
     def _admin_listen(self, table: Mapping[str, Any], state_dir: Any) -> dict[str, Any]:
         value = table.get("listen", _MISSING)
         if value is _MISSING:
+            if sys.platform == "win32":  # no Unix sockets to rely on: a pipe with a DACL
+                return {"listen": PipeAddress(DEFAULT_ADMIN_PIPE)}
             return {"listen": _BAD if state_dir is _BAD else state_dir / "admin.sock"}
         forms = 'expected "unix:PATH" or a loopback "host:port" like "127.0.0.1:9465"'
         if not isinstance(value, str) or not value:
             self.problem("admin.listen", f"{forms}, got {_show(value)}")
             return {}
+        if value.startswith("npipe:"):
+            name = value[len("npipe:") :]
+            if not name or len(name) > 256 or any(c in name for c in "\\/\0"):
+                self.problem(
+                    "admin.listen", f'expected "npipe:NAME" with one pipe name, got {_show(value)}'
+                )
+                return {}
+            if sys.platform != "win32":
+                self.problem("admin.listen", 'named pipes exist only on Windows; use "unix:PATH"')
+                return {}
+            return {"listen": PipeAddress(name)}
         if value.startswith("unix:"):
             rest = value[len("unix:") :]
             if rest.startswith("///"):
@@ -1289,6 +1320,14 @@ class _Validator:
             )
             return value, _BAD
         if launch is None:
+            if isinstance(backend, NpipeBackend) and backend.names_process:
+                self.problem(
+                    name,
+                    f"the pipe name in {_show(value)} has %d or %x, which the debug server "
+                    "replaces with its process id when it starts; write the name it "
+                    "actually uses (cdb's .servers command shows it)",
+                )
+                return value, _BAD
             if _PORT_PLACEHOLDER in value:
                 self.problem(
                     name,
