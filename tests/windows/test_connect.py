@@ -230,8 +230,8 @@ def test_printed_command_lines_parse_in_cmd_exe(wine_tier: WineTier, tmp_path: P
     assert len(results) == 16, results
     for result in results:
         line = result["line"]
+        assert result["code"] == 0 and result["args"], result
         program, *args = result["args"]
-        assert result["code"] == 0, result
         assert program == line.split(" ", 1)[0], result
         # What the debugger receives is the line with only the quotes removed.
         assert " ".join(args) == line.split(" ", 1)[1].replace('"', ""), result
