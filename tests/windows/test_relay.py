@@ -22,7 +22,6 @@ import pytest
 from ..e2e.support import Proc, ProcGroup, free_port
 from ..e2e.test_operations import echo, issue, open_tunnel, refused, tls_connect, wait_eof
 from .conftest import WineTier
-from .test_connect import echo_port  # noqa: F401 - the native echo server fixture
 
 CHECKS = Path(__file__).with_name("relay_checks.py")
 EVERYONE, SYSTEM, ADMINS = "S-1-1-0", "S-1-5-18", "S-1-5-32-544"
@@ -71,7 +70,7 @@ def windows_relay(
     wine_tier: WineTier,
     procs: ProcGroup,
     home: Path,
-    echo_port: int,  # noqa: F811
+    echo_port: int,
 ) -> Iterator[WindowsRelay]:
     """The Windows relay with its pipe stand-ins; stopped (Ctrl-C) at the end if still running."""
     prefix = f"dbgrelay-t{os.urandom(4).hex()}"
@@ -257,7 +256,7 @@ def _log_events(path: Path, name: str) -> list[dict]:
 def test_relay_as_a_windows_service_installed_started_stopped_removed(
     wine_tier: WineTier,
     home: Path,
-    echo_port: int,  # noqa: F811
+    echo_port: int,
 ) -> None:
     _config(home, echo_port, free_port(), f"dbgrelay-t{os.urandom(4).hex()}")
     name = f"dbgrelay-test-{os.urandom(3).hex()}"
