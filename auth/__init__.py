@@ -16,6 +16,7 @@ from typing import Any
 # Public name -> the submodule that defines it.
 _EXPORTS = {
     "AuthError": "errors",
+    "ensure_private_dir": "_files",
     "KeyFileError": "errors",
     "TOKEN_REJECT_REASONS": "errors",
     "TokenRejected": "errors",

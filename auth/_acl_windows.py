@@ -20,6 +20,19 @@ def _current_user_sid():
     return win32security.GetTokenInformation(token, win32security.TokenUser)[0]
 
 
+def restrict_dir_to_owner(path: str | os.PathLike[str]) -> None:
+    """Give the folder ``path`` a protected, inheritable owner-only DACL.
+
+    Files and folders created inside inherit the single entry, so audit
+    files and the state database admit only the relay's account from the
+    moment they exist.
+
+    Raises:
+        OSError: the DACL cannot be set.
+    """
+    _set_owner_only(path, ntsecuritycon.OBJECT_INHERIT_ACE | ntsecuritycon.CONTAINER_INHERIT_ACE)
+
+
 def restrict_to_owner(path: str | os.PathLike[str]) -> None:
     """Give ``path`` a protected DACL whose only entry grants its creator full access.
 
@@ -30,12 +43,19 @@ def restrict_to_owner(path: str | os.PathLike[str]) -> None:
     Raises:
         OSError: the DACL cannot be set (``pywintypes.error`` is translated).
     """
+    _set_owner_only(path, 0)
+
+
+def _set_owner_only(path: str | os.PathLike[str], inherit: int) -> None:
     import pywintypes
 
     try:
         dacl = win32security.ACL()
-        dacl.AddAccessAllowedAce(
-            win32security.ACL_REVISION, ntsecuritycon.FILE_ALL_ACCESS, _current_user_sid()
+        dacl.AddAccessAllowedAceEx(
+            win32security.ACL_REVISION_DS,
+            inherit,
+            ntsecuritycon.FILE_ALL_ACCESS,
+            _current_user_sid(),
         )
         sd = win32security.SECURITY_DESCRIPTOR()
         sd.SetSecurityDescriptorDacl(True, dacl, False)

@@ -19,8 +19,12 @@ from .errors import KeyFileError
 
 if sys.platform == "win32":
     # A 0600 mode means nothing there; the file's DACL keeps others out.
-    from ._acl_windows import restrict_to_owner
+    from ._acl_windows import restrict_dir_to_owner, restrict_to_owner
 else:
+
+    def restrict_dir_to_owner(path: str | os.PathLike[str]) -> None:
+        """Give the folder ``path`` mode 0700."""
+        os.chmod(path, PRIVATE_DIR_MODE)
 
     def restrict_to_owner(path: str | os.PathLike[str]) -> None:
         """Give ``path`` mode 0600: read and write for its owner, nothing for others."""
@@ -113,20 +117,30 @@ def read_file(path: Path, what: str) -> bytes:
 def ensure_private_dir(path: Path) -> Path:
     """Create ``path`` (and parents) with mode 0700 if it does not exist.
 
-    An existing folder is left as it is.
+    On Windows the new folder gets an inheritable owner-only DACL instead
+    (a mode means nothing there).  An existing folder is left as it is.
 
     Raises:
         KeyFileError: If the folder cannot be created or the path is not a folder.
     """
     path = Path(path)
     try:
-        path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
-    except FileExistsError as exc:
-        raise KeyFileError(f"{path}: exists and is not a folder; choose another path") from exc
+        path.mkdir(mode=PRIVATE_DIR_MODE, parents=True)
+        created = True
+    except FileExistsError:
+        created = False
     except OSError as exc:
         raise KeyFileError(
             f"{path}: cannot create folder ({exc.strerror}); check permissions"
         ) from exc
+    if created:
+        try:
+            restrict_dir_to_owner(path)
+        except OSError as exc:
+            raise KeyFileError(
+                f"{path}: cannot restrict the new folder to its owner ({exc.strerror}); "
+                "check permissions"
+            ) from exc
     if not path.is_dir():
         raise KeyFileError(f"{path}: exists and is not a folder; choose another path")
     return path

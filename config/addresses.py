@@ -203,10 +203,24 @@ def parse_backend_url(text: str) -> Backend:
                     "like npipe://./dbgsrv"
                 )
             _check_host(host, text, "backend")
+        _check_pipe_format(pipe, shown)
         return NpipeBackend(host=host, pipe=pipe)
     raise ValueError(
         f"invalid backend {shown}: unknown scheme {json.dumps(scheme)}; {BACKEND_FORMS}"
     )
+
+
+_PIPE_FORMAT = re.compile(r"%(.?)")
+
+
+def _check_pipe_format(pipe: str, shown: str) -> None:
+    """Only WinDbg's ``%d``, ``%x`` (the server's process id) and ``%%`` may follow a ``%``."""
+    for match in _PIPE_FORMAT.finditer(pipe):
+        if match.group(1) not in ("d", "x", "%"):
+            raise ValueError(
+                f"invalid backend {shown}: in a pipe name % may only start %d or %x (the "
+                "debug server's process id) or %% (a percent sign)"
+            )
 
 
 def _parse_windbg_npipe(text: str) -> NpipeBackend:
@@ -227,6 +241,7 @@ def _parse_windbg_npipe(text: str) -> NpipeBackend:
     pipe = fields.get("pipe")
     if pipe is None or "/" in pipe or "\\" in pipe or len(pipe) > 256:
         raise ValueError(f"invalid backend {shown}: expected {form} with one pipe name")
+    _check_pipe_format(pipe, shown)
     host = fields.get("server", ".")
     if host != ".":
         _check_host(host, text, "backend")

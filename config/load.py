@@ -51,6 +51,7 @@ from .schema import (
     MetricsSection,
     NpipeBackend,
     OidcIssuerConfig,
+    PipeAddress,
     RelaySection,
     StateSection,
     TargetConfig,
@@ -82,6 +83,8 @@ _ACCOUNT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
 _LOOPBACK_NAMES = ("localhost",)
 
 _DURATION_FORMS = 'expected a duration like "30s", "15m" or "8h"'
+#: The admin pipe on Windows: ``\\\\.\\pipe\\dbgrelay-admin``.
+DEFAULT_ADMIN_PIPE = "dbgrelay-admin"
 
 
 class _Bad:
@@ -778,11 +781,24 @@ class _Validator:
     def _admin_listen(self, table: Mapping[str, Any], state_dir: Any) -> dict[str, Any]:
         value = table.get("listen", _MISSING)
         if value is _MISSING:
+            if sys.platform == "win32":  # no Unix sockets to rely on: a pipe with a DACL
+                return {"listen": PipeAddress(DEFAULT_ADMIN_PIPE)}
             return {"listen": _BAD if state_dir is _BAD else state_dir / "admin.sock"}
         forms = 'expected "unix:PATH" or a loopback "host:port" like "127.0.0.1:9465"'
         if not isinstance(value, str) or not value:
             self.problem("admin.listen", f"{forms}, got {_show(value)}")
             return {}
+        if value.startswith("npipe:"):
+            name = value[len("npipe:") :]
+            if not name or len(name) > 256 or any(c in name for c in "\\/\0"):
+                self.problem(
+                    "admin.listen", f'expected "npipe:NAME" with one pipe name, got {_show(value)}'
+                )
+                return {}
+            if sys.platform != "win32":
+                self.problem("admin.listen", 'named pipes exist only on Windows; use "unix:PATH"')
+                return {}
+            return {"listen": PipeAddress(name)}
         if value.startswith("unix:"):
             rest = value[len("unix:") :]
             if rest.startswith("///"):
@@ -1011,6 +1027,14 @@ class _Validator:
             )
             return value, _BAD
         if launch is None:
+            if isinstance(backend, NpipeBackend) and backend.names_process:
+                self.problem(
+                    name,
+                    f"the pipe name in {_show(value)} has %d or %x, which the debug server "
+                    "replaces with its process id when it starts; write the name it "
+                    "actually uses (cdb's .servers command shows it)",
+                )
+                return value, _BAD
             if PORT_PLACEHOLDER in value:
                 self.problem(
                     name,

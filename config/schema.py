@@ -27,6 +27,7 @@ __all__ = [
     "TcpBackend",
     "UnixBackend",
     "NpipeBackend",
+    "PipeAddress",
     "Backend",
     "RelaySection",
     "TLSSection",
@@ -203,6 +204,26 @@ class NpipeBackend:
     pipe: str
 
     @property
+    def names_process(self) -> bool:
+        """Whether :attr:`pipe` holds ``%d``/``%x``: the debug server's process id.
+
+        WinDbg replaces them when the server starts (``cdb -server
+        npipe:pipe=dbg%d``), so only a relay that starts the server knows
+        the real name; see :meth:`for_process`.
+        """
+        return any(f in self.pipe.replace("%%", "") for f in ("%d", "%x"))
+
+    def for_process(self, pid: int) -> NpipeBackend:
+        """This backend with ``%d``/``%x`` replaced as WinDbg does for process ``pid``.
+
+        ``%d`` becomes the decimal id, ``%x`` the lowercase hexadecimal one and
+        ``%%`` a single ``%``.
+        """
+        parts = self.pipe.split("%%")
+        parts = [p.replace("%d", str(pid)).replace("%x", f"{pid:x}") for p in parts]
+        return NpipeBackend(host=self.host, pipe="%".join(parts))
+
+    @property
     def path(self) -> str:
         """The Win32 path, ``\\\\HOST\\pipe\\PIPE``."""
         return f"\\\\{self.host}\\pipe\\{self.pipe}"
@@ -212,6 +233,25 @@ class NpipeBackend:
 
 
 Backend = TcpBackend | UnixBackend | NpipeBackend
+
+
+@dataclass(frozen=True, slots=True)
+class PipeAddress:
+    """A local Windows named pipe the relay listens on: ``npipe:NAME``.
+
+    Attributes:
+        name: The pipe name, without ``\\\\.\\pipe\\``.
+    """
+
+    name: str
+
+    @property
+    def path(self) -> str:
+        """The Win32 path, ``\\\\.\\pipe\\NAME``."""
+        return f"\\\\.\\pipe\\{self.name}"
+
+    def __str__(self) -> str:
+        return f"npipe:{self.name}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -510,17 +550,25 @@ class AdminSection:
 
     Attributes:
         listen: A :class:`~pathlib.Path` for a Unix socket (the file says
-            ``"unix:PATH"``), or a loopback ``(host, port)``.  Default
-            ``<state_dir>/admin.sock``.
+            ``"unix:PATH"``), a loopback ``(host, port)``, or on Windows a
+            :class:`PipeAddress` (``"npipe:NAME"``).  Default
+            ``<state_dir>/admin.sock``; on Windows ``npipe:dbgrelay-admin``
+            (``\\\\.\\pipe\\dbgrelay-admin``).
         users: Accounts (names) admitted on the Unix socket besides root
-            and the relay's own account.  Default none.
+            and the relay's own account (on the admin pipe: besides
+            Administrators, LocalSystem and the relay's account).  Default none.
         groups: Groups (names) whose members are admitted on the Unix
-            socket.  Default none.
+            socket (or the admin pipe).  Default none.
     """
 
-    listen: Path | Address = Path("state/admin.sock")
+    listen: Path | Address | PipeAddress = Path("state/admin.sock")
     users: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
+
+    @property
+    def pipe(self) -> PipeAddress | None:
+        """The named pipe when :attr:`listen` is one, else ``None``."""
+        return self.listen if isinstance(self.listen, PipeAddress) else None
 
     @property
     def unix_path(self) -> Path | None:

@@ -35,15 +35,20 @@ POST     ``/v1/reload``                   re-read config, certificates and JWKS
 Every state-changing request is logged and written to the relay's audit file
 (``admin.session_ended``, ``token.revoked``, ``admin.reload``) with the actor:
 the admin token's ``sub``, or ``unix:uid=N`` for the Unix socket.
+
+On Windows the default is the named pipe ``\\\\.\\pipe\\dbgrelay-admin``
+(``npipe:NAME``): its DACL admits only Administrators, LocalSystem, the
+relay's own account and ``[admin] users``/``groups``, so Windows refuses
+anyone else's open; local clients only (remote ones are rejected), and the
+name is claimed first so no other process can impersonate the relay.  The
+actor is ``npipe:pid=N,sid=S-1-...`` of the calling process.
 """
 
 from __future__ import annotations
 
-import grp
 import json
 import logging
 import os
-import pwd
 import re
 from collections.abc import Callable
 from functools import partial
@@ -103,8 +108,23 @@ async def serve_admin(
         Opens the listeners itself; they are closed (and a Unix socket file
         removed) when this returns or is cancelled.
     """
+    admin = relay.config.admin
+    if admin.pipe is not None:
+        # Windows: the pipe's DACL is the check, made by the kernel on open.
+        from .errors import LocalProtocolError
+        from .npipe import open_pipe_listener
+
+        try:
+            listener = open_pipe_listener(admin.pipe.name, admit=admin.users + admin.groups)
+        except OSError as exc:
+            raise LocalProtocolError(
+                f"admin.listen {admin.pipe}: {exc.strerror or exc}", reason="bad_listen"
+            ) from exc
+        log.info("admin.listening", extra={"address": listener.path, "auth": "pipe_dacl"})
+        await serve_http([listener], admin_handler(relay, auth="pipe"), task_status=task_status)
+        return
     spec = admin_listen_spec(relay.config)
-    unix = relay.config.admin.unix_path is not None
+    unix = admin.unix_path is not None
     listeners = await open_http_listeners(spec)
     for lst in listeners:
         address = spec if unix else format_address(lst.socket.getsockname()[:2])
@@ -113,7 +133,7 @@ async def serve_admin(
             extra={"address": address, "auth": "peer_credentials" if unix else "token"},
         )
     await serve_http(
-        listeners, admin_handler(relay, require_token=not unix), task_status=task_status
+        listeners, admin_handler(relay, auth="peer" if unix else "token"), task_status=task_status
     )
 
 
@@ -158,6 +178,9 @@ def peer_allowed(uid: int, gid: int, *, users: tuple[str, ...], groups: tuple[st
     a member (primary or supplementary) of a group named in ``groups``.
     Names that do not exist admit nobody.
     """
+    import grp  # POSIX only, like the Unix socket this checks
+    import pwd
+
     if uid in (0, os.getuid()):
         return True
     try:
@@ -180,15 +203,21 @@ def peer_allowed(uid: int, gid: int, *, users: tuple[str, ...], groups: tuple[st
     return False
 
 
-def _authenticate(relay: Relay, request: HttpRequest, require_token: bool) -> dict[str, str]:
+def _authenticate(relay: Relay, request: HttpRequest, auth: str) -> dict[str, str]:
     """The actor fields for the audit trail, or a 401/403 refusal.
+
+    ``auth`` is ``"token"`` (TCP), ``"peer"`` (Unix socket credentials) or
+    ``"pipe"`` (the Windows admin pipe: its DACL let the caller in, and
+    the caller is named by its process id and account SID).
 
     Raises:
         _Refusal: 401 without a valid admin token, 403 for a valid token
             without ``scope = "admin"``, 403 on the Unix socket for a peer
             that is not admitted (see :func:`peer_allowed`).
     """
-    if not require_token:
+    if auth == "pipe":
+        return {"actor": request.peer}
+    if auth == "peer":
         creds = request.credentials
         admin = relay.config.admin
         if creds is None:
@@ -247,19 +276,20 @@ def _authenticate(relay: Relay, request: HttpRequest, require_token: bool) -> di
 # Routing
 
 
-def admin_handler(relay: Relay, *, require_token: bool) -> Handler:
+def admin_handler(relay: Relay, *, auth: str) -> Handler:
     """The request handler for :func:`relay.httpd.serve_http`.
 
     Args:
         relay: The running relay.
-        require_token: Demand an admin token (TCP); without it the caller is
-            named by its Unix socket credentials.
+        auth: How callers are checked: ``"token"`` (TCP: an admin token),
+            ``"peer"`` (Unix socket credentials) or ``"pipe"`` (the Windows
+            admin pipe's DACL); see :func:`_authenticate`.
     """
 
     async def handle(request: HttpRequest) -> HttpResponse:
         try:
             route, params = _route(request)
-            actor = _authenticate(relay, request, require_token)
+            actor = _authenticate(relay, request, auth)
             return await route(relay, request, actor, *params)
         except _Refusal as refusal:
             level = logging.WARNING if refusal.status in (401, 403) else logging.INFO

@@ -58,23 +58,25 @@ class AdminEndpoint:
     """Where the admin API listens and how to authenticate.
 
     Attributes:
-        unix_path: The Unix socket, or ``None`` for TCP.
-        address: Loopback ``(host, port)`` when not a Unix socket.
-        token: Admin token for a TCP endpoint (ignored on a Unix socket).
+        unix_path: The Unix socket, or ``None``.
+        address: Loopback ``(host, port)`` for TCP, or ``None``.
+        pipe: The Windows admin pipe's path (``\\\\.\\pipe\\NAME``), or ``None``.
+        token: Admin token for a TCP endpoint (ignored on a socket or pipe).
         timeout: Seconds for connecting, sending and reading one request.
 
     Raises:
-        ValueError: Not exactly one of ``unix_path`` and ``address`` is set.
+        ValueError: Not exactly one of ``unix_path``, ``address`` and ``pipe`` is set.
     """
 
     unix_path: Path | None = None
     address: tuple[str, int] | None = None
     token: str | None = None
     timeout: float = 10.0
+    pipe: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.unix_path is None) == (self.address is None):
-            raise ValueError("AdminEndpoint needs exactly one of unix_path and address")
+        if [self.unix_path, self.address, self.pipe].count(None) != 2:
+            raise ValueError("AdminEndpoint needs exactly one of unix_path, address and pipe")
 
     @classmethod
     def from_config(
@@ -83,11 +85,15 @@ class AdminEndpoint:
         """The endpoint named by ``config``'s ``[admin] listen``."""
         if config.admin.unix_path is not None:
             return cls(unix_path=config.admin.unix_path, token=token, timeout=timeout)
+        if config.admin.pipe is not None:
+            return cls(pipe=config.admin.pipe.path, token=token, timeout=timeout)
         return cls(address=config.admin.listen, token=token, timeout=timeout)  # type: ignore[arg-type]
 
     def __str__(self) -> str:
         if self.unix_path is not None:
             return f"unix:{self.unix_path}"
+        if self.pipe is not None:
+            return self.pipe
         assert self.address is not None
         return format_address(self.address)
 
@@ -106,6 +112,10 @@ def _errnos(exc: OSError) -> set[int | None]:
 
 async def _connect(endpoint: AdminEndpoint) -> trio.abc.Stream:
     try:
+        if endpoint.pipe is not None:
+            from .npipe import open_pipe_stream
+
+            return await open_pipe_stream(endpoint.pipe)
         if endpoint.unix_path is not None:
             return await trio.open_unix_socket(str(endpoint.unix_path))
         assert endpoint.address is not None
@@ -196,14 +206,14 @@ async def _exchange(
     conn = h11.Connection(h11.CLIENT)
     payload = json.dumps(body).encode() if body is not None else b""
     headers = [
-        ("host", "localhost" if endpoint.unix_path is not None else str(endpoint)),
+        ("host", "localhost" if endpoint.address is None else str(endpoint)),
         ("accept", "application/json"),
         ("connection", "close"),
         ("content-length", str(len(payload))),
     ]
     if payload:
         headers.append(("content-type", "application/json"))
-    if endpoint.token and endpoint.unix_path is None:
+    if endpoint.token and endpoint.address is not None:
         headers.append(("authorization", f"Bearer {endpoint.token}"))
     data = conn.send(h11.Request(method=method, target=path, headers=headers))
     if payload:

@@ -335,7 +335,7 @@ def _revoke_via_relay(
 
     token = _admin_token(args)
     endpoint = AdminEndpoint.from_config(config, token=token)
-    if endpoint.unix_path is None and token is None:
+    if endpoint.address is not None and token is None:
         return None, (
             f"no --admin-token-file for the admin API at {endpoint}; a running relay "
             f"applies it within {config.relay.revocation_interval:g}s"
@@ -428,7 +428,7 @@ def _admin_client(args: argparse.Namespace, config: Any = None):
         config = _admin_config(args)
     token = _admin_token(args)
     endpoint = AdminEndpoint.from_config(config, token=token)
-    if endpoint.unix_path is None and token is None:
+    if endpoint.address is not None and token is None:
         raise UserError(
             f"the admin API listens on {endpoint} (TCP): pass --admin-token-file FILE "
             "holding an admin token ('dbgrelay token issue --scope admin')"
@@ -561,7 +561,13 @@ def cmd_state_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from auth import ensure_private_dir
+
     config = _load_config(Path(args.config))
+    # Created before anything is written into them: mode 0700, or on Windows
+    # an owner-only DACL that the audit files and the state database inherit.
+    for folder in (config.relay.state_dir, config.relay.audit_dir):
+        ensure_private_dir(folder)  # KeyFileError: one line, from main()
     if args.worker_index is not None:
         from .workers import log_filter, worker_config
 
@@ -591,19 +597,62 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_service(args: argparse.Namespace) -> int:
+    try:
+        from . import winservice
+    except ImportError:
+        raise UserError(
+            "dbgrelay service manages a Windows service; elsewhere run 'dbgrelay serve' "
+            "under systemd (deploy/)"
+        ) from None
+    name = args.name
+    try:
+        if args.action == "install":
+            if args.config is None:
+                raise UserError("service install needs --config PATH: the relay's dbgrelay.toml")
+            _load_config(Path(args.config))  # refuse a bad config now, not at start
+            winservice.install(Path(args.config), name=name, auto_start=args.auto_start)
+            _say(f"service {name} installed for {Path(args.config).resolve()}", file=sys.stderr)
+        elif args.action == "remove":
+            winservice.remove(name)
+            _say(f"service {name} removed", file=sys.stderr)
+        elif args.action == "start":
+            winservice.start(name)
+            _say(f"service {name} running", file=sys.stderr)
+        elif args.action == "stop":
+            winservice.stop(name)
+            _say(f"service {name} stopped", file=sys.stderr)
+        else:
+            print(winservice.status(name))
+    except OSError as exc:
+        hint = "run it from an administrator's prompt"
+        if getattr(exc, "winerror", None) == 1060:  # ERROR_SERVICE_DOES_NOT_EXIST
+            hint = "install it first with 'dbgrelay service install --config PATH'"
+        raise UserError(
+            f"service {args.action} {name}: {exc.strerror or exc}; {hint}", code=EXIT_FAIL
+        ) from None
+    return EXIT_OK
+
+
 def _separate_privileges(config: Any) -> Any:
     """As root with ``relay.user`` set: start the privileged helper, then drop to relay.user.
 
     Returns:
         The relay's end of the helper's socket, or None when there is no helper.
     """
-    import pwd
-
-    from .privsep import drop_privileges, run_as_accounts, start_helper
-
     user = config.relay.user
     if user is None:
         return None
+    try:
+        import pwd
+    except ImportError:  # Windows: no uids to drop to
+        raise UserError(
+            f"relay.user is {user!r}, but this system has no Unix accounts to drop to; "
+            "remove relay.user and run the relay (or its service) as that account"
+        ) from None
+
+    from .privsep import drop_privileges, run_as_accounts, start_helper
+
     if os.geteuid() != 0:
         if pwd.getpwuid(os.geteuid()).pw_name == user:
             return None  # already relay.user (e.g. systemd User=): managed servers need root
@@ -625,12 +674,26 @@ def _separate_privileges(config: Any) -> Any:
     return helper
 
 
+async def run_relay_with_stop(
+    config: Any, ready: Callable[[trio.Event], object], signals: bool
+) -> None:
+    """Run the relay; once it listens, ``ready(stop)`` gets the event that starts its drain.
+
+    The Windows service uses it: its stop request sets ``stop`` from the
+    service manager's thread, and ``signals=False`` because it does not run
+    on Python's main thread.
+    """
+    await _run_relay(config, ready=ready, signals=signals)
+
+
 async def _run_relay(
     config: Any,
     before: Callable[[trio.Nursery], Any] | None = None,
     helper: Any = None,
     *,
     worker: int | None = None,
+    ready: Callable[[trio.Event], object] | None = None,
+    signals: bool = True,
 ) -> None:
     """Run the relay with its metrics endpoint, admin API and signal handling."""
     from .privsep import Launchers
@@ -643,9 +706,14 @@ async def _run_relay(
     stop = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_signals, relay, stop)
+            nursery.start_soon(partial(run_signals, relay, stop, stop_signals=signals))
             await _start_side_services(nursery, relay, metrics)
-            await serve_relay(relay, stop=stop)
+            if ready is None:
+                await serve_relay(relay, stop=stop)
+            else:
+                async with trio.open_nursery() as serving:
+                    await serving.start(partial(serve_relay, relay, stop=stop))
+                    ready(stop)  # the tunnel listeners are bound
             nursery.cancel_scope.cancel()
     finally:
         relay.close()
@@ -1182,6 +1250,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("reload", cmd_reload, "make the running relay re-read config, certificates and JWKS")
     admin_flags(p)
+
+    p = add("service", cmd_service, "run the relay as a Windows service (install, start, ...)")
+    p.add_argument("action", choices=["install", "remove", "start", "stop", "status"])
+    p.add_argument("--config", help="the relay's dbgrelay.toml (install only)")
+    p.add_argument("--name", default="dbgrelay", help="the service's name (default dbgrelay)")
+    p.add_argument(
+        "--auto-start", action="store_true", help="install: start with Windows (default: by hand)"
+    )
 
     p = add("demo", cmd_demo, "start a relay with generated dev keys, CA and demo targets")
     p.add_argument(

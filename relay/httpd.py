@@ -346,6 +346,8 @@ async def _close(stream: trio.abc.Stream, *, linger: bool) -> None:
 
 
 _SO_PEERCRED = getattr(stdlib_socket, "SO_PEERCRED", None)
+# Windows has no AF_UNIX; a family that never matches keeps the checks simple.
+_AF_UNIX = getattr(stdlib_socket, "AF_UNIX", None)
 
 
 def peer_credentials(stream: trio.abc.Stream) -> tuple[int, int, int] | None:
@@ -355,7 +357,7 @@ def peer_credentials(stream: trio.abc.Stream) -> tuple[int, int, int] | None:
     forged by what the peer sends.  None for TCP, or where unsupported.
     """
     sock = getattr(stream, "socket", None)
-    if sock is None or _SO_PEERCRED is None or sock.family != stdlib_socket.AF_UNIX:
+    if sock is None or _SO_PEERCRED is None or sock.family != _AF_UNIX:
         return None
     try:
         creds = sock.getsockopt(stdlib_socket.SOL_SOCKET, _SO_PEERCRED, struct.calcsize("3i"))
@@ -369,9 +371,10 @@ def _peer_name(stream: trio.abc.Stream) -> str:
     stream = getattr(stream, "transport_stream", stream)  # HTTPS: the TCP stream under TLS
     sock = getattr(stream, "socket", None)
     if sock is None:
-        return "unknown"
+        # A named pipe (relay.npipe.PipeStream) names its client itself.
+        return getattr(stream, "peer_name", "unknown")
     try:
-        if sock.family == stdlib_socket.AF_UNIX:
+        if sock.family == _AF_UNIX:
             if _SO_PEERCRED is None:
                 return "unix"
             creds = sock.getsockopt(stdlib_socket.SOL_SOCKET, _SO_PEERCRED, struct.calcsize("3i"))

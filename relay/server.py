@@ -7,7 +7,7 @@
     ├─ housekeeping                audit fsync + checkpoints, byte metrics, revocation
     ├─ probes                      forgotten-server detection for unmanaged targets
     ├─ metrics / admin endpoints
-    └─ signals                     SIGHUP reload, SIGTERM/SIGINT drain
+    └─ signals                     reload trigger (SIGHUP / named event), drain on stop signals
     managed nursery
     └─ one ManagedServer.run per launched debug server
 """
@@ -47,6 +47,7 @@ from .errors import LocalProtocolError, RelayError
 from .gate import Gate
 from .identity import IdentityKeys, issuer_ssl_contexts
 from .metrics import Metrics, NilMetrics
+from .platform import STOP_SIGNALS, run_reload_trigger
 from .session import Session, handle_connection
 from .state import SharedState, open_revocation_store
 from .tls import ServerEngine, ServerTLS, make_server_engine
@@ -779,12 +780,24 @@ async def _final_sync(relay: Relay, writer: AuditWriter) -> None:
         )
 
 
-async def run_signals(relay: Relay, stop: trio.Event) -> None:
-    """SIGHUP reloads; SIGTERM/SIGINT start the drain (a second one is ignored)."""
-    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                relay.reload(actor="signal:SIGHUP")
-            else:
+async def run_signals(relay: Relay, stop: trio.Event, *, stop_signals: bool = True) -> None:
+    """The platform's reload trigger reloads; a stop signal starts the drain.
+
+    On POSIX: SIGHUP reloads, SIGTERM/SIGINT stop.  On Windows: the named
+    reload event reloads, Ctrl-C/Ctrl-Break stop (see :mod:`relay.platform`).
+    A second stop signal is ignored: the drain is already under way.  With
+    ``stop_signals=False`` (a Windows service, off Python's main thread,
+    stopped by the service manager) only the reload trigger runs.
+    """
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(run_reload_trigger, partial(_reload_by, relay)))
+        if not stop_signals:
+            return
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            async for signum in signals:
                 log.info("relay.stopping", extra={"signal": signal.Signals(signum).name})
                 stop.set()
+
+
+def _reload_by(relay: Relay, actor: str) -> None:
+    relay.reload(actor=actor)

@@ -102,6 +102,9 @@ def test_listen_address_rejects_non_strings() -> None:
         ("npipe:pipe=dbgsrv", NpipeBackend(".", "dbgsrv")),
         ("npipe:server=build42,pipe=kd_pipe", NpipeBackend("build42", "kd_pipe")),
         ("NPIPE:Pipe=a,Server=10.0.5.42", NpipeBackend("10.0.5.42", "a")),
+        # WinDbg's process-id formats in pipe names.
+        ("npipe:pipe=dbg%d", NpipeBackend(".", "dbg%d")),
+        ("npipe://./kd%x-100%%", NpipeBackend(".", "kd%x-100%%")),
     ],
 )
 def test_backend_url_good(url: str, backend: object) -> None:
@@ -131,6 +134,9 @@ def test_backend_url_good(url: str, backend: object) -> None:
         ("npipe:pipe=a,port=5", "npipe:pipe=NAME or npipe:server=HOST,pipe=NAME"),
         ("npipe:pipe=a/b", "one pipe name"),
         ("npipe:server=bad host,pipe=a", "is not an IP address or a host name"),
+        ("npipe:pipe=dbg%s", "% may only start %d or %x"),
+        ("npipe:pipe=dbg%", "% may only start %d or %x"),
+        ("npipe://./dbg%20x", "% may only start %d or %x"),
     ],
 )
 def test_backend_url_bad(url: str, expected: str) -> None:
@@ -158,3 +164,22 @@ def test_tcp_backend_with_port_fills_in_the_managed_port() -> None:
         managed.with_port(0)
     with pytest.raises(ValueError, match="1-65535"):
         managed.with_port(70000)
+
+
+@pytest.mark.parametrize(
+    ("pipe", "names_process", "for_1234"),
+    [
+        ("dbgsrv", False, "dbgsrv"),
+        ("dbg%d", True, "dbg1234"),
+        ("kd-%x", True, "kd-4d2"),
+        ("%d-%x", True, "1234-4d2"),
+        ("100%%d", False, "100%d"),  # %% is a percent sign, so no %d here
+        ("a%%%d", True, "a%1234"),
+    ],
+)
+def test_pipe_names_with_windbg_process_id_formats(
+    pipe: str, names_process: bool, for_1234: str
+) -> None:
+    backend = NpipeBackend(".", pipe)
+    assert backend.names_process is names_process
+    assert backend.for_process(1234) == NpipeBackend(".", for_1234)

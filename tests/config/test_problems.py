@@ -509,6 +509,20 @@ def test_admin_listen_bad_values(config_dir: Path, value: str) -> None:
     )
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="named pipes are the default there")
+def test_admin_pipe_is_refused_off_windows(config_dir: Path) -> None:
+    text = MINIMAL + '[admin]\nlisten = "npipe:dbgrelay-admin"\n'
+    assert problems_of(config_dir, text) == [
+        f'{F}: admin.listen: named pipes exist only on Windows; use "unix:PATH"'
+    ]
+
+
+@pytest.mark.parametrize("value", ['"npipe:"', '"npipe:a\\\\b"', '"npipe:a/b"'])
+def test_admin_pipe_needs_one_pipe_name(config_dir: Path, value: str) -> None:
+    (line,) = problems_of(config_dir, MINIMAL + f"[admin]\nlisten = {value}\n")
+    assert line.startswith(f'{F}: admin.listen: expected "npipe:NAME" with one pipe name, got ')
+
+
 def test_relay_listen_entries(config_dir: Path) -> None:
     text = MINIMAL + (
         '[relay]\nlisten = ["127.0.0.1:7443", "localhost", "::1:7443", 7443, '
