@@ -102,6 +102,15 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX dbgrelay_sessions_relay ON dbgrelay_sessions (relay);
         """,
     ),
+    (
+        3,
+        """
+        -- The user (token sub) of each live session, so the per-user cap on
+        -- concurrent sessions counts the whole cluster's.
+        ALTER TABLE dbgrelay_sessions ADD COLUMN sub text;
+        CREATE INDEX dbgrelay_sessions_sub ON dbgrelay_sessions (sub);
+        """,
+    ),
 )
 
 #: The schema version this code reads and writes.

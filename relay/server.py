@@ -383,6 +383,28 @@ class Relay:
         if self.shared is not None:
             self.shared.sessions_changed()
 
+    def unready_reason(self) -> str | None:
+        """Why new tunnels would be refused now (for ``/readyz``), or ``None`` while admitted."""
+        if self.draining:
+            return "shutting_down"
+        if self.shared is not None and not self.shared.admitting():
+            return "state_unavailable"
+        return None
+
+    async def claim_in_cluster(self, session: Session) -> None:
+        """With PostgreSQL: register ``session`` if its user is within the cluster-wide cap.
+
+        Raises:
+            RemoteProtocolError: 429 ``user_sessions`` or 503 ``state_unavailable``.
+        """
+        if self.shared is None:
+            return
+        user = session.user
+        local = sum(1 for s in self.sessions.values() if s.user == user)
+        await self.shared.claim_session(
+            session, limit=self.config.limits.max_sessions_per_user, local=local
+        )
+
     def remove_session(self, session: Session) -> None:
         del self.sessions[session.id]
         if self.shared is not None:

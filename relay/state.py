@@ -60,9 +60,11 @@ from auth.revocation_pg import (
 from config import Config, StateSection
 
 from .backends import BackendError
+from .errors import RemoteProtocolError
 
 if TYPE_CHECKING:
     from .server import Relay
+    from .session import Session
 
 __all__ = [
     "RECONNECT_INTERVAL",
@@ -133,6 +135,8 @@ class SharedState:
         self.relay_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._sessions_changed = trio.Event()
         self._registered: frozenset[str] | None = None
+        # Sessions of this relay that may have a row in the table: registered or claimed.
+        self._rows: set[str] = set()
         #: Targets with a live session on another relay, as of the last look.
         self.busy_elsewhere: frozenset[str] = frozenset()
         # Managed servers this relay owns: target name -> the connection holding its lock.
@@ -245,12 +249,14 @@ class SharedState:
             if notified:
                 self.metrics.state_notification()
                 await self._refresh()
+                self._up()
                 on_change()
 
     async def _resync(self, on_change: Callable[[], None]) -> None:
         while True:
             await trio.sleep(self.section.resync_interval)
             await self._refresh()
+            self._up()
             on_change()
 
     async def _register(self, relay: Relay) -> None:
@@ -259,11 +265,19 @@ class SharedState:
         while True:
             # A fresh event before reading the sessions: a change from here on wakes the next round.
             self._sessions_changed = trio.Event()
-            infos = {sid: json.dumps(s.describe()) for sid, s in relay.sessions.items()}
+            infos = {sid: (s.user, json.dumps(s.describe())) for sid, s in relay.sessions.items()}
+            # Only rows of sessions that closed go: a row a claim inserted for a
+            # session opened since ``infos`` was read stays (it counts for its user).
+            gone = self._rows - set(infos)
             # Tell the other relays when our set changed: their watcher needs to know.
             announce = frozenset(infos) != self._registered
-            sync = partial(_sync_sessions, self.store, self.relay_id, infos, lease, announce)
+            sync = partial(
+                _sync_sessions, self.store, self.relay_id, infos, list(gone), lease, announce
+            )
             ends, busy = await trio.to_thread.run_sync(sync, limiter=self.limiter)
+            self._up()
+            self._rows -= gone
+            self._rows |= set(infos)
             self._registered = frozenset(infos)
             self._update_busy(relay, frozenset(busy))
             for sid, reason in ends:
@@ -276,6 +290,64 @@ class SharedState:
                     session.end(reason)
             with trio.move_on_after(lease / 3):
                 await self._sessions_changed.wait()
+
+    async def claim_session(self, session: Session, *, limit: int, local: int) -> None:
+        """Register ``session`` in the cluster now, if its user stays within ``limit`` sessions.
+
+        The user's live sessions on the other relays are their unexpired
+        rows; ``local`` counts this relay's own, ``session`` included, from
+        memory (so sessions still opening count too).  A transaction-level
+        advisory lock per user serialises the count and the insert across
+        the cluster: two relays admitting the same user at once take turns,
+        and the second sees the first's row.  The lock goes with the
+        transaction (commit, rollback or a dropped connection), so a relay
+        that dies mid-claim leaves nothing held; and only claims for the same
+        user wait on each other.  The inserted row is the session's lease:
+        this relay renews it, and it expires with a relay that died.
+
+        While the database is unreachable the claim is skipped and the cap
+        counts this relay's sessions alone, within the same grace as the
+        revocations (after it, admission already refuses with 503).
+
+        Raises:
+            RemoteProtocolError: 429 ``user_sessions`` when the user is at the
+                cap; 503 ``state_unavailable`` when the database cannot be
+                reached and no grace is left.
+        """
+        user = session.user
+        if self.unavailable_since is None:
+            self._rows.add(session.id)
+            claim = partial(
+                _claim_session,
+                self.store,
+                self.relay_id,
+                session.id,
+                user,
+                json.dumps(session.describe()),
+                self.section.session_lease,
+                limit - local,
+            )
+            # The query is bounded by the connect and statement timeouts; waiting
+            # for a free connection is bounded here.
+            with trio.move_on_after(self.section.connect_timeout + self.section.statement_timeout):
+                try:
+                    elsewhere = await trio.to_thread.run_sync(claim, limiter=self.limiter)
+                except AuthError as exc:
+                    self._down(exc)
+                else:
+                    if elsewhere is not None:
+                        raise RemoteProtocolError(
+                            f"user {user!r} already has {limit} tunnels open in the cluster",
+                            reason="user_sessions",
+                            status=429,
+                        )
+                    return
+            if self.unavailable_since is None:
+                self._down(unavailable_error(TimeoutError("no free connection"), "reach"))
+        if not self.admitting():
+            raise RemoteProtocolError(
+                "the relay cannot reach its shared state", reason="state_unavailable", status=503
+            )
 
     def _update_busy(self, relay: Relay, busy: frozenset[str]) -> None:
         if busy == self.busy_elsewhere:
@@ -443,32 +515,78 @@ async def _wait_broken(conn: Any) -> None:
             pass
 
 
+def _user_lock(user: str) -> int:
+    """The advisory lock key of a user's session count (a signed 64-bit integer)."""
+    digest = hashlib.sha256(b"dbgrelay user sessions\0" + user.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _claim_session(
+    store: PgRevocationStore,
+    relay_id: str,
+    session_id: str,
+    user: str,
+    info: str,
+    lease: float,
+    room: int,
+) -> int | None:
+    """Insert ``session_id``'s row if ``user`` has fewer than ``room`` live sessions elsewhere.
+
+    Returns:
+        ``None`` when inserted; else how many live sessions the user has on
+        other relays.
+    """
+    with store.connection("count the user's sessions in") as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_user_lock(user),))
+        # Read committed: this statement runs after the lock, so it sees every
+        # row a claim that held the lock before committed.
+        row = conn.execute(
+            "SELECT count(*) FROM dbgrelay_sessions "
+            "WHERE sub = %s AND relay <> %s AND lease_until > now()",
+            (user, relay_id),
+        ).fetchone()
+        elsewhere = int(row[0]) if row is not None else 0
+        if elsewhere > room:
+            return elsewhere
+        conn.execute(
+            "INSERT INTO dbgrelay_sessions (id, relay, lease_until, info, sub) "
+            "VALUES (%s, %s, now() + make_interval(secs => %s), %s, %s) "
+            "ON CONFLICT (id) DO NOTHING",
+            (session_id, relay_id, lease, info, user),
+        )
+    return None
+
+
 def _sync_sessions(
     store: PgRevocationStore,
     relay_id: str,
-    infos: dict[str, str],
+    infos: dict[str, tuple[str, str]],
+    gone: list[str],
     lease: float,
     announce: bool,
 ) -> tuple[list[tuple[str, str]], list[str]]:
-    """Register ``relay_id``'s live sessions for ``lease`` seconds.
+    """Register ``relay_id``'s live sessions (id -> user, info) for ``lease`` seconds.
+
+    Rows of ``gone`` (sessions that closed) are deleted, with every expired row.
 
     Returns:
         The end requests for them, and the targets other relays hold sessions to.
     """
     with store.connection("register sessions in") as conn, conn.transaction():
         conn.execute(
-            "DELETE FROM dbgrelay_sessions WHERE (relay = %s AND NOT (id = ANY(%s))) "
+            "DELETE FROM dbgrelay_sessions WHERE (relay = %s AND id = ANY(%s)) "
             "OR lease_until < now()",
-            (relay_id, list(infos)),
+            (relay_id, gone),
         )
         if infos:
             with conn.cursor() as cur:
                 cur.executemany(
-                    "INSERT INTO dbgrelay_sessions (id, relay, lease_until, info) "
-                    "VALUES (%s, %s, now() + make_interval(secs => %s), %s) "
+                    "INSERT INTO dbgrelay_sessions (id, relay, lease_until, info, sub) "
+                    "VALUES (%s, %s, now() + make_interval(secs => %s), %s, %s) "
                     "ON CONFLICT (id) DO UPDATE SET lease_until = excluded.lease_until, "
-                    "info = excluded.info WHERE dbgrelay_sessions.relay = excluded.relay",
-                    [(sid, relay_id, lease, info) for sid, info in infos.items()],
+                    "info = excluded.info, sub = excluded.sub "
+                    "WHERE dbgrelay_sessions.relay = excluded.relay",
+                    [(sid, relay_id, lease, info, user) for sid, (user, info) in infos.items()],
                 )
         rows = conn.execute(
             "SELECT id, end_reason FROM dbgrelay_sessions "
