@@ -668,7 +668,9 @@ async def _start_side_services(nursery: trio.Nursery, relay: Any, metrics: Any) 
     config = relay.config
     section = config.metrics
     if section.listen is not None:
-        listeners = await nursery.start(serve_metrics, section, metrics)
+        listeners = await nursery.start(
+            partial(serve_metrics, section, metrics, unready=relay.unready_reason)
+        )
         auth = ["client_cert"] if section.tls else []
         auth += ["bearer_token"] if section.bearer_token_file is not None else []
         for lst in listeners:
