@@ -175,6 +175,8 @@ class Relay:
         self.listeners: list[trio.SocketListener] = []
         # Set by ``serve --workers``: this process is one of several sharing the port.
         self.worker_index: int | None = None
+        # Worker 0 with SQLite: the other workers' admin endpoints, by index.
+        self.worker_siblings: dict[int, Any] = {}
         state = config.relay.state_dir
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = open_revocation_store(config)

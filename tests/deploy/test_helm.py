@@ -182,7 +182,13 @@ def test_the_schema_migration_runs_as_an_init_container_with_the_same_config() -
     (init,) = pod["initContainers"]
     container = relay_container({"Deployment": {"spec": {"template": {"spec": pod}}}})
     assert init["args"] == ["state", "migrate", "--config", "/etc/dbgrelay/config/dbgrelay.toml"]
-    assert container["args"] == ["serve", "--config", "/etc/dbgrelay/config/dbgrelay.toml"]
+    assert container["args"] == [
+        "serve",
+        "--config",
+        "/etc/dbgrelay/config/dbgrelay.toml",
+        "--workers",
+        "1",
+    ]
     assert init["image"] == container["image"]
 
 
