@@ -470,7 +470,9 @@ class Relay:
                 next_checkpoint = trio.current_time() + self.config.relay.checkpoint_interval
             for session in list(self.sessions.values()):
                 self.flush_bytes(session)
-                if session.audit is None:
+                # The await below lets other sessions end meanwhile: skip those
+                # whose end record is written (a checkpoint after it would be refused).
+                if session.audit is None or session.audit.ended:
                     continue
                 try:
                     if checkpoint:
