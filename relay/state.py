@@ -537,6 +537,10 @@ def _claim_session(
         other relays.
     """
     with store.connection("count the user's sessions in") as conn, conn.transaction():
+        # A lease is not worth a WAL flush on the connect path: other relays see
+        # the row at commit all the same, and a database crash that loses it
+        # loses a lease the holder writes again at its next renewal.
+        conn.execute("SET LOCAL synchronous_commit = off")
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_user_lock(user),))
         # Read committed: this statement runs after the lock, so it sees every
         # row a claim that held the lock before committed.
@@ -573,6 +577,7 @@ def _sync_sessions(
         The end requests for them, and the targets other relays hold sessions to.
     """
     with store.connection("register sessions in") as conn, conn.transaction():
+        conn.execute("SET LOCAL synchronous_commit = off")  # leases: see _claim_session
         conn.execute(
             "DELETE FROM dbgrelay_sessions WHERE (relay = %s AND id = ANY(%s)) "
             "OR lease_until < now()",
