@@ -243,7 +243,9 @@ class SharedState:
             notified = False
             while (note := pgconn.notifies()) is not None:
                 if note.relname.decode() == SESSIONS_CHANNEL:
-                    self._sessions_changed.set()
+                    # Our own announcement needs no new round of ours.
+                    if note.extra.decode() != self.relay_id:
+                        self._sessions_changed.set()
                 else:
                     notified = True
             if notified:
@@ -540,8 +542,10 @@ def _claim_session(
         # A lease is not worth a WAL flush on the connect path: other relays see
         # the row at commit all the same, and a database crash that loses it
         # loses a lease the holder writes again at its next renewal.
-        conn.execute("SET LOCAL synchronous_commit = off")
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_user_lock(user),))
+        conn.execute(
+            "SELECT set_config('synchronous_commit', 'off', true), pg_advisory_xact_lock(%s)",
+            (_user_lock(user),),
+        )
         # Read committed: this statement runs after the lock, so it sees every
         # row a claim that held the lock before committed.
         row = conn.execute(
