@@ -402,9 +402,9 @@ class Relay:
         if self.shared is None:
             return
         user = session.user
-        local = sum(1 for s in self.sessions.values() if s.user == user)
+        live = [s.id for s in self.sessions.values() if s.user == user and s is not session]
         await self.shared.claim_session(
-            session, limit=self.config.limits.max_sessions_per_user, local=local
+            session, limit=self.config.limits.max_sessions_per_user, live=live
         )
 
     def remove_session(self, session: Session) -> None:

@@ -293,12 +293,13 @@ class SharedState:
             with trio.move_on_after(lease / 3):
                 await self._sessions_changed.wait()
 
-    async def claim_session(self, session: Session, *, limit: int, local: int) -> None:
+    async def claim_session(self, session: Session, *, limit: int, live: list[str]) -> None:
         """Register ``session`` in the cluster now, if its user stays within ``limit`` sessions.
 
-        The user's live sessions on the other relays are their unexpired
-        rows; ``local`` counts this relay's own, ``session`` included, from
-        memory (so sessions still opening count too).  A transaction-level
+        The user's live sessions are their unexpired rows on the other
+        relays, and this relay's rows of ``live`` (the user's other sessions
+        here): a session has a row once its claim committed, so claims in
+        flight here are not counted before they succeed.  A transaction-level
         advisory lock per user serialises the count and the insert across
         the cluster: two relays admitting the same user at once take turns,
         and the second sees the first's row.  The lock goes with the
@@ -327,7 +328,8 @@ class SharedState:
                 user,
                 json.dumps(session.describe()),
                 self.section.session_lease,
-                limit - local,
+                limit,
+                live,
             )
             # The query is bounded by the connect and statement timeouts; waiting
             # for a free connection is bounded here.
@@ -530,38 +532,26 @@ def _claim_session(
     user: str,
     info: str,
     lease: float,
-    room: int,
+    cap: int,
+    live: list[str],
 ) -> int | None:
-    """Insert ``session_id``'s row if ``user`` has fewer than ``room`` live sessions elsewhere.
+    """Insert ``session_id``'s row if ``user`` has fewer than ``cap`` live sessions.
+
+    Counted: the user's unexpired rows on other relays, and ``relay_id``'s
+    rows of ``live`` (the user's other sessions still open on it).
 
     Returns:
-        ``None`` when inserted; else how many live sessions the user has on
-        other relays.
+        ``None`` when inserted; else how many live sessions the user has.
     """
-    with store.connection("count the user's sessions in") as conn, conn.transaction():
-        # A lease is not worth a WAL flush on the connect path: other relays see
-        # the row at commit all the same, and a database crash that loses it
-        # loses a lease the holder writes again at its next renewal.
-        conn.execute(
-            "SELECT set_config('synchronous_commit', 'off', true), pg_advisory_xact_lock(%s)",
-            (_user_lock(user),),
-        )
-        # Read committed: this statement runs after the lock, so it sees every
-        # row a claim that held the lock before committed.
+    # One statement, so one round trip and one implicit transaction: the
+    # function (schema migration 3) takes the user's lock, counts and inserts.
+    with store.connection("count the user's sessions in") as conn:
         row = conn.execute(
-            "SELECT count(*) FROM dbgrelay_sessions "
-            "WHERE sub = %s AND relay <> %s AND lease_until > now()",
-            (user, relay_id),
+            "SELECT dbgrelay_claim_session(%s, %s, %s, %s, %s, %s, %s, %s::text[])",
+            (_user_lock(user), session_id, relay_id, user, info, lease, cap, live),
         ).fetchone()
-        elsewhere = int(row[0]) if row is not None else 0
-        if elsewhere > room:
-            return elsewhere
-        conn.execute(
-            "INSERT INTO dbgrelay_sessions (id, relay, lease_until, info, sub) "
-            "VALUES (%s, %s, now() + make_interval(secs => %s), %s, %s) "
-            "ON CONFLICT (id) DO NOTHING",
-            (session_id, relay_id, lease, info, user),
-        )
+    if row is not None and row[0] is not None:
+        return int(row[0])
     return None
 
 
