@@ -110,10 +110,10 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         ALTER TABLE dbgrelay_sessions ADD COLUMN sub text;
         CREATE INDEX dbgrelay_sessions_sub ON dbgrelay_sessions (sub);
         -- Admit a session if its user has fewer than p_cap live sessions: the
-        -- user's unexpired rows on other relays and the calling relay's rows
-        -- of sessions still live there (p_live; a closed one's row may linger
-        -- until its next renewal).  Returns NULL after inserting the row, else
-        -- that count.  One call is one round trip on the connect path.  The transaction-level
+        -- user's unexpired rows, but for the calling relay's rows of sessions
+        -- it closed (p_closed; such a row lingers until its next renewal).
+        -- Returns NULL after inserting the row, else that count.  One call is
+        -- one round trip on the connect path.  The transaction-level
         -- advisory lock (p_lock, one per user) makes claims for one user take
         -- turns; in READ COMMITTED each statement of a volatile function takes
         -- a new snapshot, so the count after the lock sees every earlier claim.
@@ -122,7 +122,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         -- holder's next renewal.
         CREATE FUNCTION dbgrelay_claim_session(
             p_lock bigint, p_id text, p_relay text, p_sub text, p_info text,
-            p_lease double precision, p_cap integer, p_live text[]
+            p_lease double precision, p_cap integer, p_closed text[]
         ) RETURNS bigint LANGUAGE plpgsql VOLATILE AS $claim$
         DECLARE
             live bigint;
@@ -131,7 +131,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             PERFORM pg_advisory_xact_lock(p_lock);
             SELECT count(*) INTO live FROM dbgrelay_sessions
                 WHERE sub = p_sub AND lease_until > clock_timestamp()
-                AND (relay <> p_relay OR id = ANY(p_live));
+                AND NOT (relay = p_relay AND id = ANY(p_closed));
             IF live >= p_cap THEN
                 RETURN live;
             END IF;
@@ -139,6 +139,8 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
                 VALUES (p_id, p_relay, clock_timestamp() + make_interval(secs => p_lease),
                         p_info, p_sub)
                 ON CONFLICT (id) DO NOTHING;
+            -- Other relays' watchers learn the target is in use (sent at commit).
+            PERFORM pg_notify('dbgrelay_sessions', p_relay);
             RETURN NULL;
         END
         $claim$;

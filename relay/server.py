@@ -401,10 +401,8 @@ class Relay:
         """
         if self.shared is None:
             return
-        user = session.user
-        live = [s.id for s in self.sessions.values() if s.user == user and s is not session]
         await self.shared.claim_session(
-            session, limit=self.config.limits.max_sessions_per_user, live=live
+            session, limit=self.config.limits.max_sessions_per_user, live=set(self.sessions)
         )
 
     def remove_session(self, session: Session) -> None:

@@ -267,10 +267,16 @@ class SharedState:
         while True:
             # A fresh event before reading the sessions: a change from here on wakes the next round.
             self._sessions_changed = trio.Event()
-            infos = {sid: (s.user, json.dumps(s.describe())) for sid, s in relay.sessions.items()}
-            # Only rows of sessions that closed go: a row a claim inserted for a
-            # session opened since ``infos`` was read stays (it counts for its user).
-            gone = self._rows - set(infos)
+            # Sessions still opening get their row from their claim, not from
+            # here: a row counts against its user's cap, a claim in flight must not.
+            infos = {
+                sid: (s.user, json.dumps(s.describe()))
+                for sid, s in relay.sessions.items()
+                if not s.opening
+            }
+            # Only rows of sessions that closed go: a claimed row of a session
+            # still opening stays (it counts for its user).
+            gone = self._rows - set(relay.sessions)
             # Tell the other relays when our set changed: their watcher needs to know.
             announce = frozenset(infos) != self._registered
             sync = partial(
@@ -293,13 +299,15 @@ class SharedState:
             with trio.move_on_after(lease / 3):
                 await self._sessions_changed.wait()
 
-    async def claim_session(self, session: Session, *, limit: int, live: list[str]) -> None:
+    async def claim_session(self, session: Session, *, limit: int, live: set[str]) -> None:
         """Register ``session`` in the cluster now, if its user stays within ``limit`` sessions.
 
-        The user's live sessions are their unexpired rows on the other
-        relays, and this relay's rows of ``live`` (the user's other sessions
-        here): a session has a row once its claim committed, so claims in
-        flight here are not counted before they succeed.  A transaction-level
+        The user's live sessions are their unexpired rows, but for this
+        relay's rows of sessions no longer in ``live`` (this relay's session
+        ids; a closed session's row lingers until the next registration
+        round).  A session has a row once its claim committed (registration
+        rounds skip sessions still opening), so claims in flight are not
+        counted before they succeed.  A transaction-level
         advisory lock per user serialises the count and the insert across
         the cluster: two relays admitting the same user at once take turns,
         and the second sees the first's row.  The lock goes with the
@@ -326,10 +334,11 @@ class SharedState:
                 self.relay_id,
                 session.id,
                 user,
-                json.dumps(session.describe()),
+                # Listed as open elsewhere: the row exists only once admitted.
+                json.dumps(session.describe() | {"state": "open"}),
                 self.section.session_lease,
                 limit,
-                live,
+                sorted(self._rows - live),
             )
             # The query is bounded by the connect and statement timeouts; waiting
             # for a free connection is bounded here.
@@ -533,12 +542,12 @@ def _claim_session(
     info: str,
     lease: float,
     cap: int,
-    live: list[str],
+    closed: list[str],
 ) -> int | None:
     """Insert ``session_id``'s row if ``user`` has fewer than ``cap`` live sessions.
 
-    Counted: the user's unexpired rows on other relays, and ``relay_id``'s
-    rows of ``live`` (the user's other sessions still open on it).
+    Counted: the user's unexpired rows, but for ``relay_id``'s rows of
+    ``closed`` (sessions it closed whose rows may linger).
 
     Returns:
         ``None`` when inserted; else how many live sessions the user has.
@@ -548,7 +557,7 @@ def _claim_session(
     with store.connection("count the user's sessions in") as conn:
         row = conn.execute(
             "SELECT dbgrelay_claim_session(%s, %s, %s, %s, %s, %s, %s, %s::text[])",
-            (_user_lock(user), session_id, relay_id, user, info, lease, cap, live),
+            (_user_lock(user), session_id, relay_id, user, info, lease, cap, closed),
         ).fetchone()
     if row is not None and row[0] is not None:
         return int(row[0])
