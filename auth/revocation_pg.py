@@ -101,6 +101,50 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX dbgrelay_sessions_relay ON dbgrelay_sessions (relay);
         """,
     ),
+    (
+        3,
+        """
+        -- The user (token sub) of each live session, so the per-user cap on
+        -- concurrent sessions counts the whole cluster's.
+        ALTER TABLE dbgrelay_sessions ADD COLUMN sub text;
+        CREATE INDEX dbgrelay_sessions_sub ON dbgrelay_sessions (sub);
+        -- Admit a session if its user has fewer than p_cap live sessions: the
+        -- user's unexpired rows, but for the calling relay's rows of sessions
+        -- it closed (p_closed; such a row lingers until its next renewal).
+        -- Returns NULL after inserting the row, else that count.  One call is
+        -- one round trip on the connect path.  The transaction-level
+        -- advisory lock (p_lock, one per user) makes claims for one user take
+        -- turns; in READ COMMITTED each statement of a volatile function takes
+        -- a new snapshot, so the count after the lock sees every earlier claim.
+        -- A lease is not worth a WAL flush: other relays see it at commit all
+        -- the same, and one lost in a database crash is written again at the
+        -- holder's next renewal.
+        CREATE FUNCTION dbgrelay_claim_session(
+            p_lock bigint, p_id text, p_relay text, p_sub text, p_info text,
+            p_lease double precision, p_cap integer, p_closed text[]
+        ) RETURNS bigint LANGUAGE plpgsql VOLATILE AS $claim$
+        DECLARE
+            live bigint;
+        BEGIN
+            PERFORM set_config('synchronous_commit', 'off', true);
+            PERFORM pg_advisory_xact_lock(p_lock);
+            SELECT count(*) INTO live FROM dbgrelay_sessions
+                WHERE sub = p_sub AND lease_until > clock_timestamp()
+                AND NOT (relay = p_relay AND id = ANY(p_closed));
+            IF live >= p_cap THEN
+                RETURN live;
+            END IF;
+            INSERT INTO dbgrelay_sessions (id, relay, lease_until, info, sub)
+                VALUES (p_id, p_relay, clock_timestamp() + make_interval(secs => p_lease),
+                        p_info, p_sub)
+                ON CONFLICT (id) DO NOTHING;
+            -- Other relays' watchers learn the target is in use (sent at commit).
+            PERFORM pg_notify('dbgrelay_sessions', p_relay);
+            RETURN NULL;
+        END
+        $claim$;
+        """,
+    ),
 )
 
 #: The schema version this code reads and writes.

@@ -212,6 +212,14 @@ class DbgrelaySetup:
             f'jwks = "{self.keys / "jwks.json"}"',
             "[metrics]",
             'listen = ""',
+            # Every connection comes from 127.0.0.1 with one user's token: the
+            # per-source and per-user defaults would throttle the workloads.
+            "[limits]",
+            "max_unauthenticated = 4000",
+            "max_unauthenticated_per_source = 4000",
+            "handshake_rate = 100000",
+            "handshake_burst = 100000",
+            "max_sessions_per_user = 4000",
         ]
         if dsn is not None:
             dsn_file = folder / "dsn"
@@ -303,9 +311,8 @@ class DbgrelayPath:
         command = list(self.setup.command)
         if self.dsn is not None:
             _cli(self.setup.command, "state", "migrate", "--config", str(config))
-        serve_argv = [*command, "serve", "--config", str(config)]
-        if self.workers > 1:
-            serve_argv += ["--workers", str(self.workers)]
+        # Explicit: serve's default is one worker per CPU.
+        serve_argv = [*command, "serve", "--config", str(config), "--workers", str(self.workers)]
         serve = sup.start("dbgrelay-serve", serve_argv, pinned=pinned)
         relay = [serve]
         ports: dict[str, int] = {}

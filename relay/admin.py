@@ -46,6 +46,7 @@ actor is ``npipe:pid=N,sid=S-1-...`` of the calling process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -53,7 +54,7 @@ import re
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import trio
 
@@ -61,6 +62,7 @@ from auth import AuthError
 from config import Config, format_address
 
 from .access import is_admin, verify_identity
+from .admin_client import AdminEndpoint, AdminError, admin_request
 from .httpd import Handler, HttpRequest, HttpResponse, open_http_listeners, serve_http
 
 if TYPE_CHECKING:
@@ -420,6 +422,17 @@ async def _health(relay: Relay, request: HttpRequest, actor: dict) -> HttpRespon
 async def _list_sessions(relay: Relay, request: HttpRequest, actor: dict) -> HttpResponse:
     sessions = sorted(relay.sessions.values(), key=lambda s: (s.started, s.id))
     listed = [_describe(relay, s) for s in sessions]
+    if relay.shared is None and relay.worker_siblings:
+        # Worker 0 of several sharing SQLite: every worker's sessions, each naming its worker.
+        for item in listed:
+            item["worker"] = relay.worker_index
+        more, missing = await _sibling_sessions(relay, request)
+        listed += more
+        listed.sort(key=lambda s: (s["started"], s["id"]))
+        body: dict[str, Any] = {"sessions": listed}
+        if missing:
+            body["partial"] = "; ".join(missing)
+        return _json(200, body)
     if relay.shared is None:
         return _json(200, {"sessions": listed})
     # With shared state: every relay's sessions, each naming the relay that holds it.
@@ -441,6 +454,8 @@ async def _end_session(relay: Relay, request: HttpRequest, actor: dict, sid: str
     _body(request)
     if relay.shared is not None and sid not in relay.sessions and _SESSION_ID.fullmatch(sid):
         return await _end_elsewhere(relay, actor, sid)
+    if relay.worker_siblings and sid not in relay.sessions and _SESSION_ID.fullmatch(sid):
+        return await _end_on_sibling(relay, request, actor, sid)
     session = _find(relay, sid)
     fields = {"session_id": sid, "user": session.user, "target": session.target} | actor
     log.info("admin.session_ended", extra=fields)
@@ -498,6 +513,58 @@ async def _end_elsewhere(relay: Relay, actor: dict, sid: str) -> HttpResponse:
             "relay": holder,
         },
     )
+
+
+def _as_caller(request: HttpRequest, endpoint: AdminEndpoint) -> AdminEndpoint:
+    """``endpoint`` carrying the caller's admin token (TCP), which the sibling checks again."""
+    if endpoint.unix_path is not None:
+        return endpoint
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    return dataclasses.replace(endpoint, token=token.strip() or None)
+
+
+async def _sibling_sessions(relay: Relay, request: HttpRequest) -> tuple[list[dict], list[str]]:
+    """The other workers' sessions (each with its ``worker``), and which workers did not answer."""
+    listed: list[dict] = []
+    missing: list[str] = []
+
+    async def ask(index: int, endpoint: AdminEndpoint) -> None:
+        try:
+            answer = await admin_request(_as_caller(request, endpoint), "GET", "/v1/sessions")
+        except AdminError as exc:
+            missing.append(f"worker {index} did not answer: {exc}")
+            return
+        listed.extend(item | {"worker": index} for item in answer.get("sessions", []))
+
+    async with trio.open_nursery() as nursery:
+        for index, endpoint in relay.worker_siblings.items():
+            nursery.start_soon(ask, index, endpoint)
+    return listed, sorted(missing)
+
+
+async def _end_on_sibling(
+    relay: Relay, request: HttpRequest, actor: dict, sid: str
+) -> HttpResponse:
+    """End a session another worker of this host holds, through its admin endpoint."""
+    for index, endpoint in sorted(relay.worker_siblings.items()):
+        try:
+            answer = await admin_request(
+                _as_caller(request, endpoint), "DELETE", f"/v1/sessions/{quote(sid, safe='')}"
+            )
+        except AdminError as exc:
+            if exc.status is None or exc.status == 404:
+                continue  # not this worker's, or it is restarting: ask the next
+            raise _Refusal(exc.status, exc.reason, str(exc)) from exc
+        fields = {
+            "session_id": sid,
+            "user": answer.get("user"),
+            "target": answer.get("target"),
+            "worker": index,
+        } | actor
+        log.info("admin.session_ended", extra=fields)
+        relay.audit_event("admin.session_ended", **fields)
+        return _json(200, answer | {"worker": index})
+    raise _Refusal(404, "unknown_session", f"no live session {sid!r} (it may have ended already)")
 
 
 async def _wait_closed(relay: Relay, sid: str) -> bool:

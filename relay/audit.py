@@ -451,6 +451,11 @@ class AuditWriter:
         """Whether :meth:`close` has run."""
         return self._fd is None
 
+    @property
+    def ended(self) -> bool:
+        """Whether ``session.closed`` is written or the file closed: nothing may follow."""
+        return self._ended or self._fd is None
+
     # -- writing -------------------------------------------------------------
 
     def _emit(self, record: dict[str, object]) -> None:

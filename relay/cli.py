@@ -112,9 +112,9 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _workers(text: str) -> int:
+def _workers(text: str) -> int | None:
     if text == "auto":
-        return os.cpu_count() or 1
+        return None  # one per CPU, resolved with the config
     try:
         value = int(text)
     except ValueError:
@@ -479,6 +479,9 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     # With shared state the list is the cluster's: say which relay holds each session.
     if any("relay" in s for s in sessions):
         columns.append("relay")
+    # With several workers sharing SQLite: say which worker holds each session.
+    if any("worker" in s for s in sessions):
+        columns.append("worker")
     _table(rows, [*columns, "state"])
     return EXIT_OK
 
@@ -573,11 +576,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         for handler in logging.getLogger().handlers:
             handler.addFilter(log_filter(args.worker_index, os.getpid()))
+        siblings = {}
+        if args.worker_index == 0 and args.workers:
+            from .workers import sibling_admins
+
+            siblings = sibling_admins(config, args.workers)
         config = worker_config(config, args.worker_index)
         helper = _separate_privileges(config)
-        trio.run(partial(_run_relay, config, None, helper, worker=args.worker_index))
+        run = partial(_run_relay, config, None, helper, worker=args.worker_index, siblings=siblings)
+        trio.run(run)
         return EXIT_OK
-    if args.workers > 1:
+    workers = args.workers
+    if workers is None:
+        from .workers import auto_workers
+
+        workers, single = auto_workers(config)
+        if single is not None:
+            logging.getLogger("dbgrelay.relay").info(
+                "workers.single", extra={"reason": single, "note": "one relay process"}
+            )
+    if workers > 1:
         from .workers import reuseport_available, run_supervisor, worker_argv
 
         if not reuseport_available():
@@ -590,8 +608,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"{args.config}: relay.listen has port 0; --workers needs a fixed port that "
                 "every worker binds"
             )
-        argv = worker_argv(args.config, args.log_format, args.log_level)
-        return trio.run(run_supervisor, argv, args.workers)
+        argv = worker_argv(args.config, args.log_format, args.log_level, workers)
+        return trio.run(run_supervisor, argv, workers)
     helper = _separate_privileges(config)
     trio.run(_run_relay, config, None, helper)
     return EXIT_OK
@@ -694,6 +712,7 @@ async def _run_relay(
     worker: int | None = None,
     ready: Callable[[trio.Event], object] | None = None,
     signals: bool = True,
+    siblings: dict[int, Any] | None = None,
 ) -> None:
     """Run the relay with its metrics endpoint, admin API and signal handling."""
     from .privsep import Launchers
@@ -703,6 +722,7 @@ async def _run_relay(
     relay = open_relay(config, metrics=metrics)
     relay.launchers = Launchers(helper)
     relay.worker_index = worker
+    relay.worker_siblings = siblings or {}
     stop = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
@@ -743,7 +763,9 @@ async def _start_side_services(nursery: trio.Nursery, relay: Any, metrics: Any) 
     config = relay.config
     section = config.metrics
     if section.listen is not None:
-        listeners = await nursery.start(serve_metrics, section, metrics)
+        listeners = await nursery.start(
+            partial(serve_metrics, section, metrics, unready=relay.unready_reason)
+        )
         auth = ["client_cert"] if section.tls else []
         auth += ["bearer_token"] if section.bearer_token_file is not None else []
         for lst in listeners:
@@ -1099,10 +1121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         type=_workers,
-        default=1,
+        default=None,
         metavar="N",
         help="run N relay processes sharing the listeners (SO_REUSEPORT) and the state, "
-        "under a supervisor; 'auto' is one per CPU (default 1)",
+        "under a supervisor (default 'auto': one per CPU; one process where relay.listen "
+        "has port 0 or the platform lacks SO_REUSEPORT)",
     )
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
 

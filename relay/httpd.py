@@ -503,25 +503,37 @@ async def _remove_stale_socket(listen: str, path: str) -> None:
         pass
 
 
-def metrics_handler(metrics: Metrics | NilMetrics, *, bearer_token: str | None = None) -> Handler:
+def metrics_handler(
+    metrics: Metrics | NilMetrics,
+    *,
+    bearer_token: str | None = None,
+    unready: Callable[[], str | None] | None = None,
+) -> Handler:
     """The handler for the metrics endpoint.
 
     ``GET /metrics`` returns the exposition, ``GET /healthz`` returns
-    ``200 ok``, other paths 404.  ``HEAD`` is served like ``GET`` without a
-    body (RFC 9110 section 9.3.2); other methods get 405.
+    ``200 ok`` while the process serves (liveness), ``GET /readyz`` returns
+    ``200 ready`` while the relay admits new tunnels and ``503`` with the
+    reason while it would refuse them (readiness: a load balancer stops
+    sending it new ones), other paths 404.  ``HEAD`` is served like ``GET``
+    without a body (RFC 9110 section 9.3.2); other methods get 405.
 
     Args:
         metrics: What ``/metrics`` renders.
         bearer_token: When given, ``/metrics`` answers only requests with
             ``Authorization: Bearer <bearer_token>`` (RFC 6750), compared in
             constant time; others get 401 with ``WWW-Authenticate``.
-            ``/healthz`` says nothing but "ok" and stays open for health checks.
+            ``/healthz`` says nothing but "ok" and stays open for health checks,
+            as does ``/readyz``.
+        unready: Why the relay admits no new tunnels now (a reason code such
+            as ``state_unavailable`` or ``draining``), or ``None`` while it
+            does; without it ``/readyz`` answers like ``/healthz``.
     """
     expected = bearer_token.encode() if bearer_token is not None else None
 
     async def handle(request: HttpRequest) -> HttpResponse:
         path = request.path
-        if path not in ("/metrics", "/healthz"):
+        if path not in ("/metrics", "/healthz", "/readyz"):
             return _json_error(404, "not_found")
         if request.method not in ("GET", "HEAD"):
             return HttpResponse(
@@ -531,6 +543,12 @@ def metrics_handler(metrics: Metrics | NilMetrics, *, bearer_token: str | None =
             )
         if path == "/healthz":
             return HttpResponse(200, b"ok\n", content_type="text/plain; charset=utf-8")
+        if path == "/readyz":
+            reason = unready() if unready is not None else None
+            if reason is not None:
+                body = f"unready: {reason}\n".encode()
+                return HttpResponse(503, body, content_type="text/plain; charset=utf-8")
+            return HttpResponse(200, b"ready\n", content_type="text/plain; charset=utf-8")
         if expected is not None:
             refusal = _check_bearer(request, expected)
             if refusal is not None:
@@ -609,9 +627,12 @@ async def serve_metrics(
     section: MetricsSection,
     metrics: Metrics | NilMetrics,
     *,
+    unready: Callable[[], str | None] | None = None,
     task_status: trio.TaskStatus[list[trio.abc.Listener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``/metrics`` and ``/healthz`` as ``[metrics]`` says, until cancelled.
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` as ``[metrics]`` says, until cancelled.
+
+    ``unready`` is as for :func:`metrics_handler`.
 
     Plain HTTP, or HTTPS that requires a client certificate (``tls_cert``,
     ``tls_key``, ``client_ca``), and/or a bearer token
@@ -639,7 +660,9 @@ async def serve_metrics(
             for lst in listeners
         ]
     await serve_http(
-        listeners, metrics_handler(metrics, bearer_token=token), task_status=task_status
+        listeners,
+        metrics_handler(metrics, bearer_token=token, unready=unready),
+        task_status=task_status,
     )
 
 

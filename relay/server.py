@@ -259,6 +259,8 @@ class Relay:
         self.listeners: list[trio.SocketListener] = []
         # Set by ``serve --workers``: this process is one of several sharing the port.
         self.worker_index: int | None = None
+        # Worker 0 with SQLite: the other workers' admin endpoints, by index.
+        self.worker_siblings: dict[int, Any] = {}
         self.store = store
         # With PostgreSQL, revocations are shared by every relay of a cluster.
         self.shared: SharedState | None = None
@@ -466,6 +468,26 @@ class Relay:
         if self.shared is not None:
             self.shared.sessions_changed()
 
+    def unready_reason(self) -> str | None:
+        """Why new tunnels would be refused now (for ``/readyz``), or ``None`` while admitted."""
+        if self.draining:
+            return "shutting_down"
+        if self.shared is not None and not self.shared.admitting():
+            return "state_unavailable"
+        return None
+
+    async def claim_in_cluster(self, session: Session) -> None:
+        """With PostgreSQL: register ``session`` if its user is within the cluster-wide cap.
+
+        Raises:
+            RemoteProtocolError: 429 ``user_sessions`` or 503 ``state_unavailable``.
+        """
+        if self.shared is None:
+            return
+        await self.shared.claim_session(
+            session, limit=self.config.limits.max_sessions_per_user, live=set(self.sessions)
+        )
+
     def remove_session(self, session: Session) -> None:
         del self.sessions[session.id]
         if self.shared is not None:
@@ -560,7 +582,9 @@ class Relay:
                 next_checkpoint = trio.current_time() + self.config.relay.checkpoint_interval
             for session in list(self.sessions.values()):
                 self.flush_bytes(session)
-                if session.audit is None:
+                # The await below lets other sessions end meanwhile: skip those
+                # whose end record is written (a checkpoint after it would be refused).
+                if session.audit is None or session.audit.ended:
                     continue
                 try:
                     if checkpoint:

@@ -349,6 +349,8 @@ async def _serve(
         return
 
     try:
+        # With PostgreSQL the per-user cap counts the whole cluster's sessions.
+        await relay.claim_in_cluster(session)
         _open_audit(relay, session, ctx)
     except BaseException as exc:
         relay.remove_session(session)

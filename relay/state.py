@@ -60,9 +60,11 @@ from auth.revocation_pg import (
 from config import Config, StateSection
 
 from .backends import BackendError
+from .errors import RemoteProtocolError
 
 if TYPE_CHECKING:
     from .server import Relay
+    from .session import Session
 
 __all__ = [
     "RECONNECT_INTERVAL",
@@ -133,6 +135,8 @@ class SharedState:
         self.relay_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._sessions_changed = trio.Event()
         self._registered: frozenset[str] | None = None
+        # Sessions of this relay that may have a row in the table: registered or claimed.
+        self._rows: set[str] = set()
         #: Targets with a live session on another relay, as of the last look.
         self.busy_elsewhere: frozenset[str] = frozenset()
         # Managed servers this relay owns: target name -> the connection holding its lock.
@@ -239,18 +243,22 @@ class SharedState:
             notified = False
             while (note := pgconn.notifies()) is not None:
                 if note.relname.decode() == SESSIONS_CHANNEL:
-                    self._sessions_changed.set()
+                    # Our own announcement needs no new round of ours.
+                    if note.extra.decode() != self.relay_id:
+                        self._sessions_changed.set()
                 else:
                     notified = True
             if notified:
                 self.metrics.state_notification()
                 await self._refresh()
+                self._up()
                 on_change()
 
     async def _resync(self, on_change: Callable[[], None]) -> None:
         while True:
             await trio.sleep(self.section.resync_interval)
             await self._refresh()
+            self._up()
             on_change()
 
     async def _register(self, relay: Relay) -> None:
@@ -259,11 +267,25 @@ class SharedState:
         while True:
             # A fresh event before reading the sessions: a change from here on wakes the next round.
             self._sessions_changed = trio.Event()
-            infos = {sid: json.dumps(s.describe()) for sid, s in relay.sessions.items()}
+            # Sessions still opening get their row from their claim, not from
+            # here: a row counts against its user's cap, a claim in flight must not.
+            infos = {
+                sid: (s.user, json.dumps(s.describe()))
+                for sid, s in relay.sessions.items()
+                if not s.opening
+            }
+            # Only rows of sessions that closed go: a claimed row of a session
+            # still opening stays (it counts for its user).
+            gone = self._rows - set(relay.sessions)
             # Tell the other relays when our set changed: their watcher needs to know.
             announce = frozenset(infos) != self._registered
-            sync = partial(_sync_sessions, self.store, self.relay_id, infos, lease, announce)
+            sync = partial(
+                _sync_sessions, self.store, self.relay_id, infos, list(gone), lease, announce
+            )
             ends, busy = await trio.to_thread.run_sync(sync, limiter=self.limiter)
+            self._up()
+            self._rows -= gone
+            self._rows |= set(infos)
             self._registered = frozenset(infos)
             self._update_busy(relay, frozenset(busy))
             for sid, reason in ends:
@@ -276,6 +298,69 @@ class SharedState:
                     session.end(reason)
             with trio.move_on_after(lease / 3):
                 await self._sessions_changed.wait()
+
+    async def claim_session(self, session: Session, *, limit: int, live: set[str]) -> None:
+        """Register ``session`` in the cluster now, if its user stays within ``limit`` sessions.
+
+        The user's live sessions are their unexpired rows, but for this
+        relay's rows of sessions no longer in ``live`` (this relay's session
+        ids; a closed session's row lingers until the next registration
+        round).  A session has a row once its claim committed (registration
+        rounds skip sessions still opening), so claims in flight are not
+        counted before they succeed.  A transaction-level
+        advisory lock per user serialises the count and the insert across
+        the cluster: two relays admitting the same user at once take turns,
+        and the second sees the first's row.  The lock goes with the
+        transaction (commit, rollback or a dropped connection), so a relay
+        that dies mid-claim leaves nothing held; and only claims for the same
+        user wait on each other.  The inserted row is the session's lease:
+        this relay renews it, and it expires with a relay that died.
+
+        While the database is unreachable the claim is skipped and the cap
+        counts this relay's sessions alone, within the same grace as the
+        revocations (after it, admission already refuses with 503).
+
+        Raises:
+            RemoteProtocolError: 429 ``user_sessions`` when the user is at the
+                cap; 503 ``state_unavailable`` when the database cannot be
+                reached and no grace is left.
+        """
+        user = session.user
+        if self.unavailable_since is None:
+            self._rows.add(session.id)
+            claim = partial(
+                _claim_session,
+                self.store,
+                self.relay_id,
+                session.id,
+                user,
+                # Listed as open elsewhere: the row exists only once admitted.
+                json.dumps(session.describe() | {"state": "open"}),
+                self.section.session_lease,
+                limit,
+                sorted(self._rows - live),
+            )
+            # The query is bounded by the connect and statement timeouts; waiting
+            # for a free connection is bounded here.
+            with trio.move_on_after(self.section.connect_timeout + self.section.statement_timeout):
+                try:
+                    elsewhere = await trio.to_thread.run_sync(claim, limiter=self.limiter)
+                except AuthError as exc:
+                    self._down(exc)
+                else:
+                    if elsewhere is not None:
+                        raise RemoteProtocolError(
+                            f"user {user!r} already has {limit} tunnels open in the cluster",
+                            reason="user_sessions",
+                            status=429,
+                        )
+                    return
+            if self.unavailable_since is None:
+                self._down(unavailable_error(TimeoutError("no free connection"), "reach"))
+        if not self.admitting():
+            raise RemoteProtocolError(
+                "the relay cannot reach its shared state", reason="state_unavailable", status=503
+            )
 
     def _update_busy(self, relay: Relay, busy: frozenset[str]) -> None:
         if busy == self.busy_elsewhere:
@@ -443,32 +528,73 @@ async def _wait_broken(conn: Any) -> None:
             pass
 
 
+def _user_lock(user: str) -> int:
+    """The advisory lock key of a user's session count (a signed 64-bit integer)."""
+    digest = hashlib.sha256(b"dbgrelay user sessions\0" + user.encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _claim_session(
+    store: PgRevocationStore,
+    relay_id: str,
+    session_id: str,
+    user: str,
+    info: str,
+    lease: float,
+    cap: int,
+    closed: list[str],
+) -> int | None:
+    """Insert ``session_id``'s row if ``user`` has fewer than ``cap`` live sessions.
+
+    Counted: the user's unexpired rows, but for ``relay_id``'s rows of
+    ``closed`` (sessions it closed whose rows may linger).
+
+    Returns:
+        ``None`` when inserted; else how many live sessions the user has.
+    """
+    # One statement, so one round trip and one implicit transaction: the
+    # function (schema migration 3) takes the user's lock, counts and inserts.
+    with store.connection("count the user's sessions in") as conn:
+        row = conn.execute(
+            "SELECT dbgrelay_claim_session(%s, %s, %s, %s, %s, %s, %s, %s::text[])",
+            (_user_lock(user), session_id, relay_id, user, info, lease, cap, closed),
+        ).fetchone()
+    if row is not None and row[0] is not None:
+        return int(row[0])
+    return None
+
+
 def _sync_sessions(
     store: PgRevocationStore,
     relay_id: str,
-    infos: dict[str, str],
+    infos: dict[str, tuple[str, str]],
+    gone: list[str],
     lease: float,
     announce: bool,
 ) -> tuple[list[tuple[str, str]], list[str]]:
-    """Register ``relay_id``'s live sessions for ``lease`` seconds.
+    """Register ``relay_id``'s live sessions (id -> user, info) for ``lease`` seconds.
+
+    Rows of ``gone`` (sessions that closed) are deleted, with every expired row.
 
     Returns:
         The end requests for them, and the targets other relays hold sessions to.
     """
     with store.connection("register sessions in") as conn, conn.transaction():
+        conn.execute("SET LOCAL synchronous_commit = off")  # leases: see _claim_session
         conn.execute(
-            "DELETE FROM dbgrelay_sessions WHERE (relay = %s AND NOT (id = ANY(%s))) "
+            "DELETE FROM dbgrelay_sessions WHERE (relay = %s AND id = ANY(%s)) "
             "OR lease_until < now()",
-            (relay_id, list(infos)),
+            (relay_id, gone),
         )
         if infos:
             with conn.cursor() as cur:
                 cur.executemany(
-                    "INSERT INTO dbgrelay_sessions (id, relay, lease_until, info) "
-                    "VALUES (%s, %s, now() + make_interval(secs => %s), %s) "
+                    "INSERT INTO dbgrelay_sessions (id, relay, lease_until, info, sub) "
+                    "VALUES (%s, %s, now() + make_interval(secs => %s), %s, %s) "
                     "ON CONFLICT (id) DO UPDATE SET lease_until = excluded.lease_until, "
-                    "info = excluded.info WHERE dbgrelay_sessions.relay = excluded.relay",
-                    [(sid, relay_id, lease, info) for sid, info in infos.items()],
+                    "info = excluded.info, sub = excluded.sub "
+                    "WHERE dbgrelay_sessions.relay = excluded.relay",
+                    [(sid, relay_id, lease, info, user) for sid, (user, info) in infos.items()],
                 )
         rows = conn.execute(
             "SELECT id, end_reason FROM dbgrelay_sessions "

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import os
 import signal
 import socket
 import subprocess
@@ -41,6 +43,8 @@ from config import Config
 
 __all__ = [
     "MAX_RESTART_DELAY",
+    "auto_workers",
+    "cpus_available",
     "open_reuseport_listeners",
     "reuseport_available",
     "run_supervisor",
@@ -58,6 +62,42 @@ _STABLE_AFTER = 10.0
 def reuseport_available() -> bool:
     """Whether this platform lets several processes bind one port (``SO_REUSEPORT``)."""
     return hasattr(socket, "SO_REUSEPORT")
+
+
+def cpus_available(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may use: its affinity mask, narrowed by a cgroup v2 CPU quota.
+
+    A container started with ``--cpus 2`` (or a Kubernetes CPU limit) on a
+    larger host sees every CPU in its affinity mask but may only use the
+    quota's worth; ``cpu_max`` holds ``"<quota> <period>"`` or ``"max <period>"``.
+    """
+    if hasattr(os, "sched_getaffinity"):
+        cpus = max(1, len(os.sched_getaffinity(0)))
+    else:
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
+def auto_workers(config: Config) -> tuple[int, str | None]:
+    """How many workers ``serve`` runs by default: one per CPU, where several can run.
+
+    Returns:
+        The count, and why it is 1 on a host with several CPUs (or ``None``).
+    """
+    cpus = cpus_available()
+    if cpus == 1:
+        return 1, None
+    if not reuseport_available():
+        return 1, "this platform has no SO_REUSEPORT"
+    if any(port == 0 for _host, port in config.relay.listen):
+        return 1, "relay.listen has port 0 (the workers need a fixed port to share)"
+    return cpus, None
 
 
 def worker_config(config: Config, index: int) -> Config:
@@ -192,12 +232,43 @@ async def run_supervisor(argv: list[str], workers: int) -> int:
     return 0
 
 
-def worker_argv(config_path: str, log_format: str | None, log_level: str) -> list[str]:
-    """The command line a worker runs (this program, the same config and logging)."""
+def worker_argv(
+    config_path: str, log_format: str | None, log_level: str, workers: int
+) -> list[str]:
+    """The command line a worker runs (this program, the same config and logging).
+
+    ``--workers`` tells each worker how many siblings it has, so worker 0's
+    admin endpoint can list and end their sessions.
+    """
     argv = [sys.executable, "-m", "relay"]
     if log_format:
         argv += ["--log-format", log_format]
-    return [*argv, "--log-level", log_level, "serve", "--config", config_path]
+    return [
+        *argv,
+        "--log-level",
+        log_level,
+        "serve",
+        "--config",
+        config_path,
+        "--workers",
+        str(workers),
+    ]
+
+
+def sibling_admins(config: Config, workers: int) -> dict[int, Any]:
+    """The admin endpoints of workers 1..workers-1, by index, for worker 0 to ask.
+
+    Only with the SQLite backend: with PostgreSQL every worker already lists
+    and ends the whole cluster's sessions through the database.
+    """
+    from .admin_client import AdminEndpoint
+
+    if config.state.backend != "sqlite":
+        return {}
+    return {
+        index: AdminEndpoint.from_config(worker_config(config, index), timeout=5.0)
+        for index in range(1, workers)
+    }
 
 
 def log_filter(index: int, pid: int) -> Any:

@@ -137,8 +137,9 @@ def test_probes_use_the_ops_port_and_termination_matches_the_drain_grace() -> No
     objects = render({"relay": {"shutdownGrace": 120, "preStopSleep": 7}})
     container = relay_container(objects)
     ops = {p["name"]: p["containerPort"] for p in container["ports"]}["ops"]
-    for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "ops"}
+    # Readiness follows admission (the state backend, the drain); liveness only the process.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ops"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
     config = tomllib.loads(objects["ConfigMap"]["data"]["dbgrelay.toml"])
     assert config["metrics"]["listen"] == f"0.0.0.0:{ops}"
     grace = parse_duration(config["relay"]["shutdown_grace"])
@@ -181,7 +182,13 @@ def test_the_schema_migration_runs_as_an_init_container_with_the_same_config() -
     (init,) = pod["initContainers"]
     container = relay_container({"Deployment": {"spec": {"template": {"spec": pod}}}})
     assert init["args"] == ["state", "migrate", "--config", "/etc/dbgrelay/config/dbgrelay.toml"]
-    assert container["args"] == ["serve", "--config", "/etc/dbgrelay/config/dbgrelay.toml"]
+    assert container["args"] == [
+        "serve",
+        "--config",
+        "/etc/dbgrelay/config/dbgrelay.toml",
+        "--workers",
+        "1",
+    ]
     assert init["image"] == container["image"]
 
 

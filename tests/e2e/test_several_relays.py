@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import signal
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -425,3 +426,142 @@ def test_one_relay_at_a_time_runs_a_managed_server_and_a_dead_ones_claim_lapses(
         time.sleep(0.05)
     on_a.close()
     on_b.close()
+
+
+def with_user_cap(home: Path, cap: int) -> Path:
+    """``home`` with ``[limits] max_sessions_per_user = cap``."""
+    config = home / "dbgrelay.toml"
+    config.write_text(config.read_text() + f"[limits]\nmax_sessions_per_user = {cap}\n")
+    return home
+
+
+def test_a_per_user_cap_holds_across_relays_and_a_killed_relays_slots_expire_with_its_lease(
+    procs: ProcGroup, tmp_path: Path, materials: Path, pg_dsn: str, echo_server: EchoServer
+) -> None:
+    state = {"session_lease": "2s"}
+    home_a, home_b = (
+        with_user_cap(relay_home(tmp_path, name, materials, pg_dsn, echo_server.port, **state), 2)
+        for name in ("a", "b")
+    )
+    migrate(home_a)
+    relay_a, address_a = start_relay(procs, home_a)
+    relay_b, address_b = start_relay(procs, home_b)
+    alice, bob = issue(home_a), issue(home_a, "bob")
+    first, _ = open_tunnel(home_a, address_a, "build42", alice)
+    second, _ = open_tunnel(home_a, address_a, "build42", alice)
+
+    # Alice is at her cap on A: B refuses her, without waiting for A's renewal.
+    answer = refused(home_b, address_b, "build42", alice)
+    assert (answer.status, answer.reason) == (429, "user_sessions")
+    # The log line that says why (the audit record before it has no message).
+    assert relay_b.wait_line(lambda line: '"tunnel.refused"' in line and "in the cluster" in line)
+    # Another user is not held back by her.
+    other, _ = open_tunnel(home_b, address_b, "build42", bob)
+    echo(other, b"bob")
+    # One of hers ends on A: B admits her again.
+    first.close()
+    relay_a.wait_event("session.closed")
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not isinstance(on_b := request_tunnel(home_b, address_b, alice), ssl.SSLSocket):
+        assert on_b.reason == "user_sessions", (on_b.status, on_b.reason)
+        assert time.monotonic() < deadline, "the closed session still counted"
+        time.sleep(0.05)
+    echo(on_b, b"alice on b")
+    assert refused(home_a, address_a, "build42", alice).reason == "user_sessions"
+
+    relay_a.send_signal(signal.SIGKILL)
+    relay_a.wait()
+    # Nobody renews A's lease now: its session stops counting within 2 s.
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not isinstance(again := request_tunnel(home_b, address_b, alice), ssl.SSLSocket):
+        assert again.reason == "user_sessions", (again.status, again.reason)
+        assert time.monotonic() < deadline, "the killed relay's session still counted"
+        time.sleep(0.1)
+    echo(again, b"freed")
+    assert refused(home_b, address_b, "build42", alice).reason == "user_sessions"
+    for tls in (second, other, on_b, again):
+        tls.close()
+
+
+def test_relays_admitting_one_user_at_once_never_exceed_the_cap(
+    procs: ProcGroup, tmp_path: Path, materials: Path, pg_dsn: str, echo_server: EchoServer
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    homes = [
+        with_user_cap(relay_home(tmp_path, name, materials, pg_dsn, echo_server.port), 3)
+        for name in ("a", "b", "c")
+    ]
+    migrate(homes[0])
+    addresses = [start_relay(procs, home)[1] for home in homes]
+    token = issue(homes[0])
+    barrier = threading.Barrier(12)
+
+    def attempt(index: int) -> Any:
+        home, address = homes[index % 3], addresses[index % 3]
+        tls = tls_connect(address, home / "pki" / "ca.pem")
+        barrier.wait()
+        answer = request(tls, "build42", token)
+        if answer.status == 200:
+            return tls
+        tls.close()
+        return answer
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(attempt, range(12)))
+
+    admitted = [r for r in results if isinstance(r, ssl.SSLSocket)]
+    refusals = [(r.status, r.reason) for r in results if not isinstance(r, ssl.SSLSocket)]
+    assert len(admitted) == 3, refusals
+    assert refusals == [(429, "user_sessions")] * 9
+    for tls in admitted:
+        echo(tls, b"one of three")
+        tls.close()
+
+
+def probe(address: str, path: str) -> tuple[int, bytes]:
+    """``GET path`` on the ops (metrics) endpoint, as a Kubernetes probe does."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=10) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_readiness_turns_503_when_the_state_is_down_past_the_grace_and_liveness_stays_ok(
+    procs: ProcGroup,
+    tmp_path: Path,
+    materials: Path,
+    pg_server: PgServer,
+    pg_dsn: str,
+    echo_server: EchoServer,
+) -> None:
+    home = relay_home(tmp_path, "a", materials, pg_dsn, echo_server.port, unavailable_grace="0")
+    config = home / "dbgrelay.toml"
+    config.write_text(
+        config.read_text().replace('[metrics]\nlisten = ""', '[metrics]\nlisten = "127.0.0.1:0"')
+    )
+    migrate(home)
+    relay, address = start_relay(procs, home)
+    ops = relay.wait_event("metrics.listening")["address"]
+    token = issue(home)
+    assert probe(ops, "/readyz") == (200, b"ready\n")
+
+    pg_server.stop()
+    try:
+        relay.wait_event("state.unavailable")
+        # The relay would refuse new tunnels, so the load balancer must stop sending them.
+        assert probe(ops, "/readyz") == (503, b"unready: state_unavailable\n")
+        assert refused(home, address, "build42", token).reason == "state_unavailable"
+        assert probe(ops, "/healthz") == (200, b"ok\n")
+    finally:
+        pg_server.start()
+
+    relay.wait_event("state.recovered")
+    assert probe(ops, "/readyz") == (200, b"ready\n")
+    tls, _ = open_tunnel(home, address, "build42", token)
+    echo(tls, b"ready again")
+    tls.close()

@@ -8,6 +8,7 @@ astronomically unlikely.  Every wait is for an event, bounded by a timeout.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import ssl
@@ -141,3 +142,73 @@ def test_workers_refuse_port_0_and_a_bad_count(home: Path, echo_server: EchoServ
     )
     done = run_cli("serve", "--config", "dbgrelay.toml", "--workers", "0", cwd=home)
     assert done.returncode == 2 and "expected a number of processes >= 1" in done.stderr
+
+
+def test_serve_runs_one_worker_per_cpu_by_default_and_the_main_admin_socket_covers_them_all(
+    procs: ProcGroup, home: Path, echo_server: EchoServer
+) -> None:
+    from relay.workers import cpus_available
+
+    cpus = cpus_available()
+    if cpus < 2:
+        pytest.skip(f"this host gives the tests {cpus} CPU: the default is a single process")
+    address = write_config(home, free_port(), echo_server.port)
+    supervisor = procs.dbgrelay("serve", "--config", "dbgrelay.toml", cwd=home, name="supervisor")
+    for index in range(cpus):
+        supervisor.wait_event("relay.listening", worker=index)
+    token = issue(home)
+    on_0, sid_0 = tunnel_on(home, address, token, 0)
+    on_1, sid_1 = tunnel_on(home, address, token, 1)
+
+    # `dbgrelay sessions` asks admin.sock (worker 0), which asks the other workers.
+    done = run_cli("sessions", "--json", "--config", "dbgrelay.toml", cwd=home)
+    assert done.returncode == 0, done.stderr
+    listed = {s["id"]: s["worker"] for s in json.loads(done.stdout)}
+    assert listed == {sid_0: 0, sid_1: 1}
+    table = run_cli("sessions", "--config", "dbgrelay.toml", cwd=home).stdout
+    assert "WORKER" in table.splitlines()[0] and sid_1 in table
+
+    done = run_cli("sessions", "end", sid_1, "--config", "dbgrelay.toml", cwd=home)
+
+    assert done.returncode == 0, done.stderr
+    assert f"ended session {sid_1} of alice to build42" in done.stderr
+    closed = supervisor.wait_event("session.closed", session_id=sid_1)
+    assert (closed["worker"], closed["reason"]) == (1, "ended_by_admin")
+    wait_eof(on_1)
+    echo(on_0, b"worker 0 carries on")
+    unknown = run_cli("sessions", "end", sid_1, "--config", "dbgrelay.toml", cwd=home)
+    assert unknown.returncode == 1 and "no live session" in unknown.stderr
+    on_0.close()
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=30) == 0, supervisor.output()
+    # Worker 0's audit trail records who ended the session on worker 1.
+    records = [
+        json.loads(line)
+        for path in (home / "state" / "audit" / "worker-0").glob("relay-*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    (ended,) = [r for r in records if r.get("event") == "admin.session_ended"]
+    assert (ended["session_id"], ended["worker"]) == (sid_1, 1)
+
+
+def test_by_default_a_relay_on_port_0_is_one_process_with_the_single_relay_paths(
+    procs: ProcGroup, home: Path, echo_server: EchoServer
+) -> None:
+    (home / "dbgrelay.toml").write_text(config_text([target("build42", echo_server.port)]))
+    relay = procs.dbgrelay("serve", "--config", "dbgrelay.toml", cwd=home, name="relay")
+    listening = relay.wait_event("relay.listening")
+    token = issue(home)
+    tls, sid = open_tunnel(home, listening["address"], "build42", token)
+    echo(tls, b"one process")
+
+    from relay.workers import cpus_available
+
+    assert "worker" not in listening
+    if cpus_available() > 1:
+        assert relay.events("workers.single")[0]["reason"].startswith("relay.listen has port 0")
+    assert (home / "admin.sock").exists()
+    assert not list((home / "state" / "audit").glob("worker-*"))
+    done = run_cli("sessions", "--json", "--config", "dbgrelay.toml", cwd=home)
+    assert [s["id"] for s in json.loads(done.stdout)] == [sid]
+    tls.close()
+    relay.stop()

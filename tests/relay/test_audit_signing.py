@@ -169,3 +169,39 @@ async def test_a_quiet_relay_writes_no_checkpoints(
     # One checkpoint for the one record, none for the quiet hour after it.
     assert events == [None, "test.activity", "audit.checkpoint"]
     relay.close()
+
+
+async def test_a_checkpoint_skips_a_session_whose_end_record_is_written_before_it_leaves(
+    autojump_clock, make_config, pki, nursery, token_for
+):
+    # A session's end record is written, then an await (its fsync) passes before
+    # it leaves relay.sessions: a checkpoint in that window must pass it by,
+    # not crash the relay on "nothing may follow session.closed".
+    config = make_config(
+        [
+            {
+                "name": "build42",
+                "kind": "dbgsrv",
+                "backend": "tcp://127.0.0.1:9",
+                "probe_interval": "0",
+            }
+        ],
+        checkpoint_interval=f"{INTERVAL}s",
+    )
+    relay = open_relay(config, wall_clock=wall)
+    harness = Harness(relay, nursery, pki / "ca.pem")
+    tls, event = await harness.connect(token_for(now=wall()))
+    session = relay.sessions[event.headers["dbgrelay-session"]]
+    assert session.audit is not None
+    session.audit.close_session(reason="test")
+    assert session.audit.ended
+
+    async with trio.open_nursery() as housekeeping:
+        housekeeping.start_soon(relay.run_housekeeping)
+        await trio.sleep(3 * INTERVAL)  # several checkpoint ticks
+        housekeeping.cancel_scope.cancel()
+
+    (relay_file,) = config.relay.audit_dir.glob("relay-*.jsonl")
+    assert records_of(relay_file)[-1]["event"] == "audit.checkpoint"
+    await tls.aclose()
+    relay.close()

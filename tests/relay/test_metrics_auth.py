@@ -7,6 +7,7 @@ certificates, a real token in the Authorization header.
 
 from __future__ import annotations
 
+import functools
 import ssl
 import urllib.error
 import urllib.request
@@ -152,6 +153,25 @@ async def test_healthz_stays_open_behind_a_bearer_token(nursery, metrics, token_
     section = MetricsSection(listen=("127.0.0.1", 0), bearer_token_file=token_file)
     address = await start(nursery, section, metrics)
     health = await scrape(f"http://{address}/healthz")
+    assert (health.status, health.body) == (200, b"ok\n")
+
+
+async def test_readyz_follows_admission_while_healthz_stays_ok(nursery, metrics, token_file):
+    section = MetricsSection(listen=("127.0.0.1", 0), bearer_token_file=token_file)
+    reason: str | None = None
+    listeners = await nursery.start(
+        functools.partial(serve_metrics, section, metrics, unready=lambda: reason)
+    )
+    address = listener_address(listeners[0])
+
+    ready = await scrape(f"http://{address}/readyz")
+    reason = "state_unavailable"
+    unready = await scrape(f"http://{address}/readyz")
+    health = await scrape(f"http://{address}/healthz")
+
+    # Open behind the bearer token, like /healthz: probes carry no credentials.
+    assert (ready.status, ready.body) == (200, b"ready\n")
+    assert (unready.status, unready.body) == (503, b"unready: state_unavailable\n")
     assert (health.status, health.body) == (200, b"ok\n")
 
 
