@@ -25,7 +25,7 @@ import jwt
 from jwt import PyJWK, PyJWKSet
 
 from .errors import TokenRejected
-from .tokens import MAX_TIME_CLAIM, MAX_TOKEN_LENGTH, Claims, _is_time
+from .tokens import _PYJWT_OPTIONS, MAX_TIME_CLAIM, MAX_TOKEN_LENGTH, Claims, _is_time
 
 __all__ = [
     "OIDC_ALGORITHMS",
@@ -52,19 +52,6 @@ MAX_DOCUMENT_BYTES = 256 * 1024
 MAX_KEYS = 64
 #: At most this many groups are taken from a token.
 MAX_GROUPS = 1024
-
-# Signature only; every other check is ours, against ``now``.
-_PYJWT_OPTIONS: dict[str, Any] = {
-    "verify_signature": True,
-    "verify_exp": False,
-    "verify_nbf": False,
-    "verify_iat": False,
-    "verify_aud": False,
-    "verify_iss": False,
-    "verify_sub": False,
-    "verify_jti": False,
-    "require": [],
-}
 
 
 class DiscoveryError(ValueError):
