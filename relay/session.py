@@ -349,8 +349,14 @@ async def _serve(
         return
 
     try:
-        # With PostgreSQL the per-user cap counts the whole cluster's sessions.
-        await relay.claim_in_cluster(session)
+        try:
+            # With PostgreSQL the per-user cap counts the whole cluster's sessions.
+            await relay.claim_in_cluster(session)
+        except BaseException:
+            if session.audit is not None:
+                # A file made ahead of time holds nothing of this session yet.
+                _discard_unused_audit(session.audit, ctx)
+            raise
         _open_audit(relay, session, ctx)
     except BaseException as exc:
         relay.remove_session(session)
@@ -365,6 +371,15 @@ async def _serve(
         await _run_tunnel(relay, session, tls, request, ctx)
     finally:
         relay.remove_session(session)
+
+
+def _discard_unused_audit(writer: AuditWriter, ctx: dict) -> None:
+    """Close and remove a session file that received no record of its session."""
+    try:
+        writer.close()
+        writer.path.unlink(missing_ok=True)
+    except (OSError, RelayError) as exc:
+        log.warning("audit.pool_failed", extra=ctx | {"error": str(exc)})
 
 
 async def _receive_request(tls: trio.abc.Stream, deadline: float) -> TunnelRequested:

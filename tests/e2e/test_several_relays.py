@@ -21,6 +21,7 @@ import pytest
 
 from auth import peek_unverified
 from auth.revocation_pg import PG_SCHEMA_VERSION
+from relay.audit_pool import POOL_SIZE
 
 from .. import accounts
 from ..postgres import PgServer
@@ -455,6 +456,16 @@ def test_a_per_user_cap_holds_across_relays_and_a_killed_relays_slots_expire_wit
     assert (answer.status, answer.reason) == (429, "user_sessions")
     # The log line that says why (the audit record before it has no message).
     assert relay_b.wait_line(lambda line: '"tunnel.refused"' in line and "in the cluster" in line)
+    # Each refusal came after B took a session file made ahead of time; none is
+    # left behind (open, or as a file with nothing of its session in it).
+    for _ in range(POOL_SIZE + 1):
+        assert refused(home_b, address_b, "build42", alice).reason == "user_sessions"
+    header_only = [
+        path
+        for path in (home_b / "state" / "audit").rglob("*.jsonl")
+        if not path.name.startswith("relay-") and len(path.read_text().splitlines()) == 1
+    ]
+    assert len(header_only) <= POOL_SIZE, header_only
     # Another user is not held back by her.
     other, _ = open_tunnel(home_b, address_b, "build42", bob)
     echo(other, b"bob")
