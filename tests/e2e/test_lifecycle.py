@@ -23,19 +23,12 @@ import pytest
 
 from auth import issue_token, load_signing_key
 
+from ..processes import is_gone as _is_gone
 from .support import Proc, ProcGroup, config_text, run_cli, start_relay
 
 GDBSERVER = shutil.which("gdbserver")
 SLEEP = shutil.which("sleep")
 WAIT = 20.0
-
-
-def _is_gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat[stat.rfind(")") + 2] == "Z"  # a zombie: dead, its parent not yet told
 
 
 def _wait_gone(*pids: int) -> None:

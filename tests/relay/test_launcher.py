@@ -26,6 +26,7 @@ import pytest
 from relay.privsep import LAUNCHER
 
 from .. import accounts
+from ..processes import is_gone
 
 WAIT = 10.0  # seconds a test waits for a report before failing
 
@@ -122,14 +123,6 @@ def shim(tmp_path: Path):
     yield start
     for s in started:
         s.close()
-
-
-def is_gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat[stat.rfind(")") + 2] == "Z"
 
 
 def wait_for_file(path: Path) -> str:

@@ -25,7 +25,6 @@ import logging
 import math
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import trio
@@ -33,6 +32,7 @@ import trio.testing
 
 from relay.connector import RelayRefused, open_tunnel
 
+from ..processes import is_gone
 from .conftest import RunningRelay, session_files, start_relay
 
 GDBSERVER = shutil.which("gdbserver")
@@ -162,15 +162,6 @@ async def ask_gdbserver(tls: trio.abc.Stream) -> bytes:
 def assert_stops_at_start(reply: bytes) -> None:
     # gdbserver acks our packet, then reports the inferior stopped by SIGTRAP.
     assert re.match(rb"\+\$[TS]05", reply), reply
-
-
-def is_gone(pid: int) -> bool:
-    """The process no longer exists (reaped, or a zombie waiting to be)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat[stat.rfind(")") + 2] == "Z"
 
 
 def inferior_pid(running: RunningRelay) -> int:
