@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,25 +79,42 @@ async def open_backend(
         raise BackendError(
             "npipe:// backends need the relay to run on Windows", reason="backend_unsupported"
         )
-    try:
-        with trio.fail_after(connect_timeout):
-            if isinstance(backend, NpipeBackend):
-                from .npipe import open_pipe_stream
+    with connect_errors(_describe(backend), connect_timeout), trio.fail_after(connect_timeout):
+        if isinstance(backend, NpipeBackend):
+            from .npipe import open_pipe_stream
 
-                return await open_pipe_stream(backend.path)
-            if isinstance(backend, TcpBackend):
-                if backend.port is None:
-                    raise BackendError("managed backend has no port yet", reason="launch_failed")
-                return await _open_tcp(backend.host, backend.port)
-            return await trio.open_unix_socket(str(backend.path))
+            return await open_pipe_stream(backend.path)
+        if isinstance(backend, TcpBackend):
+            if backend.port is None:
+                raise BackendError("managed backend has no port yet", reason="launch_failed")
+            return await _open_tcp(backend.host, backend.port)
+        return await trio.open_unix_socket(str(backend.path))
+
+
+@contextlib.contextmanager
+def connect_errors(describe: str, connect_timeout: float, *, failed: str = "{}") -> Iterator[None]:
+    """Turn a connect's timeout and OS errors into the tunnel's 502 reasons.
+
+    Args:
+        describe: The backend as the message names it.
+        connect_timeout: The limit the timeout message quotes.
+        failed: How an OS error is said; ``{}`` is its text.
+
+    Raises:
+        BackendError: ``backend_timeout`` for :class:`trio.TooSlowError`,
+            ``backend_unreachable`` for :class:`OSError`.
+    """
+    try:
+        yield
     except trio.TooSlowError as exc:
         raise BackendError(
-            f"backend {_describe(backend)} did not accept within {connect_timeout:g}s",
+            f"backend {describe} did not accept within {connect_timeout:g}s",
             reason="backend_timeout",
         ) from exc
     except OSError as exc:
         raise BackendError(
-            f"backend {_describe(backend)}: {exc.strerror or exc}", reason="backend_unreachable"
+            f"backend {describe}: {failed.format(exc.strerror or exc)}",
+            reason="backend_unreachable",
         ) from exc
 
 
@@ -511,7 +528,10 @@ class _ShimTree:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         reply = trio.socket.from_stdlib_socket(mine)
         try:
-            with trio.fail_after(connect_timeout):
+            with (
+                connect_errors(describe, connect_timeout, failed="the launcher is gone ({})"),
+                trio.fail_after(connect_timeout),
+            ):
                 try:
                     await self.launched.control.sendmsg(
                         [b"c"],
@@ -526,16 +546,6 @@ class _ShimTree:
                 finally:
                     theirs.close()
                 data, fds = await receive_message(reply)
-        except trio.TooSlowError as exc:
-            raise BackendError(
-                f"backend {describe} did not accept within {connect_timeout:g}s",
-                reason="backend_timeout",
-            ) from exc
-        except OSError as exc:
-            raise BackendError(
-                f"backend {describe}: the launcher is gone ({exc.strerror or exc})",
-                reason="backend_unreachable",
-            ) from exc
         finally:
             reply.close()
         try:

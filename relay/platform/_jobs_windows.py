@@ -419,7 +419,7 @@ class JobTree:
                 connection's server side is not in the job, or the server
                 refused or did not answer in ``connect_timeout``.
         """
-        from ..backends import BackendError
+        from ..backends import BackendError, connect_errors
 
         inside, outside, unattributed = self.listener_owners()
         if outside:
@@ -433,23 +433,13 @@ class JobTree:
                 f"backend {describe}: the managed server no longer listens",
                 reason="backend_unreachable",
             )
-        try:
-            with trio.fail_after(connect_timeout):
-                stream = await trio.open_tcp_stream("127.0.0.1", self.port)
-                try:
-                    await self._check_peer(stream, describe)
-                except BaseException:
-                    await trio.aclose_forcefully(stream)
-                    raise
-        except trio.TooSlowError as exc:
-            raise BackendError(
-                f"backend {describe} did not accept within {connect_timeout:g}s",
-                reason="backend_timeout",
-            ) from exc
-        except OSError as exc:
-            raise BackendError(
-                f"backend {describe}: {exc.strerror or exc}", reason="backend_unreachable"
-            ) from exc
+        with connect_errors(describe, connect_timeout), trio.fail_after(connect_timeout):
+            stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+            try:
+                await self._check_peer(stream, describe)
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
         return stream
 
     async def _check_peer(self, stream: trio.SocketStream, describe: str) -> None:
