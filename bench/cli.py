@@ -122,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder and logs")
     parser.add_argument(
         "--data-plane",
-        choices=("trio", "thread"),
-        default="trio",
-        help="relay.data_plane of the dbgrelay paths (default: trio)",
+        choices=("auto", "trio", "thread"),
+        help="relay.data_plane and connect --data-plane of the dbgrelay paths "
+        "(default: left out, so each runs its own default)",
     )
     counts = parser.add_argument_group("overrides (after --quick)")
     counts.add_argument("--roundtrips", type=_positive_int, help="ping-pong round trips per size")

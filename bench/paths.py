@@ -144,8 +144,9 @@ class DbgrelaySetup:
         keys: Folder from ``dbgrelay keys init``.
         token_file: A token for user ``bench`` and every target.
         connect_engine_flag: Whether ``dbgrelay connect`` accepts ``--tls-engine``.
-        data_plane: The relay's ``relay.data_plane`` (``--data-plane``); left
-            out of the config when ``"trio"``, so older revisions run too.
+        data_plane: The relay's ``relay.data_plane`` and the connector's
+            ``--data-plane`` (bench's ``--data-plane``); when ``None`` both
+            are left out, so each runs its default and older revisions run too.
     """
 
     command: tuple[str, ...]
@@ -153,7 +154,7 @@ class DbgrelaySetup:
     keys: Path
     token_file: Path
     connect_engine_flag: bool = field(default=False)
-    data_plane: str = field(default="trio")
+    data_plane: str | None = field(default=None)
 
     @classmethod
     def create(cls, command: tuple[str, ...], certs: CertFiles, workdir: Path) -> DbgrelaySetup:
@@ -202,7 +203,7 @@ class DbgrelaySetup:
             f'listen = ["127.0.0.1:{port}"]',
             'state_dir = "state"',
             "max_sessions = 2000",
-            *([f'data_plane = "{self.data_plane}"'] if self.data_plane != "trio" else []),
+            *([f'data_plane = "{self.data_plane}"'] if self.data_plane is not None else []),
             "[tls]",
             f'cert = "{self.certs.cert}"',
             f'key = "{self.certs.key}"',
@@ -330,6 +331,8 @@ class DbgrelayPath:
                 ]  # fmt: skip
                 if self.setup.connect_engine_flag:
                     argv += ["--tls-engine", self.engine]
+                if self.setup.data_plane is not None:
+                    argv += ["--data-plane", self.setup.data_plane]
                 connect = sup.start(f"dbgrelay-connect-{name}", argv, pinned=pinned)
                 relay.append(connect)
                 sup.wait_listening(connect, ports[name])

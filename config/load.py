@@ -40,6 +40,7 @@ from .durations import parse_duration
 from .errors import ConfigError
 from .schema import (
     CERT_USER_RULES,
+    DATA_PLANES,
     DEBUGGER_RESTRICTIONS,
     TARGET_KINDS,
     Address,
@@ -422,7 +423,7 @@ class _Validator:
             table, w, "checkpoint_interval", zero="forbidden"
         )
         out["audit_fsync_interval"] = self.duration(table, w, "audit_fsync_interval")
-        out["data_plane"] = self.string(table, w, "data_plane", choices=("trio", "thread"))
+        out["data_plane"] = self.string(table, w, "data_plane", choices=DATA_PLANES)
         out["user"] = self.account(table, w, "user")
         out["run_as"] = self.account(table, w, "run_as")
         for key in ("final_write_timeout", "session_end_timeout", "server_stop_timeout"):

@@ -23,6 +23,7 @@ from typing import Literal
 __all__ = [
     "TARGET_KINDS",
     "TargetKind",
+    "DATA_PLANES",
     "Address",
     "TcpBackend",
     "UnixBackend",
@@ -54,6 +55,10 @@ __all__ = [
 #: other plaintext TCP protocol.
 TARGET_KINDS: tuple[str, ...] = ("dbgsrv", "kdsrv", "server", "gdbserver", "tcp")
 TargetKind = Literal["dbgsrv", "kdsrv", "server", "gdbserver", "tcp"]
+
+#: Who may move an established tunnel's bytes (``relay.data_plane``,
+#: ``dbgrelay connect --data-plane``; see :func:`relay.pump.driver_for`).
+DATA_PLANES: tuple[str, ...] = ("auto", "trio", "thread")
 
 #: A listen address: ``(host, port)``.  IPv6 hosts have no brackets.
 Address = tuple[str, int]
@@ -308,9 +313,11 @@ class RelaySection:
             explicitly by a relay that is not root (development).
             Default ``"dbgrelay-target"``.
         data_plane: Who moves an established tunnel's bytes: ``"trio"``
-            (the session's own task) or ``"thread"`` (one data-plane thread
+            (the session's own task), ``"thread"`` (one data-plane thread
             per process, Linux; ``"trio"`` elsewhere and for recorded
-            targets).  Default ``"trio"``.
+            targets) or ``"auto"``: the thread where it can serve the run
+            (``epoll``, and trio's own clock, which is the thread's), else
+            ``"trio"``.  Default ``"auto"``.
     """
 
     listen: tuple[Address, ...] = (("127.0.0.1", 7443),)
@@ -330,7 +337,7 @@ class RelaySection:
     proxy_trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     user: str | None = None
     run_as: str = "dbgrelay-target"
-    data_plane: str = "trio"
+    data_plane: str = "auto"  # one of DATA_PLANES
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

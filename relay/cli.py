@@ -24,6 +24,8 @@ from urllib.parse import unquote
 
 import trio
 
+from config.schema import DATA_PLANES
+
 from .printable import escape_text
 
 __all__ = ["main"]
@@ -839,6 +841,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
             cert=Path(args.cert) if args.cert else None,
             key=Path(args.key) if args.key else None,
             token_source=TokenSource(token=token) if command is None else None,
+            data_plane=args.data_plane,
         )
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -1177,6 +1180,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--server-name", help="name to check in the relay's certificate (default: the --relay host)"
     )
     p.add_argument("--tls-engine", choices=["stdlib", "pyopenssl"], default="stdlib")
+    p.add_argument(
+        "--data-plane",
+        choices=list(DATA_PLANES),
+        default="auto",
+        help="who moves an open tunnel's bytes, as the relay's relay.data_plane "
+        "(default auto: a data-plane thread where the platform has epoll)",
+    )
     p.add_argument("--cert", help="client certificate (PEM) for relays that require one")
     p.add_argument("--key", help="client key (PEM)")
     p.add_argument(

@@ -23,7 +23,7 @@ from .credentials import TokenSource
 from .datapath.sockets import try_receive
 from .errors import RelayError, RemoteProtocolError
 from .preamble import NEED_DATA, ResponseParser, TunnelResponse, render_request
-from .pump import Traffic, run_pump
+from .pump import Traffic, driver_for
 from .tls import ClientEngine, make_client_engine
 
 __all__ = [
@@ -83,6 +83,8 @@ class ConnectorSettings:
         handshake_timeout: Seconds for TLS plus the relay's answer.
         token_source: Where a fresh token comes from; when set, its current
             token is sent instead of ``token``.
+        data_plane: Who moves an open tunnel's bytes, as ``relay.data_plane``
+            (:func:`relay.pump.driver_for`).
         tls_sessions: The newest TLS session of each relay (by host, port
             and server name) with the engine that made it, resumed by the
             next tunnel to it through that engine: a resumed
@@ -99,6 +101,7 @@ class ConnectorSettings:
     engine: ClientEngine
     handshake_timeout: float = 15.0
     token_source: TokenSource | None = None
+    data_plane: str = "auto"
     tls_sessions: dict[tuple[str, int, str], tuple[ClientEngine, object]] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -382,7 +385,7 @@ async def serve_connector(
         try:
             if first:
                 await local.send_all(first)
-            result = await run_pump(local, tls, traffic)
+            result = await driver_for(settings.data_plane)(local, tls, traffic)
             reason = result.reason
         except _BROKEN:
             reason = "client_error"
@@ -423,6 +426,7 @@ def make_settings(
     key: Path | None = None,
     min_version: str = "1.2",
     token_source: TokenSource | None = None,
+    data_plane: str = "auto",
 ) -> ConnectorSettings:
     """Build settings from command-line strings.
 
@@ -442,6 +446,7 @@ def make_settings(
         listen=(listen_host, listen_port),
         engine=client,
         token_source=token_source,
+        data_plane=data_plane,
     )
 
 

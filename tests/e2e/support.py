@@ -259,7 +259,7 @@ def config_text(
     *,
     audit_key: bool = True,
     engine: str = "stdlib",
-    data_plane: str = "trio",
+    data_plane: str = "auto",
 ) -> str:
     """A relay config on a free loopback port, with the given ``[[targets]]``.
 
