@@ -6,7 +6,8 @@ way :class:`h11.Connection` holds HTTP without a socket.  A driver
 (:meth:`Pump.received` bytes or an EOF, :meth:`Pump.sent` some bytes, a
 :meth:`Pump.failed` transport) and asks it what to do next
 (:meth:`Pump.to_send`, :meth:`Pump.wants_read`, :meth:`Pump.wants_eof`,
-:attr:`Pump.idle_deadline`, :attr:`Pump.close_deadline`).  Time is an
+or all three at once as :meth:`Pump.wants`, :attr:`Pump.idle_deadline`,
+:attr:`Pump.close_deadline`).  Time is an
 argument, never read here.
 
 Each side has a :class:`Codec` between the wire and the plaintext: nothing
@@ -40,6 +41,9 @@ from typing import Protocol
 from .tls import TLSConnection, TLSError
 
 __all__ = [
+    "READ",
+    "SEND",
+    "SEND_EOF",
     "BACKEND",
     "BACKEND_CLOSED",
     "BACKEND_ERROR",
@@ -59,6 +63,11 @@ __all__ = [
 #: The two sides, as indexes.
 CLIENT = 0
 BACKEND = 1
+
+#: What :meth:`Pump.wants` of a side: bits.
+READ = 1
+SEND = 2
+SEND_EOF = 4
 
 # Why a tunnel ended, from the point of view of the tunnel.
 CLIENT_CLOSED = "client_closed"
@@ -339,6 +348,24 @@ class Pump:
         read from it is still being written (backpressure).
         """
         return not (self.done or self._ended[side] or self._inflight[side] is not None)
+
+    def wants(self, side: int) -> int:
+        """Everything the driver should do with ``side`` now, in one call.
+
+        Returns:
+            Bits: :data:`READ` as :meth:`wants_read`, :data:`SEND` when
+            :meth:`to_send` has bytes, :data:`SEND_EOF` when
+            :meth:`wants_eof` and nothing is left to send first; 0 once the
+            tunnel is done.
+        """
+        if self.done:
+            return 0
+        bits = READ if not (self._ended[side] or self._inflight[side] is not None) else 0
+        if self.codecs[side].outgoing():
+            bits |= SEND
+        elif self._eof_due[side]:
+            bits |= SEND_EOF
+        return bits
 
     def idle(self, now: float) -> bool:
         """Whether the tunnel has been idle for ``idle_timeout``."""

@@ -43,7 +43,7 @@ from typing import Any
 import trio
 
 from . import trio_driver
-from .pump import BACKEND, CLIENT, Pump, PumpResult, Traffic
+from .pump import BACKEND, CLIENT, READ, SEND, SEND_EOF, Pump, PumpResult, Traffic
 
 __all__ = ["DataPlane", "shared_plane"]
 
@@ -315,18 +315,22 @@ class DataPlane:
 
     @staticmethod
     def _step(epoll: select.epoll, tunnel: _Tunnel, now: float) -> None:
-        """Do everything the pump wants that the sockets allow now, then re-arm."""
+        """Do everything the pump wants that the sockets allow now, then re-arm.
+
+        One :meth:`Pump.wants` per side and pass: this runs for every chunk.
+        """
         pump = tunnel.pump
         socks = tunnel.socks
+        readable = tunnel.readable
         progress = True
-        while progress and not pump.done:
+        while progress:
             progress = False
             for side in (CLIENT, BACKEND):
-                sock = socks[side]
-                out = pump.to_send(side)
-                if out:
+                wants = pump.wants(side)
+                if wants & SEND:
+                    out = pump.to_send(side)
                     try:
-                        count = sock.send(out)
+                        count = socks[side].send(out)
                     except BlockingIOError:
                         count = 0
                     except OSError as exc:
@@ -335,32 +339,33 @@ class DataPlane:
                     if count:
                         pump.sent(side, count, now)
                         progress = True
-                elif pump.wants_eof(side):
+                elif wants & SEND_EOF:
                     try:
-                        sock.shutdown(socket.SHUT_WR)
+                        socks[side].shutdown(socket.SHUT_WR)
                     except OSError:
                         pass
                     pump.eof_sent(side)
                     progress = True
-                if tunnel.readable[side] and pump.wants_read(side):
+                # Sending to this side changes what the other may read, never
+                # whether this one may be read.
+                if wants & READ and readable[side]:
                     try:
-                        data = sock.recv(trio_driver.RECEIVE_SIZE)
+                        data = socks[side].recv(trio_driver.RECEIVE_SIZE)
                     except BlockingIOError:
-                        tunnel.readable[side] = False
+                        readable[side] = False
                         continue
                     except OSError as exc:
                         pump.failed(side, f"socket error: {exc}")
                         return
                     # A short read drained the socket: epoll says when more comes.
-                    tunnel.readable[side] = len(data) == trio_driver.RECEIVE_SIZE
+                    readable[side] = len(data) == trio_driver.RECEIVE_SIZE
                     pump.received(side, data, now)
                     progress = True
         if pump.done:
             return
         for side in (CLIENT, BACKEND):
-            mask = (_IN if pump.wants_read(side) else 0) | (
-                _OUT if pump.to_send(side) or pump.wants_eof(side) else 0
-            )
+            wants = pump.wants(side)
+            mask = (_IN if wants & READ else 0) | (_OUT if wants & (SEND | SEND_EOF) else 0)
             if mask != tunnel.masks[side]:
                 fd = tunnel.fds[side]
                 if not tunnel.masks[side]:

@@ -17,6 +17,9 @@ import pytest
 from relay.datapath.pump import (
     BACKEND,
     CLIENT,
+    READ,
+    SEND,
+    SEND_EOF,
     PlainCodec,
     Pump,
     PumpResult,
@@ -111,6 +114,38 @@ def test_client_eof_half_closes_the_backend_which_may_answer_until_close_timeout
     assert not pump.done
     pump.expire(16.0)
     assert pump.done and pump.result == PumpResult("client_closed")
+
+
+def test_wants_says_in_one_call_what_the_three_questions_say():
+    # The data-plane thread asks wants() once per side and pass; it must
+    # agree with wants_read / to_send / wants_eof at every step of a tunnel.
+    def agree(pump: Pump) -> list[int]:
+        bits = []
+        for side in (CLIENT, BACKEND):
+            expected = (READ if pump.wants_read(side) else 0) | (
+                SEND if pump.to_send(side) else SEND_EOF if pump.wants_eof(side) else 0
+            )
+            assert pump.wants(side) == expected
+            bits.append(expected)
+        return bits
+
+    pump, _ = plain_pump(close_timeout=5.0)
+    assert agree(pump) == [READ, READ]
+    pump.received(CLIENT, b"detach", 0.0)
+    assert agree(pump) == [0, READ | SEND]  # backpressure: the client waits
+    pump.sent(BACKEND, 3, 0.0)
+    assert agree(pump) == [0, READ | SEND]  # a partial write
+    pump.sent(BACKEND, 3, 0.0)
+    assert agree(pump) == [READ, READ]
+    pump.received(BACKEND, b"OK", 0.0)
+    pump.received(CLIENT, b"", 0.0)  # EOF while the answer is in flight
+    assert agree(pump) == [SEND, SEND_EOF]
+    pump.eof_sent(BACKEND)
+    assert agree(pump) == [SEND, 0]
+    assert deliver(pump, CLIENT) == b"OK"
+    assert agree(pump) == [0, READ]
+    pump.received(BACKEND, b"", 0.0)
+    assert pump.done and agree(pump) == [0, 0]
 
 
 def test_client_eof_ends_the_tunnel_when_the_backend_cannot_half_close():
