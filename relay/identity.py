@@ -17,7 +17,8 @@ is older than ``max_staleness``.
 
 HTTPS goes through httpx, which runs on trio via anyio: a maintained client
 with certificate checks, HTTP/1.1 framing and per-phase timeouts, which a
-hand-written h11 loop would have to repeat.
+hand-written h11 loop would have to repeat.  It is imported by the first
+fetch: a relay without ``[[identity.oidc]]`` never loads it (3 MiB).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import math
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import httpx
 import trio
 
 from auth import (
@@ -45,6 +46,9 @@ from .access import issuer_policy
 from .errors import LocalProtocolError
 
 __all__ = ["IdentityKeys", "FetchError", "fetch_issuer_keys", "issuer_ssl_contexts"]
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("dbgrelay.identity")
 # httpx logs every request at INFO; our own identity.* events say what matters.
@@ -95,6 +99,8 @@ def issuer_ssl_contexts(issuers: tuple[OidcIssuerConfig, ...]) -> tuple[ssl.SSLC
 
 
 async def _get(client: httpx.AsyncClient, url: str, what: str) -> bytes:
+    import httpx
+
     if not url.startswith("https://"):
         raise FetchError(f"{what} URL {url[:200]!r} is not https://")
     try:
@@ -211,6 +217,8 @@ class IdentityKeys:
             task_status.started()
 
     async def _run_issuer(self, state: _Issuer) -> None:
+        import httpx
+
         item = state.config
         async with httpx.AsyncClient(
             verify=self._contexts[state.index],

@@ -1,4 +1,4 @@
-"""What a relay loads: a stdlib-engine relay without metrics stays lean.
+"""What a relay loads: a stdlib-engine relay without metrics or an IdP stays lean.
 
 Each check runs a real tunnel in a fresh interpreter (a pytest process has
 imported everything already) and then reads that interpreter's
@@ -78,8 +78,9 @@ async def main():
         nursery.cancel_scope.cancel()
 
 
+OPTIONAL = ("OpenSSL", "prometheus_client", "httpx")
 trio.run(main)
-print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("OpenSSL", "prometheus_client"))))
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in OPTIONAL)))
 """
 
 
@@ -96,7 +97,7 @@ def _loaded(tmp_path: Path, pki: Path, keydir: Path, engine: str, metrics_listen
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_stdlib_relay_without_metrics_loads_neither_pyopenssl_nor_prometheus_client(
+def test_a_stdlib_relay_without_metrics_or_idp_loads_no_optional_library(
     tmp_path, pki, keydir
 ):
     assert _loaded(tmp_path, pki, keydir, "stdlib", "") == []
