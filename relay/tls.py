@@ -186,6 +186,9 @@ class StdlibEngine:
     def version(self) -> str | None:
         return self._obj.version()
 
+    def resumed(self) -> bool:
+        return self._obj.session_reused
+
     def session(self) -> ssl.SSLSession | None:
         session = self._obj.session
         # A TLS 1.3 session resumes only with the ticket that came after the handshake.
@@ -209,7 +212,7 @@ class StdlibEngine:
             peer_serial=serial,
             peer_cn=cn,
             peer_sans=sans,
-            resumed=obj.session_reused,
+            resumed=self.resumed(),
         )
 
 

@@ -224,6 +224,9 @@ class OpenSSLEngine:
     def version(self) -> str | None:
         return self._conn.get_protocol_version_name()
 
+    def resumed(self) -> bool:
+        return bool(_lib.SSL_session_reused(self._conn._ssl))
+
     def session(self) -> SSL.Session | None:
         # pyOpenSSL cannot tell whether a ticket came (the stdlib can): a
         # session without one is harmless, OpenSSL then runs a full handshake.
@@ -255,7 +258,7 @@ class OpenSSLEngine:
             peer_cn=cn,
             peer_sans=sans,
             # pyOpenSSL has no call for it; OpenSSL's own, on the same SSL object.
-            resumed=bool(_lib.SSL_session_reused(conn._ssl)),
+            resumed=self.resumed(),
         )
 
 

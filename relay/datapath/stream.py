@@ -308,6 +308,10 @@ class TLSStream(trio.abc.Stream):
         """
         return self.conn.engine.session()
 
+    def resumed(self) -> bool:
+        """Whether the handshake resumed the session the stream was given."""
+        return self.conn.engine.resumed()
+
     def tls_info(self) -> TLSInfo:
         """What the handshake negotiated.
 

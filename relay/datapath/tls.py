@@ -187,6 +187,10 @@ class Engine(Protocol):
         """The session to resume the next connection to the same peer with (client side)."""
         ...
 
+    def resumed(self) -> bool:
+        """Whether the finished handshake resumed the session it was given."""
+        ...
+
     def info(self) -> TLSInfo:
         """What the finished handshake negotiated."""
         ...

@@ -187,14 +187,18 @@ async def test_a_second_tunnel_resumes_the_tls_session(nursery, make_config, tok
     running = await start_relay(nursery, config, pki)
     settings = running.settings(token_for())
     ids = []
+    kept = []
     for _ in range(3):
         tls, session_id, _ = await open_tunnel(settings)
         ids.append((session_id, tls.tls_info().resumed))
+        ((_, session),) = settings.tls_sessions.values()
+        kept.append(session)
         await tls.send_all(b"ping")
         assert await tls.receive_some(10) == b"ping"
         await tls.aclose()
     assert [resumed for _, resumed in ids] == [False, True, True]
-    assert len(settings.tls_sessions) == 1
+    # The session of the full handshake serves every tunnel that resumes it.
+    assert kept[0] is kept[1] is kept[2]
     with trio.fail_after(5):
         await running.relay.wait_no_sessions()
     # The relay audits which tunnels resumed.
@@ -242,13 +246,18 @@ async def test_a_new_ticket_key_ends_resumption_of_earlier_tickets(
     running = await start_relay(nursery, make_config([gdb_target("build42", backend.port)]), pki)
     settings = running.settings(token_for())
     resumed = []
+    kept = []
     for rotate in (False, False, True, False):
         if rotate:
             running.relay.new_ticket_key()
         tls, _, _ = await open_tunnel(settings)
         resumed.append(tls.tls_info().resumed)
+        ((_, session),) = settings.tls_sessions.values()
+        kept.append(session)
         await tls.aclose()
     assert resumed == [False, True, False, True]
+    # After the full handshake the connector keeps the new key's session.
+    assert kept[0] is kept[1] and kept[2] is not kept[1] and kept[3] is kept[2]
     with trio.fail_after(5):
         await running.relay.wait_no_sessions()
     running.stop.set()
