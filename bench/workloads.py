@@ -315,16 +315,49 @@ def _concurrent_run(ctx: Context, port: int, tunnels: int, relay: tuple[Child, .
     return result
 
 
+def _backend_connections(port: int) -> int:
+    """Open TCP connections to 127.0.0.1:``port`` (from /proc/net/tcp)."""
+    local = f"0100007F:{port:04X}"
+    count = 0
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            # Accepted by the backend and not yet closed on its side.
+            if fields[1] == local and fields[3] not in ("0A", "06", "07"):
+                count += 1
+    return count
+
+
+def _wait_backend_idle(port: int, timeout: float) -> None:
+    """Wait until the path has closed every tunnel of the previous run.
+
+    The client's exit closes its connections at once; the path ends its
+    tunnels after that.  A run started earlier would overlap the previous
+    run's tunnels and measure more than its own count of them.
+    """
+    deadline = time.monotonic() + timeout
+    while (left := _backend_connections(port)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if left:
+        raise BenchError(
+            f"{left} tunnels of the previous run were still open after {timeout:.0f} s",
+            reason="timeout",
+        )
+
+
 def _concurrent(ctx: Context, path, record: dict) -> None:
     s = ctx.settings
     for tunnels in s.tunnels:
         # Fresh relay processes per level, so VmHWM is this level's peak.
         deployment = path.deploy(ctx.sup, {"echo": ctx.echo_port}, pinned=False)
         try:
-            runs = [
-                _concurrent_run(ctx, deployment.ports["echo"], tunnels, deployment.relay)
-                for _ in range(s.throughput_runs)
-            ]
+            runs = []
+            for _ in range(s.throughput_runs):
+                _wait_backend_idle(ctx.echo_port, timeout=60)
+                runs.append(
+                    _concurrent_run(ctx, deployment.ports["echo"], tunnels, deployment.relay)
+                )
             record["metrics"][f"concurrent_{tunnels}_rt_per_s"] = max(
                 r["round_trips_per_s"] for r in runs
             )
