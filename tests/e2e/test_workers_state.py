@@ -22,7 +22,7 @@ import pytest
 
 from relay.workers import reuseport_available
 
-from .support import READY_TIMEOUT, Proc, ProcGroup, config_text, free_port
+from .support import READY_TIMEOUT, Proc, ProcGroup, config_text, free_port, start_relay
 from .test_operations import echo, issue, open_tunnel, refused, request, target, tls_connect
 from .test_workers import EchoServer, worker_sessions
 
@@ -289,3 +289,22 @@ def test_worker_0_watches_for_forgotten_servers_counting_the_tunnels_of_worker_1
     assert ran["time"] > freed["time"]
     supervisor.send_signal(signal.SIGTERM)
     assert supervisor.wait(timeout=30) == 0, supervisor.output()
+
+
+def test_a_single_relay_counts_in_memory_and_writes_no_session_rows(
+    procs: ProcGroup, home: Path, backend: EchoServer
+) -> None:
+    import sqlite3
+
+    (home / "dbgrelay.toml").write_text(config_text([target("build42", backend.port)]))
+    relay, address = start_relay(procs, home)
+    tls, _ = open_tunnel(home, address, "build42", issue(home))
+    echo(tls, b"one process")
+    db = sqlite3.connect(home / "state" / "tokens.sqlite")
+    try:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    finally:
+        db.close()
+    assert "revoked_jtis" in tables and "live_sessions" not in tables
+    tls.close()
+    relay.stop()
