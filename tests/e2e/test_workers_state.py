@@ -23,7 +23,8 @@ import pytest
 from relay.workers import reuseport_available
 
 from .support import READY_TIMEOUT, Proc, ProcGroup, config_text, free_port, start_relay
-from .test_operations import echo, issue, open_tunnel, refused, request, target, tls_connect
+from .test_operations import echo, issue, open_tunnel, refused, target
+from .test_several_relays import request_tunnel
 from .test_workers import EchoServer, worker_sessions
 
 pytestmark = pytest.mark.skipif(
@@ -131,16 +132,6 @@ def admin_get(home: Path, path: str) -> dict:
     return trio.run(admin_request, endpoint, "GET", path)
 
 
-def attempt(home: Path, address: str, token: str) -> ssl.SSLSocket | object:
-    """A tunnel to build42, or the refusal's answer."""
-    tls = tls_connect(address, home / "pki" / "ca.pem")
-    answer = request(tls, "build42", token)
-    if answer.status == 200:
-        return tls
-    tls.close()
-    return answer
-
-
 def test_a_user_at_the_cap_on_one_worker_is_refused_on_the_other_and_max_sessions_is_per_host(
     workers: Callable, home: Path, backend: EchoServer
 ) -> None:
@@ -180,7 +171,7 @@ def test_a_user_at_the_cap_on_one_worker_is_refused_on_the_other_and_max_session
     # Alice's tunnel ends: worker 1 finishes its drain, its row goes, she is admitted.
     held.close()
     supervisor.wait_event("worker.exited", worker=1)
-    again = attempt(home, address, alice)
+    again = request_tunnel(home, address, alice)
     assert isinstance(again, ssl.SSLSocket), again
     echo(again, b"alice again")
     for tls in (on_0, again):
@@ -189,28 +180,35 @@ def test_a_user_at_the_cap_on_one_worker_is_refused_on_the_other_and_max_session
     assert supervisor.wait(timeout=30) == 0, supervisor.output()
 
 
+def held_by_dead_worker_1(
+    workers: Callable, home: Path, backend: EchoServer, lease: str
+) -> tuple[Proc, str, dict[int, int], str]:
+    """Alice (cap 1) had a tunnel on worker 1, killed now with the supervisor stopped."""
+    supervisor, address, pids = workers(
+        [target("build42", backend.port)],
+        limits=f'[limits]\nmax_sessions_per_user = 1\n[state]\nsession_lease = "{lease}"\n',
+    )
+    alice = issue(home)
+    held, _ = tunnel_on_1(supervisor, home, address, pids, alice, "build42")
+    kill_held(supervisor, pids[1], address)
+    held.close()
+    return supervisor, address, pids, alice
+
+
 def test_a_killed_workers_sessions_stop_counting_once_the_supervisor_restarts_it(
     workers: Callable, home: Path, backend: EchoServer
 ) -> None:
-    supervisor, address, pids = workers(
-        [target("build42", backend.port)],
-        limits='[limits]\nmax_sessions_per_user = 1\n[state]\nsession_lease = "1h"\n',
-    )
-    alice = issue(home)
-    held, sid = tunnel_on_1(supervisor, home, address, pids, alice, "build42")
-
-    # Worker 1 dies with alice's tunnel and is not restarted yet: its row still
-    # counts (the lease runs for an hour), on worker 0, the only one listening.
-    kill_held(supervisor, pids[1], address)
+    supervisor, address, pids, alice = held_by_dead_worker_1(workers, home, backend, "1h")
+    # Worker 1 is not restarted yet: its row still counts (the lease runs for
+    # an hour), on worker 0, the only one listening.
     answer = refused(home, address, "build42", alice)
     assert (answer.status, answer.reason) == (429, "user_sessions")
-    held.close()
 
     # Its successor removes the rows it left before serving: alice gets in.
     resume(supervisor, 1, pids[1])
     cleared = supervisor.wait_event("state.rows_cleared", worker=1)
     assert cleared["sessions"] == 1
-    again = attempt(home, address, alice)
+    again = request_tunnel(home, address, alice)
     assert isinstance(again, ssl.SSLSocket), again
     echo(again, b"freed")
     again.close()
@@ -219,19 +217,11 @@ def test_a_killed_workers_sessions_stop_counting_once_the_supervisor_restarts_it
 def test_a_killed_workers_sessions_stop_counting_when_their_lease_expires(
     workers: Callable, home: Path, backend: EchoServer
 ) -> None:
-    supervisor, address, pids = workers(
-        [target("build42", backend.port)],
-        limits='[limits]\nmax_sessions_per_user = 1\n[state]\nsession_lease = "1s"\n',
-    )
-    alice = issue(home)
-    held, _ = tunnel_on_1(supervisor, home, address, pids, alice, "build42")
-    kill_held(supervisor, pids[1], address)
-    held.close()
-
+    supervisor, address, _, alice = held_by_dead_worker_1(workers, home, backend, "1s")
     # Nobody restarts worker 1 and nobody renews its row: within a second it stops counting.
     deadline = time.monotonic() + READY_TIMEOUT
-    while not isinstance(again := attempt(home, address, alice), ssl.SSLSocket):
-        assert (again.status, again.reason) == (429, "user_sessions")  # type: ignore[attr-defined]
+    while not isinstance(again := request_tunnel(home, address, alice), ssl.SSLSocket):
+        assert (again.status, again.reason) == (429, "user_sessions")
         assert time.monotonic() < deadline, "the dead worker's session still counted"
         time.sleep(0.1)
     echo(again, b"freed")
