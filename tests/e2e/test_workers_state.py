@@ -242,19 +242,22 @@ def test_worker_0_watches_for_forgotten_servers_counting_the_tunnels_of_worker_1
         limits='[state]\nsession_lease = "1.5s"\n',
     )
     token = issue(home)
-    held, _ = tunnel_on_1(supervisor, home, address, pids, token, "build42")
-    watcher = pids[0]  # worker 0 as restarted: its idle spells start now
-    supervisor.wait_event("state.busy_elsewhere", pid=watcher, targets=["build42"])
-    # Bytes keep the tunnel within its own idle timeout (the target's, 2 s).
+    # Bytes keep the tunnel within its own idle timeout (the target's, 2 s)
+    # from its start, through worker 0's restart.
     stop = threading.Event()
 
     def keep_alive() -> None:
         while not stop.wait(0.2):
             echo(held, b"in use")
 
+    kill_held(supervisor, pids[0], address)
+    held, sid = open_tunnel(home, address, "build42", token)
+    assert sid in worker_sessions(home, 1)
     alive = threading.Thread(target=keep_alive)
     alive.start()
     try:
+        watcher = resume(supervisor, 0, pids[0])  # its idle spells start now
+        supervisor.wait_event("state.busy_elsewhere", pid=watcher, targets=["build42"])
         # Past the idle timeout, the unused target is reported; build42 is in use on worker 1.
         supervisor.wait_event("server.forgotten", pid=watcher, target="marker")
     finally:
