@@ -9,6 +9,9 @@ module is the trio side of it:
 * :class:`SharedState` registers the relay's live sessions in the database
   under a lease it renews (so the rows of a relay that died expire), lists
   the whole cluster's sessions and asks the relay holding one to end it.
+  The leases, the per-user cap and the watcher's view of other relays'
+  tunnels are :class:`SessionLeases`, which :class:`WorkerSessions` shares:
+  the same for the workers of ``serve --workers N`` in their SQLite file.
 * It also runs one task per relay that LISTENs for the
   notification every revocation write sends, re-reads the whole list when one
   arrives, after every reconnect and every ``resync_interval`` (a
