@@ -316,6 +316,17 @@ class RevocationStore:
             self._local_writes += 1
             return result
 
+    def transaction(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``fn(connection)`` in one write transaction (``BEGIN IMMEDIATE``) of this file.
+
+        For tables the relay keeps beside the revocations (the live sessions
+        of ``serve --workers``); a failure rolls back.
+
+        Raises:
+            AuthError: ``"bad_revocation_db"`` if SQLite fails.
+        """
+        return self._write(fn)
+
     def record_issued(self, claims: Claims, *, now: float | None = None) -> None:
         """Remember an issued token so it can be listed and counted by ``revoke_user``.
 

@@ -606,7 +606,8 @@ class StateSection:
         session_lease: Seconds a relay's registration of its live sessions
             stays valid without renewal (renewed every third of it); the
             sessions of a relay that died vanish from the cluster's list after
-            it.  Default 15.
+            it.  With SQLite, the same for the workers of ``serve --workers``
+            (their sessions count against the host's caps).  Default 15.
     """
 
     backend: Literal["sqlite", "postgres"] = "sqlite"

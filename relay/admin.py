@@ -447,6 +447,10 @@ async def _list_sessions(relay: Relay, request: HttpRequest, actor: dict) -> Htt
 
 
 async def _get_session(relay: Relay, request: HttpRequest, actor: dict, sid: str) -> HttpResponse:
+    if relay.worker_siblings and sid not in relay.sessions and _SESSION_ID.fullmatch(sid):
+        # Worker 0 of several sharing SQLite: the worker holding it answers.
+        index, answer = await _ask_siblings(relay, request, "GET", sid)
+        return _json(200, answer | {"worker": index})
     return _json(200, _describe(relay, _find(relay, sid)))
 
 
@@ -542,29 +546,41 @@ async def _sibling_sessions(relay: Relay, request: HttpRequest) -> tuple[list[di
     return listed, sorted(missing)
 
 
-async def _end_on_sibling(
-    relay: Relay, request: HttpRequest, actor: dict, sid: str
-) -> HttpResponse:
-    """End a session another worker of this host holds, through its admin endpoint."""
+async def _ask_siblings(
+    relay: Relay, request: HttpRequest, method: str, sid: str
+) -> tuple[int, dict]:
+    """``method`` on ``/v1/sessions/<sid>`` at the worker that holds it: its index and answer.
+
+    Raises:
+        _Refusal: 404 when no worker holds it, or the holder's refusal.
+    """
     for index, endpoint in sorted(relay.worker_siblings.items()):
         try:
             answer = await admin_request(
-                _as_caller(request, endpoint), "DELETE", f"/v1/sessions/{quote(sid, safe='')}"
+                _as_caller(request, endpoint), method, f"/v1/sessions/{quote(sid, safe='')}"
             )
         except AdminError as exc:
             if exc.status is None or exc.status == 404:
                 continue  # not this worker's, or it is restarting: ask the next
             raise _Refusal(exc.status, exc.reason, str(exc)) from exc
-        fields = {
-            "session_id": sid,
-            "user": answer.get("user"),
-            "target": answer.get("target"),
-            "worker": index,
-        } | actor
-        log.info("admin.session_ended", extra=fields)
-        relay.audit_event("admin.session_ended", **fields)
-        return _json(200, answer | {"worker": index})
+        return index, answer
     raise _Refusal(404, "unknown_session", f"no live session {sid!r} (it may have ended already)")
+
+
+async def _end_on_sibling(
+    relay: Relay, request: HttpRequest, actor: dict, sid: str
+) -> HttpResponse:
+    """End a session another worker of this host holds, through its admin endpoint."""
+    index, answer = await _ask_siblings(relay, request, "DELETE", sid)
+    fields = {
+        "session_id": sid,
+        "user": answer.get("user"),
+        "target": answer.get("target"),
+        "worker": index,
+    } | actor
+    log.info("admin.session_ended", extra=fields)
+    relay.audit_event("admin.session_ended", **fields)
+    return _json(200, answer | {"worker": index})
 
 
 async def _wait_closed(relay: Relay, sid: str) -> bool:

@@ -725,6 +725,15 @@ async def _run_relay(
     relay.launchers = Launchers(helper)
     relay.worker_index = worker
     relay.worker_siblings = siblings or {}
+    if worker is not None and relay.leases is None:
+        # SQLite workers: the caps and the watcher count the host's sessions.
+        from .state import open_worker_sessions
+
+        try:
+            relay.leases = open_worker_sessions(config, worker)
+        except BaseException:
+            relay.close()
+            raise
     stop = trio.Event()
     try:
         async with trio.open_nursery() as nursery:

@@ -49,7 +49,7 @@ from .identity import IdentityKeys, issuer_ssl_contexts
 from .metrics import Metrics, NilMetrics
 from .platform import STOP_SIGNALS, run_reload_trigger
 from .session import Session, handle_connection
-from .state import SharedState, open_revocation_store
+from .state import SessionLeases, SharedState, open_revocation_store
 from .tls import ServerEngine, ServerTLS, make_server_engine
 from .watch import run_watch
 from .workers import open_reuseport_listeners
@@ -266,6 +266,11 @@ class Relay:
         self.shared: SharedState | None = None
         if config.state.backend == "postgres":
             self.shared = SharedState(self.store, config.state, metrics=self.metrics)
+        # Live sessions in a table shared with other relays: the cluster's
+        # (PostgreSQL) or, with ``serve --workers N`` and SQLite, the host's
+        # workers' (set by the CLI).  ``None`` for a single SQLite relay,
+        # which counts its sessions in memory and writes nothing per tunnel.
+        self.leases: SessionLeases | None = self.shared
         # Filled by refresh_revocations(), which open_relay calls first.
         self.revoked: RevocationSet = RevocationSet()
         self._revocation_version: int | None = None
@@ -465,8 +470,8 @@ class Relay:
 
     def add_session(self, session: Session) -> None:
         self.sessions[session.id] = session
-        if self.shared is not None:
-            self.shared.sessions_changed()
+        if self.leases is not None:
+            self.leases.sessions_changed()
 
     def unready_reason(self) -> str | None:
         """Why new tunnels would be refused now (for ``/readyz``), or ``None`` while admitted."""
@@ -477,21 +482,30 @@ class Relay:
         return None
 
     async def claim_in_cluster(self, session: Session) -> None:
-        """With PostgreSQL: register ``session`` if its user is within the cluster-wide cap.
+        """Register ``session`` in the shared table if its user is within the cap there.
+
+        With PostgreSQL the per-user cap counts the cluster's sessions; with
+        SQLite workers it counts the host's, and so does ``max_sessions``
+        (in a cluster that one stays per relay).  A single SQLite relay has
+        no table: its caps were checked in memory at admission.
 
         Raises:
-            RemoteProtocolError: 429 ``user_sessions`` or 503 ``state_unavailable``.
+            RemoteProtocolError: 429 ``user_sessions``, 503 ``relay_full`` or
+                503 ``state_unavailable``.
         """
-        if self.shared is None:
+        if self.leases is None:
             return
-        await self.shared.claim_session(
-            session, limit=self.config.limits.max_sessions_per_user, live=set(self.sessions)
+        await self.leases.claim_session(
+            session,
+            limit=self.config.limits.max_sessions_per_user,
+            live=set(self.sessions),
+            total=None if self.shared is not None else self.config.relay.max_sessions,
         )
 
     def remove_session(self, session: Session) -> None:
         del self.sessions[session.id]
-        if self.shared is not None:
-            self.shared.sessions_changed()
+        if self.leases is not None:
+            self.leases.sessions_changed()
         self.last_activity[session.target] = trio.current_time()
         gone = self._gone.pop(session.id, None)
         if gone is not None:
@@ -659,8 +673,8 @@ class Relay:
     def close(self) -> None:
         self.audit_pool.close()
         self._retire_relay_writer()
-        if self.shared is not None:
-            self.shared.close()
+        if self.leases is not None:
+            self.leases.close()  # with PostgreSQL, the shared state
         self.store.close()
 
 
@@ -716,6 +730,8 @@ async def serve_relay(
                     if relay.shared is None:
                         if not relay.worker_index:  # SQLite workers: worker 0 watches
                             main.start_soon(run_watch, relay)
+                        if relay.leases is not None:  # ...counting every worker's tunnels
+                            main.start_soon(relay.leases.run_registration, relay)
                     else:
                         # One watcher per cluster: probes and on_idle run on one relay.
                         main.start_soon(relay.shared.run_watch, relay, run_watch)

@@ -350,7 +350,8 @@ async def _serve(
 
     try:
         try:
-            # With PostgreSQL the per-user cap counts the whole cluster's sessions.
+            # With PostgreSQL the per-user cap counts the whole cluster's sessions;
+            # with SQLite workers, the host's (and so does max_sessions).
             await relay.claim_in_cluster(session)
         except BaseException:
             if session.audit is not None:

@@ -9,6 +9,9 @@ module is the trio side of it:
 * :class:`SharedState` registers the relay's live sessions in the database
   under a lease it renews (so the rows of a relay that died expire), lists
   the whole cluster's sessions and asks the relay holding one to end it.
+  The leases, the per-user cap and the watcher's view of other relays'
+  tunnels are :class:`SessionLeases`, which :class:`WorkerSessions` shares:
+  the same for the workers of ``serve --workers N`` in their SQLite file.
 * It also runs one task per relay that LISTENs for the
   notification every revocation write sends, re-reads the whole list when one
   arrives, after every reconnect and every ``resync_interval`` (a
@@ -36,12 +39,15 @@ and does not run under trio):
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import logging
 import os
 import secrets
 import socket
+import sqlite3
+import time
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
@@ -70,8 +76,11 @@ __all__ = [
     "RECONNECT_INTERVAL",
     "SESSIONS_CHANNEL",
     "WATCH_LOCK",
+    "SessionLeases",
     "SharedState",
+    "WorkerSessions",
     "open_revocation_store",
+    "open_worker_sessions",
 ]
 
 log = logging.getLogger("dbgrelay.state")
@@ -110,7 +119,194 @@ def open_revocation_store(config: Config) -> RevocationStore | PgRevocationStore
     return RevocationStore(config.relay.state_dir / "tokens.sqlite")
 
 
-class SharedState:
+class SessionLeases(abc.ABC):
+    """Live sessions in a table shared by several relays, each row under a lease its holder renews.
+
+    The one code path of the per-user cap (and of the watcher's view of the
+    other relays' tunnels) for both places such a table lives: PostgreSQL,
+    shared by the relays of a cluster (:class:`SharedState`), and the SQLite
+    file shared by the workers of one host (:class:`WorkerSessions`).  A
+    subclass supplies the table's statements (:meth:`claim_row`,
+    :meth:`sync_rows`, :meth:`busy_rows`), which run in worker threads under
+    :attr:`limiter`, never on the data path.
+
+    A session gets its row from its claim, at admission (registration rounds
+    skip sessions still opening, so a claim in flight is not counted before
+    it succeeds); each round renews the rows of this relay's live sessions
+    and deletes those of closed ones and every expired row.
+
+    Args:
+        relay_id: This relay's (or worker's) name in the table.
+        lease: Seconds a row stays valid without renewal (renewed every
+            third of it, and at once when a session closes).
+        limiter: Bounds the worker threads that use the table.
+
+    Attributes:
+        busy_elsewhere: Targets with a live session held elsewhere, as of the last look.
+    """
+
+    #: Where the caps hold, for a refusal's message.
+    scope = "in the cluster"
+
+    def __init__(self, relay_id: str, *, lease: float, limiter: trio.CapacityLimiter) -> None:
+        self.relay_id = relay_id
+        self.lease = lease
+        self.limiter = limiter
+        self._sessions_changed = trio.Event()
+        self._registered: frozenset[str] | None = None
+        # Sessions of this relay that may have a row in the table: registered or claimed.
+        self._rows: set[str] = set()
+        self.busy_elsewhere: frozenset[str] = frozenset()
+
+    # -- the table (run in worker threads) ------------------------------------
+
+    @abc.abstractmethod
+    def claim_row(
+        self, session_id: str, user: str, info: str, *, cap: int, total_cap: int | None,
+        closed: list[str],
+    ) -> str | None:  # fmt: skip
+        """Insert ``session_id``'s row unless a cap is reached, as one atomic step.
+
+        Counted: the unexpired rows (of ``user`` against ``cap``, all of them
+        against ``total_cap``), but for this relay's rows of ``closed``
+        (sessions it closed whose rows may linger).
+
+        Returns:
+            ``None`` when inserted, else the refusal's reason:
+            ``"user_sessions"`` or ``"relay_full"``.
+        """
+
+    @abc.abstractmethod
+    def sync_rows(
+        self, infos: dict[str, tuple[str, str]], gone: list[str], announce: bool
+    ) -> tuple[list[tuple[str, str]], list[str]]:
+        """Renew this relay's rows (id -> user, info), delete those of ``gone`` and expired ones.
+
+        Returns:
+            Requests to end sessions of this relay (id, reason), and the
+            targets other relays hold live sessions to.
+        """
+
+    @abc.abstractmethod
+    def busy_rows(self) -> list[str]:
+        """The targets other relays hold live sessions to."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release what this holds in the table (the relay is stopping)."""
+
+    # -- the trio side ----------------------------------------------------------
+
+    def sessions_changed(self) -> None:
+        """A session opened or closed: register the change now, not at the next renewal."""
+        self._sessions_changed.set()
+
+    def _up(self) -> None:  # noqa: B027 (a hook, empty unless an outage can end)
+        """The table answered (the PostgreSQL backend ends an outage here)."""
+
+    async def run_registration(self, relay: Relay) -> None:
+        """Keep this relay's rows in the table current; end what others asked to.
+
+        Cancellation:
+            Safe at any point; a round in a worker thread finishes (bounded
+            by the backend's timeouts) before this returns.
+        """
+        while True:
+            # A fresh event before reading the sessions: a change from here on wakes the next round.
+            self._sessions_changed = trio.Event()
+            infos = {
+                sid: (s.user, json.dumps(s.describe()))
+                for sid, s in relay.sessions.items()
+                if not s.opening
+            }
+            # Only rows of sessions that closed go: a claimed row of a session
+            # still opening stays (it counts for its user).
+            gone = self._rows - set(relay.sessions)
+            # Tell the other relays when our set changed: their watcher needs to know.
+            announce = frozenset(infos) != self._registered
+            sync = partial(self.sync_rows, infos, list(gone), announce)
+            ends, busy = await trio.to_thread.run_sync(sync, limiter=self.limiter)
+            self._up()
+            self._rows -= gone
+            self._rows |= set(infos)
+            self._registered = frozenset(infos)
+            self._update_busy(relay, frozenset(busy))
+            for sid, reason in ends:
+                session = relay.sessions.get(sid)
+                if session is not None and session.end_reason is None:
+                    log.info(
+                        "session.end_requested",
+                        extra={"session_id": sid, "reason": reason, "from": "another relay"},
+                    )
+                    session.end(reason)
+            with trio.move_on_after(self.lease / 3):
+                await self._sessions_changed.wait()
+
+    async def claim_session(
+        self, session: Session, *, limit: int, live: set[str], total: int | None = None
+    ) -> None:
+        """Give ``session`` its row now, if its user stays within ``limit`` sessions.
+
+        Args:
+            session: The session being admitted.
+            limit: ``max_sessions_per_user``.
+            live: This relay's live session ids (rows of others it held are
+                not counted: they closed and linger until the next round).
+            total: The cap on all rows (``max_sessions``), or ``None``.
+
+        Raises:
+            RemoteProtocolError: 429 ``user_sessions`` when the user is at the
+                cap, 503 ``relay_full`` when all rows reach ``total``.
+            AuthError: the table cannot be used.
+        """
+        user = session.user
+        self._rows.add(session.id)
+        claim = partial(
+            self.claim_row,
+            session.id,
+            user,
+            # Listed as open elsewhere: the row exists only once admitted.
+            json.dumps(session.describe() | {"state": "open"}),
+            cap=limit,
+            total_cap=total,
+            closed=sorted(self._rows - live),
+        )
+        refused = await trio.to_thread.run_sync(claim, limiter=self.limiter)
+        if refused == "user_sessions":
+            raise RemoteProtocolError(
+                f"user {user!r} already has {limit} tunnels open {self.scope}",
+                reason="user_sessions",
+                status=429,
+            )
+        if refused == "relay_full":
+            raise RemoteProtocolError(
+                f"the relay is full ({total} tunnels {self.scope})", reason="relay_full", status=503
+            )
+
+    def _update_busy(self, relay: Relay, busy: frozenset[str]) -> None:
+        if busy == self.busy_elsewhere:
+            return
+        now = trio.current_time()
+        for target in self.busy_elsewhere - busy:
+            # Its last tunnel elsewhere closed: an idle spell starts now, here too.
+            relay.last_activity[target] = now
+        self.busy_elsewhere = busy
+        log.info("state.busy_elsewhere", extra={"targets": sorted(busy)})
+
+    async def refresh_busy(self, relay: Relay) -> None:
+        """Look at the table now for targets other relays hold sessions to.
+
+        The watcher calls this before it reports a server forgotten or runs
+        ``on_idle``: a tunnel opened elsewhere since the last round counts.
+
+        Raises:
+            AuthError: the table cannot be read.
+        """
+        busy = await trio.to_thread.run_sync(self.busy_rows, limiter=self.limiter)
+        self._update_busy(relay, frozenset(busy))
+
+
+class SharedState(SessionLeases):
     """One relay's link to the shared PostgreSQL state.
 
     Args:
@@ -125,27 +321,20 @@ class SharedState:
     """
 
     def __init__(self, store: PgRevocationStore, section: StateSection, *, metrics: Any) -> None:
+        super().__init__(
+            # This relay's name in the sessions table; unique per process start.
+            f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}",
+            lease=section.session_lease,
+            limiter=trio.CapacityLimiter(section.pool_size),
+        )
         self.store = store
         self.section = section
         self.metrics = metrics
-        self.limiter = trio.CapacityLimiter(section.pool_size)
         self.unavailable_since: float | None = None
         self.last_error: str | None = None
-        #: This relay's name in the sessions table; unique per process start.
-        self.relay_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-        self._sessions_changed = trio.Event()
-        self._registered: frozenset[str] | None = None
-        # Sessions of this relay that may have a row in the table: registered or claimed.
-        self._rows: set[str] = set()
-        #: Targets with a live session on another relay, as of the last look.
-        self.busy_elsewhere: frozenset[str] = frozenset()
         # Managed servers this relay owns: target name -> the connection holding its lock.
         self._owned: dict[str, Any] = {}
         metrics.state_up(True)
-
-    def sessions_changed(self) -> None:
-        """A session opened or closed: register the change now, not at the next renewal."""
-        self._sessions_changed.set()
 
     def admitting(self) -> bool:
         """Whether new tunnels may be admitted: the database is up, or down for less than the grace."""
@@ -223,7 +412,7 @@ class SharedState:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._listen, conn, on_change)
                     nursery.start_soon(self._resync, on_change)
-                    nursery.start_soon(self._register, relay)
+                    nursery.start_soon(self.run_registration, relay)
             except* AuthError as group:
                 self._down(group.exceptions[0])
             except* psycopg.Error as group:
@@ -261,45 +450,9 @@ class SharedState:
             self._up()
             on_change()
 
-    async def _register(self, relay: Relay) -> None:
-        """Keep this relay's rows in the sessions table current; end what others asked to."""
-        lease = self.section.session_lease
-        while True:
-            # A fresh event before reading the sessions: a change from here on wakes the next round.
-            self._sessions_changed = trio.Event()
-            # Sessions still opening get their row from their claim, not from
-            # here: a row counts against its user's cap, a claim in flight must not.
-            infos = {
-                sid: (s.user, json.dumps(s.describe()))
-                for sid, s in relay.sessions.items()
-                if not s.opening
-            }
-            # Only rows of sessions that closed go: a claimed row of a session
-            # still opening stays (it counts for its user).
-            gone = self._rows - set(relay.sessions)
-            # Tell the other relays when our set changed: their watcher needs to know.
-            announce = frozenset(infos) != self._registered
-            sync = partial(
-                _sync_sessions, self.store, self.relay_id, infos, list(gone), lease, announce
-            )
-            ends, busy = await trio.to_thread.run_sync(sync, limiter=self.limiter)
-            self._up()
-            self._rows -= gone
-            self._rows |= set(infos)
-            self._registered = frozenset(infos)
-            self._update_busy(relay, frozenset(busy))
-            for sid, reason in ends:
-                session = relay.sessions.get(sid)
-                if session is not None and session.end_reason is None:
-                    log.info(
-                        "session.end_requested",
-                        extra={"session_id": sid, "reason": reason, "from": "another relay"},
-                    )
-                    session.end(reason)
-            with trio.move_on_after(lease / 3):
-                await self._sessions_changed.wait()
-
-    async def claim_session(self, session: Session, *, limit: int, live: set[str]) -> None:
+    async def claim_session(
+        self, session: Session, *, limit: int, live: set[str], total: int | None = None
+    ) -> None:
         """Register ``session`` in the cluster now, if its user stays within ``limit`` sessions.
 
         The user's live sessions are their unexpired rows, but for this
@@ -325,35 +478,15 @@ class SharedState:
                 cap; 503 ``state_unavailable`` when the database cannot be
                 reached and no grace is left.
         """
-        user = session.user
         if self.unavailable_since is None:
-            self._rows.add(session.id)
-            claim = partial(
-                _claim_session,
-                self.store,
-                self.relay_id,
-                session.id,
-                user,
-                # Listed as open elsewhere: the row exists only once admitted.
-                json.dumps(session.describe() | {"state": "open"}),
-                self.section.session_lease,
-                limit,
-                sorted(self._rows - live),
-            )
             # The query is bounded by the connect and statement timeouts; waiting
             # for a free connection is bounded here.
             with trio.move_on_after(self.section.connect_timeout + self.section.statement_timeout):
                 try:
-                    elsewhere = await trio.to_thread.run_sync(claim, limiter=self.limiter)
+                    await super().claim_session(session, limit=limit, live=live)
                 except AuthError as exc:
                     self._down(exc)
                 else:
-                    if elsewhere is not None:
-                        raise RemoteProtocolError(
-                            f"user {user!r} already has {limit} tunnels open in the cluster",
-                            reason="user_sessions",
-                            status=429,
-                        )
                     return
             if self.unavailable_since is None:
                 self._down(unavailable_error(TimeoutError("no free connection"), "reach"))
@@ -362,15 +495,27 @@ class SharedState:
                 "the relay cannot reach its shared state", reason="state_unavailable", status=503
             )
 
-    def _update_busy(self, relay: Relay, busy: frozenset[str]) -> None:
-        if busy == self.busy_elsewhere:
-            return
-        now = trio.current_time()
-        for target in self.busy_elsewhere - busy:
-            # Its last tunnel elsewhere closed: an idle spell starts now, here too.
-            relay.last_activity[target] = now
-        self.busy_elsewhere = busy
-        log.info("state.busy_elsewhere", extra={"targets": sorted(busy)})
+    # -- the sessions table (run in worker threads) ---------------------------
+
+    def claim_row(
+        self, session_id: str, user: str, info: str, *, cap: int, total_cap: int | None,
+        closed: list[str],
+    ) -> str | None:  # fmt: skip
+        # max_sessions stays per relay in a cluster: total_cap is for one host's workers.
+        live = _claim_session(
+            self.store, self.relay_id, session_id, user, info, self.lease, cap, closed
+        )
+        return None if live is None else "user_sessions"
+
+    def sync_rows(
+        self, infos: dict[str, tuple[str, str]], gone: list[str], announce: bool
+    ) -> tuple[list[tuple[str, str]], list[str]]:
+        return _sync_sessions(self.store, self.relay_id, infos, gone, self.lease, announce)
+
+    def busy_rows(self) -> list[str]:
+        with self.store.connection("read sessions in") as conn:
+            rows = conn.execute(_BUSY_ELSEWHERE, (self.relay_id,)).fetchall()
+        return [target for (target,) in rows]
 
     async def run_watch(self, relay: Relay, watch: Callable[[Relay], Any]) -> None:
         """Run ``watch(relay)`` while this relay holds the cluster's watcher lock.
@@ -506,6 +651,191 @@ class SharedState:
             await trio.sleep(_GONE_POLL_INTERVAL)
 
 
+#: The live sessions of ``serve --workers N`` with SQLite, beside the revocations.
+_WORKER_SESSIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS live_sessions (
+    id          TEXT PRIMARY KEY,
+    relay       TEXT NOT NULL,    -- the holding worker: worker-INDEX:PID:RANDOM
+    lease_until REAL NOT NULL,    -- Unix time
+    info        TEXT NOT NULL,    -- JSON: the session as the admin API lists it
+    sub         TEXT NOT NULL
+)
+"""
+
+
+def open_worker_sessions(config: Config, index: int) -> WorkerSessions | None:
+    """The live-sessions table of worker ``index`` of ``serve --workers N`` (``None`` with PostgreSQL).
+
+    Removes the rows a dead predecessor with the same index left behind: the
+    supervisor starts a worker again only after the last one exited, so they
+    belong to no live tunnel.
+
+    Raises:
+        AuthError: the SQLite file cannot be opened or written.
+    """
+    if config.state.backend != "sqlite":
+        return None  # every worker is a relay of the cluster: SharedState covers it
+    config.relay.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # A connection of its own: claims wait in worker threads for SQLite's
+    # write lock, never for the lock of the store the event loop reads.
+    store = RevocationStore(config.relay.state_dir / "tokens.sqlite")
+    try:
+        sessions = WorkerSessions(store, index, lease=config.state.session_lease)
+        cleared = store.transaction(sessions.clear_predecessors)
+    except BaseException:
+        store.close()
+        raise
+    if cleared:
+        log.info("state.rows_cleared", extra={"worker": index, "sessions": cleared})
+    return sessions
+
+
+class WorkerSessions(SessionLeases):
+    """The live sessions of the workers of one host, in their shared SQLite file.
+
+    Only with ``serve --workers N`` (N > 1): a single relay counts its
+    sessions in memory and writes nothing per tunnel.  Each claim is one
+    ``BEGIN IMMEDIATE`` transaction, which takes SQLite's write lock before
+    counting, so workers admitting at once take turns and each sees the rows
+    the others committed: ``max_sessions_per_user`` and ``max_sessions`` hold
+    for the host.  The file is in WAL mode with ``synchronous = NORMAL``, so a
+    commit is not an fsync; a lease lost in a power cut belongs to a tunnel
+    that did not survive it either.  Rows of a worker that died expire with
+    their lease and are removed as soon as the supervisor has started its
+    successor (:func:`open_worker_sessions`).
+
+    Args:
+        store: A connection of its own to the revocation file.
+        index: The worker's index.
+        lease: ``state.session_lease``.
+    """
+
+    scope = "on this host"
+
+    def __init__(self, store: RevocationStore, index: int, *, lease: float) -> None:
+        # One thread at a time: the connection is used one call at a time anyway.
+        super().__init__(
+            f"worker-{index}:{os.getpid()}:{secrets.token_hex(3)}",
+            lease=lease,
+            limiter=trio.CapacityLimiter(1),
+        )
+        self.store = store
+        self.index = index
+
+    def clear_predecessors(self, conn: sqlite3.Connection) -> int:
+        """Create the table; delete the rows of earlier workers with this index.  Their count."""
+        conn.execute(_WORKER_SESSIONS_TABLE)
+        cur = conn.execute(
+            "DELETE FROM live_sessions WHERE relay LIKE ? AND relay <> ?",
+            (f"worker-{self.index}:%", self.relay_id),
+        )
+        return cur.rowcount
+
+    def admitting(self) -> bool:
+        return True
+
+    def claim_row(
+        self, session_id: str, user: str, info: str, *, cap: int, total_cap: int | None,
+        closed: list[str],
+    ) -> str | None:  # fmt: skip
+        def run(conn: sqlite3.Connection) -> str | None:
+            self._delete(conn, closed)
+            if total_cap is not None:
+                (count,) = conn.execute("SELECT count(*) FROM live_sessions").fetchone()
+                if count >= total_cap:
+                    return "relay_full"
+            (count,) = conn.execute(
+                "SELECT count(*) FROM live_sessions WHERE sub = ?", (user,)
+            ).fetchone()
+            if count >= cap:
+                return "user_sessions"
+            conn.execute(
+                "INSERT OR IGNORE INTO live_sessions (id, relay, lease_until, info, sub) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (session_id, self.relay_id, time.time() + self.lease, info, user),
+            )
+            return None
+
+        return self.store.transaction(run)
+
+    def sync_rows(
+        self, infos: dict[str, tuple[str, str]], gone: list[str], announce: bool
+    ) -> tuple[list[tuple[str, str]], list[str]]:
+        def run(conn: sqlite3.Connection) -> list[str]:
+            self._delete(conn, gone)
+            until = time.time() + self.lease
+            conn.executemany(
+                "INSERT INTO live_sessions (id, relay, lease_until, info, sub) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "lease_until = excluded.lease_until, info = excluded.info, sub = excluded.sub "
+                "WHERE live_sessions.relay = excluded.relay",
+                [(sid, self.relay_id, until, info, user) for sid, (user, info) in infos.items()],
+            )
+            return self._busy(conn)
+
+        # Ending another worker's session goes through that worker's admin endpoint.
+        return [], self.store.transaction(run)
+
+    def busy_rows(self) -> list[str]:
+        return self.store.transaction(self._busy)
+
+    def _delete(self, conn: sqlite3.Connection, closed: list[str]) -> None:
+        """Delete expired rows and this worker's rows of ``closed``."""
+        conn.execute("DELETE FROM live_sessions WHERE lease_until < ?", (time.time(),))
+        conn.executemany(
+            "DELETE FROM live_sessions WHERE relay = ? AND id = ?",
+            [(self.relay_id, sid) for sid in closed],
+        )
+
+    def _busy(self, conn: sqlite3.Connection) -> list[str]:
+        rows = conn.execute(
+            "SELECT DISTINCT json_extract(info, '$.target') FROM live_sessions "
+            "WHERE relay <> ? AND lease_until >= ?",
+            (self.relay_id, time.time()),
+        ).fetchall()
+        return [target for (target,) in rows]
+
+    async def claim_session(
+        self, session: Session, *, limit: int, live: set[str], total: int | None = None
+    ) -> None:
+        """Give ``session`` its row if its user and the host stay within their caps.
+
+        Raises:
+            RemoteProtocolError: 429 ``user_sessions``, 503 ``relay_full``, or
+                503 ``state_unavailable`` when the SQLite file cannot be
+                written (fail closed: an uncounted tunnel could pass the cap).
+        """
+        try:
+            await super().claim_session(session, limit=limit, live=live, total=total)
+        except AuthError as exc:
+            log.error("state.claim_failed", extra={"session_id": session.id, "error": str(exc)})
+            raise RemoteProtocolError(
+                "the relay cannot count the host's sessions", reason="state_unavailable", status=503
+            ) from exc
+
+    async def run_registration(self, relay: Relay) -> None:
+        """Renew this worker's rows until cancelled; after a failure, again a second later."""
+        while True:
+            try:
+                await super().run_registration(relay)
+            except AuthError as exc:
+                log.warning("state.register_failed", extra={"error": str(exc)})
+            await trio.sleep(RECONNECT_INTERVAL)
+
+    def close(self) -> None:
+        """Delete this worker's rows (it is stopping) and close the connection."""
+        try:
+            self.store.transaction(
+                lambda conn: conn.execute(
+                    "DELETE FROM live_sessions WHERE relay = ?", (self.relay_id,)
+                )
+            )
+        except AuthError as exc:
+            log.warning("state.register_failed", extra={"error": str(exc)})
+        finally:
+            self.store.close()
+
+
 # -- the sessions table (run in worker threads) ---------------------------------
 
 
@@ -601,14 +931,17 @@ def _sync_sessions(
             "WHERE relay = %s AND end_reason IS NOT NULL",
             (relay_id,),
         ).fetchall()
-        busy = conn.execute(
-            "SELECT DISTINCT (info::json)->>'target' FROM dbgrelay_sessions "
-            "WHERE relay <> %s AND lease_until > now()",
-            (relay_id,),
-        ).fetchall()
+        busy = conn.execute(_BUSY_ELSEWHERE, (relay_id,)).fetchall()
         if announce:
             conn.execute("SELECT pg_notify(%s, %s)", (SESSIONS_CHANNEL, relay_id))
     return [(sid, reason) for sid, reason in rows], [target for (target,) in busy]
+
+
+#: The targets other relays hold live sessions to.
+_BUSY_ELSEWHERE = (
+    "SELECT DISTINCT (info::json)->>'target' FROM dbgrelay_sessions "
+    "WHERE relay <> %s AND lease_until > now()"
+)
 
 
 def _list_sessions(store: PgRevocationStore, relay_id: str) -> list[tuple[str, str, str | None]]:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from auth import AuthError
 from config import TargetConfig
 
 from .backends import probe_backend
@@ -76,10 +77,27 @@ class _Watcher:
         self.states: dict[str, _TargetState] = {}
 
     def busy(self, name: str) -> bool:
-        shared = self.relay.shared  # with shared state, tunnels on other relays count too
+        # With a shared sessions table, tunnels on other relays (or workers) count too.
+        leases = self.relay.leases
         return any(s.target == name for s in self.relay.sessions.values()) or (
-            shared is not None and name in shared.busy_elsewhere
+            leases is not None and name in leases.busy_elsewhere
         )
+
+    async def busy_anywhere(self, name: str) -> bool:
+        """:meth:`busy`, after a fresh look at the shared sessions table.
+
+        Called before the watcher acts on a target: a tunnel opened on
+        another relay since the last registration round must stop it.  A
+        table that cannot be read counts as busy (nothing is run on a guess).
+        """
+        leases = self.relay.leases
+        if leases is not None:
+            try:
+                await leases.refresh_busy(self.relay)
+            except AuthError as exc:
+                log.warning("watch.state_unreadable", extra={"target": name, "error": str(exc)})
+                return True
+        return self.busy(name)
 
     def spell(self, name: str) -> float:
         """When the target's current idle spell began (relay start if it had no tunnel)."""
@@ -136,6 +154,8 @@ class _Watcher:
 
         async def run() -> None:
             try:
+                if await self.busy_anywhere(target.name):
+                    return  # in use on another relay: its close starts a new spell
                 await run_on_idle(self.relay, target, trigger=trigger)
             finally:
                 state.on_idle_running = False
@@ -163,6 +183,14 @@ class _Watcher:
                 # Gone: if it comes back, it is a new standing target.
                 state.reported_spell = None
             forgotten = up and idle_for >= target.idle_timeout
+            if forgotten and state.reported_spell != spell and relay.leases is not None:
+                # About to report it: first a fresh look at the other relays' tunnels.
+                if await self.busy_anywhere(name):
+                    _mark_forgotten(relay, name, False)
+                    return
+                spell = self.spell(name)  # a tunnel elsewhere may have closed meanwhile
+                idle_for = trio.current_time() - spell
+                forgotten = idle_for >= target.idle_timeout
             _mark_forgotten(relay, name, forgotten)
             if not forgotten:
                 return

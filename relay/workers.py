@@ -7,7 +7,9 @@ complete relay.  They share:
 * the tunnel listeners: every worker binds ``relay.listen`` with
   ``SO_REUSEPORT``, and the kernel spreads new connections over them;
 * the state backend: the SQLite file (WAL lets several processes use it) or
-  the PostgreSQL database.
+  the PostgreSQL database.  With SQLite the workers' live sessions are rows
+  of that file (:class:`relay.state.WorkerSessions`), so the per-user cap,
+  ``max_sessions`` and worker 0's watcher count the whole host's tunnels.
 
 What stays per worker, because two processes must not share it:
 

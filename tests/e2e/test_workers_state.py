@@ -1,0 +1,303 @@
+"""``serve --workers N`` with SQLite: caps, watching and the admin API cover every worker.
+
+Real processes on loopback.  Which worker accepts a connection is not left
+to the kernel's hash: a worker that holds a tunnel is made to drain (SIGTERM
+to it alone: it closes its listener and keeps its tunnels), or is killed
+while the supervisor is stopped (SIGSTOP: no restart), so every new
+connection goes to the other worker, the only one still listening.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.workers import reuseport_available
+
+from .support import READY_TIMEOUT, Proc, ProcGroup, config_text, free_port, start_relay
+from .test_operations import echo, issue, open_tunnel, refused, target
+from .test_several_relays import request_tunnel
+from .test_workers import EchoServer, worker_sessions
+
+pytestmark = pytest.mark.skipif(
+    not reuseport_available(), reason="this platform has no SO_REUSEPORT"
+)
+
+
+def start_workers(
+    procs: ProcGroup, home: Path, targets: list[dict], *, relay: str = "", limits: str = ""
+) -> tuple[Proc, str, dict[int, int]]:
+    """A supervisor with two workers; its address and the workers' pids by index."""
+    port = free_port()
+    text = config_text(targets).replace(
+        'listen = ["127.0.0.1:0"]', f'listen = ["127.0.0.1:{port}"]\n{relay}'
+    )
+    # Long enough that a worker made to drain keeps its tunnels for the whole test.
+    text = text.replace('shutdown_grace = "1s"', 'shutdown_grace = "60s"')
+    (home / "dbgrelay.toml").write_text(text + limits)
+    supervisor = procs.dbgrelay(
+        "serve", "--config", "dbgrelay.toml", "--workers", "2", cwd=home, name="supervisor"
+    )
+    pids = {i: supervisor.wait_event("relay.listening", worker=i)["pid"] for i in (0, 1)}
+    return supervisor, f"127.0.0.1:{port}", pids
+
+
+@pytest.fixture
+def backend() -> Iterator[EchoServer]:
+    """The targets' backend: an echo server on loopback."""
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def workers(procs: ProcGroup, home: Path) -> Iterator[Callable[..., tuple[Proc, str, dict]]]:
+    """:func:`start_workers` in ``home``; a supervisor a failed test left stopped is resumed."""
+    started: list[Proc] = []
+
+    def start(targets: list[dict], **config: str) -> tuple[Proc, str, dict[int, int]]:
+        supervisor, address, pids = start_workers(procs, home, targets, **config)
+        started.append(supervisor)
+        return supervisor, address, pids
+
+    yield start
+    for supervisor in started:
+        supervisor.send_signal(signal.SIGCONT)
+
+
+def listeners(address: str) -> int:
+    """How many sockets listen on ``address`` (an IPv4 ``host:port``)."""
+    port = int(address.rsplit(":", 1)[1])
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    # Columns: sl, local address (hex ip:port), remote address, state (0A: LISTEN), ...
+    return sum(
+        1 for row in rows if (cols := row.split())[1].endswith(f":{port:04X}") and cols[3] == "0A"
+    )
+
+
+def kill_held(supervisor: Proc, pid: int, address: str) -> None:
+    """SIGKILL worker ``pid`` with the supervisor stopped: it is not restarted until resumed.
+
+    Returns once its listening socket is closed (the last of its threads has
+    exited), so the other worker takes every new connection.
+    """
+    supervisor.send_signal(signal.SIGSTOP)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while listeners(address) != 1:
+        assert time.monotonic() < deadline, f"worker {pid} still listens"
+        time.sleep(0.02)
+
+
+def resume(supervisor: Proc, index: int, old_pid: int) -> int:
+    """Let the supervisor run again; the pid of worker ``index`` once restarted and listening."""
+    supervisor.send_signal(signal.SIGCONT)
+    line = supervisor.wait_line(
+        lambda line: (
+            '"relay.listening"' in line
+            and f'"worker": {index}' in line
+            and f'"pid": {old_pid}' not in line
+        )
+    )
+    return json.loads(line)["pid"]
+
+
+def tunnel_on_1(
+    supervisor: Proc, home: Path, address: str, pids: dict[int, int], token: str, name: str
+) -> tuple[ssl.SSLSocket, str]:
+    """A tunnel held by worker 1: opened while worker 0 is dead, then worker 0 is restarted."""
+    kill_held(supervisor, pids[0], address)
+    tls, sid = open_tunnel(home, address, name, token)
+    assert sid in worker_sessions(home, 1)
+    pids[0] = resume(supervisor, 0, pids[0])
+    return tls, sid
+
+
+def admin_get(home: Path, path: str) -> dict:
+    """``GET path`` on ``admin.sock`` (worker 0's admin endpoint)."""
+    import trio
+
+    from config import load_config
+    from relay.admin_client import AdminEndpoint, admin_request
+
+    endpoint = AdminEndpoint.from_config(load_config(home / "dbgrelay.toml"))
+    return trio.run(admin_request, endpoint, "GET", path)
+
+
+def test_a_user_at_the_cap_on_one_worker_is_refused_on_the_other_and_max_sessions_is_per_host(
+    workers: Callable, home: Path, backend: EchoServer
+) -> None:
+    supervisor, address, pids = workers(
+        [target("build42", backend.port)],
+        relay="max_sessions = 2",
+        limits="[limits]\nmax_sessions_per_user = 1\n",
+    )
+    alice, bob, carol = (issue(home, user) for user in ("alice", "bob", "carol"))
+    held, sid = tunnel_on_1(supervisor, home, address, pids, alice, "build42")
+    echo(held, b"alice on worker 1")
+
+    # Worker 0's admin endpoint finds the session worker 1 holds.
+    shown = admin_get(home, f"/v1/sessions/{sid}")
+    assert (shown["id"], shown["user"], shown["worker"]) == (sid, "alice", 1)
+
+    # Worker 1 drains (its tunnel stays): every new connection goes to worker 0.
+    os.kill(pids[1], signal.SIGTERM)
+    supervisor.wait_event("relay.draining", worker=1)
+    answer = refused(home, address, "build42", alice)
+    assert (answer.status, answer.reason) == (429, "user_sessions")
+    # The log line that says why (the audit record before it has no message).
+    assert supervisor.wait_line(
+        lambda line: (
+            '"tunnel.refused"' in line
+            and '"worker": 0' in line
+            and "already has 1 tunnels open on this host" in line
+        )
+    )
+    # Another user is not held back; the host's second tunnel fills max_sessions = 2.
+    on_0, bob_sid = open_tunnel(home, address, "build42", bob)
+    assert bob_sid in worker_sessions(home, 0)
+    answer = refused(home, address, "build42", carol)
+    assert (answer.status, answer.reason) == (503, "relay_full")
+    echo(held, b"alice still served during worker 1's drain")
+
+    # Alice's tunnel ends: worker 1 finishes its drain, its row goes, she is admitted.
+    held.close()
+    supervisor.wait_event("worker.exited", worker=1)
+    again = request_tunnel(home, address, alice)
+    assert isinstance(again, ssl.SSLSocket), again
+    echo(again, b"alice again")
+    for tls in (on_0, again):
+        tls.close()
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=30) == 0, supervisor.output()
+
+
+def held_by_dead_worker_1(
+    workers: Callable, home: Path, backend: EchoServer, lease: str
+) -> tuple[Proc, str, dict[int, int], str]:
+    """Alice (cap 1) had a tunnel on worker 1, killed now with the supervisor stopped."""
+    supervisor, address, pids = workers(
+        [target("build42", backend.port)],
+        limits=f'[limits]\nmax_sessions_per_user = 1\n[state]\nsession_lease = "{lease}"\n',
+    )
+    alice = issue(home)
+    held, _ = tunnel_on_1(supervisor, home, address, pids, alice, "build42")
+    kill_held(supervisor, pids[1], address)
+    held.close()
+    return supervisor, address, pids, alice
+
+
+def test_a_killed_workers_sessions_stop_counting_once_the_supervisor_restarts_it(
+    workers: Callable, home: Path, backend: EchoServer
+) -> None:
+    supervisor, address, pids, alice = held_by_dead_worker_1(workers, home, backend, "1h")
+    # Worker 1 is not restarted yet: its row still counts (the lease runs for
+    # an hour), on worker 0, the only one listening.
+    answer = refused(home, address, "build42", alice)
+    assert (answer.status, answer.reason) == (429, "user_sessions")
+
+    # Its successor removes the rows it left before serving: alice gets in.
+    resume(supervisor, 1, pids[1])
+    cleared = supervisor.wait_event("state.rows_cleared", worker=1)
+    assert cleared["sessions"] == 1
+    again = request_tunnel(home, address, alice)
+    assert isinstance(again, ssl.SSLSocket), again
+    echo(again, b"freed")
+    again.close()
+
+
+def test_a_killed_workers_sessions_stop_counting_when_their_lease_expires(
+    workers: Callable, home: Path, backend: EchoServer
+) -> None:
+    supervisor, address, _, alice = held_by_dead_worker_1(workers, home, backend, "1s")
+    # Nobody restarts worker 1 and nobody renews its row: within a second it stops counting.
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not isinstance(again := request_tunnel(home, address, alice), ssl.SSLSocket):
+        assert (again.status, again.reason) == (429, "user_sessions")
+        assert time.monotonic() < deadline, "the dead worker's session still counted"
+        time.sleep(0.1)
+    echo(again, b"freed")
+    again.close()
+    supervisor.send_signal(signal.SIGCONT)
+
+
+def test_worker_0_watches_for_forgotten_servers_counting_the_tunnels_of_worker_1(
+    workers: Callable, home: Path, backend: EchoServer
+) -> None:
+    watched = {"idle_timeout": "2s", "probe_interval": "0.1s", "on_idle": ["true"]}
+    supervisor, address, pids = workers(
+        [
+            target("build42", backend.port) | watched,
+            # Reported forgotten by the same watcher: proves it has been looking.
+            target("marker", backend.port) | watched,
+        ],
+        limits='[state]\nsession_lease = "1.5s"\n',
+    )
+    token = issue(home)
+    # Bytes keep the tunnel within its own idle timeout (the target's, 2 s)
+    # from its start, through worker 0's restart.
+    stop = threading.Event()
+
+    def keep_alive() -> None:
+        while not stop.wait(0.2):
+            echo(held, b"in use")
+
+    kill_held(supervisor, pids[0], address)
+    held, sid = open_tunnel(home, address, "build42", token)
+    assert sid in worker_sessions(home, 1)
+    alive = threading.Thread(target=keep_alive)
+    alive.start()
+    try:
+        watcher = resume(supervisor, 0, pids[0])  # its idle spells start now
+        supervisor.wait_event("state.busy_elsewhere", pid=watcher, targets=["build42"])
+        # Past the idle timeout, the unused target is reported; build42 is in use on worker 1.
+        supervisor.wait_event("server.forgotten", pid=watcher, target="marker")
+    finally:
+        stop.set()
+        alive.join()
+    echo(held, b"still open")
+    held.close()
+    freed = supervisor.wait_event("state.busy_elsewhere", pid=watcher, targets=[])
+
+    def reports(name: str) -> list[dict]:
+        return [
+            r
+            for event in ("server.forgotten", "on_idle.ran")
+            for r in supervisor.events(event)
+            if r.get("pid") == watcher and r.get("target") == name
+        ]
+
+    # Nothing about build42 while the tunnel on worker 1 was open ...
+    assert [r for r in reports("build42") if r["time"] <= freed["time"]] == []
+    # ... and its idle spell started when that tunnel closed: on_idle runs after it.
+    ran = supervisor.wait_event("on_idle.ran", pid=watcher, target="build42")
+    assert ran["time"] > freed["time"]
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=30) == 0, supervisor.output()
+
+
+def test_a_single_relay_counts_in_memory_and_writes_no_session_rows(
+    procs: ProcGroup, home: Path, backend: EchoServer
+) -> None:
+    import sqlite3
+
+    (home / "dbgrelay.toml").write_text(config_text([target("build42", backend.port)]))
+    relay, address = start_relay(procs, home)
+    tls, _ = open_tunnel(home, address, "build42", issue(home))
+    echo(tls, b"one process")
+    db = sqlite3.connect(home / "state" / "tokens.sqlite")
+    try:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    finally:
+        db.close()
+    assert "revoked_jtis" in tables and "live_sessions" not in tables
+    tls.close()
+    relay.stop()
