@@ -23,13 +23,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from auth import (
     KeySet,
-    PgRevocationStore,
     RevocationSet,
     RevocationStore,
     TokenCache,
@@ -53,6 +52,9 @@ from .state import SessionLeases, SharedState, open_revocation_store
 from .tls import ServerEngine, ServerTLS, make_server_engine
 from .watch import run_watch
 from .workers import open_reuseport_listeners
+
+if TYPE_CHECKING:
+    from auth import PgRevocationStore
 
 __all__ = ["Relay", "ReloadResult", "open_relay", "serve_relay", "load_runtime", "Runtime"]
 

@@ -1,4 +1,4 @@
-"""What a relay loads: a stdlib-engine relay without metrics or an IdP stays lean.
+"""What a relay loads: a stdlib-engine SQLite relay without metrics or an IdP stays lean.
 
 Each check runs a real tunnel in a fresh interpreter (a pytest process has
 imported everything already) and then reads that interpreter's
@@ -78,7 +78,7 @@ async def main():
         nursery.cancel_scope.cancel()
 
 
-OPTIONAL = ("OpenSSL", "prometheus_client", "httpx")
+OPTIONAL = ("OpenSSL", "prometheus_client", "httpx", "psycopg")
 trio.run(main)
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in OPTIONAL)))
 """
