@@ -18,15 +18,8 @@ demo: $(BIN)/dbgrelay
 
 # The tests use real gcc, gdb, gdbserver and stunnel, and Wine with mingw-w64 for the Windows
 # tier (tests/windows/); scripts/install-tools adds them if missing.
-#
-# The Windows service test runs in a pytest process of its own: inside the
-# whole suite, Wine's service manager has answered "Service does not exist"
-# right after a successful install (3 full runs out of 3, never alone); the
-# cause is not found yet.
-SERVICE_TEST := tests/windows/test_relay.py::test_relay_as_a_windows_service_installed_started_stopped_removed
 test: $(BIN)/dbgrelay tools
-	$(BIN)/python -m pytest -q --deselect $(SERVICE_TEST)
-	$(BIN)/python -m pytest -q $(SERVICE_TEST)
+	$(BIN)/python -m pytest -q
 
 tools:
 	@scripts/install-tools

@@ -1,0 +1,69 @@
+r"""``scripts/wine-tier``: the Wine it sets up runs services as Windows does.
+
+Two ``services.exe`` in one wineserver both serve ``\\pipe\svcctl``, each with
+its own service database: a service installed through one is "Service does
+not exist" through the other, so the service tests would pass or fail by
+which of them a connection reached.  And the service manager of the boot
+that creates a prefix hands its services an environment without ``PATH``,
+on which the relay's service dies at ``import trio``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from .conftest import WineTier, _load_script
+
+
+def _service_managers(prefix: Path) -> list[int]:
+    """The pids of the live ``services.exe`` processes running in ``prefix``."""
+    wanted = f"WINEPREFIX={prefix}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv0 = (proc / "cmdline").read_bytes().split(b"\0", 1)[0].strip()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or a zombie
+            continue
+        if argv0.lower().endswith(b"\\services.exe") and wanted in environ:
+            found.append(int(proc.name))
+    return found
+
+
+def test_the_tiers_wineserver_runs_one_service_manager(wine_tier: WineTier) -> None:
+    script = wine_tier._script
+    script.start_wineserver()
+
+    assert len(_service_managers(script.PREFIX)) == 1
+
+
+def test_a_new_prefix_runs_one_service_manager_whose_services_get_a_path(
+    wine_tier: WineTier, tmp_path: Path
+) -> None:
+    script = _load_script()  # a copy of the module, pointed at a prefix of the test's own
+    script.PREFIX = tmp_path / "prefix"
+    dump = tmp_path / "environment.txt"
+    try:
+        script.create_prefix()
+
+        assert len(_service_managers(script.PREFIX)) == 1
+        # A service that writes its environment out (cmd.exe is no service:
+        # the start fails once it has exited, which is after the write).
+        sc = [wine_tier.wine, "sc"]
+        program = f"C:\\windows\\system32\\cmd.exe /c set > {script.windows_path(dump)}"
+        for args in (["create", "envdump", "binPath=", program], ["start", "envdump"]):
+            subprocess.run(
+                sc + args,
+                env=script.wine_env(),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                check=False,
+                timeout=120,
+            )
+        names = {line.split("=", 1)[0].upper() for line in dump.read_text().splitlines()}
+        assert {"PATH", "SYSTEMROOT", "TEMP"} <= names, names
+    finally:
+        script.stop_wineserver()
