@@ -295,17 +295,18 @@ def test_c_hands_back_a_connection_to_the_server_made_inside_its_namespace(shim)
 
 
 def test_the_server_cannot_be_reached_from_the_host(shim):
-    port = 40000 + (os.getpid() + 1) % 20000
-    s = shim(PY, "-c", SERVE, str(port), listen=f"127.0.0.1:{port}")
-    s.started()
-    assert s.report() == {"event": "listening"}
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-    # The same port is even free on the host.
-    with socket.socket() as other:
-        other.bind(("127.0.0.1", port))
-    s.send(b"k")
-    s.exited()
+    # The host holds the port (bound, not listening) all along: the server
+    # listens on the same number in a network namespace of its own.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        s = shim(PY, "-c", SERVE, str(port), listen=f"127.0.0.1:{port}")
+        s.started()
+        assert s.report() == {"event": "listening"}
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        s.send(b"k")
+        s.exited()
 
 
 def test_c_refuses_a_port_no_process_of_the_tree_listens_on(shim):
