@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import ipaddress
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ import trio
 
 from config import NpipeBackend, TargetConfig, TcpBackend, UnixBackend
 
+from .datapath.sockets import open_tcp
 from .errors import RelayError
 from .privsep import LAUNCHER, Launched, LaunchError, Launchers, receive_message
 
@@ -87,7 +87,7 @@ async def open_backend(
         if isinstance(backend, TcpBackend):
             if backend.port is None:
                 raise BackendError("managed backend has no port yet", reason="launch_failed")
-            return await _open_tcp(backend.host, backend.port)
+            return await open_tcp(backend.host, backend.port)
         return await trio.open_unix_socket(str(backend.path))
 
 
@@ -116,32 +116,6 @@ def connect_errors(describe: str, connect_timeout: float, *, failed: str = "{}")
             f"backend {describe}: {failed.format(exc.strerror or exc)}",
             reason="backend_unreachable",
         ) from exc
-
-
-async def _open_tcp(host: str, port: int) -> trio.SocketStream:
-    """A TCP connection with ``TCP_NODELAY``.
-
-    A numeric address (what most backends are) is one non-blocking connect
-    on one socket, about a tenth of what :func:`trio.open_tcp_stream`'s
-    resolver and happy-eyeballs machinery cost; a host name goes through it.
-
-    Raises:
-        OSError: the connection failed.
-    """
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
-        stream = await trio.open_tcp_stream(host, port)
-    else:
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
-        try:
-            await sock.connect((host, port))
-        except BaseException:
-            sock.close()
-            raise
-        stream = trio.SocketStream(sock)
-    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return stream
 
 
 def _describe(backend: Any) -> str:

@@ -20,7 +20,7 @@ import trio
 from config import parse_host_port
 
 from .credentials import TokenSource
-from .datapath.sockets import try_receive
+from .datapath.sockets import open_tcp, try_receive
 from .errors import RelayError, RemoteProtocolError
 from .preamble import NEED_DATA, ResponseParser, TunnelResponse, render_request
 from .pump import Traffic, driver_for
@@ -238,7 +238,7 @@ async def _exchange(
     """
     try:
         with trio.fail_after(settings.handshake_timeout):
-            raw = await trio.open_tcp_stream(settings.relay_host, settings.relay_port)
+            raw = await open_tcp(settings.relay_host, settings.relay_port)
     except (OSError, trio.TooSlowError) as exc:
         raise ConnectFailed(
             f"cannot reach the relay at {settings.relay_host}:{settings.relay_port}: "

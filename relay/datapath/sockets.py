@@ -16,11 +16,12 @@ Resource handling:
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
 import trio
 
-__all__ = ["RawSocket", "try_receive", "try_send"]
+__all__ = ["RawSocket", "open_tcp", "try_receive", "try_send"]
 
 
 class RawSocket:
@@ -78,3 +79,29 @@ def try_receive(stream: trio.abc.Stream, max_bytes: int) -> bytes:
         return b""
     finally:
         raw.release()
+
+
+async def open_tcp(host: str, port: int) -> trio.SocketStream:
+    """A TCP connection with ``TCP_NODELAY``.
+
+    A numeric address (what most backends are) is one non-blocking connect
+    on one socket, about a tenth of what :func:`trio.open_tcp_stream`'s
+    resolver and happy-eyeballs machinery cost; a host name goes through it.
+
+    Raises:
+        OSError: the connection failed.
+    """
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        stream = await trio.open_tcp_stream(host, port)
+    else:
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        try:
+            await sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        stream = trio.SocketStream(sock)
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return stream
