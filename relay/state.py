@@ -12,6 +12,10 @@ module is the trio side of it:
   The leases, the per-user cap and the watcher's view of other relays'
   tunnels are :class:`SessionLeases`, which :class:`WorkerSessions` shares:
   the same for the workers of ``serve --workers N`` in their SQLite file.
+* One relay of the cluster runs a target's managed server at a time
+  (:meth:`SharedState.claim_server`, a PostgreSQL advisory lock); one worker
+  of the host with SQLite (:meth:`WorkerSessions.claim_server`, a lock file,
+  :class:`ServerLocks`).
 * It also runs one task per relay that LISTENs for the
   notification every revocation write sends, re-reads the whole list when one
   arrives, after every reconnect and every ``resync_interval`` (a

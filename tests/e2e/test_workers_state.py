@@ -412,12 +412,12 @@ def test_one_worker_at_a_time_runs_a_managed_server_and_a_killed_ones_claim_laps
     for tls in (on_1, keeper):
         tls.close()
     supervisor.wait_event("worker.exited", worker=1)
-    pids[1] = supervisor.wait_line(
+    listening = supervisor.wait_line(
         lambda line: (
             '"relay.listening"' in line and '"worker": 1' in line and f'"pid": {old_1}' not in line
         )
     )
-    pids[1] = json.loads(pids[1])["pid"]
+    pids[1] = json.loads(listening)["pid"]
     # While worker 0 runs the server (draining, its tunnel stays), worker 1's successor
     # refuses too.
     os.kill(pids[0], signal.SIGTERM)
