@@ -730,7 +730,7 @@ async def _run_relay(
         from .state import open_worker_sessions
 
         try:
-            relay.leases = open_worker_sessions(config, worker)
+            relay.leases = relay.server_claims = open_worker_sessions(config, worker)
         except BaseException:
             relay.close()
             raise

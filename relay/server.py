@@ -48,7 +48,7 @@ from .identity import IdentityKeys, issuer_ssl_contexts
 from .metrics import Metrics, NilMetrics
 from .platform import STOP_SIGNALS, run_reload_trigger
 from .session import Session, handle_connection
-from .state import SessionLeases, SharedState, open_revocation_store
+from .state import SessionLeases, SharedState, WorkerSessions, open_revocation_store
 from .tls import ServerEngine, ServerTLS, make_server_engine
 from .watch import run_watch
 from .workers import open_reuseport_listeners
@@ -273,6 +273,10 @@ class Relay:
         # workers' (set by the CLI).  ``None`` for a single SQLite relay,
         # which counts its sessions in memory and writes nothing per tunnel.
         self.leases: SessionLeases | None = self.shared
+        # Who owns a target's managed server: the cluster's advisory locks
+        # (PostgreSQL) or, with ``serve --workers N`` and SQLite, the host's
+        # lock files (set by the CLI).  ``None`` for a single SQLite relay.
+        self.server_claims: SharedState | WorkerSessions | None = self.shared
         # Filled by refresh_revocations(), which open_relay calls first.
         self.revoked: RevocationSet = RevocationSet()
         self._revocation_version: int | None = None
@@ -439,9 +443,9 @@ class Relay:
             server = self.managed.get(target.name)
             if server is not None and server.running:
                 return server, False
-            if self.shared is not None:
-                # One relay of the cluster runs a target's server at a time.
-                await self.shared.claim_server(target.name)
+            if self.server_claims is not None:
+                # One relay of the cluster (worker of the host) runs a target's server at a time.
+                await self.server_claims.claim_server(target.name)
             server = ManagedServer(
                 target,
                 log_dir=self.config.relay.state_dir / "servers",
@@ -454,8 +458,8 @@ class Relay:
             try:
                 await self._managed_nursery.start(server.run)
             except BaseException:
-                if self.shared is not None:
-                    self.shared.release_server(target.name)
+                if self.server_claims is not None:
+                    self.server_claims.release_server(target.name)
                 raise
             self.metrics.managed_servers(target.name, 1)
             return server, True
@@ -464,8 +468,8 @@ class Relay:
         self.audit_event(event, target=target, **fields)
         log.info(event, extra={"target": target} | fields)
         if event == "server.exited":
-            if self.shared is not None:
-                self.shared.release_server(target)
+            if self.server_claims is not None:
+                self.server_claims.release_server(target)
             self.metrics.managed_servers(target, 0)
             if fields.get("reason") in ("idle", "max_session"):
                 self.metrics.idle_kill(target)

@@ -12,6 +12,10 @@ module is the trio side of it:
   The leases, the per-user cap and the watcher's view of other relays'
   tunnels are :class:`SessionLeases`, which :class:`WorkerSessions` shares:
   the same for the workers of ``serve --workers N`` in their SQLite file.
+* One relay of the cluster runs a target's managed server at a time
+  (:meth:`SharedState.claim_server`, a PostgreSQL advisory lock); one worker
+  of the host with SQLite (:meth:`WorkerSessions.claim_server`, a lock file,
+  :class:`ServerLocks`).
 * It also runs one task per relay that LISTENs for the
   notification every revocation write sends, re-reads the whole list when one
   arrives, after every reconnect and every ``resync_interval`` (a
@@ -40,6 +44,7 @@ and does not run under trio):
 from __future__ import annotations
 
 import abc
+import errno
 import hashlib
 import json
 import logging
@@ -51,6 +56,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -60,6 +66,11 @@ from config import Config, StateSection
 
 from .backends import BackendError
 from .errors import RemoteProtocolError
+
+try:  # POSIX only: serve --workers needs SO_REUSEPORT, which Windows lacks.
+    import fcntl
+except ImportError:  # pragma: no cover - exercised on Windows only
+    fcntl = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -73,6 +84,7 @@ __all__ = [
     "RECONNECT_INTERVAL",
     "SESSIONS_CHANNEL",
     "WATCH_LOCK",
+    "ServerLocks",
     "SessionLeases",
     "SharedState",
     "WorkerSessions",
@@ -731,6 +743,21 @@ class WorkerSessions(SessionLeases):
         )
         self.store = store
         self.index = index
+        # One worker of the host at a time runs a target's managed server.
+        self.servers = ServerLocks(store.path.parent / "claims")
+
+    async def claim_server(self, target: str) -> None:
+        """Become the one worker of the host that runs ``target``'s managed server, or refuse.
+
+        Raises:
+            BackendError: ``server_elsewhere`` when another worker runs it,
+                ``state_unavailable`` when its lock file cannot be opened.
+        """
+        self.servers.claim(target)
+
+    def release_server(self, target: str) -> None:
+        """Give up the claim on ``target``'s managed server (it has exited)."""
+        self.servers.release(target)
 
     def clear_predecessors(self, conn: sqlite3.Connection) -> int:
         """Create the table; delete the rows of earlier workers with this index.  Their count."""
@@ -843,7 +870,77 @@ class WorkerSessions(SessionLeases):
         except AuthError as exc:
             log.warning("state.register_failed", extra={"error": str(exc)})
         finally:
+            self.servers.close()
             self.store.close()
+
+
+class ServerLocks:
+    """Per-target lock files that make one process of the host a managed server's owner.
+
+    For the workers of ``serve --workers N`` with SQLite (PostgreSQL has its
+    advisory locks): a claim is an exclusive, non-blocking ``flock`` on
+    ``<folder>/<sha256 of the target name>.lock`` (0600, in a 0700 folder),
+    held on an open file descriptor until :meth:`release`.  The kernel drops
+    it when the process dies, so a killed worker's targets can be launched by
+    another worker or its successor.  The descriptor is not inherited by the
+    servers the relay starts (Python opens files non-inheritable).
+
+    Args:
+        folder: Where the lock files live (created on first claim).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._owned: dict[str, int] = {}
+
+    def path(self, target: str) -> Path:
+        """The lock file of ``target`` (its name a hash: any target name is a safe file name)."""
+        digest = hashlib.sha256(b"dbgrelay managed server\0" + target.encode()).hexdigest()
+        return self.folder / f"{digest[:32]}.lock"
+
+    def claim(self, target: str) -> None:
+        """Lock ``target``'s file, or refuse because another process holds it.
+
+        Raises:
+            BackendError: ``server_elsewhere`` when another process holds the
+                lock, ``state_unavailable`` when the file cannot be opened.
+        """
+        if target in self._owned:
+            return
+        path = self.path(target)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as exc:
+            raise BackendError(
+                f"target {target!r}: cannot claim its managed server: {path}: {exc.strerror}",
+                reason="state_unavailable",
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise BackendError(
+                    f"target {target!r}: its managed server runs on another worker",
+                    reason="server_elsewhere",
+                ) from exc
+            raise BackendError(
+                f"target {target!r}: cannot claim its managed server: {path}: {exc.strerror}",
+                reason="state_unavailable",
+            ) from exc
+        self._owned[target] = fd
+
+    def release(self, target: str) -> None:
+        """Unlock ``target``'s file (closing the descriptor drops the lock)."""
+        fd = self._owned.pop(target, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Release every claim (the worker is stopping)."""
+        for target in list(self._owned):
+            self.release(target)
 
 
 # -- the sessions table (run in worker threads) ---------------------------------

@@ -22,6 +22,7 @@ import pytest
 
 from relay.workers import reuseport_available
 
+from .. import accounts
 from .support import READY_TIMEOUT, Proc, ProcGroup, config_text, free_port, start_relay
 from .test_operations import echo, issue, open_tunnel, refused, target
 from .test_several_relays import request_tunnel
@@ -301,3 +302,140 @@ def test_a_single_relay_counts_in_memory_and_writes_no_session_rows(
     assert "revoked_jtis" in tables and "live_sessions" not in tables
     tls.close()
     relay.stop()
+
+
+#: A managed debug server stand-in: echoes on 127.0.0.1:PORT, exits when it receives "quit".
+QUITTING_SERVER = (
+    "import os, socket, sys, threading\n"
+    "s = socket.create_server(('127.0.0.1', int(sys.argv[1])))\n"
+    "def echo(c):\n"
+    "    while data := c.recv(65536):\n"
+    "        if data == b'quit':\n"
+    "            os._exit(0)\n"
+    "        c.sendall(data)\n"
+    "while True:\n"
+    "    threading.Thread(target=echo, args=(s.accept()[0],), daemon=True).start()\n"
+)
+
+
+def managed_servers(marker: str) -> set[int]:
+    """Pids of the live (not zombie) launched servers whose command line holds ``marker``.
+
+    The worker's log names the worker's pid on every line, so the server's own
+    pid is found here.
+    """
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        # The server itself, not the launcher shim whose command line ends with the server's.
+        server = argv[2:4] == [b"-c", QUITTING_SERVER.encode()] and marker.encode() in argv
+        if server and state != "Z":
+            found.add(int(entry.name))
+    return found
+
+
+def wait_exited(pid: int) -> None:
+    """Return once process ``pid`` has exited (a zombie or gone): its descriptors are closed."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return
+        if state == "Z":
+            return
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.02)
+
+
+def test_one_worker_at_a_time_runs_a_managed_server_and_a_killed_ones_claim_lapses(
+    workers: Callable, home: Path, backend: EchoServer
+) -> None:
+    marker = f"dbgrelay-test-{os.getpid()}-{time.monotonic_ns()}"
+    managed = {
+        "backend": "tcp://127.0.0.1:{port}",
+        # Run as the target account: an interpreter that account can execute.
+        "launch": [accounts.public_python(), "-I", "-c", QUITTING_SERVER, "{port}", marker],
+        "idle_timeout": "1h",
+    }
+    supervisor, address, pids = workers(
+        [target("build42", backend.port) | managed, target("plain", backend.port)]
+    )
+    token = issue(home, target_glob="*")
+
+    # Worker 0 is dead: worker 1 launches the server for a tunnel it holds.
+    kill_held(supervisor, pids[0], address)
+    on_1, sid = open_tunnel(home, address, "build42", token)
+    assert sid in worker_sessions(home, 1)
+    echo(on_1, b"served by worker 1")
+    supervisor.wait_event("server.launched", worker=1, pid=pids[1], target="build42")
+    (first,) = managed_servers(marker)
+    # A tunnel to a plain target keeps worker 1 alive through its drain.
+    keeper, _ = open_tunnel(home, address, "plain", token)
+    pids[0] = resume(supervisor, 0, pids[0])
+
+    # Worker 1 drains (its tunnels and its server stay): new connections go to worker 0,
+    # which refuses to launch a second instance of the server.
+    os.kill(pids[1], signal.SIGTERM)
+    supervisor.wait_event("relay.draining", worker=1)
+    answer = refused(home, address, "build42", token)
+    assert (answer.status, answer.reason) == (502, "server_elsewhere")
+    assert supervisor.wait_line(
+        lambda line: (
+            '"backend.failed"' in line
+            and '"worker": 0' in line
+            and "its managed server runs on another worker" in line
+        )
+    )
+    assert [r for r in supervisor.events("server.launched") if r["worker"] == 0] == []
+    assert managed_servers(marker) == {first}
+
+    # The server exits while worker 1 lives on: its claim goes with it, worker 0 launches.
+    on_1.sendall(b"quit")
+    supervisor.wait_event("server.exited", worker=1, target="build42")
+    wait_exited(first)
+    on_0, _ = open_tunnel(home, address, "build42", token)
+    echo(on_0, b"served by worker 0")
+    supervisor.wait_event("server.launched", worker=0, pid=pids[0], target="build42")
+    (second,) = managed_servers(marker)
+    assert second != first
+    echo(keeper, b"worker 1 still there")
+
+    # Worker 1 finishes its drain; the supervisor starts its successor.
+    old_1 = pids[1]
+    for tls in (on_1, keeper):
+        tls.close()
+    supervisor.wait_event("worker.exited", worker=1)
+    listening = supervisor.wait_line(
+        lambda line: (
+            '"relay.listening"' in line and '"worker": 1' in line and f'"pid": {old_1}' not in line
+        )
+    )
+    pids[1] = json.loads(listening)["pid"]
+    # While worker 0 runs the server (draining, its tunnel stays), worker 1's successor
+    # refuses too.
+    os.kill(pids[0], signal.SIGTERM)
+    supervisor.wait_event("relay.draining", worker=0, pid=pids[0])
+    answer = refused(home, address, "build42", token)
+    assert (answer.status, answer.reason) == (502, "server_elsewhere")
+    echo(on_0, b"worker 0 still serves")
+    kill_held(supervisor, pids[0], address)
+    # Killed: its server died with it and the kernel dropped its claim.
+    wait_exited(pids[0])
+    wait_exited(second)
+    on_1, _ = open_tunnel(home, address, "build42", token)
+    echo(on_1, b"served by worker 1 again")
+    supervisor.wait_event("server.launched", worker=1, pid=pids[1], target="build42")
+    (third,) = managed_servers(marker)
+    assert third not in (first, second)
+    on_0.close()
+    on_1.close()
+    supervisor.send_signal(signal.SIGCONT)
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=30) == 0, supervisor.output()
