@@ -274,11 +274,16 @@ def sibling_admins(config: Config, workers: int) -> dict[int, Any]:
 
 
 def log_filter(index: int, pid: int) -> Any:
-    """A logging filter that names the worker on every record."""
+    """A logging filter that names the worker on every record.
+
+    ``pid`` is the worker's unless the event names a process of its own
+    (``server.launched`` and ``server.exited`` carry the server's).
+    """
 
     def add(record: logging.LogRecord) -> bool:
         record.worker = index
-        record.pid = pid
+        if "pid" not in record.__dict__:
+            record.pid = pid
         return True
 
     return add

@@ -97,9 +97,7 @@ def _loaded(tmp_path: Path, pki: Path, keydir: Path, engine: str, metrics_listen
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_stdlib_relay_without_metrics_or_idp_loads_no_optional_library(
-    tmp_path, pki, keydir
-):
+def test_a_stdlib_relay_without_metrics_or_idp_loads_no_optional_library(tmp_path, pki, keydir):
     assert _loaded(tmp_path, pki, keydir, "stdlib", "") == []
 
 

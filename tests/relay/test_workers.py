@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,3 +42,17 @@ def test_auto_is_one_per_cpu_on_a_fixed_port_and_one_process_on_port_0(
     assert workers.auto_workers(fixed) == (1, "this platform has no SO_REUSEPORT")
     monkeypatch.setattr(workers, "cpus_available", lambda: 1)
     assert workers.auto_workers(fixed) == (1, None)
+
+
+def test_log_lines_name_the_worker_and_keep_a_pid_the_event_carries():
+    add = workers.log_filter(1, 4242)
+    plain = logging.LogRecord(
+        "dbgrelay.relay", logging.INFO, __file__, 1, "relay.listening", (), None
+    )
+    launched = logging.LogRecord(
+        "dbgrelay.relay", logging.INFO, __file__, 1, "server.launched", (), None
+    )
+    launched.pid = 77  # as extra={"pid": ...} sets it
+    assert add(plain) and add(launched)
+    assert (plain.worker, plain.pid) == (1, 4242)
+    assert (launched.worker, launched.pid) == (1, 77)
