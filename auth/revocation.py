@@ -19,6 +19,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,7 +258,7 @@ class RevocationStore:
     def _setup(self) -> None:
         conn = self._conn
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = self._enter_wal()
         if str(mode).lower() != "wal":
             raise AuthError(
                 f"{self.path}: SQLite refused WAL mode (got {mode!r}); put the revocation "
@@ -284,6 +285,24 @@ class RevocationStore:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    def _enter_wal(self) -> str:
+        """Switch to WAL mode; the journal mode SQLite reports afterwards.
+
+        Switching a new file to WAL takes an exclusive lock that SQLite does
+        not wait for: while another process opens the same new file (the
+        workers of ``serve --workers``, all starting at once) it answers
+        "database is locked" at once, busy timeout or not.  That is retried
+        within the busy timeout.
+        """
+        deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                return self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.01)
 
     # -- context manager -------------------------------------------------
 

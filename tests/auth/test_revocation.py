@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,33 @@ def test_revocation_set_is_immutable() -> None:
     with pytest.raises(TypeError):
         snap.user_cutoffs["eve"] = 1.0  # type: ignore[index]
     assert isinstance(snap.jtis, frozenset)
+
+
+_OPEN_AT_ONCE = r"""
+import sys, time
+from pathlib import Path
+from auth import RevocationStore
+path, start = Path(sys.argv[1]), float(sys.argv[2])
+while time.time() < start:
+    pass
+RevocationStore(path).close()
+"""
+
+
+def test_processes_opening_a_new_database_at_once_all_open_it(tmp_path: Path) -> None:
+    # What `serve --workers N` does at start: N processes open one new file.
+    # Switching a new file to WAL takes an exclusive lock that SQLite does not
+    # wait for, so the slower opener used to fail with "database is locked".
+    for attempt in range(8):
+        path = tmp_path / f"tokens-{attempt}.sqlite"
+        start = time.time() + 0.5
+        openers = [
+            subprocess.Popen(
+                [sys.executable, "-c", _OPEN_AT_ONCE, str(path), str(start)],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
+        errors = [p.communicate(timeout=60)[1] for p in openers]
+        assert [p.returncode for p in openers] == [0] * 4, errors
