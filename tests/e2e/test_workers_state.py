@@ -133,6 +133,21 @@ def admin_get(home: Path, path: str) -> dict:
     return trio.run(admin_request, endpoint, "GET", path)
 
 
+def refused_while_1_drains(supervisor, home, address, pids, target, token, *, event, says):
+    """Drain worker 1 (its tunnels stay) and have worker 0 refuse the next tunnel.
+
+    Returns the refusal, once worker 0 logged ``event`` with ``says`` in it
+    (the audit record before it has no message).
+    """
+    os.kill(pids[1], signal.SIGTERM)
+    supervisor.wait_event("relay.draining", worker=1)
+    answer = refused(home, address, target, token)
+    assert supervisor.wait_line(
+        lambda line: f'"{event}"' in line and '"worker": 0' in line and says in line
+    )
+    return answer
+
+
 def test_a_user_at_the_cap_on_one_worker_is_refused_on_the_other_and_max_sessions_is_per_host(
     workers: Callable, home: Path, backend: EchoServer
 ) -> None:
@@ -150,18 +165,11 @@ def test_a_user_at_the_cap_on_one_worker_is_refused_on_the_other_and_max_session
     assert (shown["id"], shown["user"], shown["worker"]) == (sid, "alice", 1)
 
     # Worker 1 drains (its tunnel stays): every new connection goes to worker 0.
-    os.kill(pids[1], signal.SIGTERM)
-    supervisor.wait_event("relay.draining", worker=1)
-    answer = refused(home, address, "build42", alice)
+    answer = refused_while_1_drains(
+        supervisor, home, address, pids, "build42", alice,
+        event="tunnel.refused", says="already has 1 tunnels open on this host",
+    )  # fmt: skip
     assert (answer.status, answer.reason) == (429, "user_sessions")
-    # The log line that says why (the audit record before it has no message).
-    assert supervisor.wait_line(
-        lambda line: (
-            '"tunnel.refused"' in line
-            and '"worker": 0' in line
-            and "already has 1 tunnels open on this host" in line
-        )
-    )
     # Another user is not held back; the host's second tunnel fills max_sessions = 2.
     on_0, bob_sid = open_tunnel(home, address, "build42", bob)
     assert bob_sid in worker_sessions(home, 0)
@@ -374,7 +382,7 @@ def test_one_worker_at_a_time_runs_a_managed_server_and_a_killed_ones_claim_laps
     on_1, sid = open_tunnel(home, address, "build42", token)
     assert sid in worker_sessions(home, 1)
     echo(on_1, b"served by worker 1")
-    supervisor.wait_event("server.launched", worker=1, pid=pids[1], target="build42")
+    supervisor.wait_event("server.launched", worker=1, target="build42")
     (first,) = managed_servers(marker)
     # A tunnel to a plain target keeps worker 1 alive through its drain.
     keeper, _ = open_tunnel(home, address, "plain", token)
@@ -382,17 +390,11 @@ def test_one_worker_at_a_time_runs_a_managed_server_and_a_killed_ones_claim_laps
 
     # Worker 1 drains (its tunnels and its server stay): new connections go to worker 0,
     # which refuses to launch a second instance of the server.
-    os.kill(pids[1], signal.SIGTERM)
-    supervisor.wait_event("relay.draining", worker=1)
-    answer = refused(home, address, "build42", token)
+    answer = refused_while_1_drains(
+        supervisor, home, address, pids, "build42", token,
+        event="backend.failed", says="its managed server runs on another worker",
+    )  # fmt: skip
     assert (answer.status, answer.reason) == (502, "server_elsewhere")
-    assert supervisor.wait_line(
-        lambda line: (
-            '"backend.failed"' in line
-            and '"worker": 0' in line
-            and "its managed server runs on another worker" in line
-        )
-    )
     assert [r for r in supervisor.events("server.launched") if r["worker"] == 0] == []
     assert managed_servers(marker) == {first}
 
@@ -402,7 +404,7 @@ def test_one_worker_at_a_time_runs_a_managed_server_and_a_killed_ones_claim_laps
     wait_exited(first)
     on_0, _ = open_tunnel(home, address, "build42", token)
     echo(on_0, b"served by worker 0")
-    supervisor.wait_event("server.launched", worker=0, pid=pids[0], target="build42")
+    supervisor.wait_event("server.launched", worker=0, target="build42")
     (second,) = managed_servers(marker)
     assert second != first
     echo(keeper, b"worker 1 still there")
@@ -431,7 +433,7 @@ def test_one_worker_at_a_time_runs_a_managed_server_and_a_killed_ones_claim_laps
     wait_exited(second)
     on_1, _ = open_tunnel(home, address, "build42", token)
     echo(on_1, b"served by worker 1 again")
-    supervisor.wait_event("server.launched", worker=1, pid=pids[1], target="build42")
+    supervisor.wait_event("server.launched", worker=1, target="build42")
     (third,) = managed_servers(marker)
     assert third not in (first, second)
     on_0.close()
