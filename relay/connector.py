@@ -86,8 +86,9 @@ class ConnectorSettings:
         data_plane: Who moves an open tunnel's bytes, as ``relay.data_plane``
             (:func:`relay.pump.driver_for`).
         tls_sessions: The newest TLS session of each relay (by host, port
-            and server name) with the engine that made it, resumed by the
-            next tunnel to it through that engine: a resumed
+            and server name) with the engine that made it (``None`` when the
+            relay gave that engine no ticket), resumed by the next tunnel to
+            it through that engine: a resumed
             handshake skips the certificate exchange.  The relay checks the
             token of every tunnel, resumed or not.
     """
@@ -248,6 +249,8 @@ async def _exchange(
     relay_key = (settings.relay_host, settings.relay_port, settings.server_name)
     # A session resumes only with the engine (and context) that made it.
     made_by, session = settings.tls_sessions.get(relay_key, (None, None))
+    # (engine, None) records that this relay gave that engine no ticket.
+    known = made_by is settings.engine
     tls = settings.engine.wrap(
         raw, settings.server_name, session=session if made_by is settings.engine else None
     )
@@ -276,14 +279,13 @@ async def _exchange(
                     break
                 parser.receive_data(await tls.receive_some(16384))
             # The relay's ticket came before its answer.  One session serves
-            # every tunnel that resumes it: a new one is taken only after a
-            # full handshake (none yet, or the relay's ticket key changed).
-            # Taking one per tunnel costs CPython 3.11's stdlib engine 6.5 KiB
-            # that is never freed.
-            if session is None or not tls.resumed():
-                session = tls.session()
-                if session is not None:
-                    settings.tls_sessions[relay_key] = (settings.engine, session)
+            # every tunnel that resumes it: a new one is taken only after the
+            # first handshake and after a full one where a session was offered
+            # (the relay's ticket key changed).  Reading the session costs
+            # CPython 3.11's stdlib engine 6.5 KiB that is never freed, so a
+            # relay that gave no ticket is not asked again.
+            if not known or (session is not None and not tls.resumed()):
+                settings.tls_sessions[relay_key] = (settings.engine, tls.session())
     except trio.TooSlowError as exc:
         await trio.aclose_forcefully(tls)
         raise ConnectFailed(

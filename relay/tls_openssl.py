@@ -225,6 +225,7 @@ class OpenSSLEngine:
         return self._conn.get_protocol_version_name()
 
     def resumed(self) -> bool:
+        # pyOpenSSL has no call for it; OpenSSL's own, on the same SSL object.
         return bool(_lib.SSL_session_reused(self._conn._ssl))
 
     def session(self) -> SSL.Session | None:
@@ -257,7 +258,6 @@ class OpenSSLEngine:
             peer_serial=serial,
             peer_cn=cn,
             peer_sans=sans,
-            # pyOpenSSL has no call for it; OpenSSL's own, on the same SSL object.
             resumed=self.resumed(),
         )
 
