@@ -895,8 +895,7 @@ class ServerLocks:
 
     def path(self, target: str) -> Path:
         """The lock file of ``target`` (its name a hash: any target name is a safe file name)."""
-        digest = hashlib.sha256(b"dbgrelay managed server\0" + target.encode()).hexdigest()
-        return self.folder / f"{digest[:32]}.lock"
+        return self.folder / f"{_server_digest(target).hex()[:32]}.lock"
 
     def claim(self, target: str) -> None:
         """Lock ``target``'s file, or refuse because another process holds it.
@@ -908,23 +907,19 @@ class ServerLocks:
         if target in self._owned:
             return
         path = self.path(target)
+        fd = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        except OSError as exc:
-            raise BackendError(
-                f"target {target!r}: cannot claim its managed server: {path}: {exc.strerror}",
-                reason="state_unavailable",
-            ) from exc
-        try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise BackendError(
-                    f"target {target!r}: its managed server runs on another worker",
-                    reason="server_elsewhere",
-                ) from exc
+            if fd is not None:
+                os.close(fd)
+                if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise BackendError(
+                        f"target {target!r}: its managed server runs on another worker",
+                        reason="server_elsewhere",
+                    ) from exc
             raise BackendError(
                 f"target {target!r}: cannot claim its managed server: {path}: {exc.strerror}",
                 reason="state_unavailable",
@@ -946,10 +941,14 @@ class ServerLocks:
 # -- the sessions table (run in worker threads) ---------------------------------
 
 
+def _server_digest(target: str) -> bytes:
+    """What names a target's managed-server claim: the lock file, or the advisory lock key."""
+    return hashlib.sha256(b"dbgrelay managed server\0" + target.encode()).digest()
+
+
 def _server_lock(target: str) -> int:
     """The advisory lock key of a target's managed server (a signed 64-bit integer)."""
-    digest = hashlib.sha256(b"dbgrelay managed server\0" + target.encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    return int.from_bytes(_server_digest(target)[:8], "big", signed=True)
 
 
 async def _wait_broken(conn: Any) -> None:
