@@ -23,7 +23,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +37,15 @@ __all__ = [
     "is_listening",
     "group_pids",
     "read_rss",
+    "accepted_connections",
     "raise_nofile_limit",
 ]
 
 _PR_SET_PDEATHSIG = 1
 _TCP_LISTEN = "0A"
+#: /proc/net/tcp states of a socket on the server's port that is no open
+#: connection: LISTEN, TIME_WAIT, CLOSE.
+_NOT_OPEN = (_TCP_LISTEN, "06", "07")
 # Seconds stop() waits for SIGKILLed processes to be gone.
 _KILL_WAIT = 10.0
 
@@ -279,16 +283,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def is_listening(port: int) -> bool:
-    """Whether some socket listens on 127.0.0.1:``port`` or 0.0.0.0:``port``."""
-    wanted = {f"0100007F:{port:04X}", f"00000000:{port:04X}"}
+def _tcp_sockets() -> Iterator[tuple[str, str]]:
+    """``(local address, state)`` of every IPv4 TCP socket, as /proc/net/tcp writes them."""
     with open("/proc/net/tcp") as table:
         next(table)
         for line in table:
             fields = line.split()
-            if fields[1] in wanted and fields[3] == _TCP_LISTEN:
-                return True
-    return False
+            yield fields[1], fields[3]
+
+
+def is_listening(port: int) -> bool:
+    """Whether some socket listens on 127.0.0.1:``port`` or 0.0.0.0:``port``."""
+    wanted = {f"0100007F:{port:04X}", f"00000000:{port:04X}"}
+    return any(local in wanted and state == _TCP_LISTEN for local, state in _tcp_sockets())
+
+
+def accepted_connections(port: int) -> int:
+    """Connections a server on 127.0.0.1:``port`` accepted that are not over yet.
+
+    One is over once its socket is gone, in TIME_WAIT or CLOSE.
+    """
+    local = f"0100007F:{port:04X}"
+    return sum(
+        1 for address, state in _tcp_sockets() if address == local and state not in _NOT_OPEN
+    )
 
 
 def group_pids(pgid: int) -> list[int]:

@@ -19,7 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .procs import BenchError, Child, Supervisor, free_port, group_pids, read_rss
+from .procs import (
+    BenchError,
+    Child,
+    Supervisor,
+    accepted_connections,
+    free_port,
+    group_pids,
+    read_rss,
+)
 
 __all__ = [
     "Settings",
@@ -315,20 +323,6 @@ def _concurrent_run(ctx: Context, port: int, tunnels: int, relay: tuple[Child, .
     return result
 
 
-def _backend_connections(port: int) -> int:
-    """Open TCP connections to 127.0.0.1:``port`` (from /proc/net/tcp)."""
-    local = f"0100007F:{port:04X}"
-    count = 0
-    with open("/proc/net/tcp") as table:
-        next(table)
-        for line in table:
-            fields = line.split()
-            # Accepted by the backend and not yet closed on its side.
-            if fields[1] == local and fields[3] not in ("0A", "06", "07"):
-                count += 1
-    return count
-
-
 def _wait_backend_idle(port: int, timeout: float) -> None:
     """Wait until the path has closed every tunnel of the previous run.
 
@@ -337,7 +331,7 @@ def _wait_backend_idle(port: int, timeout: float) -> None:
     run's tunnels and measure more than its own count of them.
     """
     deadline = time.monotonic() + timeout
-    while (left := _backend_connections(port)) and time.monotonic() < deadline:
+    while (left := accepted_connections(port)) and time.monotonic() < deadline:
         time.sleep(0.1)
     if left:
         raise BenchError(

@@ -13,7 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.procs import BenchError, Supervisor, free_port, group_pids, is_listening, read_rss
+from bench.procs import (
+    BenchError,
+    Supervisor,
+    accepted_connections,
+    free_port,
+    group_pids,
+    is_listening,
+    read_rss,
+)
 
 
 def _alive(pid: int) -> bool:
@@ -88,3 +96,16 @@ def test_read_rss_counts_live_processes_and_skips_gone_ones():
     assert 0 < rss <= hwm
     # pid_max is at most 2**22, so this process cannot exist.
     assert read_rss([2**22 + 1]) == (0, 0)
+
+
+def test_accepted_connections_counts_the_open_ones_and_not_the_listener():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        assert accepted_connections(port) == 0  # the listener is not a connection
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        accepted = [listener.accept()[0] for _ in clients]
+        assert accepted_connections(port) == 2
+        clients[0].close()  # the server has not closed its side: not over
+        assert accepted_connections(port) == 2
+        for sock in [*clients, *accepted]:
+            sock.close()
