@@ -225,6 +225,11 @@ class Relay:
     Build one with :func:`open_relay`, which does the disk I/O; the
     constructor only wires together what it is given.
 
+    Sessions, the watcher and the gate see it only through the contexts
+    they declare (:class:`relay.session.SessionContext`,
+    :class:`relay.watch.WatchContext`, :class:`relay.gate.GateContext`);
+    ``tests/relay/test_imports.py`` checks that it provides them.
+
     Args:
         runtime: Keys, certificates and TLS engine loaded from the config.
         store: The open revocation store; :meth:`close` closes it.
