@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -26,9 +26,11 @@ from .limits import Limiter, LogThrottle, Refused, Ticket, source_key
 from .proxy_protocol import NEED_DATA, ProxyHeader, ProxyHeaderParser
 
 if TYPE_CHECKING:
-    from .server import Relay
+    from config import Config
 
-__all__ = ["Admission", "Gate"]
+    from .metrics import Metrics, NilMetrics
+
+__all__ = ["Admission", "Gate", "GateContext"]
 
 log = logging.getLogger("dbgrelay.relay")
 
@@ -75,14 +77,30 @@ class Admission:
         self._gate.refused(reason, self.source, **fields)
 
 
+class GateContext(Protocol):
+    """What the gate uses of the relay: :class:`relay.server.Relay` provides it."""
+
+    @property
+    def config(self) -> Config:
+        """The current configuration."""
+        ...
+
+    metrics: Metrics | NilMetrics
+
+    def audit_event(self, event: str, **fields: Any) -> None:
+        """Append a record to the relay's own audit file, and log it."""
+        ...
+
+
 class Gate:
     """Per-connection admission in front of :func:`relay.session.handle_connection`.
 
     Args:
-        relay: The relay (its config, metrics and audit trail).
+        relay: The relay (its config, metrics and audit trail); it is also
+            what ``handle`` is given.
     """
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: GateContext) -> None:
         self.relay = relay
         self.limiter = Limiter(relay.config.limits)
         # Sessions past the per-user check whose audit file is still being

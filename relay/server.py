@@ -34,12 +34,13 @@ from auth import (
     TokenCache,
     load_audit_key,
     load_jwks,
-    peek_unverified,
 )
 from config import Config, TargetConfig, format_address, load_config
 
+from . import access
 from .accept import serve_listeners
-from .audit import AuditWriter, relay_audit_path
+from .access import ClientCertNames, Grant
+from .audit import AuditWriter, relay_audit_path, session_audit_path
 from .audit_pool import AuditPool
 from .backends import ManagedServer, default_launchers, open_backend
 from .errors import LocalProtocolError, RelayError
@@ -224,6 +225,11 @@ class Relay:
     Build one with :func:`open_relay`, which does the disk I/O; the
     constructor only wires together what it is given.
 
+    Sessions, the watcher and the gate see it only through the contexts
+    they declare (:class:`relay.session.SessionContext`,
+    :class:`relay.watch.WatchContext`, :class:`relay.gate.GateContext`);
+    ``tests/relay/test_imports.py`` checks that it provides them.
+
     Args:
         runtime: Keys, certificates and TLS engine loaded from the config.
         store: The open revocation store; :meth:`close` closes it.
@@ -317,12 +323,37 @@ class Relay:
     def is_serial_revoked(self, serial: int) -> bool:
         return self.revoked.is_serial_revoked(serial)
 
-    def peek_token(self, token: str | None) -> dict[str, str]:
-        """``sub``/``jti`` of a refused token, marked unverified, for the audit trail."""
-        if not token:
-            return {}
-        claimed = peek_unverified(token)
-        return {f"claimed_{k}": v for k, v in claimed.items()}
+    def authorize(
+        self,
+        token: str | None,
+        target_name: str,
+        *,
+        config: Config,
+        client_cert: ClientCertNames | None,
+    ) -> Grant:
+        """Check a tunnel's token with the current keys, revocations and OIDC trust.
+
+        Args:
+            token: The bearer token, or ``None`` if the request had none.
+            target_name: The requested target.
+            config: The configuration the request is judged by (the
+                session's, as of its connection).
+            client_cert: Names in the verified client certificate, if any.
+
+        Raises:
+            RemoteProtocolError: 401, 403 or 404 with the reason code.
+        """
+        return access.authorize(
+            token=token,
+            target_name=target_name,
+            config=config,
+            keys=self.keys,
+            revoked=self.revoked,
+            now=self.wall_clock(),
+            oidc=self.identity.trust(),
+            client_cert=client_cert,
+            cache=self.token_cache,
+        )
 
     # -- audit ---------------------------------------------------------------
 
@@ -402,6 +433,39 @@ class Relay:
         except (OSError, RelayError) as exc:
             self.metrics.audit_write_error()
             log.error("audit.unwritable", extra={"error": str(exc)})
+
+    def take_audit_file(self, now: datetime, *, config: Config) -> tuple[str, AuditWriter] | None:
+        """A session file made ahead of time (see :mod:`relay.audit_pool`) and its session id.
+
+        Args:
+            now: When the session starts (the file's day folder).
+            config: The configuration whose audit folder and checkpoint
+                interval the file must have (the session's).
+
+        Returns:
+            ``None`` when the pool has no file that fits (the current key included).
+        """
+        return self.audit_pool.take(
+            audit_dir=config.relay.audit_dir,
+            signing_key=self.audit_key,
+            sign_interval=config.relay.checkpoint_interval,
+            now=now,
+        )
+
+    def create_audit_file(self, session_id: str, started: datetime) -> AuditWriter:
+        """Create a session's audit file now (the pool had none ready).
+
+        Raises:
+            OSError or RelayError: the file cannot be created.
+        """
+        return AuditWriter.create(
+            session_audit_path(self.config.relay.audit_dir, session_id, started),
+            kind="session",
+            session_id=session_id,
+            signing_key=self.audit_key,
+            clock=self.audit_clock,
+            sign_interval=self.config.relay.checkpoint_interval,
+        )
 
     def audit_clock(self) -> datetime:
         """Timestamps for audit records, from the relay's wall clock."""

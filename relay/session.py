@@ -22,15 +22,16 @@ import secrets
 import socket as stdlib_socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 import trio
 
+from auth import peek_unverified
 from config import TargetConfig
 
-from .access import ClientCertNames, Grant, authorize
-from .audit import AuditWriter, ByteRecorder, session_audit_path
+from .access import ClientCertNames, Grant
+from .audit import AuditWriter, ByteRecorder
 from .backends import BackendError, ManagedServer
 from .datapath.pump import BACKEND_ERROR
 from .errors import RelayError, RemoteProtocolError
@@ -46,11 +47,16 @@ from .pump import Traffic, driver_for
 from .tls import TLSInfo, is_pq_group
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from config import Config, NpipeBackend, TcpBackend, UnixBackend
+
     from .gate import Admission
     from .limits import Refused
-    from .server import Relay
+    from .metrics import Metrics, NilMetrics
+    from .tls import ServerTLS
 
-__all__ = ["Session", "handle_connection", "new_session_id"]
+__all__ = ["Session", "SessionContext", "handle_connection", "new_session_id"]
 
 log = logging.getLogger("dbgrelay.session")
 
@@ -140,6 +146,139 @@ class Session:
         }
 
 
+@runtime_checkable
+class SessionContext(Protocol):
+    """What a session uses of the relay that runs it; :class:`relay.server.Relay` provides it.
+
+    A session reads settings, admits and registers itself, writes audit
+    records and reaches backends only through these members, so this module
+    does not depend on the relay's internals (nor import :mod:`relay.server`).
+    Every member is looked up at the moment it is used, so a reload's new
+    config, keys and certificates apply to the next step of a live session.
+    """
+
+    # -- settings, clocks and metrics ----------------------------------------
+
+    @property
+    def config(self) -> Config:
+        """The current configuration (swapped as a whole by a reload)."""
+        ...
+
+    metrics: Metrics | NilMetrics
+
+    def wall_clock(self) -> float:
+        """Unix time, for token checks and the session's start."""
+        ...
+
+    def audit_clock(self) -> datetime:
+        """Timestamps for audit records (the wall clock, as a datetime)."""
+        ...
+
+    # -- handshake and admission --------------------------------------------
+
+    #: The current TLS server context; ``tls.wrap(raw)`` starts a handshake.
+    tls: ServerTLS
+    #: Server handshakes in progress at once (``limits.max_handshakes``).
+    handshake_slots: trio.CapacityLimiter
+
+    def is_serial_revoked(self, serial: int) -> bool:
+        """Whether a client certificate with this serial number has been revoked."""
+        ...
+
+    def authorize(
+        self,
+        token: str | None,
+        target_name: str,
+        *,
+        config: Config,
+        client_cert: ClientCertNames | None,
+    ) -> Grant:
+        """Check a token for a target, by ``config``, with the current keys and revocations.
+
+        Raises:
+            RemoteProtocolError: 401, 403 or 404 with the reason code.
+        """
+        ...
+
+    def unready_reason(self) -> str | None:
+        """``shutting_down``, ``state_unavailable``, or ``None`` while tunnels are admitted."""
+        ...
+
+    # -- the live sessions ---------------------------------------------------
+
+    #: The relay's live sessions by id (opening ones included); read only.
+    sessions: Mapping[str, Session]
+
+    def add_session(self, session: Session) -> None:
+        """Register an authorised session: revocation, admin and shutdown reach it."""
+        ...
+
+    async def claim_in_cluster(self, session: Session) -> None:
+        """Take the session's place in a shared sessions table, if there is one.
+
+        Raises:
+            RemoteProtocolError: a cluster-wide (or host-wide) cap is reached.
+        """
+        ...
+
+    def remove_session(self, session: Session) -> None:
+        """Unregister a session that has ended (or was refused after registering)."""
+        ...
+
+    def flush_bytes(self, session: Session) -> None:
+        """Push a session's byte counts into the metrics."""
+        ...
+
+    # -- audit ---------------------------------------------------------------
+
+    def audit_event(self, event: str, **fields: Any) -> None:
+        """Append a record to the relay's own audit file, and log it."""
+        ...
+
+    def take_audit_file(self, now: datetime, *, config: Config) -> tuple[str, AuditWriter] | None:
+        """A session file made ahead of time that fits ``config``, and its session id."""
+        ...
+
+    def create_audit_file(self, session_id: str, started: datetime) -> AuditWriter:
+        """Create the audit file of a session (when none was made ahead of time).
+
+        Raises:
+            OSError or RelayError: the file cannot be created.
+        """
+        ...
+
+    async def sync_audit(self, writer: AuditWriter) -> None:
+        """Flush and fsync an audit file."""
+        ...
+
+    def checkpoint_relay_audit(self) -> None:
+        """Sign what the relay's audit file holds so far."""
+        ...
+
+    # -- backends ------------------------------------------------------------
+
+    async def open_backend(
+        self,
+        backend: TcpBackend | UnixBackend | NpipeBackend | ManagedServer,
+        *,
+        connect_timeout: float,
+    ) -> trio.abc.Stream:
+        """Connect to a backend (a managed server through its launcher).
+
+        Raises:
+            BackendError: it cannot be reached.
+        """
+        ...
+
+    async def managed_server(self, target: TargetConfig) -> tuple[ManagedServer, bool]:
+        """The target's running server, launched now if need be, and whether it was.
+
+        Raises:
+            BackendError: it could not be launched.
+        """
+        ...
+
+
 async def _read_preamble(stream: trio.abc.Stream, parser: PreambleParser) -> TunnelRequested:
     while True:
         event = parser.next_event()
@@ -178,7 +317,7 @@ async def _close(stream: trio.abc.Stream, *, limit: float) -> None:
 
 
 async def handle_connection(
-    relay: Relay, stream: trio.SocketStream, *, admission: Admission | None = None
+    relay: SessionContext, stream: trio.SocketStream, *, admission: Admission | None = None
 ) -> None:
     """Serve one accepted connection until its tunnel ends.
 
@@ -187,7 +326,7 @@ async def handle_connection(
     ``session.crashed`` with a traceback, and the relay keeps running.
 
     Args:
-        relay: The relay.
+        relay: The relay that runs the session, as the session sees it.
         stream: The accepted connection.
         admission: What :class:`relay.gate.Gate` admitted it as: the
             client's address (from a PROXY header, maybe) and its source's
@@ -220,7 +359,7 @@ def _quiet(admission: Admission | None, reason: str) -> bool:
 
 
 async def _serve(
-    relay: Relay,
+    relay: SessionContext,
     raw: trio.SocketStream,
     sid: str,
     peer: str,
@@ -270,20 +409,15 @@ async def _serve(
     fields: dict[str, Any] = {"client": peer}
     try:
         request = await _receive_request(tls, deadline)
-        fields |= {"target": request.target} | relay.peek_token(request.token)
+        fields |= {"target": request.target} | _claimed(request.token)
         # Nothing touches a backend before this passes.
-        grant = authorize(
-            token=request.token,
-            target_name=request.target,
+        grant = relay.authorize(
+            request.token,
+            request.target,
             config=config,
-            keys=relay.keys,
-            revoked=relay.revoked,
-            now=relay.wall_clock(),
-            oidc=relay.identity.trust(),
             client_cert=ClientCertNames(cn=info.peer_cn, sans=info.peer_sans)
             if info.peer_subject is not None
             else None,
-            cache=relay.token_cache,
         )
         if admission is not None:
             admission.passed()
@@ -311,12 +445,7 @@ async def _serve(
         # A file made ahead of time (its creation and folder already on
         # disk) names the session: the id it was made under replaces ours,
         # before any record or log line carries it.
-        ready = relay.audit_pool.take(
-            audit_dir=config.relay.audit_dir,
-            signing_key=relay.audit_key,
-            sign_interval=config.relay.checkpoint_interval,
-            now=datetime.fromtimestamp(opened_at, UTC),
-        )
+        ready = relay.take_audit_file(datetime.fromtimestamp(opened_at, UTC), config=config)
         if ready is not None:
             sid = ctx["session_id"] = ready[0]
         session = Session(
@@ -397,7 +526,9 @@ async def _receive_request(tls: trio.abc.Stream, deadline: float) -> TunnelReque
     )
 
 
-def _check_admission(relay: Relay, request: TunnelRequested, grant: Grant, info: TLSInfo) -> None:
+def _check_admission(
+    relay: SessionContext, request: TunnelRequested, grant: Grant, info: TLSInfo
+) -> None:
     """Policy after the token: key exchange, draining, capacity.
 
     Raises:
@@ -412,13 +543,10 @@ def _check_admission(relay: Relay, request: TunnelRequested, grant: Grant, info:
         )
     if request.method == "OPTIONS":
         return
-    if relay.draining:
-        raise RemoteProtocolError("the relay is shutting down", reason="shutting_down", status=503)
-    if relay.shared is not None and not relay.shared.admitting():
-        # Fail closed: without the shared state this relay cannot learn revocations.
-        raise RemoteProtocolError(
-            "the relay cannot reach its shared state", reason="state_unavailable", status=503
-        )
+    # Fail closed without the shared state: this relay could not learn revocations.
+    unready = relay.unready_reason()
+    if unready is not None:
+        raise RemoteProtocolError(_UNREADY.get(unready, unready), reason=unready, status=503)
     limit = relay.config.relay.max_sessions
     if len(relay.sessions) >= limit:
         raise RemoteProtocolError(
@@ -435,6 +563,21 @@ def _check_admission(relay: Relay, request: TunnelRequested, grant: Grant, info:
         raise RemoteProtocolError(
             f"user {user!r} already has {per_user} tunnels open", reason="user_sessions", status=429
         )
+
+
+# Why a relay that is not admitting tunnels refuses one (log text; peers get the reason code).
+_UNREADY = {
+    "shutting_down": "the relay is shutting down",
+    "state_unavailable": "the relay cannot reach its shared state",
+}
+
+
+def _claimed(token: str | None) -> dict[str, str]:
+    """``sub``/``jti`` of a refused token, marked unverified, for the audit trail."""
+    if not token:
+        return {}
+    claimed = peek_unverified(token)
+    return {f"claimed_{k}": v for k, v in claimed.items()}
 
 
 def _grant_fields(grant: Grant) -> dict[str, Any]:
@@ -462,7 +605,7 @@ def _preflight_headers(target: TargetConfig, claims: Any = None) -> dict[str, st
     return headers
 
 
-def _open_audit(relay: Relay, session: Session, ctx: dict) -> None:
+def _open_audit(relay: SessionContext, session: Session, ctx: dict) -> None:
     """Write the session's start record into its audit file, not yet synced.
 
     The file is the one the session took from :mod:`relay.audit_pool`, or
@@ -478,14 +621,7 @@ def _open_audit(relay: Relay, session: Session, ctx: dict) -> None:
     started = datetime.fromtimestamp(session.started, UTC)
     try:
         if session.audit is None:
-            session.audit = AuditWriter.create(
-                session_audit_path(relay.config.relay.audit_dir, session.id, started),
-                kind="session",
-                session_id=session.id,
-                signing_key=relay.audit_key,
-                clock=relay.audit_clock,
-                sign_interval=relay.config.relay.checkpoint_interval,
-            )
+            session.audit = relay.create_audit_file(session.id, started)
         session.audit.append(
             "session.opened",
             session_id=session.id,
@@ -522,7 +658,9 @@ def _open_audit(relay: Relay, session: Session, ctx: dict) -> None:
         ) from exc
 
 
-async def _sync_start_record(relay: Relay, session: Session, failed: list[Exception]) -> None:
+async def _sync_start_record(
+    relay: SessionContext, session: Session, failed: list[Exception]
+) -> None:
     """Make the start record durable (fdatasync); a failure is put in ``failed``.
 
     Its file and folder entry are on disk already when the file came from
@@ -538,7 +676,7 @@ async def _sync_start_record(relay: Relay, session: Session, failed: list[Except
 
 
 async def _refuse(
-    relay: Relay,
+    relay: SessionContext,
     tls: trio.abc.Stream,
     exc: RemoteProtocolError,
     ctx: dict,
@@ -602,7 +740,11 @@ _PEER_MESSAGES = {
 
 
 async def _throttle(
-    relay: Relay, tls: trio.abc.Stream, admission: Admission, refused: Refused, **fields: Any
+    relay: SessionContext,
+    tls: trio.abc.Stream,
+    admission: Admission,
+    refused: Refused,
+    **fields: Any,
 ) -> None:
     """Answer 429 with Retry-After; counted, and reported at most every few seconds."""
     admission.throttled(refused.reason, **fields)
@@ -625,7 +767,7 @@ _ENDED_BEFORE_OPEN = {
 }
 
 
-async def _answer(relay: Relay, tls: trio.abc.Stream, status: int, reason: str) -> None:
+async def _answer(relay: SessionContext, tls: trio.abc.Stream, status: int, reason: str) -> None:
     """Send a refusal line inside a tunnel that was authorised; bounded, best effort."""
     message = _PEER_MESSAGES.get(reason, reason)
     with trio.move_on_after(relay.config.relay.final_write_timeout):
@@ -635,7 +777,7 @@ async def _answer(relay: Relay, tls: trio.abc.Stream, status: int, reason: str) 
             pass
 
 
-async def _sync_end_record(relay: Relay, audit: AuditWriter) -> None:
+async def _sync_end_record(relay: SessionContext, audit: AuditWriter) -> None:
     """fsync the end record within ``relay.session_end_timeout``: a hung disk
     must not hold the session's teardown, or the relay's shutdown, forever.
 
@@ -675,7 +817,11 @@ def _backend_gone(backend: trio.abc.Stream) -> str | None:
 
 
 async def _run_tunnel(
-    relay: Relay, session: Session, tls: trio.abc.Stream, request: TunnelRequested, ctx: dict
+    relay: SessionContext,
+    session: Session,
+    tls: trio.abc.Stream,
+    request: TunnelRequested,
+    ctx: dict,
 ) -> None:
     target = session.grant.target
     audit = session.audit
@@ -838,7 +984,8 @@ async def _run_tunnel(
         with trio.CancelScope(shield=True):
             if reason is None:
                 # Cancelled from outside the session's own scope.
-                reason = session.end_reason or ("shutdown" if relay.draining else "error")
+                draining = relay.unready_reason() == "shutting_down"
+                reason = session.end_reason or ("shutdown" if draining else "error")
             await _end_session(
                 relay,
                 session,
@@ -858,7 +1005,7 @@ async def _run_tunnel(
 _EXPECTED_IN_TEARDOWN = (OSError, RelayError)
 
 
-def _teardown_failed(relay: Relay, ctx: dict, step: str, exc: Exception) -> None:
+def _teardown_failed(relay: SessionContext, ctx: dict, step: str, exc: Exception) -> None:
     if isinstance(exc, _EXPECTED_IN_TEARDOWN):
         if step.startswith("audit") or step.startswith("recording"):
             with contextlib.suppress(Exception):  # a broken metrics object must not stop us
@@ -875,7 +1022,7 @@ def _teardown_failed(relay: Relay, ctx: dict, step: str, exc: Exception) -> None
 
 
 async def _end_session(
-    relay: Relay,
+    relay: SessionContext,
     session: Session,
     tls: trio.abc.Stream,
     ctx: dict,

@@ -32,7 +32,7 @@ import os
 import signal
 import subprocess
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -42,9 +42,14 @@ from config import TargetConfig
 from .backends import probe_backend
 
 if TYPE_CHECKING:
-    from .server import Relay
+    from collections.abc import Mapping
 
-__all__ = ["run_watch", "run_on_idle", "ON_IDLE_OUTPUT_LIMIT"]
+    from config import Config, TcpBackend, UnixBackend
+
+    from .metrics import Metrics, NilMetrics
+    from .session import Session
+
+__all__ = ["run_watch", "run_on_idle", "ON_IDLE_OUTPUT_LIMIT", "WatchContext"]
 
 log = logging.getLogger("dbgrelay.watch")
 
@@ -54,6 +59,50 @@ ON_IDLE_OUTPUT_LIMIT = 2000
 _MAX_NAP = 60.0
 # After on_idle exits, how long to keep reading output its children may hold open.
 _DRAIN_TIMEOUT = 1.0
+
+
+class SharedSessions(Protocol):
+    """The shared sessions table, as far as the watcher looks at it (:mod:`relay.state`)."""
+
+    #: Targets with a live session held by another relay (or worker), as of the last look.
+    busy_elsewhere: frozenset[str]
+
+    async def refresh_busy(self, relay: WatchContext) -> None:
+        """Look at the table now; a target whose last session elsewhere closed starts a spell.
+
+        Raises:
+            AuthError: the table cannot be read.
+        """
+        ...
+
+
+class WatchContext(Protocol):
+    """What the watcher uses of the relay: :class:`relay.server.Relay` provides it."""
+
+    @property
+    def config(self) -> Config:
+        """The current configuration (its targets are re-read on every wake-up)."""
+        ...
+
+    metrics: Metrics | NilMetrics
+    #: The relay's live sessions by id.
+    sessions: Mapping[str, Session]
+    #: The shared sessions table, or ``None`` for a single SQLite relay.
+    leases: SharedSessions | None
+    #: Monotonic (trio) time each target last saw a tunnel end.
+    last_activity: dict[str, float]
+    #: Targets reported forgotten (for the admin API).
+    forgotten: set[str]
+
+    async def open_backend(
+        self, backend: TcpBackend | UnixBackend, *, connect_timeout: float
+    ) -> trio.abc.Stream:
+        """Connect to a backend."""
+        ...
+
+    def audit_event(self, event: str, **fields: Any) -> None:
+        """Append a record to the relay's own audit file, and log it."""
+        ...
 
 
 @dataclass(slots=True)
@@ -70,7 +119,7 @@ class _TargetState:
 
 
 class _Watcher:
-    def __init__(self, relay: Relay, nursery: trio.Nursery) -> None:
+    def __init__(self, relay: WatchContext, nursery: trio.Nursery) -> None:
         self.relay = relay
         self.nursery = nursery
         self.started = trio.current_time()
@@ -210,7 +259,7 @@ class _Watcher:
             state.probing = False
 
 
-def _mark_forgotten(relay: Relay, name: str, forgotten: bool) -> None:
+def _mark_forgotten(relay: WatchContext, name: str, forgotten: bool) -> None:
     relay.metrics.forgotten_server(name, forgotten)
     if forgotten:
         relay.forgotten.add(name)
@@ -218,7 +267,7 @@ def _mark_forgotten(relay: Relay, name: str, forgotten: bool) -> None:
         relay.forgotten.discard(name)
 
 
-async def run_watch(relay: Relay) -> None:
+async def run_watch(relay: WatchContext) -> None:
     """Run the idle trigger and the forgotten-server probes until cancelled.
 
     Targets are re-read from ``relay.config`` on every wake-up, so a reload
@@ -232,7 +281,7 @@ async def run_watch(relay: Relay) -> None:
         await _Watcher(relay, nursery).run()
 
 
-async def run_on_idle(relay: Relay, target: TargetConfig, *, trigger: str = "idle") -> None:
+async def run_on_idle(relay: WatchContext, target: TargetConfig, *, trigger: str = "idle") -> None:
     """Run the target's ``on_idle`` command once, bounded; audit its outcome.
 
     The command runs in its own session with standard input from /dev/null;
@@ -316,7 +365,7 @@ async def run_on_idle(relay: Relay, target: TargetConfig, *, trigger: str = "idl
             _report(relay, fields, started)
 
 
-def _report(relay: Relay, fields: dict[str, Any], started: float) -> None:
+def _report(relay: WatchContext, fields: dict[str, Any], started: float) -> None:
     fields["duration"] = round(trio.current_time() - started, 3)
     relay.audit_event("on_idle.ran", **fields)
     if "error" in fields or fields.get("returncode"):

@@ -1,16 +1,29 @@
-"""What a relay loads: a stdlib-engine SQLite relay without metrics or an IdP stays lean.
+"""What a relay loads, and which of its modules import which.
 
-Each check runs a real tunnel in a fresh interpreter (a pytest process has
+A stdlib-engine SQLite relay without metrics or an IdP stays lean: each
+such check runs a real tunnel in a fresh interpreter (a pytest process has
 imported everything already) and then reads that interpreter's
-``sys.modules``.
+``sys.modules``.  The session, the watcher and the gate see the relay
+through the narrow contexts they declare, never :mod:`relay.server`: those
+checks read the source.
 """
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from relay import gate, session, watch
+from relay.gate import GateContext
+from relay.server import open_relay
+from relay.session import SessionContext
+from relay.watch import WatchContext
 
 from .. import accounts
 
@@ -104,3 +117,118 @@ def test_a_stdlib_relay_without_metrics_or_idp_loads_no_optional_library(tmp_pat
 def test_the_checks_see_the_modules_when_they_are_in_use(tmp_path, pki, keydir):
     loaded = _loaded(tmp_path, pki, keydir, "pyopenssl", "127.0.0.1:0")
     assert "OpenSSL" in loaded and "prometheus_client" in loaded
+
+
+# -- who imports whom ---------------------------------------------------------
+
+_RELAY = Path(__file__).resolve().parents[2] / "relay"
+
+
+def _module_name(path: Path) -> str:
+    parts = ("relay", *path.relative_to(_RELAY).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _relay_imports() -> dict[str, set[str]]:
+    """Each relay module's imports of other relay modules, read from the source.
+
+    Every import counts: at the top, inside functions and under
+    ``TYPE_CHECKING`` alike, since a type-only import ties the modules
+    together as much as the others do.
+    """
+    modules = {_module_name(p): p for p in _RELAY.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, *([node.module] if node.module else [])])
+                found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+        graph[name] = found & modules.keys()
+    return graph
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for module in graph[todo.pop()] - seen:
+            seen.add(module)
+            todo.append(module)
+    return seen
+
+
+def test_sessions_the_watcher_and_the_gate_never_import_the_server():
+    graph = _relay_imports()
+    assert "relay.session" in graph["relay.server"]  # the check reads real imports
+    for module in ("relay.session", "relay.watch", "relay.gate"):
+        assert "relay.server" not in _reachable(graph, module), module
+
+
+def _members(protocol: type) -> set[str]:
+    return {
+        name
+        for name in (*vars(protocol), *getattr(protocol, "__annotations__", {}))
+        if not name.startswith("_")
+    }
+
+
+def _uses_of(path: Path) -> set[str]:
+    """Attributes read off ``relay`` or ``self.relay`` in a module."""
+    used: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Attribute):
+            continue
+        owner = node.value
+        if isinstance(owner, ast.Name) and owner.id == "relay":
+            used.add(node.attr)
+        elif (
+            isinstance(owner, ast.Attribute)
+            and owner.attr == "relay"
+            and isinstance(owner.value, ast.Name)
+            and owner.value.id == "self"
+        ):
+            used.add(node.attr)
+    return used
+
+
+@pytest.mark.parametrize(
+    ("module", "protocol"),
+    [(session, SessionContext), (watch, WatchContext), (gate, GateContext)],
+    ids=["session", "watch", "gate"],
+)
+def test_a_module_reaches_the_relay_only_through_its_context(module, protocol):
+    used = _uses_of(Path(module.__file__))
+    assert used  # the check sees the module's uses
+    assert used <= _members(protocol), sorted(used - _members(protocol))
+
+
+def test_the_relay_provides_each_context(make_config):
+    relay = open_relay(
+        make_config([{"name": "build42", "kind": "tcp", "backend": "tcp://127.0.0.1:9"}])
+    )
+    try:
+        assert isinstance(relay, SessionContext)
+        for protocol in (SessionContext, WatchContext, GateContext):
+            for name in _members(protocol):
+                assert hasattr(relay, name), (protocol.__name__, name)
+                declared = vars(protocol).get(name)
+                provided = getattr(relay, name)
+                if inspect.isfunction(declared) and (
+                    inspect.ismethod(provided) or inspect.isfunction(provided)
+                ):
+                    # Same parameters of the same kinds: a renamed keyword fails here.
+                    ours = list(inspect.signature(declared).parameters.values())[1:]
+                    theirs = inspect.signature(provided).parameters.values()
+                    assert [(p.name, p.kind) for p in ours] == [(p.name, p.kind) for p in theirs], (
+                        protocol.__name__,
+                        name,
+                    )
+    finally:
+        relay.close()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,3 +65,68 @@ def test_the_constructor_touches_no_files(
         assert "a-revoked-jti" in relay.revoked.jtis
     finally:
         relay.close()
+
+
+# Builds a Relay in a fresh interpreter and lists the file, folder, socket
+# and process events (PEP 578 audit hooks) raised while the constructor runs;
+# with "control", also while it writes a relay-level audit record.
+_CONSTRUCT = r"""
+import json, sys, time
+from pathlib import Path
+
+from auth import RevocationStore
+from config import config_from_dict
+from relay.identity import IdentityKeys
+from relay.server import Relay, load_runtime
+
+pki, keydir, tmp, control = sys.argv[1:5]
+pki, keydir, tmp = Path(pki), Path(keydir), Path(tmp)
+config = config_from_dict(
+    {
+        "relay": {"listen": ["127.0.0.1:0"], "state_dir": str(tmp / "state")},
+        "tls": {"cert": str(pki / "server.pem"), "key": str(pki / "server.key")},
+        "auth": {"jwks": str(keydir / "jwks.json"), "audit_key": str(keydir / "audit.key")},
+        "targets": [{"name": "build42", "kind": "tcp", "backend": "tcp://127.0.0.1:9"}],
+    },
+    base_dir=tmp,
+)
+store = RevocationStore(tmp / "elsewhere.sqlite")
+runtime = load_runtime(config)
+identity = IdentityKeys(config.identity.oidc, wall_clock=time.time)
+events, watching = [], True
+IO = ("open", "os.", "shutil.", "sqlite3.", "socket.", "subprocess.")
+
+
+def hook(event, args):
+    if watching and event.startswith(IO):
+        events.append(f"{event} {args[0]!r}"[:200])
+
+
+sys.addaudithook(hook)
+relay = Relay(runtime, store, identity)
+if control == "control":
+    relay.audit_event("test.control")
+watching = False
+print(json.dumps(events))
+"""
+
+
+def _io_of(tmp_path: Path, pki: Path, keydir: Path, control: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", _CONSTRUCT, str(pki), str(keydir), str(tmp_path), control],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_constructor_does_no_disk_or_network_io(tmp_path: Path, pki: Path, keydir: Path):
+    assert _io_of(tmp_path, pki, keydir, "") == []
+
+
+def test_the_io_check_sees_the_relay_write_its_audit_file(tmp_path: Path, pki: Path, keydir: Path):
+    seen = _io_of(tmp_path, pki, keydir, "control")
+    assert any(event.startswith("open ") and "relay-" in event for event in seen), seen
