@@ -297,7 +297,26 @@ class Pump:
         out = self.codecs[side].sent(count)
         if out:
             return out
-        return self._delivered(1 - side, now)
+        # The chunk read from the other side is now written whole.
+        side = 1 - side
+        chunk = self._inflight[side]
+        if chunk is None:
+            return b""
+        self._inflight[side] = None
+        if side == CLIENT:
+            self.traffic.to_backend += len(chunk)
+        else:
+            self.traffic.to_client += len(chunk)
+        if self._idle_timeout is not None:
+            self.idle_deadline = now + self._idle_timeout
+        if self._tap is not None:
+            self._tap(_DIRECTION[side], chunk)
+        if self._ending[side] is not None:
+            self._act_on_ending(side, now)
+        elif not self._ended[side] and self.codecs[side].more:
+            # More records than one chunk's worth were waiting in TLS.
+            return self._decode(side, None, now)
+        return b""
 
     def eof_sent(self, side: int) -> None:
         """The half-close :meth:`wants_eof` asked for was done."""
@@ -379,32 +398,6 @@ class Pump:
             return b""
         self._inflight[side] = plain
         return out
-
-    def _delivered(self, side: int, now: float) -> bytes | memoryview:
-        """The chunk read from ``side`` is now written whole to the other side.
-
-        Returns:
-            What is now to be written to the other side: records of
-            ``side``'s that were waiting behind the chunk.
-        """
-        chunk = self._inflight[side]
-        if chunk is None:
-            return b""
-        self._inflight[side] = None
-        if side == CLIENT:
-            self.traffic.to_backend += len(chunk)
-        else:
-            self.traffic.to_client += len(chunk)
-        if self._idle_timeout is not None:
-            self.idle_deadline = now + self._idle_timeout
-        if self._tap is not None:
-            self._tap(_DIRECTION[side], chunk)
-        if self._ending[side] is not None:
-            self._act_on_ending(side, now)
-        elif not self._ended[side] and self.codecs[side].more:
-            # More records than one chunk's worth were waiting in TLS.
-            return self._decode(side, None, now)
-        return b""
 
     def _act_on_ending(self, side: int, now: float) -> None:
         ending = self._ending[side]

@@ -257,7 +257,6 @@ class DataPlane:
         while True:
             events = epoll.poll(-1.0 if check_at == math.inf else max(0.0, check_at - clock()))
             now = clock()
-            ready: list[_Tunnel] = []
             for fd, _ in events:
                 entry = tunnels.get(fd)
                 if entry is None:
@@ -268,28 +267,6 @@ class DataPlane:
                 # next try of the socket.
                 tunnel, side = entry
                 tunnel.readable[side] = True
-                ready.append(tunnel)
-            # Read without the lock: a command appended after this look has
-            # its wake-up byte still unread, so the next poll returns at once.
-            if self._commands or self._closed:
-                with self._lock:
-                    commands, self._commands = self._commands, []
-                    closed = self._closed
-                for command, tunnel in commands:
-                    if command == "add":
-                        tunnels[tunnel.fds[CLIENT]] = (tunnel, CLIENT)
-                        tunnels[tunnel.fds[BACKEND]] = (tunnel, BACKEND)
-                        ready.append(tunnel)
-                    else:
-                        self._let_go(epoll, tunnels, tunnel)
-                if closed:
-                    for tunnel, _ in list(tunnels.values()):
-                        self._let_go(epoll, tunnels, tunnel)
-                    epoll.close()
-                    return
-            for tunnel in ready:
-                if tunnel.released:
-                    continue  # let go earlier in this round
                 was_settled = tunnel.settled
                 try:
                     step(epoll, tunnel, now, scratch)
@@ -302,6 +279,31 @@ class DataPlane:
                     self._let_go(epoll, tunnels, tunnel)
                 elif not (was_settled and tunnel.settled):
                     check_at = min(check_at, pump.idle_deadline, pump.close_deadline)
+            # Read without the lock: a command appended after this look has
+            # its wake-up byte still unread, so the next poll returns at once.
+            if self._commands or self._closed:
+                with self._lock:
+                    commands, self._commands = self._commands, []
+                    closed = self._closed
+                for command, tunnel in commands:
+                    if command == "add":
+                        tunnels[tunnel.fds[CLIENT]] = (tunnel, CLIENT)
+                        tunnels[tunnel.fds[BACKEND]] = (tunnel, BACKEND)
+                        # Armed for everything: the next poll returns at
+                        # once (a new socket is writable) for a first step,
+                        # which then arms each side for what it wants.
+                        for fd in tunnel.fds:
+                            epoll.register(fd, _IN | _OUT)
+                        tunnel.masks = [_IN | _OUT, _IN | _OUT]
+                        pump = tunnel.pump
+                        check_at = min(check_at, pump.idle_deadline, pump.close_deadline)
+                    else:
+                        self._let_go(epoll, tunnels, tunnel)
+                if closed:
+                    for tunnel, _ in list(tunnels.values()):
+                        self._let_go(epoll, tunnels, tunnel)
+                    epoll.close()
+                    return
             if now >= check_at:
                 check_at = math.inf
                 for tunnel, side in list(tunnels.values()):
