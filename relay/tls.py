@@ -118,7 +118,7 @@ class StdlibEngine:
             (client side only).
     """
 
-    __slots__ = ("server_side", "_incoming", "_outgoing", "_obj")
+    __slots__ = ("server_side", "_incoming", "_outgoing", "_obj", "_ssl", "feed", "take_outgoing")
 
     def __init__(
         self,
@@ -138,27 +138,32 @@ class StdlibEngine:
             server_hostname=server_hostname,
             session=session,
         )
-
-    def feed(self, data: bytes | memoryview) -> None:
-        self._incoming.write(data)
+        # The C object behind SSLObject: read, write and pending run for
+        # every chunk, and the wrapper's methods only forward to it.  The
+        # same calls, with the same arguments and exceptions.
+        self._ssl = getattr(self._obj, "_sslobj", self._obj)
+        # Engine calls that need no translation are the BIOs' own methods.
+        self.feed = self._incoming.write
+        #: All ciphertext produced since the last call (``b""`` if none).
+        self.take_outgoing = self._outgoing.read
 
     def feed_eof(self) -> None:
         self._incoming.write_eof()
 
     def buffered(self) -> bool:
-        return bool(self._incoming.pending or self._obj.pending())
+        return bool(self._incoming.pending or self._ssl.pending())
 
     def handshake(self) -> bool:
         return attempt(self._obj.do_handshake, ssl.SSLWantReadError, ssl.SSLError, _failure)
 
     def read(self, max_bytes: int) -> bytes | None:
         incoming = self._incoming
-        if not incoming.pending and not incoming.eof and not self._obj.pending():
+        if not incoming.pending and not incoming.eof and not self._ssl.pending():
             # Nothing to decrypt: skip the call that could only say "want read".
             return None
         try:
             # Stops at what OpenSSL holds: 0 bytes means close_notify.
-            return self._obj.read(max_bytes)
+            return self._ssl.read(max_bytes)
         except ssl.SSLWantReadError:
             return None
         except ssl.SSLZeroReturnError:
@@ -168,12 +173,9 @@ class StdlibEngine:
 
     def write(self, data: bytes | memoryview) -> None:
         try:
-            self._obj.write(data)
+            self._ssl.write(data)
         except ssl.SSLError as exc:
             raise _failure(exc) from exc
-
-    def take_outgoing(self) -> bytes:
-        return self._outgoing.read() if self._outgoing.pending else b""
 
     def shutdown(self) -> None:
         try:

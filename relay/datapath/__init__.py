@@ -16,7 +16,7 @@ I/O code, imported from its own module:
 * :mod:`relay.datapath.sockets`: portable non-blocking socket calls.
 """
 
-from .pump import Codec, PlainCodec, Pump, PumpResult, Tap, TLSCodec, Traffic
+from .pump import Codec, PlainCodec, Pump, PumpResult, Tap, Traffic
 from .tls import ALPN, PQ_GROUPS, TRUNCATED, Engine, TLSConnection, TLSError, TLSInfo, is_pq_group
 
 __all__ = [
@@ -28,7 +28,6 @@ __all__ = [
     "PlainCodec",
     "Pump",
     "PumpResult",
-    "TLSCodec",
     "TLSConnection",
     "TLSError",
     "TLSInfo",

@@ -11,7 +11,7 @@ or all three at once as :meth:`Pump.wants`, :attr:`Pump.idle_deadline`,
 argument, never read here.
 
 Each side has a :class:`Codec` between the wire and the plaintext: nothing
-(:class:`PlainCodec`) or TLS (:class:`TLSCodec`, over the same
+(:class:`PlainCodec`) or TLS (the same
 :class:`~relay.datapath.tls.TLSConnection` the trio stream used for the
 handshake).
 
@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .tls import TLSConnection, TLSError
+from .tls import TLSError
 
 __all__ = [
     "READ",
@@ -55,7 +55,6 @@ __all__ = [
     "PlainCodec",
     "Pump",
     "PumpResult",
-    "TLSCodec",
     "Tap",
     "Traffic",
 ]
@@ -78,10 +77,6 @@ BACKEND_ERROR = "backend_error"
 _CLOSED = (CLIENT_CLOSED, BACKEND_CLOSED)
 _ERROR = (CLIENT_ERROR, BACKEND_ERROR)
 _DIRECTION = ("c2b", "b2c")
-
-#: Plaintext taken out of a TLS codec per received chunk at most; a chunk read
-#: from a socket is 64 KiB, plus at most one record left from the last one.
-_PLAINTEXT_LIMIT = 65536 + 16384
 
 Tap = Callable[[str, bytes], None]
 
@@ -114,11 +109,19 @@ class CodecError(Exception):
 class Codec(Protocol):
     """Between one side's wire and its plaintext.
 
+    :class:`PlainCodec` is the side without TLS; a TLS side's codec is its
+    :class:`~relay.datapath.tls.TLSConnection` itself (the one the trio
+    stream ran the handshake on), so the pump calls the connection's methods
+    directly.  Every call here runs for every chunk.
+
     Attributes:
         can_half_close: Whether the side can take an EOF and keep sending.
+        more: Whether the last :meth:`decode` stopped at its limit, so that
+            more may be decoded without new wire bytes.
     """
 
     can_half_close: bool
+    more: bool
 
     def decode(self, data: bytes | None) -> tuple[bytes, str | None]:
         """Plaintext from wire bytes (``b""``: EOF; ``None``: only what is buffered).
@@ -134,11 +137,15 @@ class Codec(Protocol):
         """Whether :meth:`decode` may return something without new wire bytes."""
         ...
 
-    def encode(self, data: bytes) -> None:
+    def encode(self, data: bytes) -> bytes | memoryview:
         """Queue ``data`` for the wire.
 
+        Returns:
+            Everything queued for the wire now, as :meth:`outgoing`.
+
         Raises:
-            CodecError: the side cannot take it.
+            CodecError: the side cannot take it (or
+                :class:`~relay.datapath.tls.TLSError`, from a TLS side).
         """
         ...
 
@@ -146,8 +153,8 @@ class Codec(Protocol):
         """Wire bytes queued and not yet sent."""
         ...
 
-    def sent(self, count: int) -> None:
-        """``count`` bytes of :meth:`outgoing` reached the wire."""
+    def sent(self, count: int) -> bytes | memoryview:
+        """``count`` bytes of :meth:`outgoing` reached the wire; returns the rest."""
         ...
 
 
@@ -159,6 +166,9 @@ class PlainCodec:
     """
 
     __slots__ = ("can_half_close", "_out")
+
+    #: A chunk is decoded whole.
+    more = False
 
     def __init__(self, *, can_half_close: bool = True) -> None:
         self.can_half_close = can_half_close
@@ -172,53 +182,17 @@ class PlainCodec:
     def buffered(self) -> bool:
         return False
 
-    def encode(self, data: bytes) -> None:
-        self._out = bytes(self._out) + data if self._out else data
+    def encode(self, data: bytes) -> bytes | memoryview:
+        self._out = out = bytes(self._out) + data if self._out else data
+        return out
 
     def outgoing(self) -> bytes | memoryview:
         return self._out
 
-    def sent(self, count: int) -> None:
+    def sent(self, count: int) -> bytes | memoryview:
         # A view, not a copy: a short write of a large chunk is cut again.
-        self._out = memoryview(self._out)[count:] if count < len(self._out) else b""
-
-
-class TLSCodec:
-    """A TLS side: decrypt what comes in, encrypt what goes out.
-
-    TLS does not half-close here: for the peers we serve, ``close_notify``
-    ends the whole stream.
-
-    Args:
-        conn: The connection the trio stream ran the handshake on.
-    """
-
-    __slots__ = ("conn",)
-
-    can_half_close = False
-
-    def __init__(self, conn: TLSConnection) -> None:
-        self.conn = conn
-
-    def decode(self, data: bytes | None) -> tuple[bytes, str | None]:
-        if data is not None:
-            self.conn.receive(data)
-        return self.conn.read_all(_PLAINTEXT_LIMIT)
-
-    def buffered(self) -> bool:
-        return self.conn.buffered()
-
-    def encode(self, data: bytes) -> None:
-        try:
-            self.conn.write(data)
-        except TLSError as exc:
-            raise CodecError(str(exc)) from exc
-
-    def outgoing(self) -> bytes:
-        return self.conn.outgoing()
-
-    def sent(self, count: int) -> None:
-        self.conn.sent(count)
+        self._out = out = memoryview(self._out)[count:] if count < len(self._out) else b""
+        return out
 
 
 class Pump:
@@ -292,29 +266,57 @@ class Pump:
 
     # -- what the driver is told ------------------------------------------------
 
-    def received(self, side: int, data: bytes, now: float) -> None:
+    def received(self, side: int, data: bytes, now: float) -> bytes | memoryview:
         """``data`` was read from ``side``'s wire; ``b""`` is its EOF.
+
+        Returns:
+            What is now to be written to the other side, as :meth:`to_send`
+            would answer (the driver's next call, saved).
 
         Raises:
             RuntimeError: the driver read ``side`` while :meth:`wants_read`
                 said not to (a bug in the driver: backpressure would be lost).
         """
         if self.done or self._ended[side]:
-            return
+            return b""
         if self._inflight[side] is not None:
             raise RuntimeError("the pump was given bytes from a side it did not want read")
-        self._decode(side, data, now)
+        return self._decode(side, data, now)
 
-    def sent(self, side: int, count: int, now: float) -> None:
+    def sent(self, side: int, count: int, now: float) -> bytes | memoryview:
         """``count`` bytes of :meth:`to_send` for ``side`` were written.
+
+        Returns:
+            What is still to be written to ``side``, as :meth:`to_send`
+            would answer: the rest of a short write, or records that were
+            waiting behind the chunk this delivered.
 
         Raises:
             Exception: whatever the tap raised for the chunk this delivered.
         """
-        codec = self.codecs[side]
-        codec.sent(count)
-        if not codec.outgoing():
-            self._delivered(1 - side, now)
+        out = self.codecs[side].sent(count)
+        if out:
+            return out
+        # The chunk read from the other side is now written whole.
+        side = 1 - side
+        chunk = self._inflight[side]
+        if chunk is None:
+            return b""
+        self._inflight[side] = None
+        if side == CLIENT:
+            self.traffic.to_backend += len(chunk)
+        else:
+            self.traffic.to_client += len(chunk)
+        if self._idle_timeout is not None:
+            self.idle_deadline = now + self._idle_timeout
+        if self._tap is not None:
+            self._tap(_DIRECTION[side], chunk)
+        if self._ending[side] is not None:
+            self._act_on_ending(side, now)
+        elif not self._ended[side] and self.codecs[side].more:
+            # More records than one chunk's worth were waiting in TLS.
+            return self._decode(side, None, now)
+        return b""
 
     def eof_sent(self, side: int) -> None:
         """The half-close :meth:`wants_eof` asked for was done."""
@@ -373,7 +375,12 @@ class Pump:
 
     # -- the machine -----------------------------------------------------------------
 
-    def _decode(self, side: int, data: bytes | None, now: float) -> None:
+    def _decode(self, side: int, data: bytes | None, now: float) -> bytes | memoryview:
+        """Decode what came from ``side`` and queue it for the other.
+
+        Returns:
+            What is now to be written to the other side.
+        """
         plain, end = self.codecs[side].decode(data)
         if end is not None:
             self._ended[side] = True
@@ -383,33 +390,14 @@ class Pump:
                 self._ending[side] = (_CLOSED[side], None)
         if not plain:
             self._act_on_ending(side, now)
-            return
+            return b"" if self.done else self.codecs[1 - side].outgoing()
         try:
-            self.codecs[1 - side].encode(plain)
-        except CodecError as exc:
+            out = self.codecs[1 - side].encode(plain)
+        except (CodecError, TLSError) as exc:
             self.failed(1 - side, str(exc))
-            return
+            return b""
         self._inflight[side] = plain
-
-    def _delivered(self, side: int, now: float) -> None:
-        """The chunk read from ``side`` is now written whole to the other side."""
-        chunk = self._inflight[side]
-        if chunk is None:
-            return
-        self._inflight[side] = None
-        if side == CLIENT:
-            self.traffic.to_backend += len(chunk)
-        else:
-            self.traffic.to_client += len(chunk)
-        if self._idle_timeout is not None:
-            self.idle_deadline = now + self._idle_timeout
-        if self._tap is not None:
-            self._tap(_DIRECTION[side], chunk)
-        if self._ending[side] is not None:
-            self._act_on_ending(side, now)
-        elif not self._ended[side] and self.codecs[side].buffered():
-            # More records than one chunk's worth were waiting in TLS.
-            self._decode(side, None, now)
+        return out
 
     def _act_on_ending(self, side: int, now: float) -> None:
         ending = self._ending[side]

@@ -75,6 +75,7 @@ class _Tunnel:
         "idle",
         "crash",
         "released",
+        "settled",
     )
 
     def __init__(
@@ -90,6 +91,8 @@ class _Tunnel:
         self.idle = False
         self.crash: BaseException | None = None
         self.released = False
+        # Armed for reading on both sides with nothing to send (see _step).
+        self.settled = False
 
 
 class DataPlane:
@@ -237,52 +240,36 @@ class DataPlane:
         epoll = self._epoll
         assert epoll is not None and self._wake_r is not None
         wake_fd = self._wake_r.fileno()
-        tunnels: dict[int, _Tunnel] = {}
+        # fd -> (tunnel, side)
+        tunnels: dict[int, tuple[_Tunnel, int]] = {}
         # Every read lands here and leaves as a bytes of its own size: a
         # 64 KiB bytes per read, cut down to what came, leaves holes the
         # allocator cannot give back (measured as resident memory growing
         # with every round of a thousand tunnels).
         scratch = memoryview(bytearray(trio_driver.RECEIVE_SIZE))
         # When a deadline (idle, or the backend's time after the client's EOF)
-        # may next be due.  Deadlines only move later with traffic, so the
-        # tunnels are scanned when this passes, not on every wake-up.
+        # may next be due.  Deadlines only move later with traffic, so this
+        # is lowered only when a tunnel comes or sets a close deadline, and
+        # the tunnels are scanned when it passes, not on every wake-up.
         check_at = math.inf
+        clock = self._clock
+        step = self._step
         while True:
-            timeout = -1.0 if check_at == math.inf else max(0.0, check_at - self._clock())
-            events = epoll.poll(timeout)
-            ready: set[_Tunnel] = set()
+            events = epoll.poll(-1.0 if check_at == math.inf else max(0.0, check_at - clock()))
+            now = clock()
             for fd, _ in events:
-                if fd == wake_fd:
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                elif fd in tunnels:
-                    # Readable, writable, hung up or failed: each shows on
-                    # the next try of the socket.
-                    tunnel = tunnels[fd]
-                    tunnel.readable[0 if fd == tunnel.fds[0] else 1] = True
-                    ready.add(tunnel)
-            with self._lock:
-                commands, self._commands = self._commands, []
-                closed = self._closed
-            for command, tunnel in commands:
-                if command == "add":
-                    tunnels[tunnel.fds[0]] = tunnels[tunnel.fds[1]] = tunnel
-                    ready.add(tunnel)
-                else:
-                    self._let_go(epoll, tunnels, tunnel)
-                    ready.discard(tunnel)
-            if closed:
-                for tunnel in set(tunnels.values()):
-                    self._let_go(epoll, tunnels, tunnel)
-                epoll.close()
-                return
-            now = self._clock()
-            for tunnel in ready:
+                entry = tunnels.get(fd)
+                if entry is None:
+                    if fd == wake_fd:
+                        self._drain_wake()
+                    continue
+                # Readable, writable, hung up or failed: each shows on the
+                # next try of the socket.
+                tunnel, side = entry
+                tunnel.readable[side] = True
+                was_settled = tunnel.settled
                 try:
-                    self._step(epoll, tunnel, now, scratch)
+                    step(epoll, tunnel, now, scratch)
                 except BaseException as exc:  # a bug: report it to the session
                     tunnel.crash = exc
                     self._let_go(epoll, tunnels, tunnel)
@@ -290,11 +277,38 @@ class DataPlane:
                 pump = tunnel.pump
                 if pump.done:
                     self._let_go(epoll, tunnels, tunnel)
-                else:
+                elif not (was_settled and tunnel.settled):
                     check_at = min(check_at, pump.idle_deadline, pump.close_deadline)
+            # Read without the lock: a command appended after this look has
+            # its wake-up byte still unread, so the next poll returns at once.
+            if self._commands or self._closed:
+                with self._lock:
+                    commands, self._commands = self._commands, []
+                    closed = self._closed
+                for command, tunnel in commands:
+                    if command == "add":
+                        tunnels[tunnel.fds[CLIENT]] = (tunnel, CLIENT)
+                        tunnels[tunnel.fds[BACKEND]] = (tunnel, BACKEND)
+                        # Armed for everything: the next poll returns at
+                        # once (a new socket is writable) for a first step,
+                        # which then arms each side for what it wants.
+                        for fd in tunnel.fds:
+                            epoll.register(fd, _IN | _OUT)
+                        tunnel.masks = [_IN | _OUT, _IN | _OUT]
+                        pump = tunnel.pump
+                        check_at = min(check_at, pump.idle_deadline, pump.close_deadline)
+                    else:
+                        self._let_go(epoll, tunnels, tunnel)
+                if closed:
+                    for tunnel, _ in list(tunnels.values()):
+                        self._let_go(epoll, tunnels, tunnel)
+                    epoll.close()
+                    return
             if now >= check_at:
                 check_at = math.inf
-                for tunnel in set(tunnels.values()):
+                for tunnel, side in list(tunnels.values()):
+                    if side == BACKEND:
+                        continue  # each tunnel once
                     pump = tunnel.pump
                     pump.expire(now)
                     tunnel.idle = pump.idle(now)
@@ -303,8 +317,18 @@ class DataPlane:
                     else:
                         check_at = min(check_at, pump.idle_deadline, pump.close_deadline)
 
+    def _drain_wake(self) -> None:
+        assert self._wake_r is not None
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
     @staticmethod
-    def _let_go(epoll: select.epoll, tunnels: dict[int, _Tunnel], tunnel: _Tunnel) -> None:
+    def _let_go(
+        epoll: select.epoll, tunnels: dict[int, tuple[_Tunnel, int]], tunnel: _Tunnel
+    ) -> None:
         """Unregister the tunnel's sockets and give it back to its trio task."""
         if tunnel.released:
             return
@@ -322,55 +346,68 @@ class DataPlane:
     def _step(epoll: select.epoll, tunnel: _Tunnel, now: float, scratch: memoryview) -> None:
         """Do everything the pump wants that the sockets allow now, then re-arm.
 
-        One :meth:`Pump.wants` per side and pass: this runs for every chunk.
+        This runs for every chunk, so the common case is short: a tunnel is
+        *settled* while both sides are armed for reading only and nothing
+        waits to be sent.  A settled tunnel's step reads the side that
+        became readable, sends the other side what the pump made of it, and
+        asks the pump nothing more.  Anything else (a short send, an EOF, a
+        side the pump stopped reading) unsettles it, and the step then asks
+        the pump what each side wants and re-arms to match.
         """
         pump = tunnel.pump
         socks = tunnel.socks
         readable = tunnel.readable
-        progress = True
-        while progress:
-            progress = False
+        settled = tunnel.settled
+        if not settled:
+            # Bytes or an EOF may be waiting for a side that became writable.
             for side in (CLIENT, BACKEND):
-                wants = pump.wants(side)
-                if wants & SEND:
-                    out = pump.to_send(side)
-                    try:
-                        count = socks[side].send(out)
-                    except BlockingIOError:
-                        count = 0
-                    except OSError as exc:
-                        pump.failed(side, f"socket error: {exc}")
-                        return
-                    if count:
-                        pump.sent(side, count, now)
-                        progress = True
-                elif wants & SEND_EOF:
-                    try:
-                        socks[side].shutdown(socket.SHUT_WR)
-                    except OSError:
-                        pass
-                    pump.eof_sent(side)
-                    progress = True
-                # Sending to this side changes what the other may read, never
-                # whether this one may be read.
-                if wants & READ and readable[side]:
-                    try:
-                        count = socks[side].recv_into(scratch)
-                    except BlockingIOError:
-                        readable[side] = False
-                        continue
-                    except OSError as exc:
-                        pump.failed(side, f"socket error: {exc}")
-                        return
-                    # A short read drained the socket: epoll says when more comes.
-                    readable[side] = count == len(scratch)
-                    pump.received(side, bytes(scratch[:count]), now)
-                    progress = True
+                _flush(pump, socks[side], side, now)
+            if pump.done:
+                return
+        full = len(scratch)
+        for side in (CLIENT, BACKEND):
+            if not readable[side]:
+                continue
+            sock = socks[side]
+            other = 1 - side
+            to = socks[other]
+            # A settled tunnel wants both sides read: no need to ask first.
+            wanted = settled
+            while readable[side] and (wanted or pump.wants_read(side)):
+                wanted = False
+                try:
+                    count = sock.recv_into(scratch)
+                except BlockingIOError:
+                    readable[side] = False
+                    break
+                except OSError as exc:
+                    pump.failed(side, f"socket error: {exc}")
+                    return
+                # A short read drained the socket: epoll says when more comes.
+                readable[side] = count == full
+                if not count:
+                    pump.received(side, b"", now)
+                    settled = False
+                    break
+                out = pump.received(side, bytes(scratch[:count]), now)
+                if out and not _send(pump, to, other, out, now):
+                    settled = False  # the socket is full: wait until writable
+                if pump.done:
+                    return
+        if settled and pump.result is None:
+            return
+        # Something changed: a side ended or is behind.  Send what is due
+        # (an EOF first of all), then arm each socket for what its side wants.
+        for side in (CLIENT, BACKEND):
+            _flush(pump, socks[side], side, now)
         if pump.done:
             return
+        settled = True
         for side in (CLIENT, BACKEND):
             wants = pump.wants(side)
             mask = (_IN if wants & READ else 0) | (_OUT if wants & (SEND | SEND_EOF) else 0)
+            if mask != _IN:
+                settled = False
             if mask != tunnel.masks[side]:
                 fd = tunnel.fds[side]
                 if not tunnel.masks[side]:
@@ -380,6 +417,40 @@ class DataPlane:
                 else:
                     epoll.unregister(fd)
                 tunnel.masks[side] = mask
+        tunnel.settled = settled
+
+
+def _send(pump: Pump, sock: socket.socket, side: int, out: bytes | memoryview, now: float) -> bool:
+    """Send ``side`` ``out`` and whatever the pump has for it next.
+
+    Returns:
+        Whether everything was sent; False when the socket is full or failed.
+    """
+    while out:
+        try:
+            count = sock.send(out)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            pump.failed(side, f"socket error: {exc}")
+            return False
+        rest = pump.sent(side, count, now)
+        if count < len(out):
+            return False
+        out = rest
+    return True
+
+
+def _flush(pump: Pump, sock: socket.socket, side: int, now: float) -> None:
+    """Send ``side`` what the pump has for it, and its EOF when due, until the socket is full."""
+    if not _send(pump, sock, side, pump.to_send(side), now):
+        return
+    if pump.wants_eof(side):
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        pump.eof_sent(side)
 
 
 _shared: DataPlane | None = None

@@ -58,6 +58,10 @@ TRUNCATED = "the peer closed the connection without a TLS close_notify"
 
 _MIN_VERSIONS = ("1.2", "1.3")
 
+#: Plaintext :meth:`TLSConnection.decode` takes out per call at most: a chunk
+#: read from a socket is 64 KiB, plus at most one record left from the last one.
+PLAINTEXT_LIMIT = 65536 + 16384
+
 
 def is_pq_group(group: str) -> bool:
     """Whether ``group`` is a hybrid post-quantum key-exchange group."""
@@ -203,11 +207,28 @@ class TLSConnection:
     (:meth:`sent`), so whoever moves bytes next, the trio stream or the pump,
     sends it first, in the order the engine produced it.
 
+    Once the handshake is done it is also the pump's codec for its side
+    (:class:`~relay.datapath.pump.Codec`: :meth:`decode`, :meth:`encode`,
+    :meth:`outgoing`, :meth:`sent`, :meth:`buffered`, :attr:`more`).
+
     Args:
         engine: The engine's connection, already in accept or connect state.
     """
 
-    __slots__ = ("engine", "_out", "_held", "_error", "_eof", "handshake_done", "broken")
+    __slots__ = (
+        "engine",
+        "_out",
+        "_held",
+        "_error",
+        "_eof",
+        "handshake_done",
+        "broken",
+        "more",
+    )
+
+    #: TLS does not half-close here: for the peers we serve, ``close_notify``
+    #: ends the whole stream.
+    can_half_close = False
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -224,6 +245,9 @@ class TLSConnection:
         self.handshake_done = False
         #: Whether TLS failed; nothing more can be read or written.
         self.broken = False
+        #: Whether the last :meth:`read` stopped at its limit: whole records
+        #: may be waiting that no new wire bytes need to bring.
+        self.more = False
 
     # -- wire side ------------------------------------------------------------
 
@@ -244,9 +268,10 @@ class TLSConnection:
         """
         return self._out
 
-    def sent(self, count: int) -> None:
-        """``count`` bytes of :meth:`outgoing` reached the wire."""
-        self._out = self._out[count:] if count < len(self._out) else b""
+    def sent(self, count: int) -> bytes:
+        """``count`` bytes of :meth:`outgoing` reached the wire; returns the rest."""
+        self._out = out = self._out[count:] if count < len(self._out) else b""
+        return out
 
     def _pull(self) -> None:
         more = self.engine.take_outgoing()
@@ -303,6 +328,7 @@ class TLSConnection:
         engine = self.engine
         chunks: list[bytes] = []
         got = 0
+        self.more = False
         while got < max_bytes:
             try:
                 chunk = engine.read(max_bytes - got)
@@ -319,23 +345,35 @@ class TLSConnection:
                 break
             chunks.append(chunk)
             got += len(chunk)
+        else:
+            self.more = True
         if not chunks:
             return b"" if self._eof else None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def read_all(self, max_bytes: int) -> tuple[bytes, str | None]:
-        """Plaintext now, and how the stream ended right behind it, in one call.
+    def decode(self, data: bytes | None) -> tuple[bytes, str | None]:
+        """Wire bytes in, plaintext out, and how the stream ended right behind it.
 
-        The pump's view of :meth:`read`: a ``close_notify`` or an error
-        decrypted in the same pass as good records is reported with them, so
-        the pump need not wait on a peer that may send nothing more.
+        The pump's view of :meth:`receive` then :meth:`read`: a
+        ``close_notify`` or an error decrypted in the same pass as good
+        records is reported with them, so the pump need not wait on a peer
+        that may send nothing more.
+
+        Args:
+            data: Bytes read from the wire; ``b""`` for EOF; ``None`` to
+                decode only what is buffered.
 
         Returns:
             ``(plaintext, end)``: ``end`` is ``None`` while the stream goes
             on, ``""`` after ``close_notify``, else the error text.
         """
+        if data is not None:
+            if data:
+                self.engine.feed(data)
+            else:
+                self.engine.feed_eof()
         try:
-            plain = self.read(max_bytes)
+            plain = self.read(PLAINTEXT_LIMIT)
         except TLSError as exc:
             return b"", str(exc)
         if plain is None:
@@ -348,19 +386,29 @@ class TLSConnection:
             return plain, str(exc)
         return plain, None
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | memoryview) -> bytes:
         """Encrypt ``data``; the ciphertext joins :meth:`outgoing`.
+
+        Returns:
+            All ciphertext waiting for the wire, as :meth:`outgoing`.
 
         Raises:
             TLSError: the engine refused (the connection is broken).
         """
-        self._release_held()
+        if self._held:
+            self._release_held()
         try:
             self.engine.write(data)
         except TLSError:
             self.broken = True
             raise
-        self._pull()
+        more = self.engine.take_outgoing()
+        if more:
+            self._out = self._out + more if self._out else more
+        return self._out
+
+    #: The pump's codec call for :meth:`write`.
+    encode = write
 
     def _release_held(self) -> None:
         if self._held:

@@ -25,9 +25,10 @@ import math
 
 import trio
 
-from .pump import BACKEND, CLIENT, Codec, PlainCodec, Pump, PumpResult, Tap, TLSCodec, Traffic
+from .pump import BACKEND, CLIENT, Codec, PlainCodec, Pump, PumpResult, Tap, Traffic
 from .sockets import RawSocket
 from .stream import TLSStream
+from .tls import TLSConnection
 
 __all__ = ["RECEIVE_SIZE", "run_pump"]
 
@@ -118,10 +119,10 @@ class StreamSide:
         try:
             await self.stream.send_all(data)
         except BaseException:
-            if isinstance(self.codec, TLSCodec):
+            if isinstance(self.codec, TLSConnection):
                 # Some unknown part of a record may be out: the TLS stream
                 # cannot go on, nor resend the rest when closed.
-                self.codec.conn.broken = True
+                self.codec.broken = True
             raise
         return len(data)
 
@@ -145,7 +146,7 @@ def side_for(stream: trio.abc.Stream) -> _Side:
     codec: Codec
     conn = stream.for_pump() if isinstance(stream, TLSStream) else None
     if conn is not None:
-        codec = TLSCodec(conn)
+        codec = conn
         transport = stream.transport_stream  # type: ignore[attr-defined]
     else:
         codec = PlainCodec(can_half_close=hasattr(stream, "send_eof"))

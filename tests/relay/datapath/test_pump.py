@@ -23,7 +23,6 @@ from relay.datapath.pump import (
     PlainCodec,
     Pump,
     PumpResult,
-    TLSCodec,
     Traffic,
 )
 from relay.datapath.tls import TRUNCATED
@@ -202,7 +201,7 @@ def test_an_exception_from_the_tap_comes_out_of_the_call_that_delivered():
 def tls_pump(contexts, **kw) -> tuple:
     """The relay's shape: TLS from the developer (``user``), plaintext to the backend."""
     user, relay = connected_pair(contexts)
-    pump = Pump(TLSCodec(relay), PlainCodec(), Traffic(), now=0.0, **kw)
+    pump = Pump(relay, PlainCodec(), Traffic(), now=0.0, **kw)
     return user, relay, pump
 
 
@@ -238,6 +237,36 @@ def test_the_answer_is_encrypted_for_the_client(contexts):
     assert pump.traffic.to_client == 7
     user.receive(wire)
     assert user.read(100) == b"$T05#b9"
+
+
+def test_more_records_than_one_chunk_leave_in_several_each_after_the_last(contexts):
+    user, relay, pump = tls_pump(contexts)
+    data = bytes(range(256)) * 1024  # 256 KiB: more than one decode takes
+    wire = ciphertext(user, data)
+    # received() answers what to_send() would: the first chunk's plaintext.
+    out = pump.received(CLIENT, wire, 0.0)
+    assert bytes(out) == bytes(pump.to_send(BACKEND))
+    assert 0 < len(out) < len(data) and relay.more
+    chunks = []
+    while out:
+        assert not pump.wants_read(CLIENT)  # backpressure: TLS holds the rest
+        chunks.append(bytes(out))
+        # sent() answers what is left: here, the next chunk, decoded only now.
+        out = pump.sent(BACKEND, len(out), 0.0)
+        assert bytes(out) == bytes(pump.to_send(BACKEND))
+    assert b"".join(chunks) == data and len(chunks) > 1
+    assert pump.traffic.to_backend == len(data) and pump.wants_read(CLIENT)
+    assert not relay.more
+
+
+def test_sent_answers_the_rest_of_a_short_write(contexts):
+    user, relay, pump = tls_pump(contexts)
+    out = pump.received(BACKEND, b"$OK#9a", 0.0)
+    wire = bytes(out)
+    assert wire == bytes(pump.to_send(CLIENT)) and b"$OK" not in wire
+    assert bytes(pump.sent(CLIENT, 5, 0.0)) == wire[5:]
+    assert pump.sent(CLIENT, len(wire) - 5, 0.0) == b""
+    assert pump.traffic.to_client == 6
 
 
 def test_close_notify_in_the_same_read_as_data_is_seen_at_once(contexts):
@@ -288,14 +317,14 @@ def test_records_buffered_before_the_pump_starts_are_forwarded_at_once(contexts)
     user, relay = connected_pair(contexts)
     # Records that came in behind the tunnel request, read but not decrypted.
     relay.receive(ciphertext(user, b"early"))
-    pump = Pump(TLSCodec(relay), PlainCodec(), Traffic(), now=0.0)
+    pump = Pump(relay, PlainCodec(), Traffic(), now=0.0)
     assert deliver(pump, BACKEND) == b"early"
 
 
 def test_tls_on_the_backend_side_as_in_the_connector(contexts):
     user, relay = connected_pair(contexts)
     # The connector: plaintext from the local debugger, TLS to the relay.
-    pump = Pump(PlainCodec(), TLSCodec(user), Traffic(), now=0.0)
+    pump = Pump(PlainCodec(), user, Traffic(), now=0.0)
     pump.received(CLIENT, b"qSupported", 0.0)
     wire = bytes(pump.to_send(BACKEND))
     pump.sent(BACKEND, len(wire), 0.0)
@@ -305,7 +334,7 @@ def test_tls_on_the_backend_side_as_in_the_connector(contexts):
     pump.received(BACKEND, bytes(relay.outgoing()), 0.0)
     assert pump.done and pump.result == PumpResult("backend_closed")
     # The local debugger's EOF cannot be passed on as a half-close over TLS.
-    pump2 = Pump(PlainCodec(), TLSCodec(connected_pair(contexts)[0]), Traffic(), now=0.0)
+    pump2 = Pump(PlainCodec(), connected_pair(contexts)[0], Traffic(), now=0.0)
     pump2.received(CLIENT, b"", 0.0)
     assert pump2.done and pump2.result == PumpResult("client_closed")
 

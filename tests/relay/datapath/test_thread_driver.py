@@ -9,6 +9,8 @@ without waiting for them, and nothing here runs under the autojump clock
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 
 import pytest
 import trio
@@ -208,3 +210,31 @@ async def test_many_tunnels_share_the_thread(engines, plane, nursery):
     for t in tunnels:
         assert t.result == PumpResult("client_closed")
         assert t.traffic.to_backend == t.traffic.to_client > 0
+
+
+async def test_short_writes_both_ways_wait_for_writable_sockets(engines, plane, nursery):
+    t = await handed(engines, plane, nursery, plain=True)
+    # Small send buffers on the plane's sockets: with slow readers, most of
+    # its writes are short, and it must wait for each socket to drain.
+    for stream in (t.client, t.backend):
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    up, down = os.urandom(1 << 21), os.urandom(1 << 21)
+    got: dict[str, bytes] = {}
+
+    async def read(name: str, stream: trio.SocketStream, size: int) -> None:
+        buf = bytearray()
+        while len(buf) < size:
+            buf += await stream.receive_some(1000)  # a slow reader
+        got[name] = bytes(buf)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as inner:
+            inner.start_soon(t.user.send_all, up)
+            inner.start_soon(t.server.send_all, down)
+            inner.start_soon(read, "server", t.server, len(up))
+            inner.start_soon(read, "user", t.user, len(down))
+        await t.user.send_eof()
+        await t.server.aclose()
+        await t.done.wait()
+    assert got == {"server": up, "user": down}
+    assert (t.traffic.to_backend, t.traffic.to_client) == (len(up), len(down))
