@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
-__all__ = ["is_gone"]
+__all__ = ["is_gone", "json_of_script"]
 
 
 def is_gone(pid: int) -> bool:
@@ -18,3 +22,16 @@ def is_gone(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return True
     return stat[stat.rfind(")") + 2] == "Z"
+
+
+def json_of_script(script: str, *args: str) -> Any:
+    """Run ``script`` in a fresh interpreter and return the JSON of its last output line."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,7 @@ from relay.session import SessionContext
 from relay.watch import WatchContext
 
 from .. import accounts
+from ..processes import json_of_script
 
 _SCRIPT = r"""
 import json, sys, time
@@ -99,15 +97,7 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in OPTIONAL)))
 
 def _loaded(tmp_path: Path, pki: Path, keydir: Path, engine: str, metrics_listen: str) -> list[str]:
     args = [str(pki), str(keydir), str(tmp_path), accounts.target_account(), engine]
-    done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, *args, metrics_listen],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json_of_script(_SCRIPT, *args, metrics_listen)
 
 
 def test_a_stdlib_relay_without_metrics_or_idp_loads_no_optional_library(tmp_path, pki, keydir):

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import stat
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +11,8 @@ from auth import RevocationStore
 from config import Config
 from relay.identity import IdentityKeys
 from relay.server import Relay, load_runtime, open_relay
+
+from ..processes import json_of_script
 
 TARGET = {"name": "build42", "kind": "tcp", "backend": "tcp://127.0.0.1:9"}
 
@@ -112,15 +111,7 @@ print(json.dumps(events))
 
 
 def _io_of(tmp_path: Path, pki: Path, keydir: Path, control: str) -> list[str]:
-    done = subprocess.run(
-        [sys.executable, "-c", _CONSTRUCT, str(pki), str(keydir), str(tmp_path), control],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json_of_script(_CONSTRUCT, str(pki), str(keydir), str(tmp_path), control)
 
 
 def test_the_constructor_does_no_disk_or_network_io(tmp_path: Path, pki: Path, keydir: Path):
