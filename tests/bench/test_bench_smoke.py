@@ -89,11 +89,11 @@ def _kill(found: list[str]) -> None:
             pass
 
 
-def _bench(args: list[str], marker: str, **kwargs) -> subprocess.Popen:
+def _bench(args: list[str], marker: str, module: str = "bench", **kwargs) -> subprocess.Popen:
     env = dict(os.environ, **kwargs.pop("env", {}))
     env[MARKER] = marker
     return subprocess.Popen(
-        [sys.executable, "-m", "bench", *args],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -244,3 +244,25 @@ def test_postgres_and_workers_paths_run_and_leave_no_process(tmp_path):
             record = report["results"][path][workload]
             assert record["status"] == "ok", f"{workload} on {path}: {record}"
         assert path in stdout
+
+
+@pytest.mark.skipif(
+    not (shutil.which("stunnel4") or shutil.which("stunnel")) or not shutil.which("taskset"),
+    reason="bench.planes compares with stunnel, pinned with taskset",
+)
+def test_planes_compares_both_hostings_with_stunnel_and_leaves_no_process():
+    marker = uuid.uuid4().hex
+    proc = _bench(["--rounds", "1", "--count", "200"], marker, module="bench.planes")
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        left = _survivors(marker)
+        _kill(left)
+    assert proc.returncode == 0, stderr
+    assert left == [], f"processes left behind: {left}"
+    for hosting in ("thread", "guest", "stunnel"):
+        assert f"{hosting} " in stdout.splitlines()[0]
+        assert any(
+            line.startswith(f"{hosting} ") and "x stunnel" in line for line in stdout.splitlines()
+        )
