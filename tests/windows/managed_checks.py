@@ -11,6 +11,8 @@ import math
 import os
 import socket
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pywintypes
@@ -82,6 +84,22 @@ def make_server(token: str, events: list, run_as: str | None = None) -> ManagedS
     )
 
 
+@asynccontextmanager
+async def launched(
+    token: str, events: list
+) -> AsyncIterator[tuple[ManagedServer, trio.SocketStream]]:
+    """The server started through ``ManagedServer.run`` and one connection through its ``connect``.
+
+    The server runs until the block ends (or longer, if the block waits for
+    its end).
+    """
+    server = make_server(token, events)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        stream = await server.connect(connect_timeout=10)
+        yield server, stream
+
+
 async def ask(stream: trio.SocketStream, line: bytes) -> str:
     await stream.send_all(line + b"\n")
     data = b""
@@ -93,16 +111,19 @@ async def ask(stream: trio.SocketStream, line: bytes) -> str:
     return data.decode().strip()
 
 
+async def ask_pids(stream: trio.SocketStream) -> tuple[int, int]:
+    """The server's pid and its grandchild's."""
+    pid, grandchild = map(int, (await ask(stream, b"pids")).split())
+    return pid, grandchild
+
+
 async def idle(token: str, clock: trio.testing.MockClock) -> None:
     """Reached through ManagedServer.connect, then killed on idle, grandchild included."""
     events: list = []
-    server = make_server(token, events)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        stream = await server.connect(connect_timeout=10)
+    async with launched(token, events) as (server, stream):
         server.tunnel_opened()
         echo = await ask(stream, b"hello")
-        pid, grandchild = map(int, (await ask(stream, b"pids")).split())
+        pid, grandchild = await ask_pids(stream)
         tree = server._launched
         facts = {
             "echo": echo,
@@ -130,11 +151,8 @@ async def idle(token: str, clock: trio.testing.MockClock) -> None:
 async def exits(token: str, clock: trio.testing.MockClock) -> None:
     """A server that exits by itself is reported as exited; the rest of its tree goes too."""
     events: list = []
-    server = make_server(token, events)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        stream = await server.connect(connect_timeout=10)
-        pid, grandchild = map(int, (await ask(stream, b"pids")).split())
+    async with launched(token, events) as (server, stream):
+        _, grandchild = await ask_pids(stream)
         await stream.send_all(b"quit\n")
         await server.wait_done()
     say(events=events, grandchild_alive=alive(grandchild), running=server.running)
@@ -143,10 +161,7 @@ async def exits(token: str, clock: trio.testing.MockClock) -> None:
 async def outsider(token: str, clock: trio.testing.MockClock) -> None:
     """A listener on the server's port owned by a process outside the job is refused."""
     events: list = []
-    server = make_server(token, events)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        stream = await server.connect(connect_timeout=10)
+    async with launched(token, events) as (server, stream):
         unlisten = await ask(stream, b"unlisten")
         # This process, outside the server's job, now listens on the port.
         impostor = socket.socket()
@@ -187,12 +202,8 @@ async def outsider(token: str, clock: trio.testing.MockClock) -> None:
 
 async def host(token: str, clock: trio.testing.MockClock) -> None:
     """Launch, say the pids, then wait to be killed from outside."""
-    events: list = []
-    server = make_server(token, events)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        stream = await server.connect(connect_timeout=10)
-        pid, grandchild = map(int, (await ask(stream, b"pids")).split())
+    async with launched(token, []) as (_, stream):
+        pid, grandchild = await ask_pids(stream)
         say(ready=True, pid=pid, grandchild=grandchild)
         await trio.sleep_forever()
 
