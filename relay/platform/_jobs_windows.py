@@ -21,8 +21,9 @@ process: the relay itself holds each server's job.
   job, and closes it otherwise.  The relay thus never talks to an impostor;
   what it cannot prevent is another local process connecting to the server
   directly (README, "What the relay guarantees").  Where the table names no
-  owner (pid 0: Wine 8 reports none for any endpoint; Windows always
-  reports one), a listener on the port is taken as the server's, unverified.
+  owner (pid 0: Wine 8 reports none for listening and accepted sockets;
+  Windows always reports one), a listener on the port is taken as the
+  server's, unverified, and the connection is not checked.
 * **Handles.**  The server is created with handle inheritance on, for the
   log and NUL handles duplicated for it; Python creates every other handle
   non-inheritable, so besides those it can inherit only the relay's own
@@ -93,6 +94,10 @@ _GetExtendedTcpTable.argtypes = [
 ]
 
 
+#: Bytes the last read of each table class filled (where the next read starts).
+_table_size: dict[int, int] = {}
+
+
 def tcp_table(*, listeners: bool) -> list[tuple[int, str, int, str, int, int]]:
     """IPv4 TCP endpoints and their owning processes.
 
@@ -104,18 +109,29 @@ def tcp_table(*, listeners: bool) -> list[tuple[int, str, int, str, int, int]]:
         per endpoint.
 
     Raises:
-        OSError: iphlpapi refused.
+        OSError: iphlpapi refused.  Wine's iphlpapi gives up with
+            ERROR_OUTOFMEMORY (14) when the table outgrows its buffer in
+            five reads in a row, which a host opening connections faster
+            than a read takes (thousands of rows) brings about.
     """
     kind = _TCP_TABLE_OWNER_PID_LISTENER if listeners else _TCP_TABLE_OWNER_PID_CONNECTIONS
-    size = wintypes.DWORD(0)
+    # Each call reads the whole table (on Wine, with a scan of every Windows
+    # process's descriptors per row), and the table may grow between two
+    # calls: start from the size the last read needed and leave room, so
+    # one call is the rule and a retry gets room for more growth.
+    needed = _table_size.get(kind, 0)
     while True:
-        buffer = ctypes.create_string_buffer(max(size.value, 4))
+        capacity = 4 + needed + needed // 4 + 16 * ctypes.sizeof(_Row)
+        buffer = ctypes.create_string_buffer(capacity)
+        size = wintypes.DWORD(capacity)
         status = _GetExtendedTcpTable(buffer, ctypes.byref(size), False, socket.AF_INET, kind, 0)
         if status == 0:
             break
         if status != _ERROR_INSUFFICIENT_BUFFER:
             raise OSError(None, f"GetExtendedTcpTable failed ({status})")
+        needed = size.value
     (count,) = struct.unpack_from("<I", buffer, 0)
+    _table_size[kind] = 4 + count * ctypes.sizeof(_Row)
     rows = (_Row * count).from_buffer_copy(buffer.raw[4 : 4 + count * ctypes.sizeof(_Row)])
 
     def host(addr: int) -> str:
@@ -433,8 +449,21 @@ class JobTree:
                 f"backend {describe}: the managed server no longer listens",
                 reason="backend_unreachable",
             )
-        with connect_errors(describe, connect_timeout), trio.fail_after(connect_timeout):
-            stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+        with connect_errors(describe, connect_timeout):
+            # The timeout bounds the connect alone.  The check after it is
+            # synchronous; inside an expired timeout, the close that follows
+            # its failure would be cancelled and the failure reported as a
+            # connect timeout.
+            with trio.fail_after(connect_timeout):
+                stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+            if not inside:
+                # The system names no owner for the server's listener (Wine),
+                # nor then for the connection it accepts: the table of
+                # connections could name no stranger.  Reading it would cost
+                # a read of every connection on the host with its owner,
+                # which Wine makes slow and, on a host whose connections
+                # grow, fallible; so it is not read.
+                return stream
             try:
                 await self._check_peer(stream, describe)
             except BaseException:
@@ -447,6 +476,9 @@ class JobTree:
 
         A connection the server has not taken with ``accept()`` yet has no
         owner in the table; it passes (the listener was checked just before).
+        Wine 8 names the owner of a connecting socket but never of a
+        listening or an accepted one, so this check has something to find
+        only where the listener's owner is known (Windows).
         """
         from ..backends import BackendError
 

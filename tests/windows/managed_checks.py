@@ -11,6 +11,8 @@ import math
 import os
 import socket
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pywintypes
@@ -82,6 +84,22 @@ def make_server(token: str, events: list, run_as: str | None = None) -> ManagedS
     )
 
 
+@asynccontextmanager
+async def launched(
+    token: str, events: list
+) -> AsyncIterator[tuple[ManagedServer, trio.SocketStream]]:
+    """The server started through ``ManagedServer.run`` and one connection through its ``connect``.
+
+    The server runs until the block ends (or longer, if the block waits for
+    its end).
+    """
+    server = make_server(token, events)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        stream = await server.connect(connect_timeout=10)
+        yield server, stream
+
+
 async def ask(stream: trio.SocketStream, line: bytes) -> str:
     await stream.send_all(line + b"\n")
     data = b""
@@ -93,16 +111,19 @@ async def ask(stream: trio.SocketStream, line: bytes) -> str:
     return data.decode().strip()
 
 
+async def ask_pids(stream: trio.SocketStream) -> tuple[int, int]:
+    """The server's pid and its grandchild's."""
+    pid, grandchild = map(int, (await ask(stream, b"pids")).split())
+    return pid, grandchild
+
+
 async def idle(token: str, clock: trio.testing.MockClock) -> None:
     """Reached through ManagedServer.connect, then killed on idle, grandchild included."""
     events: list = []
-    server = make_server(token, events)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        stream = await server.connect(connect_timeout=10)
+    async with launched(token, events) as (server, stream):
         server.tunnel_opened()
         echo = await ask(stream, b"hello")
-        pid, grandchild = map(int, (await ask(stream, b"pids")).split())
+        pid, grandchild = await ask_pids(stream)
         tree = server._launched
         facts = {
             "echo": echo,
@@ -130,54 +151,55 @@ async def idle(token: str, clock: trio.testing.MockClock) -> None:
 async def exits(token: str, clock: trio.testing.MockClock) -> None:
     """A server that exits by itself is reported as exited; the rest of its tree goes too."""
     events: list = []
-    server = make_server(token, events)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        stream = await server.connect(connect_timeout=10)
-        pid, grandchild = map(int, (await ask(stream, b"pids")).split())
+    async with launched(token, events) as (server, stream):
+        _, grandchild = await ask_pids(stream)
         await stream.send_all(b"quit\n")
         await server.wait_done()
     say(events=events, grandchild_alive=alive(grandchild), running=server.running)
 
 
+def with_listener_owner(real_table, port: int, owner: int):
+    """``tcp_table`` naming ``owner`` for the listener on ``port``, as Windows would.
+
+    Wine 8 reports no owning process (pid 0) for listening sockets; Windows
+    does.  The scenarios supply the owner of a listener whose owner they know.
+    """
+
+    def table(*, listeners: bool):
+        return [
+            (s, lh, lp, rh, rp, owner if (pid == 0 and listeners and lp == port) else pid)
+            for s, lh, lp, rh, rp, pid in real_table(listeners=listeners)
+        ]
+
+    return table
+
+
+async def refusal(server: ManagedServer, table) -> dict | None:
+    """Why ``server.connect`` fails while the TCP table is read through ``table`` (None: it did not)."""
+    real_table = jobs.tcp_table
+    jobs.tcp_table = table
+    try:
+        stream = await server.connect(connect_timeout=10)
+    except BackendError as exc:
+        return {"reason": exc.reason, "message": str(exc)}
+    finally:
+        jobs.tcp_table = real_table
+    await stream.aclose()
+    return None
+
+
 async def outsider(token: str, clock: trio.testing.MockClock) -> None:
     """A listener on the server's port owned by a process outside the job is refused."""
     events: list = []
-    server = make_server(token, events)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        stream = await server.connect(connect_timeout=10)
+    async with launched(token, events) as (server, stream):
         unlisten = await ask(stream, b"unlisten")
         # This process, outside the server's job, now listens on the port.
         impostor = socket.socket()
         impostor.bind(("127.0.0.1", server.port))
         impostor.listen()
-        real_table = jobs.tcp_table
-
-        def table(*, listeners: bool):
-            # Wine 8 reports no owning process (pid 0) for any endpoint;
-            # Windows does.  Supply the owner Windows would report for the
-            # one socket whose owner this process knows: its own listener.
-            return [
-                (
-                    s,
-                    lh,
-                    lp,
-                    rh,
-                    rp,
-                    os.getpid() if (pid == 0 and listeners and lp == server.port) else pid,
-                )
-                for s, lh, lp, rh, rp, pid in real_table(listeners=listeners)
-            ]
-
-        jobs.tcp_table = table
-        try:
-            await server.connect(connect_timeout=10)
-        except BackendError as exc:
-            refused = {"reason": exc.reason, "message": str(exc)}
-        else:
-            refused = None
-        jobs.tcp_table = real_table
+        refused = await refusal(
+            server, with_listener_owner(jobs.tcp_table, server.port, os.getpid())
+        )
         impostor.close()
         await stream.aclose()
         server.kill("shutdown")
@@ -187,14 +209,43 @@ async def outsider(token: str, clock: trio.testing.MockClock) -> None:
 
 async def host(token: str, clock: trio.testing.MockClock) -> None:
     """Launch, say the pids, then wait to be killed from outside."""
-    events: list = []
-    server = make_server(token, events)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        stream = await server.connect(connect_timeout=10)
-        pid, grandchild = map(int, (await ask(stream, b"pids")).split())
+    async with launched(token, []) as (_, stream):
+        pid, grandchild = await ask_pids(stream)
         say(ready=True, pid=pid, grandchild=grandchild)
         await trio.sleep_forever()
+
+
+async def busy_host(token: str, clock: trio.testing.MockClock) -> None:
+    """Reached through ManagedServer.connect while the host holds thousands of connections."""
+    events: list = []
+    async with launched(token, events) as (server, stream):
+        echo = await ask(stream, b"hello")
+        await stream.aclose()
+        server.kill("shutdown")
+        await server.wait_done()
+    say(echo=echo, events=[event for event, _ in events])
+
+
+async def slow_check(token: str, clock: trio.testing.MockClock) -> None:
+    """A check of the accepted connection that fails after the connect timeout says why."""
+    events: list = []
+    async with launched(token, events) as (server, stream):
+        pid, _ = await ask_pids(stream)
+        owned = with_listener_owner(jobs.tcp_table, server.port, pid)
+
+        def table(*, listeners: bool):
+            if listeners:
+                return owned(listeners=True)
+            # The read of every connection on a busy host under Wine: longer
+            # than the connect timeout, then given up.
+            clock.jump(11)
+            raise OSError(None, "GetExtendedTcpTable failed (14)")
+
+        failed = await refusal(server, table)
+        await stream.aclose()
+        server.kill("shutdown")
+        await server.wait_done()
+    say(failed=failed)
 
 
 async def other_account(token: str, clock: trio.testing.MockClock) -> None:

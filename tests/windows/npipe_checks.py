@@ -10,7 +10,6 @@ import os
 import sys
 import threading
 
-import pywintypes
 import trio
 import trio.testing
 import win32file
@@ -18,41 +17,23 @@ import win32pipe
 
 from config import NpipeBackend
 from relay.backends import BackendError, open_backend, probe_backend
+from tests.windows.pipe_echo import create_instance, echo_until_gone
 
 NAME = f"dbgrelay-test-{os.getpid()}"
 PATH = rf"\\.\pipe\{NAME}"
 BACKEND = NpipeBackend(host=".", pipe=NAME)
 
 
-def make_instance():
-    return win32pipe.CreateNamedPipe(
-        PATH,
-        win32pipe.PIPE_ACCESS_DUPLEX,
-        win32pipe.PIPE_TYPE_BYTE | win32pipe.PIPE_READMODE_BYTE | win32pipe.PIPE_WAIT,
-        1,  # one instance: a second client finds the pipe busy
-        65536,
-        65536,
-        0,
-        None,
-    )
-
-
 def echo(pipe, log):
     """Serve one client: echo until it goes, then disconnect."""
     win32pipe.ConnectNamedPipe(pipe, None)
     log.append("connected")
-    try:
-        while True:
-            _, data = win32file.ReadFile(pipe, 65536)
-            win32file.WriteFile(pipe, data)
-    except pywintypes.error:
-        pass
-    win32pipe.DisconnectNamedPipe(pipe)
+    echo_until_gone(pipe)
     log.append("disconnected")
 
 
 def serve(clients, log, *, greeting=None, then_close=False):
-    pipe = make_instance()
+    pipe = create_instance(PATH, 1)  # one instance: a second client finds the pipe busy
     ready = threading.Event()
 
     def run():

@@ -18,7 +18,6 @@ import json
 import sys
 import threading
 
-import pywintypes
 import win32api
 import win32con
 import win32event
@@ -26,28 +25,11 @@ import win32file
 import win32pipe
 import win32security
 
-
-def instance(path, count):
-    return win32pipe.CreateNamedPipe(
-        path,
-        win32pipe.PIPE_ACCESS_DUPLEX,
-        win32pipe.PIPE_TYPE_BYTE | win32pipe.PIPE_READMODE_BYTE | win32pipe.PIPE_WAIT,
-        count,
-        65536,
-        65536,
-        0,
-        None,
-    )
+from tests.windows.pipe_echo import create_instance, echo_until_gone
 
 
 def echo_client(pipe):
-    try:
-        while True:
-            _, data = win32file.ReadFile(pipe, 65536)
-            win32file.WriteFile(pipe, data)
-    except pywintypes.error:
-        pass
-    win32pipe.DisconnectNamedPipe(pipe)
+    echo_until_gone(pipe)
     win32file.CloseHandle(pipe)
 
 
@@ -56,7 +38,7 @@ def serve_echo(path, count):
 
     def run():
         while True:
-            pipe = instance(path, count)
+            pipe = create_instance(path, count)
             ready.set()
             win32pipe.ConnectNamedPipe(pipe, None)
             threading.Thread(target=echo_client, args=(pipe,), daemon=True).start()
@@ -67,24 +49,18 @@ def serve_echo(path, count):
 
 def serve_busy(path):
     # One instance: while a client holds it, the next one finds the pipe busy.
-    pipe = instance(path, 1)
+    pipe = create_instance(path, 1)
 
     def run():
         while True:
             win32pipe.ConnectNamedPipe(pipe, None)
-            try:
-                while True:
-                    _, data = win32file.ReadFile(pipe, 65536)
-                    win32file.WriteFile(pipe, data)
-            except pywintypes.error:
-                pass
-            win32pipe.DisconnectNamedPipe(pipe)
+            echo_until_gone(pipe)
 
     threading.Thread(target=run, daemon=True).start()
 
 
 def serve_reset(path):
-    pipe = instance(path, 1)
+    pipe = create_instance(path, 1)
 
     def run():
         while True:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +20,7 @@ from ..e2e.support import ProcGroup
 from .conftest import WineTier
 
 CHECKS = Path(__file__).with_name("managed_checks.py")
+HOST_CONNECTIONS = Path(__file__).with_name("host_connections.py")
 
 
 def _scenario(wine_tier: WineTier, tmp_path: Path, name: str, token: str) -> dict:
@@ -67,6 +69,37 @@ def test_a_server_exiting_by_itself_is_reported_and_its_grandchild_ends_too(
     assert (fields["reason"], fields["returncode"]) == ("exited", 3), fields
     assert not result["grandchild_alive"] and not result["running"], result
     assert _linux_pids_with(token) == []
+
+
+def test_a_managed_server_is_reached_while_the_host_holds_thousands_of_growing_connections(
+    wine_tier: WineTier, tmp_path: Path, procs: ProcGroup
+) -> None:
+    # A benchmark's 3,000 connections made connects to managed servers fail
+    # with "GetExtendedTcpTable failed (14)": the check of the accepted
+    # connection's owner read every connection on the host with its owner,
+    # which on Wine scans each Windows process's descriptors per row (seconds
+    # per thousand rows), and Wine gives up with ERROR_OUTOFMEMORY when the
+    # table outgrows its buffer in five reads in a row.
+    load = procs.start(
+        [sys.executable, HOST_CONNECTIONS, "2000", "7000", "100"],
+        cwd=tmp_path,
+        name="host-connections",
+    )
+    load.wait_line("holding 2000", stream="stdout", timeout=60)
+    result = _scenario(wine_tier, tmp_path, "busy_host", f"dbgrelay-job-{uuid.uuid4().hex}")
+    assert result["echo"] == "hello", result
+    assert result["events"] == ["server.launched", "server.exited"], result
+
+
+def test_a_connection_check_failing_after_the_connect_timeout_is_reported_as_itself(
+    wine_tier: WineTier, tmp_path: Path
+) -> None:
+    # The check ran inside the connect's timeout: a read of the table that
+    # outlasted it and then failed was reported as "did not accept within 10s".
+    result = _scenario(wine_tier, tmp_path, "slow_check", f"dbgrelay-job-{uuid.uuid4().hex}")
+    assert result["failed"] is not None, "the failed check let the connection through"
+    assert result["failed"]["reason"] == "backend_unreachable", result
+    assert result["failed"]["message"].endswith(": GetExtendedTcpTable failed (14)"), result
 
 
 def test_managed_server_token_has_administrators_for_deny_only_and_no_privileges(
