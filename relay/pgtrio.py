@@ -125,6 +125,8 @@ class QueryConnections:
         async with self._slots:
             conn = self._take_free()
             if conn is None:
+                # Not abandoned on cancellation: the connection comes back, and the
+                # statement's first checkpoint raises Cancelled, which closes it.
                 conn = await trio.to_thread.run_sync(self._opener)
             reusable = False
             try:
@@ -166,10 +168,16 @@ class QueryConnections:
 async def _fetch_value(
     conn: psycopg.Connection, sql: bytes, params: Sequence[str | None]
 ) -> str | None:
+    # Already cancelled (say while the connection opened): send nothing.
+    await trio.lowlevel.checkpoint_if_cancelled()
     pgconn = conn.pgconn
     encoding = conn.info.encoding
     fd = pgconn.socket
-    pgconn.send_query_params(sql, [None if p is None else p.encode(encoding) for p in params])
+    try:
+        values = [None if p is None else p.encode(encoding) for p in params]
+    except UnicodeEncodeError as exc:
+        raise psycopg.DataError(f"a parameter cannot be sent in {encoding}: {exc}") from exc
+    pgconn.send_query_params(sql, values)
     # 1: part of the query is still in libpq's buffer (a few hundred bytes: rare).
     while pgconn.flush():
         await trio.lowlevel.wait_writable(fd)

@@ -8,6 +8,7 @@ real socket, which an autojump clock would mistake for idleness.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -168,6 +169,32 @@ async def test_a_claim_cancelled_mid_query_cancels_it_and_drops_the_connection(
     assert claim_rows(dsn, "bob") == ["next"]
     assert running_claims(dsn) == 0
     assert state.unavailable_since is None
+
+
+async def test_a_claim_cancelled_while_its_connection_opens_closes_that_connection(
+    open_state, dsn: str
+) -> None:
+    state = open_state()
+    opener = state._claims._opener
+    started, go = threading.Event(), threading.Event()
+    made: list[psycopg.Connection] = []
+
+    def slow_open() -> psycopg.Connection:
+        started.set()
+        go.wait(30)
+        made.append(opener())
+        return made[0]
+
+    state._claims._opener = slow_open
+    async with trio.open_nursery() as nursery:
+        claim = partial(state.claim_session, make_session("s", "bob"), limit=1, live=set())
+        nursery.start_soon(claim)
+        await trio.to_thread.run_sync(started.wait)
+        nursery.cancel_scope.cancel()
+        go.set()
+    assert len(made) == 1 and made[0].closed
+    # Nothing was sent on it: the cancelled session has no row.
+    assert claim_rows(dsn, "bob") == []
 
 
 async def test_a_claim_waiting_for_one_users_lock_holds_up_no_other_users_claim(
