@@ -1025,7 +1025,7 @@ async def _wait_broken(conn: Any) -> None:
             pass
 
 
-#: What a failed claim says it could not do (the message of its 503's log line).
+#: What a failed claim could not do, as its error message (and state.unavailable) says.
 _CLAIM_DOING = "count the user's sessions in"
 
 #: The per-user claim (schema migration 3); its text parameters cast to the function's types.
