@@ -41,6 +41,7 @@ __all__ = [
     "migrate_schema",
     "open_listen_connection",
     "open_lock_connection",
+    "open_query_connection",
     "read_dsn",
     "unavailable_error",
 ]
@@ -352,6 +353,31 @@ def open_lock_connection(
             raise
     except psycopg.Error as exc:
         raise unavailable_error(exc, "lock in") from exc
+    return conn
+
+
+def open_query_connection(
+    dsn: str, *, doing: str, connect_timeout: float = 5.0, statement_timeout: float = 5.0
+) -> psycopg.Connection:
+    """An autocommit connection in non-blocking mode, for statements driven by an event loop.
+
+    The caller sends each statement with ``conn.pgconn.send_query_params`` and
+    reads its results as the socket (``conn.fileno()``) becomes readable;
+    ``statement_timeout`` bounds each statement on the server.
+
+    Raises:
+        AuthError: ``"state_unavailable"`` if the database cannot be reached
+            (``doing`` says what for).
+    """
+    try:
+        conn = _connect(dsn, connect_timeout=connect_timeout, statement_timeout=statement_timeout)
+        try:
+            conn.pgconn.nonblocking = 1
+        except BaseException:
+            conn.close()
+            raise
+    except psycopg.Error as exc:
+        raise unavailable_error(exc, doing) from exc
     return conn
 
 

@@ -594,7 +594,8 @@ class StateSection:
         dsn_file: File holding the libpq connection string (``host=...
             dbname=... user=...`` or a ``postgresql://`` URI), so no password
             sits in the config.  Required with ``backend = "postgres"``.
-        pool_size: Database connections a relay opens at most for queries
+        pool_size: Database connections a relay opens at most for queries,
+            and as many again for the per-user claims made at admission
             (the LISTEN connection comes on top).  Default 4.
         connect_timeout: Seconds to open a database connection.  Default 5.
         statement_timeout: Seconds one query may run.  Default 5.

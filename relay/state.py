@@ -32,8 +32,11 @@ and does not run under trio):
 * Queries go through the store's small pool in worker threads
   (``trio.to_thread.run_sync``) under a :class:`trio.CapacityLimiter` as large
   as the pool, so a slow database never blocks the event loop and never
-  takes more threads than connections.  Only revocation reads and writes go
-  there; nothing of it touches the per-chunk data path.
+  takes more threads than connections.  Nothing of it touches the per-chunk
+  data path.  The exception is the per-user claim, one statement on every
+  admitted tunnel's connect path: the thread hop would cost about as much as
+  the statement, so it runs on the event loop through libpq's non-blocking
+  API, on connections of its own (:mod:`relay.pgtrio`).
 * The LISTEN connection stays on the event loop: its socket is awaited with
   ``trio.lowlevel.wait_readable`` and drained with ``pgconn.consume_input()``
   and ``pgconn.notifies()``, which never block.  A notification reaches the
@@ -109,6 +112,13 @@ def _pg() -> ModuleType:
     return revocation_pg
 
 
+def _pgtrio() -> ModuleType:
+    """:mod:`relay.pgtrio` (it imports psycopg too), loaded by the postgres backend only."""
+    from . import pgtrio
+
+    return pgtrio
+
+
 #: Notified when a relay's set of sessions changes or a relay asks another to end one.
 SESSIONS_CHANNEL = "dbgrelay_sessions"
 
@@ -150,7 +160,8 @@ class SessionLeases(abc.ABC):
     file shared by the workers of one host (:class:`WorkerSessions`).  A
     subclass supplies the table's statements (:meth:`claim_row`,
     :meth:`sync_rows`, :meth:`busy_rows`), which run in worker threads under
-    :attr:`limiter`, never on the data path.
+    :attr:`limiter`, never on the data path (the PostgreSQL claim runs on the
+    event loop instead: :meth:`SharedState._claim_row`).
 
     A session gets its row from its claim, at admission (registration rounds
     skip sessions still opening, so a claim in flight is not counted before
@@ -182,7 +193,6 @@ class SessionLeases(abc.ABC):
 
     # -- the table (run in worker threads) ------------------------------------
 
-    @abc.abstractmethod
     def claim_row(
         self, session_id: str, user: str, info: str, *, cap: int, total_cap: int | None,
         closed: list[str],
@@ -191,12 +201,15 @@ class SessionLeases(abc.ABC):
 
         Counted: the unexpired rows (of ``user`` against ``cap``, all of them
         against ``total_cap``), but for this relay's rows of ``closed``
-        (sessions it closed whose rows may linger).
+        (sessions it closed whose rows may linger).  Run in a worker thread
+        by :meth:`_claim_row`; a subclass that claims on the event loop
+        overrides that instead.
 
         Returns:
             ``None`` when inserted, else the refusal's reason:
             ``"user_sessions"`` or ``"relay_full"``.
         """
+        raise NotImplementedError
 
     @abc.abstractmethod
     def sync_rows(
@@ -218,6 +231,16 @@ class SessionLeases(abc.ABC):
         """Release what this holds in the table (the relay is stopping)."""
 
     # -- the trio side ----------------------------------------------------------
+
+    async def _claim_row(
+        self, session_id: str, user: str, info: str, *, cap: int, total_cap: int | None,
+        closed: list[str],
+    ) -> str | None:  # fmt: skip
+        """:meth:`claim_row` in a worker thread under :attr:`limiter`."""
+        claim = partial(
+            self.claim_row, session_id, user, info, cap=cap, total_cap=total_cap, closed=closed
+        )
+        return await trio.to_thread.run_sync(claim, limiter=self.limiter)
 
     def sessions_changed(self) -> None:
         """A session opened or closed: register the change now, not at the next renewal."""
@@ -283,8 +306,7 @@ class SessionLeases(abc.ABC):
         """
         user = session.user
         self._rows.add(session.id)
-        claim = partial(
-            self.claim_row,
+        refused = await self._claim_row(
             session.id,
             user,
             # Listed as open elsewhere: the row exists only once admitted.
@@ -293,7 +315,6 @@ class SessionLeases(abc.ABC):
             total_cap=total,
             closed=sorted(self._rows - live),
         )
-        refused = await trio.to_thread.run_sync(claim, limiter=self.limiter)
         if refused == "user_sessions":
             raise RemoteProtocolError(
                 f"user {user!r} already has {limit} tunnels open {self.scope}",
@@ -356,6 +377,19 @@ class SharedState(SessionLeases):
         self.last_error: str | None = None
         # Managed servers this relay owns: target name -> the connection holding its lock.
         self._owned: dict[str, Any] = {}
+        # The per-user claims run on the event loop, on connections of their own
+        # (opened on first use): see relay/pgtrio.py for why.
+        self._claims = _pgtrio().QueryConnections(
+            partial(
+                _pg().open_query_connection,
+                store.dsn,
+                doing=_CLAIM_DOING,
+                connect_timeout=section.connect_timeout,
+                statement_timeout=section.statement_timeout,
+            ),
+            size=section.pool_size,
+            cancel_timeout=section.connect_timeout,
+        )
         metrics.state_up(True)
 
     def admitting(self) -> bool:
@@ -495,6 +529,13 @@ class SharedState(SessionLeases):
         counts this relay's sessions alone, within the same grace as the
         revocations (after it, admission already refuses with 503).
 
+        The statement runs on the event loop, on a connection no other claim
+        uses meanwhile (:meth:`_claim_row`).  Cancelled mid-statement (the
+        session was ended, the relay drains, or the bound below passed), the
+        claim asks the server to cancel the statement and closes that
+        connection, so no statement of a cancelled claim goes on to insert
+        a row, and the user's lock goes with it.
+
         Raises:
             RemoteProtocolError: 429 ``user_sessions`` when the user is at the
                 cap; 503 ``state_unavailable`` when the database cannot be
@@ -517,17 +558,36 @@ class SharedState(SessionLeases):
                 "the relay cannot reach its shared state", reason="state_unavailable", status=503
             )
 
-    # -- the sessions table (run in worker threads) ---------------------------
-
-    def claim_row(
+    async def _claim_row(
         self, session_id: str, user: str, info: str, *, cap: int, total_cap: int | None,
         closed: list[str],
     ) -> str | None:  # fmt: skip
+        """Insert the row on the event loop: one statement, no worker thread.
+
+        Raises:
+            AuthError: ``state_unavailable`` when the database cannot be
+                reached or the statement fails.
+        """
         # max_sessions stays per relay in a cluster: total_cap is for one host's workers.
-        live = _claim_session(
-            self.store, self.relay_id, session_id, user, info, self.lease, cap, closed
+        # One statement, so one round trip and one implicit transaction: the
+        # function (schema migration 3) takes the user's lock, counts and inserts.
+        params = (
+            str(_user_lock(user)),
+            session_id,
+            self.relay_id,
+            user,
+            info,
+            repr(float(self.lease)),
+            str(cap),
+            _pgtrio().text_array(closed),
         )
+        try:
+            live = await self._claims.fetch_value(_CLAIM_SESSION, params)
+        except _pg().psycopg.Error as exc:
+            raise _pg().unavailable_error(exc, _CLAIM_DOING) from exc
         return None if live is None else "user_sessions"
+
+    # -- the sessions table (run in worker threads) ---------------------------
 
     def sync_rows(
         self, infos: dict[str, tuple[str, str]], gone: list[str], announce: bool
@@ -617,6 +677,7 @@ class SharedState(SessionLeases):
         """Release every claim (the relay is stopping)."""
         for target in list(self._owned):
             self.release_server(target)
+        self._claims.close()
 
     async def list_sessions(self, now: float) -> list[dict[str, Any]]:
         """The live sessions other relays of the cluster hold, as the admin API lists them.
@@ -964,40 +1025,20 @@ async def _wait_broken(conn: Any) -> None:
             pass
 
 
+#: What a failed claim could not do, as its error message (and state.unavailable) says.
+_CLAIM_DOING = "count the user's sessions in"
+
+#: The per-user claim (schema migration 3); its text parameters cast to the function's types.
+_CLAIM_SESSION = (
+    b"SELECT dbgrelay_claim_session($1::bigint, $2::text, $3::text, $4::text, $5::text, "
+    b"$6::double precision, $7::integer, $8::text[])"
+)
+
+
 def _user_lock(user: str) -> int:
     """The advisory lock key of a user's session count (a signed 64-bit integer)."""
     digest = hashlib.sha256(b"dbgrelay user sessions\0" + user.encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
-
-
-def _claim_session(
-    store: PgRevocationStore,
-    relay_id: str,
-    session_id: str,
-    user: str,
-    info: str,
-    lease: float,
-    cap: int,
-    closed: list[str],
-) -> int | None:
-    """Insert ``session_id``'s row if ``user`` has fewer than ``cap`` live sessions.
-
-    Counted: the user's unexpired rows, but for ``relay_id``'s rows of
-    ``closed`` (sessions it closed whose rows may linger).
-
-    Returns:
-        ``None`` when inserted; else how many live sessions the user has.
-    """
-    # One statement, so one round trip and one implicit transaction: the
-    # function (schema migration 3) takes the user's lock, counts and inserts.
-    with store.connection("count the user's sessions in") as conn:
-        row = conn.execute(
-            "SELECT dbgrelay_claim_session(%s, %s, %s, %s, %s, %s, %s, %s::text[])",
-            (_user_lock(user), session_id, relay_id, user, info, lease, cap, closed),
-        ).fetchone()
-    if row is not None and row[0] is not None:
-        return int(row[0])
-    return None
 
 
 def _sync_sessions(
@@ -1016,7 +1057,7 @@ def _sync_sessions(
         The end requests for them, and the targets other relays hold sessions to.
     """
     with store.connection("register sessions in") as conn, conn.transaction():
-        conn.execute("SET LOCAL synchronous_commit = off")  # leases: see _claim_session
+        conn.execute("SET LOCAL synchronous_commit = off")  # leases: see the claim
         conn.execute(
             "DELETE FROM dbgrelay_sessions WHERE (relay = %s AND id = ANY(%s)) "
             "OR lease_until < now()",

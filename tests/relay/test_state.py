@@ -1,0 +1,247 @@
+"""The per-user claim of the PostgreSQL backend, run on the event loop against a real server.
+
+Real PostgreSQL (the test session's server), real sessions, real trio
+cancellation; another client holds a user's advisory lock the way a claim on
+another relay would.  These tests use the real clock: the claim waits on a
+real socket, which an autojump clock would mistake for idleness.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+
+import psycopg
+import pytest
+import trio
+
+from auth import PgRevocationStore, migrate_schema
+from auth.tokens import Claims
+from config import StateSection
+from config.schema import TargetConfig, TcpBackend
+from relay.access import Grant
+from relay.datapath.tls import TLSInfo
+from relay.errors import RemoteProtocolError
+from relay.metrics import NilMetrics
+from relay.session import Session
+from relay.state import SharedState, _user_lock
+
+from ..postgres import PgServer
+
+_TARGET = TargetConfig(
+    name="build42",
+    kind="tcp",
+    backend=TcpBackend(host="127.0.0.1", port=9),
+    backend_url="tcp://127.0.0.1:9",
+)
+_TLS = TLSInfo(version="TLSv1.3", cipher="TLS_AES_128_GCM_SHA256", group="unknown", alpn=None)
+
+
+def make_session(sid: str, user: str) -> Session:
+    now = int(time.time())
+    claims = Claims(
+        sub=user,
+        jti=f"jti-{sid}",
+        iss="dbgrelay",
+        aud="dbgrelay",
+        iat=now,
+        nbf=now,
+        exp=now + 600,
+        targets=("*",),
+        scope=None,
+        kid="k1",
+    )
+    grant = Grant(claims=claims, target=_TARGET)
+    return Session(id=sid, peer="127.0.0.1:40000", grant=grant, tls=_TLS, started=time.time())
+
+
+@pytest.fixture
+def dsn(pg_dsn: str) -> str:
+    migrate_schema(pg_dsn)
+    return pg_dsn
+
+
+@pytest.fixture
+async def open_state(dsn: str) -> AsyncIterator[Callable[..., SharedState]]:
+    opened: list[SharedState] = []
+
+    def open_(**section: object) -> SharedState:
+        settings = {"backend": "postgres", "pool_size": 2} | section
+        store = PgRevocationStore(dsn, pool_size=2)
+        state = SharedState(store, StateSection(**settings), metrics=NilMetrics())  # type: ignore[arg-type]
+        opened.append(state)
+        return state
+
+    yield open_
+    for state in opened:
+        state.close()
+        state.store.close()
+
+
+def rows(dsn: str, sql: str, *params: object) -> list[tuple]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def claim_rows(dsn: str, user: str) -> list[str]:
+    return [sid for (sid,) in rows(dsn, "SELECT id FROM dbgrelay_sessions WHERE sub = %s", user)]
+
+
+@contextmanager
+def holding_user_lock(dsn: str, user: str) -> Iterator[psycopg.Connection]:
+    """Hold ``user``'s claim lock in an open transaction, as a claim on another relay does."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_user_lock(user),))
+        try:
+            yield conn
+        finally:
+            conn.rollback()
+
+
+async def until_waiting_for_user_lock(dsn: str) -> None:
+    """Return once a backend waits for an advisory lock (a claim queued behind the holder)."""
+    sql = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    with trio.fail_after(30):  # a guard against hanging, not a bound on speed
+        # Another process's state: nothing to wait on but the query itself.
+        while (await trio.to_thread.run_sync(rows, dsn, sql))[0][0] == 0:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+
+
+def running_claims(dsn: str) -> int:
+    sql = (
+        "SELECT count(*) FROM pg_stat_activity WHERE state <> 'idle' "
+        "AND query LIKE '%%dbgrelay_claim_session%%' AND pid <> pg_backend_pid()"
+    )
+    return rows(dsn, sql)[0][0]
+
+
+async def test_claims_run_on_the_event_loop_without_a_worker_thread(
+    open_state, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = open_state()
+    # The first claim opens the claim connection (in a worker thread, once).
+    await state.claim_session(make_session("s0", "alice"), limit=1, live=set())
+
+    async def no_thread(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a claim went through a worker thread")
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", no_thread)
+    await state.claim_session(make_session("s1", "bob"), limit=1, live=set())
+    with pytest.raises(RemoteProtocolError) as refused:
+        await state.claim_session(make_session("s2", "bob"), limit=1, live={"s1", "s2"})
+    assert (refused.value.reason, refused.value.status) == ("user_sessions", 429)
+    # A session this relay closed no longer counts (its id goes as a text[] parameter).
+    odd = 'o"dd\\id,{x}'
+    await state.claim_session(make_session(odd, "carol"), limit=1, live=set())
+    await state.claim_session(make_session("s3", "carol"), limit=1, live={"s3"})
+    monkeypatch.undo()
+    assert claim_rows(dsn, "bob") == ["s1"]
+    assert sorted(claim_rows(dsn, "carol")) == sorted([odd, "s3"])
+    assert state.unavailable_since is None
+
+
+async def test_a_claim_cancelled_mid_query_cancels_it_and_drops_the_connection(
+    open_state, dsn: str
+) -> None:
+    # A statement timeout longer than the test's guard: only a cancel stops the statement.
+    state = open_state(statement_timeout=60.0)
+    await state.claim_session(make_session("warm", "alice"), limit=1, live=set())
+    with holding_user_lock(dsn, "bob"):
+        async with trio.open_nursery() as nursery:
+
+            async def claim() -> None:
+                await state.claim_session(make_session("cancelled", "bob"), limit=1, live=set())
+                raise AssertionError("the claim passed a held lock")
+
+            nursery.start_soon(claim)
+            await until_waiting_for_user_lock(dsn)
+            nursery.cancel_scope.cancel()
+        # The server stopped the statement: nothing waits for the lock any more,
+        # though its holder has not let go yet.
+        with trio.fail_after(30):  # a guard against hanging, not a bound on speed
+            while await trio.to_thread.run_sync(running_claims, dsn):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+    # The cancelled claim inserted nothing, so bob's one slot is free.
+    await state.claim_session(make_session("next", "bob"), limit=1, live=set())
+    assert claim_rows(dsn, "bob") == ["next"]
+    assert running_claims(dsn) == 0
+    assert state.unavailable_since is None
+
+
+async def test_a_claim_cancelled_while_its_connection_opens_closes_that_connection(
+    open_state, dsn: str
+) -> None:
+    state = open_state()
+    opener = state._claims._opener
+    started, go = threading.Event(), threading.Event()
+    made: list[psycopg.Connection] = []
+
+    def slow_open() -> psycopg.Connection:
+        started.set()
+        go.wait(30)
+        made.append(opener())
+        return made[0]
+
+    state._claims._opener = slow_open
+    async with trio.open_nursery() as nursery:
+        claim = partial(state.claim_session, make_session("s", "bob"), limit=1, live=set())
+        nursery.start_soon(claim)
+        await trio.to_thread.run_sync(started.wait)
+        nursery.cancel_scope.cancel()
+        go.set()
+    assert len(made) == 1 and made[0].closed
+    # Nothing was sent on it: the cancelled session has no row.
+    assert claim_rows(dsn, "bob") == []
+
+
+async def test_a_claim_waiting_for_one_users_lock_holds_up_no_other_users_claim(
+    open_state, dsn: str
+) -> None:
+    state = open_state(pool_size=2)
+    with holding_user_lock(dsn, "bob") as holder:
+        async with trio.open_nursery() as nursery:
+            waiting = partial(
+                state.claim_session, make_session("waits", "bob"), limit=1, live=set()
+            )
+            nursery.start_soon(waiting)
+            await until_waiting_for_user_lock(dsn)
+            await state.claim_session(make_session("other", "carol"), limit=1, live=set())
+            assert claim_rows(dsn, "carol") == ["other"]
+            holder.rollback()  # bob's turn: the waiting claim goes through
+    assert claim_rows(dsn, "bob") == ["waits"]
+
+
+async def test_a_statement_timeout_fails_the_claim_as_state_unavailable(
+    open_state, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = open_state(statement_timeout=0.2, unavailable_grace=0.0)
+    await state.claim_session(make_session("warm", "alice"), limit=1, live=set())
+    with holding_user_lock(dsn, "bob"):
+        with pytest.raises(RemoteProtocolError) as refused:
+            await state.claim_session(make_session("late", "bob"), limit=1, live=set())
+    assert (refused.value.reason, refused.value.status) == ("state_unavailable", 503)
+    assert state.last_error is not None
+    assert state.last_error.startswith(
+        "cannot count the user's sessions in the PostgreSQL state database "
+        "(canceling statement due to statement timeout)"
+    )
+    assert [r.message for r in caplog.records if r.name == "dbgrelay.state"] == [
+        "state.unavailable"
+    ]
+    assert claim_rows(dsn, "bob") == []
+
+
+async def test_a_postgresql_restart_between_claims_costs_a_new_connection_not_an_outage(
+    open_state, dsn: str, pg_server: PgServer
+) -> None:
+    state = open_state()
+    await state.claim_session(make_session("before", "alice"), limit=2, live=set())
+    # On this thread: the server dies with the thread that started it (PR_SET_PDEATHSIG).
+    pg_server.stop()
+    pg_server.start()
+    await state.claim_session(make_session("after", "alice"), limit=2, live=set())
+    assert sorted(claim_rows(dsn, "alice")) == ["after", "before"]
+    assert state.unavailable_since is None
