@@ -118,7 +118,16 @@ class StdlibEngine:
             (client side only).
     """
 
-    __slots__ = ("server_side", "_incoming", "_outgoing", "_obj", "_ssl", "feed", "take_outgoing")
+    __slots__ = (
+        "server_side",
+        "_incoming",
+        "_outgoing",
+        "_obj",
+        "_ssl",
+        "feed",
+        "take_outgoing",
+        "drained",
+    )
 
     def __init__(
         self,
@@ -146,6 +155,7 @@ class StdlibEngine:
         self.feed = self._incoming.write
         #: All ciphertext produced since the last call (``b""`` if none).
         self.take_outgoing = self._outgoing.read
+        self.drained = False
 
     def feed_eof(self) -> None:
         self._incoming.write_eof()
@@ -163,13 +173,15 @@ class StdlibEngine:
             return None
         try:
             # Stops at what OpenSSL holds: 0 bytes means close_notify.
-            return self._ssl.read(max_bytes)
+            chunk = self._ssl.read(max_bytes)
         except ssl.SSLWantReadError:
             return None
         except ssl.SSLZeroReturnError:
             return b""
         except ssl.SSLError as exc:
             raise _failure(exc) from exc
+        self.drained = not (incoming.pending or incoming.eof or self._ssl.pending())
+        return chunk
 
     def write(self, data: bytes | memoryview) -> None:
         try:

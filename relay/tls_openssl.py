@@ -138,7 +138,7 @@ class OpenSSLEngine:
         server_side: Whether ``conn`` is the server end.
     """
 
-    __slots__ = ("server_side", "_conn", "_notes", "_records")
+    __slots__ = ("server_side", "_conn", "_notes", "_records", "drained")
 
     def __init__(self, conn: SSL.Connection, *, server_side: bool) -> None:
         self.server_side = server_side
@@ -146,6 +146,7 @@ class OpenSSLEngine:
         self._notes = _Notes()
         conn.set_app_data(self._notes)
         self._records = _RecordCounter()
+        self.drained = False
 
     def _failure(self, exc: SSL.Error) -> TLSError:
         return TLSError(self._notes.failure or _describe(exc))
@@ -181,8 +182,10 @@ class OpenSSLEngine:
             return b""
         except SSL.Error as exc:
             raise self._failure(exc) from exc
-        if not conn.pending():
+        pending = conn.pending()
+        if not pending:
             records.consumed()
+        self.drained = not (pending or records.pending)
         return chunk
 
     def write(self, data: bytes | memoryview) -> None:

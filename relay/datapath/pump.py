@@ -262,12 +262,15 @@ class Pump:
         for side in (CLIENT, BACKEND):
             if self.codecs[side].buffered():
                 # Records that came in behind the tunnel request, still in TLS.
-                self._decode(side, None, now)
+                self.received(side, None, now)
 
     # -- what the driver is told ------------------------------------------------
 
-    def received(self, side: int, data: bytes, now: float) -> bytes | memoryview:
+    def received(self, side: int, data: bytes | None, now: float) -> bytes | memoryview:
         """``data`` was read from ``side``'s wire; ``b""`` is its EOF.
+
+        ``None`` decodes only what the side's codec holds already (records
+        that came with an earlier read).
 
         Returns:
             What is now to be written to the other side, as :meth:`to_send`
@@ -281,7 +284,23 @@ class Pump:
             return b""
         if self._inflight[side] is not None:
             raise RuntimeError("the pump was given bytes from a side it did not want read")
-        return self._decode(side, data, now)
+        plain, end = self.codecs[side].decode(data)
+        if end is not None:
+            self._ended[side] = True
+            if end:
+                self._ending[side] = (_ERROR[side], end)
+            else:
+                self._ending[side] = (_CLOSED[side], None)
+        if not plain:
+            self._act_on_ending(side, now)
+            return b"" if self.done else self.codecs[1 - side].outgoing()
+        try:
+            out = self.codecs[1 - side].encode(plain)
+        except (CodecError, TLSError) as exc:
+            self.failed(1 - side, str(exc))
+            return b""
+        self._inflight[side] = plain
+        return out
 
     def sent(self, side: int, count: int, now: float) -> bytes | memoryview:
         """``count`` bytes of :meth:`to_send` for ``side`` were written.
@@ -315,7 +334,7 @@ class Pump:
             self._act_on_ending(side, now)
         elif not self._ended[side] and self.codecs[side].more:
             # More records than one chunk's worth were waiting in TLS.
-            return self._decode(side, None, now)
+            return self.received(side, None, now)
         return b""
 
     def eof_sent(self, side: int) -> None:
@@ -374,30 +393,6 @@ class Pump:
         return now >= self.idle_deadline
 
     # -- the machine -----------------------------------------------------------------
-
-    def _decode(self, side: int, data: bytes | None, now: float) -> bytes | memoryview:
-        """Decode what came from ``side`` and queue it for the other.
-
-        Returns:
-            What is now to be written to the other side.
-        """
-        plain, end = self.codecs[side].decode(data)
-        if end is not None:
-            self._ended[side] = True
-            if end:
-                self._ending[side] = (_ERROR[side], end)
-            else:
-                self._ending[side] = (_CLOSED[side], None)
-        if not plain:
-            self._act_on_ending(side, now)
-            return b"" if self.done else self.codecs[1 - side].outgoing()
-        try:
-            out = self.codecs[1 - side].encode(plain)
-        except (CodecError, TLSError) as exc:
-            self.failed(1 - side, str(exc))
-            return b""
-        self._inflight[side] = plain
-        return out
 
     def _act_on_ending(self, side: int, now: float) -> None:
         ending = self._ending[side]

@@ -150,6 +150,9 @@ class Engine(Protocol):
     """
 
     server_side: bool
+    #: Set by a :meth:`read` that returned plaintext: whether nothing more
+    #: can be decrypted until new bytes come (``False`` when unsure).
+    drained: bool
 
     def feed(self, data: bytes | memoryview) -> None:
         """Hand bytes received from the wire to the engine."""
@@ -345,6 +348,8 @@ class TLSConnection:
                 break
             chunks.append(chunk)
             got += len(chunk)
+            if engine.drained:
+                break  # the next read could only say it needs bytes
         else:
             self.more = True
         if not chunks:
