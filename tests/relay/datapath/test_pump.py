@@ -116,8 +116,8 @@ def test_client_eof_half_closes_the_backend_which_may_answer_until_close_timeout
 
 
 def test_wants_says_in_one_call_what_the_three_questions_say():
-    # The data-plane thread asks wants() once per side and pass; it must
-    # agree with wants_read / to_send / wants_eof at every step of a tunnel.
+    # The data-plane thread arms its sockets from wants() whenever a tunnel is
+    # not settled; it must agree with wants_read / to_send / wants_eof at every step.
     def agree(pump: Pump) -> list[int]:
         bits = []
         for side in (CLIENT, BACKEND):
