@@ -390,8 +390,19 @@ class DataPlane:
                     settled = False
                     break
                 out = pump.received(side, bytes(scratch[:count]), now)
-                if out and not _send(pump, to, other, out, now):
-                    settled = False  # the socket is full: wait until writable
+                if out:
+                    # One send: the whole chunk, almost always.  Anything
+                    # left (a short write, more records) unsettles the
+                    # tunnel, and the flush below sends what the socket takes.
+                    try:
+                        written = to.send(out)
+                    except BlockingIOError:
+                        written = 0
+                    except OSError as exc:
+                        pump.failed(other, f"socket error: {exc}")
+                        return
+                    if pump.sent(other, written, now):
+                        settled = False
                 if pump.done:
                     return
         if settled and pump.result is None:
@@ -420,31 +431,21 @@ class DataPlane:
         tunnel.settled = settled
 
 
-def _send(pump: Pump, sock: socket.socket, side: int, out: bytes | memoryview, now: float) -> bool:
-    """Send ``side`` ``out`` and whatever the pump has for it next.
-
-    Returns:
-        Whether everything was sent; False when the socket is full or failed.
-    """
+def _flush(pump: Pump, sock: socket.socket, side: int, now: float) -> None:
+    """Send ``side`` what the pump has for it, and its EOF when due, until the socket is full."""
+    out = pump.to_send(side)
     while out:
         try:
             count = sock.send(out)
         except BlockingIOError:
-            return False
+            return
         except OSError as exc:
             pump.failed(side, f"socket error: {exc}")
-            return False
+            return
         rest = pump.sent(side, count, now)
         if count < len(out):
-            return False
+            return
         out = rest
-    return True
-
-
-def _flush(pump: Pump, sock: socket.socket, side: int, now: float) -> None:
-    """Send ``side`` what the pump has for it, and its EOF when due, until the socket is full."""
-    if not _send(pump, sock, side, pump.to_send(side), now):
-        return
     if pump.wants_eof(side):
         try:
             sock.shutdown(socket.SHUT_WR)
