@@ -146,6 +146,19 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         $claim$;
         """,
     ),
+    (
+        4,
+        """
+        -- When each target's latest session closed, on any relay: written when
+        -- a relay deletes the rows of its closed sessions, so the watching
+        -- relay learns of a tunnel that opened and closed elsewhere between
+        -- two of its looks, and starts the target's idle spell from there.
+        CREATE TABLE dbgrelay_target_activity (
+            target      text PRIMARY KEY,
+            last_closed timestamptz NOT NULL
+        );
+        """,
+    ),
 )
 
 #: The schema version this code reads and writes.

@@ -51,6 +51,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -166,7 +167,10 @@ class SessionLeases(abc.ABC):
     A session gets its row from its claim, at admission (registration rounds
     skip sessions still opening, so a claim in flight is not counted before
     it succeeds); each round renews the rows of this relay's live sessions
-    and deletes those of closed ones and every expired row.
+    and deletes those of closed ones and every expired row.  Deleting the row
+    of a closed session records when the target's latest session closed (a
+    small table of its own, one row per target), so the watcher learns of a
+    tunnel that opened and closed elsewhere between two of its looks.
 
     Args:
         relay_id: This relay's (or worker's) name in the table.
@@ -190,6 +194,10 @@ class SessionLeases(abc.ABC):
         # Sessions of this relay that may have a row in the table: registered or claimed.
         self._rows: set[str] = set()
         self.busy_elsewhere: frozenset[str] = frozenset()
+        # Closes recorded before this relay started are older than its first idle spells.
+        self._since = time.time()
+        # The latest close of each target's sessions applied to last_activity (Unix time).
+        self._closed_seen: dict[str, float] = {}
 
     # -- the table (run in worker threads) ------------------------------------
 
@@ -214,17 +222,22 @@ class SessionLeases(abc.ABC):
     @abc.abstractmethod
     def sync_rows(
         self, infos: dict[str, tuple[str, str]], gone: list[str], announce: bool
-    ) -> tuple[list[tuple[str, str]], list[str]]:
+    ) -> tuple[list[tuple[str, str]], list[str], dict[str, float]]:
         """Renew this relay's rows (id -> user, info), delete those of ``gone`` and expired ones.
 
+        Deleting the rows of ``gone`` records, per target, when its latest
+        session closed.
+
         Returns:
-            Requests to end sessions of this relay (id, reason), and the
-            targets other relays hold live sessions to.
+            Requests to end sessions of this relay (id, reason), the targets
+            other relays hold live sessions to, and when each target's latest
+            session closed on any relay (Unix time; closes before this relay
+            started are left out).
         """
 
     @abc.abstractmethod
-    def busy_rows(self) -> list[str]:
-        """The targets other relays hold live sessions to."""
+    def busy_rows(self) -> tuple[list[str], dict[str, float]]:
+        """The targets other relays hold live sessions to, and their latest closes (as above)."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -270,12 +283,12 @@ class SessionLeases(abc.ABC):
             # Tell the other relays when our set changed: their watcher needs to know.
             announce = frozenset(infos) != self._registered
             sync = partial(self.sync_rows, infos, list(gone), announce)
-            ends, busy = await trio.to_thread.run_sync(sync, limiter=self.limiter)
+            ends, busy, closed = await trio.to_thread.run_sync(sync, limiter=self.limiter)
             self._up()
             self._rows -= gone
             self._rows |= set(infos)
             self._registered = frozenset(infos)
-            self._update_busy(relay, frozenset(busy))
+            self._update_busy(relay, frozenset(busy), closed)
             for sid, reason in ends:
                 session = relay.sessions.get(sid)
                 if session is not None and session.end_reason is None:
@@ -326,10 +339,21 @@ class SessionLeases(abc.ABC):
                 f"the relay is full ({total} tunnels {self.scope})", reason="relay_full", status=503
             )
 
-    def _update_busy(self, relay: Relay, busy: frozenset[str]) -> None:
+    def _update_busy(self, relay: Relay, busy: frozenset[str], closed: dict[str, float]) -> None:
+        now = trio.current_time()
+        wall = time.time()
+        for target, at in closed.items():
+            if at < self._since or at <= self._closed_seen.get(target, 0.0):
+                continue  # older than this relay, or applied already
+            self._closed_seen[target] = at
+            # A session to it closed (perhaps elsewhere, between two looks):
+            # its idle spell starts then, on trio's clock, and never earlier.
+            spell = now - max(0.0, wall - at)
+            if spell > relay.last_activity.get(target, -math.inf):
+                relay.last_activity[target] = spell
+                log.debug("state.target_closed", extra={"target": target, "closed_at": at})
         if busy == self.busy_elsewhere:
             return
-        now = trio.current_time()
         for target in self.busy_elsewhere - busy:
             # Its last tunnel elsewhere closed: an idle spell starts now, here too.
             relay.last_activity[target] = now
@@ -340,13 +364,15 @@ class SessionLeases(abc.ABC):
         """Look at the table now for targets other relays hold sessions to.
 
         The watcher calls this before it reports a server forgotten or runs
-        ``on_idle``: a tunnel opened elsewhere since the last round counts.
+        ``on_idle``: a tunnel opened elsewhere since the last round counts,
+        and so does one that opened and closed there meanwhile (its close
+        starts the target's idle spell).
 
         Raises:
             AuthError: the table cannot be read.
         """
-        busy = await trio.to_thread.run_sync(self.busy_rows, limiter=self.limiter)
-        self._update_busy(relay, frozenset(busy))
+        busy, closed = await trio.to_thread.run_sync(self.busy_rows, limiter=self.limiter)
+        self._update_busy(relay, frozenset(busy), closed)
 
 
 class SharedState(SessionLeases):
@@ -591,13 +617,16 @@ class SharedState(SessionLeases):
 
     def sync_rows(
         self, infos: dict[str, tuple[str, str]], gone: list[str], announce: bool
-    ) -> tuple[list[tuple[str, str]], list[str]]:
-        return _sync_sessions(self.store, self.relay_id, infos, gone, self.lease, announce)
+    ) -> tuple[list[tuple[str, str]], list[str], dict[str, float]]:
+        return _sync_sessions(
+            self.store, self.relay_id, infos, gone, self.lease, announce, since=self._since
+        )
 
-    def busy_rows(self) -> list[str]:
+    def busy_rows(self) -> tuple[list[str], dict[str, float]]:
         with self.store.connection("read sessions in") as conn:
             rows = conn.execute(_BUSY_ELSEWHERE, (self.relay_id,)).fetchall()
-        return [target for (target,) in rows]
+            closed = conn.execute(_TARGETS_CLOSED, (self._since,)).fetchall()
+        return [target for (target,) in rows], dict(closed)
 
     async def run_watch(self, relay: Relay, watch: Callable[[Relay], Any]) -> None:
         """Run ``watch(relay)`` while this relay holds the cluster's watcher lock.
@@ -745,6 +774,14 @@ CREATE TABLE IF NOT EXISTS live_sessions (
 )
 """
 
+#: When each target's latest session closed on any worker (the watcher's view of the others).
+_WORKER_ACTIVITY_TABLE = """
+CREATE TABLE IF NOT EXISTS target_activity (
+    target      TEXT PRIMARY KEY,
+    last_closed REAL NOT NULL     -- Unix time
+)
+"""
+
 
 def open_worker_sessions(config: Config, index: int) -> WorkerSessions | None:
     """The live-sessions table of worker ``index`` of ``serve --workers N`` (``None`` with PostgreSQL).
@@ -821,8 +858,9 @@ class WorkerSessions(SessionLeases):
         self.servers.release(target)
 
     def clear_predecessors(self, conn: sqlite3.Connection) -> int:
-        """Create the table; delete the rows of earlier workers with this index.  Their count."""
+        """Create the tables; delete the rows of earlier workers with this index.  Their count."""
         conn.execute(_WORKER_SESSIONS_TABLE)
+        conn.execute(_WORKER_ACTIVITY_TABLE)
         cur = conn.execute(
             "DELETE FROM live_sessions WHERE relay LIKE ? AND relay <> ?",
             (f"worker-{self.index}:%", self.relay_id),
@@ -858,8 +896,8 @@ class WorkerSessions(SessionLeases):
 
     def sync_rows(
         self, infos: dict[str, tuple[str, str]], gone: list[str], announce: bool
-    ) -> tuple[list[tuple[str, str]], list[str]]:
-        def run(conn: sqlite3.Connection) -> list[str]:
+    ) -> tuple[list[tuple[str, str]], list[str], dict[str, float]]:
+        def run(conn: sqlite3.Connection) -> tuple[list[str], dict[str, float]]:
             self._delete(conn, gone)
             until = time.time() + self.lease
             conn.executemany(
@@ -872,26 +910,39 @@ class WorkerSessions(SessionLeases):
             return self._busy(conn)
 
         # Ending another worker's session goes through that worker's admin endpoint.
-        return [], self.store.transaction(run)
+        return [], *self.store.transaction(run)
 
-    def busy_rows(self) -> list[str]:
+    def busy_rows(self) -> tuple[list[str], dict[str, float]]:
         return self.store.transaction(self._busy)
 
     def _delete(self, conn: sqlite3.Connection, closed: list[str]) -> None:
-        """Delete expired rows and this worker's rows of ``closed``."""
-        conn.execute("DELETE FROM live_sessions WHERE lease_until < ?", (time.time(),))
+        """Delete expired rows and this worker's rows of ``closed``, recording their targets' close."""
+        now = time.time()
+        conn.executemany(
+            "INSERT INTO target_activity (target, last_closed) "
+            "SELECT json_extract(info, '$.target'), ? FROM live_sessions "
+            "WHERE relay = ? AND id = ? AND json_extract(info, '$.target') IS NOT NULL "
+            "ON CONFLICT (target) DO UPDATE SET "
+            "last_closed = max(last_closed, excluded.last_closed)",
+            [(now, self.relay_id, sid) for sid in closed],
+        )
+        conn.execute("DELETE FROM live_sessions WHERE lease_until < ?", (now,))
         conn.executemany(
             "DELETE FROM live_sessions WHERE relay = ? AND id = ?",
             [(self.relay_id, sid) for sid in closed],
         )
 
-    def _busy(self, conn: sqlite3.Connection) -> list[str]:
+    def _busy(self, conn: sqlite3.Connection) -> tuple[list[str], dict[str, float]]:
         rows = conn.execute(
             "SELECT DISTINCT json_extract(info, '$.target') FROM live_sessions "
             "WHERE relay <> ? AND lease_until >= ?",
             (self.relay_id, time.time()),
         ).fetchall()
-        return [target for (target,) in rows]
+        closed = conn.execute(
+            "SELECT target, last_closed FROM target_activity WHERE last_closed >= ?",
+            (self._since,),
+        ).fetchall()
+        return [target for (target,) in rows], dict(closed)
 
     async def claim_session(
         self, session: Session, *, limit: int, live: set[str], total: int | None = None
@@ -922,12 +973,13 @@ class WorkerSessions(SessionLeases):
 
     def close(self) -> None:
         """Delete this worker's rows (it is stopping) and close the connection."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            rows = conn.execute("SELECT id FROM live_sessions WHERE relay = ?", (self.relay_id,))
+            self._delete(conn, [sid for (sid,) in rows.fetchall()])
+
         try:
-            self.store.transaction(
-                lambda conn: conn.execute(
-                    "DELETE FROM live_sessions WHERE relay = ?", (self.relay_id,)
-                )
-            )
+            self.store.transaction(run)
         except AuthError as exc:
             log.warning("state.register_failed", extra={"error": str(exc)})
         finally:
@@ -1048,21 +1100,23 @@ def _sync_sessions(
     gone: list[str],
     lease: float,
     announce: bool,
-) -> tuple[list[tuple[str, str]], list[str]]:
+    *,
+    since: float,
+) -> tuple[list[tuple[str, str]], list[str], dict[str, float]]:
     """Register ``relay_id``'s live sessions (id -> user, info) for ``lease`` seconds.
 
-    Rows of ``gone`` (sessions that closed) are deleted, with every expired row.
+    Rows of ``gone`` (sessions that closed) are deleted, recording when their
+    targets' latest session closed, and every expired row goes too.
 
     Returns:
-        The end requests for them, and the targets other relays hold sessions to.
+        The end requests for them, the targets other relays hold sessions to,
+        and when each target's latest session closed (Unix time, since ``since``).
     """
     with store.connection("register sessions in") as conn, conn.transaction():
         conn.execute("SET LOCAL synchronous_commit = off")  # leases: see the claim
-        conn.execute(
-            "DELETE FROM dbgrelay_sessions WHERE (relay = %s AND id = ANY(%s)) "
-            "OR lease_until < now()",
-            (relay_id, gone),
-        )
+        if gone:
+            conn.execute(_DELETE_CLOSED, (relay_id, gone))
+        conn.execute("DELETE FROM dbgrelay_sessions WHERE lease_until < now()")
         if infos:
             with conn.cursor() as cur:
                 cur.executemany(
@@ -1079,9 +1133,27 @@ def _sync_sessions(
             (relay_id,),
         ).fetchall()
         busy = conn.execute(_BUSY_ELSEWHERE, (relay_id,)).fetchall()
+        closed = conn.execute(_TARGETS_CLOSED, (since,)).fetchall()
         if announce:
             conn.execute("SELECT pg_notify(%s, %s)", (SESSIONS_CHANNEL, relay_id))
-    return [(sid, reason) for sid, reason in rows], [target for (target,) in busy]
+    return [(sid, reason) for sid, reason in rows], [target for (target,) in busy], dict(closed)
+
+
+#: Delete a relay's rows of closed sessions; their targets' latest close is now (migration 4).
+_DELETE_CLOSED = (
+    "WITH gone AS (DELETE FROM dbgrelay_sessions WHERE relay = %s AND id = ANY(%s) "
+    "RETURNING (info::json)->>'target' AS target) "
+    "INSERT INTO dbgrelay_target_activity (target, last_closed) "
+    "SELECT DISTINCT target, now() FROM gone WHERE target IS NOT NULL "
+    "ON CONFLICT (target) DO UPDATE SET "
+    "last_closed = greatest(dbgrelay_target_activity.last_closed, excluded.last_closed)"
+)
+
+#: When each target's latest session closed on any relay, as Unix time, since a given one.
+_TARGETS_CLOSED = (
+    "SELECT target, extract(epoch FROM last_closed)::float8 FROM dbgrelay_target_activity "
+    "WHERE last_closed >= to_timestamp(%s)"
+)
 
 
 #: The targets other relays hold live sessions to.

@@ -70,6 +70,9 @@ class SharedSessions(Protocol):
     async def refresh_busy(self, relay: WatchContext) -> None:
         """Look at the table now; a target whose last session elsewhere closed starts a spell.
 
+        A spell starts when that session closed, even if it opened and closed
+        between two looks (``relay.last_activity`` moves forward to it).
+
         Raises:
             AuthError: the table cannot be read.
         """
@@ -205,6 +208,8 @@ class _Watcher:
             try:
                 if await self.busy_anywhere(target.name):
                     return  # in use on another relay: its close starts a new spell
+                if self.relay.leases is not None and self.spell(target.name) != spell:
+                    return  # a tunnel elsewhere closed since: its spell is not over yet
                 await run_on_idle(self.relay, target, trigger=trigger)
             finally:
                 state.on_idle_running = False

@@ -14,6 +14,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -366,6 +367,73 @@ def test_one_relay_watches_for_forgotten_servers_and_counts_tunnels_on_the_other
     relay_a.wait()
     # PostgreSQL releases the dead relay's lock with its connection: B takes over.
     relay_b.wait_event("state.watch_leader")
+
+
+def test_a_tunnel_that_opened_and_closed_elsewhere_between_the_watchers_looks_restarts_its_spell(
+    procs: ProcGroup, tmp_path: Path, materials: Path, pg_dsn: str, echo_server: EchoServer
+) -> None:
+    import psycopg
+
+    idle_timeout = 3.0
+    watched = {"idle_timeout": f"{idle_timeout:g}s", "probe_interval": "0.1s", "on_idle": ["true"]}
+    homes = [
+        relay_home(tmp_path, name, materials, pg_dsn, echo_server.port, target_keys=watched)
+        for name in ("a", "b")
+    ]
+    home_a, home_b = homes
+    migrate(home_a)
+    relay_a, _ = start_relay(procs, home_a)
+    relay_a.wait_event("state.watch_leader")
+    relay_b, address_b = start_relay(procs, home_b)
+    token = issue(home_a)
+    # A tunnel on B that A sees: its close starts an idle spell on A.
+    tls, _ = open_tunnel(home_b, address_b, "build42", token)
+    relay_a.wait_event("state.busy_elsewhere", targets=["build42"])
+    tls.close()
+    freed = relay_a.wait_event("state.busy_elsewhere", targets=[])
+    # The short tunnel stays in use for half the idle timeout: a report timed
+    # from the spell above would come that much before one timed from its close.
+    in_use_until = time.monotonic() + idle_timeout / 2
+
+    # While A looks at nothing, a short tunnel on B opens and closes, and B deletes its row.
+    relay_a.send_signal(signal.SIGSTOP)
+    try:
+        short, sid = open_tunnel(home_b, address_b, "build42", token)
+        while time.monotonic() < in_use_until:
+            echo(short, b"in use")
+            time.sleep(0.1)
+        short.close()
+        closed = relay_b.wait_event("session.closed", session_id=sid)
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            deadline = time.monotonic() + READY_TIMEOUT
+            sql = "SELECT count(*) FROM dbgrelay_sessions WHERE id = %s"
+            while conn.execute(sql, (sid,)).fetchone() != (0,):
+                assert time.monotonic() < deadline, "B kept the closed session's row"
+                time.sleep(0.02)
+    finally:
+        relay_a.send_signal(signal.SIGCONT)
+
+    def after_freed(event: str) -> dict:
+        line = relay_a.wait_line(
+            lambda line: (
+                f'"{event}"' in line
+                and (record := json.loads(line))["event"] == event
+                and record.get("target") == "build42"
+                and record["time"] > freed["time"]
+            )
+        )
+        return json.loads(line)
+
+    def at(record: dict) -> float:
+        return datetime.fromisoformat(record["time"]).timestamp()
+
+    # A's idle spell runs from the short tunnel's close, which it never saw open.
+    reported = after_freed("server.forgotten")
+    assert at(reported) >= at(closed) + idle_timeout, (closed, reported)
+    ran = after_freed("on_idle.ran")
+    assert at(ran) >= at(closed) + idle_timeout, (closed, ran)
+    relay_a.stop()
+    relay_b.stop()
 
 
 #: A managed debug server stand-in: echoes on 127.0.0.1:PORT until killed.

@@ -86,6 +86,11 @@ def rows(dsn: str, sql: str, *params: object) -> list[tuple]:
         return conn.execute(sql, params).fetchall()
 
 
+def execute(dsn: str, sql: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql)
+
+
 def claim_rows(dsn: str, user: str) -> list[str]:
     return [sid for (sid,) in rows(dsn, "SELECT id FROM dbgrelay_sessions WHERE sub = %s", user)]
 
@@ -245,3 +250,64 @@ async def test_a_postgresql_restart_between_claims_costs_a_new_connection_not_an
     await state.claim_session(make_session("after", "alice"), limit=2, live=set())
     assert sorted(claim_rows(dsn, "alice")) == ["after", "before"]
     assert state.unavailable_since is None
+
+
+class Watching:
+    """What the registration rounds and :meth:`SharedState.refresh_busy` use of a relay."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, Session] = {}
+        self.last_activity: dict[str, float] = {}
+
+
+def closes(dsn: str) -> dict[str, float]:
+    sql = "SELECT target, extract(epoch FROM last_closed)::float8 FROM dbgrelay_target_activity"
+    return dict(rows(dsn, sql))
+
+
+async def test_a_session_claimed_and_closed_before_any_round_leaves_when_it_closed(
+    open_state, dsn: str
+) -> None:
+    holder, watcher = open_state(), open_state()
+    relay, watching = Watching(), Watching()
+    before = time.time()
+    watching.last_activity["build42"] = old_spell = trio.current_time()
+    # Admitted on the holder, and closed before its first registration round.
+    await holder.claim_session(make_session("short", "alice"), limit=1, live=set())
+    assert watcher.busy_rows() == (["build42"], {})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder.run_registration, relay)
+        with trio.fail_after(30):  # a guard against hanging, not a bound on speed
+            while await trio.to_thread.run_sync(claim_rows, dsn, "alice"):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    (recorded,) = closes(dsn).values()
+    assert before <= recorded <= time.time()
+    # The watching relay never saw the row, yet the close moves its idle spell forward.
+    await watcher.refresh_busy(watching)
+    assert watcher.busy_elsewhere == frozenset()
+    spell = watching.last_activity["build42"]
+    assert old_spell < spell <= trio.current_time()
+    await watcher.refresh_busy(watching)
+    assert watching.last_activity["build42"] == spell
+
+
+async def test_a_round_records_the_latest_close_and_hands_it_to_every_relay(
+    open_state, dsn: str
+) -> None:
+    a, b = open_state(), open_state()
+    await a.claim_session(make_session("s1", "alice"), limit=2, live=set())
+    await b.claim_session(make_session("s2", "bob"), limit=2, live=set())
+    ends, busy, closed = a.sync_rows({}, ["s1"], True)
+    assert (ends, busy, list(closed)) == ([], ["build42"], ["build42"])
+    assert b.busy_rows() == ([], closed)
+    # An older close recorded later never moves the time back.
+    execute(dsn, "UPDATE dbgrelay_target_activity SET last_closed = last_closed + interval '1 h'")
+    future = closes(dsn)["build42"]
+    b.sync_rows({}, ["s2"], True)
+    assert closes(dsn) == {"build42": future}
+    # Closes recorded before a relay started are older than its first idle spell.
+    later = open_state()
+    execute(dsn, "UPDATE dbgrelay_target_activity SET last_closed = now() - interval '1 h'")
+    assert later.busy_rows() == ([], {})
+    assert later.sync_rows({}, [], False) == ([], [], {})
