@@ -89,6 +89,17 @@ def _kill(found: list[str]) -> None:
             pass
 
 
+def _finish(proc: subprocess.Popen, marker: str, *, timeout: float) -> tuple[str, str, list[str]]:
+    """Wait for a bench run: its output, and the marked processes it left (killed)."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+        left = _survivors(marker)
+        _kill(left)
+    return stdout, stderr, left
+
+
 def _bench(args: list[str], marker: str, module: str = "bench", **kwargs) -> subprocess.Popen:
     env = dict(os.environ, **kwargs.pop("env", {}))
     env[MARKER] = marker
@@ -114,12 +125,7 @@ def test_quick_run_completes_every_workload_and_leaves_no_process(tmp_path):
     marker = uuid.uuid4().hex
     args = [*TINY, "--paths", ",".join(paths), "--workloads", ",".join(workloads), "--json", str(out)]  # fmt: skip
     proc = _bench(args, marker)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-        left = _survivors(marker)
-        _kill(left)
+    stdout, stderr, left = _finish(proc, marker, timeout=120)
     assert proc.returncode == 0, stderr
     assert left == [], f"processes left behind: {left}"
 
@@ -199,12 +205,7 @@ def test_missing_stunnel_is_reported_and_other_paths_still_run(tmp_path):
             "--warmup", "0.05", "--json", str(out)]  # fmt: skip
     # With nothing on PATH there is no stunnel (and no taskset, so no pinning).
     proc = _bench(args, marker, env={"PATH": str(empty)})
-    try:
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        left = _survivors(marker)
-        _kill(left)
+    stdout, stderr, left = _finish(proc, marker, timeout=60)
     assert proc.returncode == 0, stderr
     assert "stunnel not found: apt-get install stunnel4" in stderr
     assert "taskset not found" in stderr
@@ -228,12 +229,7 @@ def test_postgres_and_workers_paths_run_and_leave_no_process(tmp_path):
     marker = uuid.uuid4().hex
     args = [*TINY, "--paths", ",".join(paths), "--workloads", ",".join(workloads), "--json", str(out)]  # fmt: skip
     proc = _bench(args, marker)
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-        left = _survivors(marker)
-        _kill(left)
+    stdout, stderr, left = _finish(proc, marker, timeout=120)
     assert proc.returncode == 0, stderr
     # The PostgreSQL server and both workers with their supervisor are gone too.
     assert left == [], f"processes left behind: {left}"
@@ -253,12 +249,7 @@ def test_postgres_and_workers_paths_run_and_leave_no_process(tmp_path):
 def test_planes_compares_both_hostings_with_stunnel_and_leaves_no_process():
     marker = uuid.uuid4().hex
     proc = _bench(["--rounds", "1", "--count", "200"], marker, module="bench.planes")
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-        left = _survivors(marker)
-        _kill(left)
+    stdout, stderr, left = _finish(proc, marker, timeout=120)
     assert proc.returncode == 0, stderr
     assert left == [], f"processes left behind: {left}"
     for hosting in ("thread", "guest", "stunnel"):

@@ -29,6 +29,7 @@ from ..postgres import PgServer
 from .leases import expire_pg_lease
 from .support import (
     READY_TIMEOUT,
+    Proc,
     ProcGroup,
     config_text,
     copy_materials,
@@ -326,6 +327,26 @@ def test_the_sessions_of_a_relay_killed_with_sigkill_expire_with_its_lease(
     on_b.close()
 
 
+def watching_pair(
+    procs: ProcGroup,
+    tmp_path: Path,
+    materials: Path,
+    pg_dsn: str,
+    echo_server: EchoServer,
+    watched: dict,
+) -> tuple[Path, Path, Proc, Proc, str]:
+    """Relays A and B with a watched target; A holds the watcher lock once this returns."""
+    home_a, home_b = (
+        relay_home(tmp_path, name, materials, pg_dsn, echo_server.port, target_keys=watched)
+        for name in ("a", "b")
+    )
+    migrate(home_a)
+    relay_a, _ = start_relay(procs, home_a)
+    relay_a.wait_event("state.watch_leader")
+    relay_b, address_b = start_relay(procs, home_b)
+    return home_a, home_b, relay_a, relay_b, address_b
+
+
 def test_one_relay_watches_for_forgotten_servers_and_counts_tunnels_on_the_others(
     procs: ProcGroup, tmp_path: Path, materials: Path, pg_dsn: str, echo_server: EchoServer
 ) -> None:
@@ -334,15 +355,9 @@ def test_one_relay_watches_for_forgotten_servers_and_counts_tunnels_on_the_other
         "probe_interval": "0.1s",
         "on_idle": ["sh", "-c", "echo stop it"],
     }
-    homes = [
-        relay_home(tmp_path, name, materials, pg_dsn, echo_server.port, target_keys=watched)
-        for name in ("a", "b")
-    ]
-    home_a, home_b = homes
-    migrate(home_a)
-    relay_a, _ = start_relay(procs, home_a)
-    relay_a.wait_event("state.watch_leader")
-    relay_b, address_b = start_relay(procs, home_b)
+    home_a, home_b, relay_a, relay_b, address_b = watching_pair(
+        procs, tmp_path, materials, pg_dsn, echo_server, watched
+    )
     # Nobody uses the target: the watching relay reports it once.
     first = relay_a.wait_event("on_idle.ran", trigger="forgotten")
     token = issue(home_a)
@@ -376,15 +391,9 @@ def test_a_tunnel_that_opened_and_closed_elsewhere_between_the_watchers_looks_re
 
     idle_timeout = 3.0
     watched = {"idle_timeout": f"{idle_timeout:g}s", "probe_interval": "0.1s", "on_idle": ["true"]}
-    homes = [
-        relay_home(tmp_path, name, materials, pg_dsn, echo_server.port, target_keys=watched)
-        for name in ("a", "b")
-    ]
-    home_a, home_b = homes
-    migrate(home_a)
-    relay_a, _ = start_relay(procs, home_a)
-    relay_a.wait_event("state.watch_leader")
-    relay_b, address_b = start_relay(procs, home_b)
+    home_a, home_b, relay_a, relay_b, address_b = watching_pair(
+        procs, tmp_path, materials, pg_dsn, echo_server, watched
+    )
     token = issue(home_a)
     # A tunnel on B that A sees: its close starts an idle spell on A.
     tls, _ = open_tunnel(home_b, address_b, "build42", token)
