@@ -56,7 +56,16 @@ def text_array(items: Sequence[str]) -> str:
 
 
 def _written_to_while_idle(fd: int) -> bool:
-    """Whether an idle connection's socket has something to read (it can only be its end)."""
+    """Whether an idle connection's socket has something to read (it can only be its end).
+
+    ``poll`` where the platform has it: ``select`` refuses descriptors above
+    1023 on Linux, and a relay holding a thousand tunnels opens its next
+    database connection there.
+    """
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
     readable, _, _ = select.select([fd], [], [], 0)
     return bool(readable)
 
