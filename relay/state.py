@@ -159,10 +159,11 @@ class SessionLeases(abc.ABC):
     other relays' tunnels) for both places such a table lives: PostgreSQL,
     shared by the relays of a cluster (:class:`SharedState`), and the SQLite
     file shared by the workers of one host (:class:`WorkerSessions`).  A
-    subclass supplies the table's statements (:meth:`claim_row`,
-    :meth:`sync_rows`, :meth:`busy_rows`), which run in worker threads under
-    :attr:`limiter`, never on the data path (the PostgreSQL claim runs on the
-    event loop instead: :meth:`SharedState._claim_row`).
+    subclass supplies the table's statements (:meth:`_claim_row`,
+    :meth:`sync_rows`, :meth:`busy_rows`); the last two run in worker threads
+    under :attr:`limiter`, never on the data path.  The claim runs where its
+    subclass says: SQLite's in a worker thread too, PostgreSQL's on the event
+    loop.
 
     A session gets its row from its claim, at admission (registration rounds
     skip sessions still opening, so a claim in flight is not counted before
@@ -199,9 +200,10 @@ class SessionLeases(abc.ABC):
         # The latest close of each target's sessions applied to last_activity (Unix time).
         self._closed_seen: dict[str, float] = {}
 
-    # -- the table (run in worker threads) ------------------------------------
+    # -- the table ----------------------------------------------------------------
 
-    def claim_row(
+    @abc.abstractmethod
+    async def _claim_row(
         self, session_id: str, user: str, info: str, *, cap: int, total_cap: int | None,
         closed: list[str],
     ) -> str | None:  # fmt: skip
@@ -209,15 +211,12 @@ class SessionLeases(abc.ABC):
 
         Counted: the unexpired rows (of ``user`` against ``cap``, all of them
         against ``total_cap``), but for this relay's rows of ``closed``
-        (sessions it closed whose rows may linger).  Run in a worker thread
-        by :meth:`_claim_row`; a subclass that claims on the event loop
-        overrides that instead.
+        (sessions it closed whose rows may linger).
 
         Returns:
             ``None`` when inserted, else the refusal's reason:
             ``"user_sessions"`` or ``"relay_full"``.
         """
-        raise NotImplementedError
 
     @abc.abstractmethod
     def sync_rows(
@@ -244,16 +243,6 @@ class SessionLeases(abc.ABC):
         """Release what this holds in the table (the relay is stopping)."""
 
     # -- the trio side ----------------------------------------------------------
-
-    async def _claim_row(
-        self, session_id: str, user: str, info: str, *, cap: int, total_cap: int | None,
-        closed: list[str],
-    ) -> str | None:  # fmt: skip
-        """:meth:`claim_row` in a worker thread under :attr:`limiter`."""
-        claim = partial(
-            self.claim_row, session_id, user, info, cap=cap, total_cap=total_cap, closed=closed
-        )
-        return await trio.to_thread.run_sync(claim, limiter=self.limiter)
 
     def sessions_changed(self) -> None:
         """A session opened or closed: register the change now, not at the next renewal."""
@@ -870,10 +859,22 @@ class WorkerSessions(SessionLeases):
     def admitting(self) -> bool:
         return True
 
+    async def _claim_row(
+        self, session_id: str, user: str, info: str, *, cap: int, total_cap: int | None,
+        closed: list[str],
+    ) -> str | None:  # fmt: skip
+        """:meth:`claim_row` in a worker thread under :attr:`limiter`."""
+        claim = partial(
+            self.claim_row, session_id, user, info, cap=cap, total_cap=total_cap, closed=closed
+        )
+        return await trio.to_thread.run_sync(claim, limiter=self.limiter)
+
     def claim_row(
         self, session_id: str, user: str, info: str, *, cap: int, total_cap: int | None,
         closed: list[str],
     ) -> str | None:  # fmt: skip
+        """The claim as one ``BEGIN IMMEDIATE`` transaction (run in a worker thread)."""
+
         def run(conn: sqlite3.Connection) -> str | None:
             self._delete(conn, closed)
             if total_cap is not None:
