@@ -251,9 +251,7 @@ async def _exchange(
     made_by, session = settings.tls_sessions.get(relay_key, (None, None))
     # (engine, None) records that this relay gave that engine no ticket.
     known = made_by is settings.engine
-    tls = settings.engine.wrap(
-        raw, settings.server_name, session=session if made_by is settings.engine else None
-    )
+    tls = settings.engine.wrap(raw, settings.server_name, session=session if known else None)
     try:
         with trio.fail_after(settings.handshake_timeout):
             try:

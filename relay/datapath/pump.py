@@ -293,7 +293,7 @@ class Pump:
                 self._ending[side] = (_CLOSED[side], None)
         if not plain:
             self._act_on_ending(side, now)
-            return b"" if self.done else self.codecs[1 - side].outgoing()
+            return self.to_send(1 - side)
         try:
             out = self.codecs[1 - side].encode(plain)
         except (CodecError, TLSError) as exc:

@@ -373,10 +373,7 @@ class TLSConnection:
             on, ``""`` after ``close_notify``, else the error text.
         """
         if data is not None:
-            if data:
-                self.engine.feed(data)
-            else:
-                self.engine.feed_eof()
+            self.receive(data)
         try:
             plain = self.read(PLAINTEXT_LIMIT)
         except TLSError as exc:
@@ -400,16 +397,13 @@ class TLSConnection:
         Raises:
             TLSError: the engine refused (the connection is broken).
         """
-        if self._held:
-            self._release_held()
+        self._release_held()
         try:
             self.engine.write(data)
         except TLSError:
             self.broken = True
             raise
-        more = self.engine.take_outgoing()
-        if more:
-            self._out = self._out + more if self._out else more
+        self._pull()
         return self._out
 
     #: The pump's codec call for :meth:`write`.
