@@ -21,6 +21,7 @@ database whose schema it does not know, with one line saying what to run.
 from __future__ import annotations
 
 import math
+import select
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -394,6 +395,21 @@ def open_query_connection(
     return conn
 
 
+def written_to_while_idle(fd: int) -> bool:
+    """Whether an idle connection's socket has something to read (it can only be its end).
+
+    ``poll`` where the platform has it: ``select`` refuses descriptors above
+    1023 on Linux, and a relay holding a thousand tunnels opens its next
+    database connection there.
+    """
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([fd], [], [], 0)
+    return bool(readable)
+
+
 class _Pool:
     """A few connections shared by worker threads, one user per connection at a time.
 
@@ -418,6 +434,8 @@ class _Pool:
         with self._slots:
             with self._lock:
                 conn = self._idle.pop() if self._idle else None
+            if conn is not None and written_to_while_idle(conn.fileno()):
+                conn.close()  # the server ended it meanwhile (a restart): a new one now
             try:
                 if conn is None or conn.closed:
                     conn = _connect(

@@ -26,7 +26,6 @@ This module imports psycopg: only the PostgreSQL backend loads it.
 
 from __future__ import annotations
 
-import select
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -34,6 +33,8 @@ import psycopg
 import trio
 from psycopg import pq
 from psycopg.errors import error_from_result
+
+from auth.revocation_pg import written_to_while_idle
 
 if TYPE_CHECKING:
     from psycopg.pq.abc import PGconn
@@ -53,21 +54,6 @@ def text_array(items: Sequence[str]) -> str:
     """``items`` as a PostgreSQL ``text[]`` literal (every element quoted and escaped)."""
     quoted = ('"' + item.replace("\\", "\\\\").replace('"', '\\"') + '"' for item in items)
     return "{" + ",".join(quoted) + "}"
-
-
-def _written_to_while_idle(fd: int) -> bool:
-    """Whether an idle connection's socket has something to read (it can only be its end).
-
-    ``poll`` where the platform has it: ``select`` refuses descriptors above
-    1023 on Linux, and a relay holding a thousand tunnels opens its next
-    database connection there.
-    """
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        return bool(poller.poll(0))
-    readable, _, _ = select.select([fd], [], [], 0)
-    return bool(readable)
 
 
 class QueryConnections:
@@ -106,7 +92,7 @@ class QueryConnections:
     def _take_free(self) -> psycopg.Connection | None:
         while self._free:
             conn = self._free.pop()
-            if conn.pgconn.status == _OK and not _written_to_while_idle(conn.pgconn.socket):
+            if conn.pgconn.status == _OK and not written_to_while_idle(conn.pgconn.socket):
                 return conn
             conn.close()
         return None

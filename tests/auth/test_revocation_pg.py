@@ -125,3 +125,15 @@ def test_read_dsn_strips_the_file_and_refuses_an_empty_one(tmp_path: Path) -> No
         read_dsn(path)
     with pytest.raises(AuthError, match="cannot read state.dsn_file"):
         read_dsn(tmp_path / "missing")
+
+
+def test_a_pooled_connection_the_server_ended_while_idle_is_replaced_not_an_error(
+    store, pg_server
+) -> None:
+    store.refresh()  # one connection now idle in the pool
+    pg_server.stop()
+    pg_server.start()
+    # The restart ended it; the next use opens a new one instead of failing.
+    store.refresh()
+    with store.connection("check") as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from relay.pgtrio import _written_to_while_idle, text_array
+from auth.revocation_pg import written_to_while_idle
+from relay.pgtrio import text_array
 
 resource = pytest.importorskip("resource")
 
@@ -31,9 +32,9 @@ def test_an_idle_connection_is_checked_on_a_descriptor_above_1023(high_fd_limit)
     with ours, server:
         fd = os.dup2(ours.fileno(), HIGH_FD)
         try:
-            assert not _written_to_while_idle(fd)
+            assert not written_to_while_idle(fd)
             server.send(b"E")  # what a server sends before it closes the connection
-            assert _written_to_while_idle(fd)
+            assert written_to_while_idle(fd)
         finally:
             os.close(fd)
 
