@@ -575,7 +575,7 @@ class Relay:
     def remove_session(self, session: Session) -> None:
         del self.sessions[session.id]
         if self.leases is not None:
-            self.leases.sessions_changed()
+            self.leases.session_closed(session.id)
         self.last_activity[session.target] = trio.current_time()
         gone = self._gone.pop(session.id, None)
         if gone is not None:

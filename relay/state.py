@@ -57,7 +57,7 @@ import secrets
 import socket
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -86,6 +86,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RECONNECT_INTERVAL",
+    "ROUND_SETTLE",
     "SESSIONS_CHANNEL",
     "WATCH_LOCK",
     "ServerLocks",
@@ -98,8 +99,15 @@ __all__ = [
 
 log = logging.getLogger("dbgrelay.state")
 
+#: Closed sessions of a relay that may have a row: id -> (target, close time as Unix time).
+Closes = dict[str, tuple[str, float]]
+
 #: Seconds between attempts to reach the database again after it went away.
 RECONNECT_INTERVAL = 1.0
+
+#: Seconds a registration round waits after the first change it answers, so
+#: that a burst of opens and closes costs one round, not one each.
+ROUND_SETTLE = 0.2
 
 
 def _pg() -> ModuleType:
@@ -168,10 +176,16 @@ class SessionLeases(abc.ABC):
     A session gets its row from its claim, at admission (registration rounds
     skip sessions still opening, so a claim in flight is not counted before
     it succeeds); each round renews the rows of this relay's live sessions
-    and deletes those of closed ones and every expired row.  Deleting the row
-    of a closed session records when the target's latest session closed (a
-    small table of its own, one row per target), so the watcher learns of a
-    tunnel that opened and closed elsewhere between two of its looks.
+    and deletes those of closed ones and every expired row.  A round comes
+    every third of the lease, and :data:`ROUND_SETTLE` after a session
+    opened or closed (changes meanwhile join that round).  A round that
+    deletes a closed session's row records when the session closed, per
+    target (a small table of its own, one row per target), so the watcher
+    learns of a tunnel that opened and closed elsewhere between two of its
+    looks.  The close time is this relay's own record, kept until a round
+    succeeds: it is written even when the row is gone already (it expired
+    while the database was out of reach, or the session was admitted then
+    and never had one).
 
     Args:
         relay_id: This relay's (or worker's) name in the table.
@@ -192,8 +206,11 @@ class SessionLeases(abc.ABC):
         self.limiter = limiter
         self._sessions_changed = trio.Event()
         self._registered: frozenset[str] | None = None
-        # Sessions of this relay that may have a row in the table: registered or claimed.
-        self._rows: set[str] = set()
+        # Sessions of this relay that may have a row in the table (registered
+        # or claimed), with their targets.
+        self._rows: dict[str, str] = {}
+        # When those of them that closed did (Unix time), until a round records it.
+        self._ended: dict[str, float] = {}
         self.busy_elsewhere: frozenset[str] = frozenset()
         # Closes recorded before this relay started are older than its first idle spells.
         self._since = time.time()
@@ -205,13 +222,14 @@ class SessionLeases(abc.ABC):
     @abc.abstractmethod
     async def _claim_row(
         self, session_id: str, user: str, info: str, *, cap: int, total_cap: int | None,
-        closed: list[str],
+        closed: Closes,
     ) -> str | None:  # fmt: skip
         """Insert ``session_id``'s row unless a cap is reached, as one atomic step.
 
         Counted: the unexpired rows (of ``user`` against ``cap``, all of them
         against ``total_cap``), but for this relay's rows of ``closed``
-        (sessions it closed whose rows may linger).
+        (sessions it closed whose rows may linger; their targets and close
+        times, which the claim may record as a round does).
 
         Returns:
             ``None`` when inserted, else the refusal's reason:
@@ -220,12 +238,13 @@ class SessionLeases(abc.ABC):
 
     @abc.abstractmethod
     def sync_rows(
-        self, infos: dict[str, tuple[str, str]], gone: list[str], announce: bool
+        self, infos: dict[str, tuple[str, str]], gone: Closes, announce: bool
     ) -> tuple[list[tuple[str, str]], list[str], dict[str, float]]:
         """Renew this relay's rows (id -> user, info), delete those of ``gone`` and expired ones.
 
-        Deleting the rows of ``gone`` records, per target, when its latest
-        session closed.
+        ``gone`` are sessions of this relay that closed, with their targets
+        and close times: each target's latest close is recorded, whether or
+        not its row was still there.
 
         Returns:
             Requests to end sessions of this relay (id, reason), the targets
@@ -245,8 +264,23 @@ class SessionLeases(abc.ABC):
     # -- the trio side ----------------------------------------------------------
 
     def sessions_changed(self) -> None:
-        """A session opened or closed: register the change now, not at the next renewal."""
+        """A session opened: register it in a round soon, not at the next renewal."""
         self._sessions_changed.set()
+
+    def session_closed(self, session_id: str) -> None:
+        """A session closed: note when, and delete its row in a round soon."""
+        if session_id in self._rows:
+            self._ended.setdefault(session_id, time.time())
+        self._sessions_changed.set()
+
+    def _closes(self, live: Container[str]) -> Closes:
+        """This relay's sessions with a row that are not ``live``: targets and close times."""
+        now = time.time()
+        return {
+            sid: (target, self._ended.get(sid, now))
+            for sid, target in self._rows.items()
+            if sid not in live
+        }
 
     def _up(self) -> None:  # noqa: B027 (a hook, empty unless an outage can end)
         """The table answered (the PostgreSQL backend ends an outage here)."""
@@ -261,21 +295,20 @@ class SessionLeases(abc.ABC):
         while True:
             # A fresh event before reading the sessions: a change from here on wakes the next round.
             self._sessions_changed = trio.Event()
-            infos = {
-                sid: (s.user, json.dumps(s.describe()))
-                for sid, s in relay.sessions.items()
-                if not s.opening
-            }
+            live = {sid: s for sid, s in relay.sessions.items() if not s.opening}
+            infos = {sid: (s.user, json.dumps(s.describe())) for sid, s in live.items()}
             # Only rows of sessions that closed go: a claimed row of a session
             # still opening stays (it counts for its user).
-            gone = self._rows - set(relay.sessions)
+            gone = self._closes(relay.sessions)
             # Tell the other relays when our set changed: their watcher needs to know.
             announce = frozenset(infos) != self._registered
-            sync = partial(self.sync_rows, infos, list(gone), announce)
+            sync = partial(self.sync_rows, infos, gone, announce)
             ends, busy, closed = await trio.to_thread.run_sync(sync, limiter=self.limiter)
             self._up()
-            self._rows -= gone
-            self._rows |= set(infos)
+            for sid in gone:
+                del self._rows[sid]
+                self._ended.pop(sid, None)
+            self._rows |= {sid: s.target for sid, s in live.items()}
             self._registered = frozenset(infos)
             self._update_busy(relay, frozenset(busy), closed)
             for sid, reason in ends:
@@ -288,6 +321,7 @@ class SessionLeases(abc.ABC):
                     session.end(reason)
             with trio.move_on_after(self.lease / 3):
                 await self._sessions_changed.wait()
+                await trio.sleep(ROUND_SETTLE)
 
     async def claim_session(
         self, session: Session, *, limit: int, live: set[str], total: int | None = None
@@ -307,7 +341,7 @@ class SessionLeases(abc.ABC):
             AuthError: the table cannot be used.
         """
         user = session.user
-        self._rows.add(session.id)
+        self._rows[session.id] = session.target
         refused = await self._claim_row(
             session.id,
             user,
@@ -315,8 +349,10 @@ class SessionLeases(abc.ABC):
             json.dumps(session.describe() | {"state": "open"}),
             cap=limit,
             total_cap=total,
-            closed=sorted(self._rows - live),
+            closed=self._closes(live),
         )
+        if refused is not None:
+            del self._rows[session.id]  # no row: nothing to delete, no close to record
         if refused == "user_sessions":
             raise RemoteProtocolError(
                 f"user {user!r} already has {limit} tunnels open {self.scope}",
@@ -575,7 +611,7 @@ class SharedState(SessionLeases):
 
     async def _claim_row(
         self, session_id: str, user: str, info: str, *, cap: int, total_cap: int | None,
-        closed: list[str],
+        closed: Closes,
     ) -> str | None:  # fmt: skip
         """Insert the row on the event loop: one statement, no worker thread.
 
@@ -594,7 +630,7 @@ class SharedState(SessionLeases):
             info,
             repr(float(self.lease)),
             str(cap),
-            _pgtrio().text_array(closed),
+            _pgtrio().text_array(sorted(closed)),
         )
         try:
             live = await self._claims.fetch_value(_CLAIM_SESSION, params)
@@ -605,7 +641,7 @@ class SharedState(SessionLeases):
     # -- the sessions table (run in worker threads) ---------------------------
 
     def sync_rows(
-        self, infos: dict[str, tuple[str, str]], gone: list[str], announce: bool
+        self, infos: dict[str, tuple[str, str]], gone: Closes, announce: bool
     ) -> tuple[list[tuple[str, str]], list[str], dict[str, float]]:
         return _sync_sessions(
             self.store, self.relay_id, infos, gone, self.lease, announce, since=self._since
@@ -861,7 +897,7 @@ class WorkerSessions(SessionLeases):
 
     async def _claim_row(
         self, session_id: str, user: str, info: str, *, cap: int, total_cap: int | None,
-        closed: list[str],
+        closed: Closes,
     ) -> str | None:  # fmt: skip
         """:meth:`claim_row` in a worker thread under :attr:`limiter`."""
         claim = partial(
@@ -871,7 +907,7 @@ class WorkerSessions(SessionLeases):
 
     def claim_row(
         self, session_id: str, user: str, info: str, *, cap: int, total_cap: int | None,
-        closed: list[str],
+        closed: Closes,
     ) -> str | None:  # fmt: skip
         """The claim as one ``BEGIN IMMEDIATE`` transaction (run in a worker thread)."""
 
@@ -896,7 +932,7 @@ class WorkerSessions(SessionLeases):
         return self.store.transaction(run)
 
     def sync_rows(
-        self, infos: dict[str, tuple[str, str]], gone: list[str], announce: bool
+        self, infos: dict[str, tuple[str, str]], gone: Closes, announce: bool
     ) -> tuple[list[tuple[str, str]], list[str], dict[str, float]]:
         def run(conn: sqlite3.Connection) -> tuple[list[str], dict[str, float]]:
             self._delete(conn, gone)
@@ -916,18 +952,15 @@ class WorkerSessions(SessionLeases):
     def busy_rows(self) -> tuple[list[str], dict[str, float]]:
         return self.store.transaction(self._busy)
 
-    def _delete(self, conn: sqlite3.Connection, closed: list[str]) -> None:
+    def _delete(self, conn: sqlite3.Connection, closed: Closes) -> None:
         """Delete expired rows and this worker's rows of ``closed``, recording their targets' close."""
-        now = time.time()
         conn.executemany(
-            "INSERT INTO target_activity (target, last_closed) "
-            "SELECT json_extract(info, '$.target'), ? FROM live_sessions "
-            "WHERE relay = ? AND id = ? AND json_extract(info, '$.target') IS NOT NULL "
+            "INSERT INTO target_activity (target, last_closed) VALUES (?, ?) "
             "ON CONFLICT (target) DO UPDATE SET "
             "last_closed = max(last_closed, excluded.last_closed)",
-            [(now, self.relay_id, sid) for sid in closed],
+            list(closed.values()),
         )
-        conn.execute("DELETE FROM live_sessions WHERE lease_until < ?", (now,))
+        conn.execute("DELETE FROM live_sessions WHERE lease_until < ?", (time.time(),))
         conn.executemany(
             "DELETE FROM live_sessions WHERE relay = ? AND id = ?",
             [(self.relay_id, sid) for sid in closed],
@@ -976,8 +1009,15 @@ class WorkerSessions(SessionLeases):
         """Delete this worker's rows (it is stopping) and close the connection."""
 
         def run(conn: sqlite3.Connection) -> None:
-            rows = conn.execute("SELECT id FROM live_sessions WHERE relay = ?", (self.relay_id,))
-            self._delete(conn, [sid for (sid,) in rows.fetchall()])
+            # Every session of this worker has ended by now: the rows it still
+            # has, and those of its closes no round recorded yet.
+            now = time.time()
+            rows = conn.execute(
+                "SELECT id, json_extract(info, '$.target') FROM live_sessions WHERE relay = ?",
+                (self.relay_id,),
+            )
+            left = {sid: (target, now) for sid, target in rows.fetchall() if target is not None}
+            self._delete(conn, left | self._closes(()))
 
         try:
             self.store.transaction(run)
@@ -1098,7 +1138,7 @@ def _sync_sessions(
     store: PgRevocationStore,
     relay_id: str,
     infos: dict[str, tuple[str, str]],
-    gone: list[str],
+    gone: Closes,
     lease: float,
     announce: bool,
     *,
@@ -1106,8 +1146,9 @@ def _sync_sessions(
 ) -> tuple[list[tuple[str, str]], list[str], dict[str, float]]:
     """Register ``relay_id``'s live sessions (id -> user, info) for ``lease`` seconds.
 
-    Rows of ``gone`` (sessions that closed) are deleted, recording when their
-    targets' latest session closed, and every expired row goes too.
+    Rows of ``gone`` (sessions that closed: their targets and close times)
+    are deleted, their targets' latest close recorded, and every expired row
+    goes too.
 
     Returns:
         The end requests for them, the targets other relays hold sessions to,
@@ -1116,7 +1157,9 @@ def _sync_sessions(
     with store.connection("register sessions in") as conn, conn.transaction():
         conn.execute("SET LOCAL synchronous_commit = off")  # leases: see the claim
         if gone:
-            conn.execute(_DELETE_CLOSED, (relay_id, gone))
+            conn.execute(_DELETE_CLOSED, (relay_id, list(gone)))
+            targets, times = zip(*gone.values(), strict=True)
+            conn.execute(_RECORD_CLOSES, (list(targets), list(times)))
         conn.execute("DELETE FROM dbgrelay_sessions WHERE lease_until < now()")
         if infos:
             with conn.cursor() as cur:
@@ -1140,12 +1183,14 @@ def _sync_sessions(
     return [(sid, reason) for sid, reason in rows], [target for (target,) in busy], dict(closed)
 
 
-#: Delete a relay's rows of closed sessions; their targets' latest close is now (migration 4).
-_DELETE_CLOSED = (
-    "WITH gone AS (DELETE FROM dbgrelay_sessions WHERE relay = %s AND id = ANY(%s) "
-    "RETURNING (info::json)->>'target' AS target) "
+#: Delete a relay's rows of closed sessions.
+_DELETE_CLOSED = "DELETE FROM dbgrelay_sessions WHERE relay = %s AND id = ANY(%s)"
+
+#: Record when targets' sessions closed (targets, Unix times), keeping each one's latest (migration 4).
+_RECORD_CLOSES = (
     "INSERT INTO dbgrelay_target_activity (target, last_closed) "
-    "SELECT DISTINCT target, now() FROM gone WHERE target IS NOT NULL "
+    "SELECT target, to_timestamp(max(at)) FROM unnest(%s::text[], %s::float8[]) AS c(target, at) "
+    "GROUP BY target "
     "ON CONFLICT (target) DO UPDATE SET "
     "last_closed = greatest(dbgrelay_target_activity.last_closed, excluded.last_closed)"
 )

@@ -298,16 +298,41 @@ async def test_a_round_records_the_latest_close_and_hands_it_to_every_relay(
     a, b = open_state(), open_state()
     await a.claim_session(make_session("s1", "alice"), limit=2, live=set())
     await b.claim_session(make_session("s2", "bob"), limit=2, live=set())
-    ends, busy, closed = a.sync_rows({}, ["s1"], True)
+    ends, busy, closed = a.sync_rows({}, {"s1": ("build42", time.time())}, True)
     assert (ends, busy, list(closed)) == ([], ["build42"], ["build42"])
     assert b.busy_rows() == ([], closed)
     # An older close recorded later never moves the time back.
     execute(dsn, "UPDATE dbgrelay_target_activity SET last_closed = last_closed + interval '1 h'")
     future = closes(dsn)["build42"]
-    b.sync_rows({}, ["s2"], True)
+    b.sync_rows({}, {"s2": ("build42", time.time())}, True)
     assert closes(dsn) == {"build42": future}
     # Closes recorded before a relay started are older than its first idle spell.
     later = open_state()
     execute(dsn, "UPDATE dbgrelay_target_activity SET last_closed = now() - interval '1 h'")
     assert later.busy_rows() == ([], {})
-    assert later.sync_rows({}, [], False) == ([], [], {})
+    assert later.sync_rows({}, {}, False) == ([], [], {})
+
+
+async def test_a_session_admitted_while_the_database_was_away_has_its_close_recorded_on_return(
+    open_state, dsn: str, pg_server: PgServer
+) -> None:
+    holder, relay = open_state(connect_timeout=1.0), Watching()
+    pg_server.stop()
+    try:
+        # Admitted within the grace, with no row: the database cannot be reached.
+        await holder.claim_session(make_session("s1", "alice"), limit=1, live=set())
+        assert holder.unavailable_since is not None
+        before = time.time()
+        holder.session_closed("s1")
+        after = time.time()
+    finally:
+        pg_server.start()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder.run_registration, relay)
+        with trio.fail_after(30):  # a guard against hanging, not a bound on speed
+            while not await trio.to_thread.run_sync(closes, dsn):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    # When it closed, as this relay saw it, not when the database heard of it.
+    (recorded,) = closes(dsn).values()
+    assert before - 1e-6 <= recorded <= after + 1e-6

@@ -39,8 +39,13 @@ def info(target: str = "build42") -> str:
     return json.dumps({"target": target})
 
 
+def ended(*sids: str, target: str = "build42") -> dict[str, tuple[str, float]]:
+    """Closed sessions as a round hands them over: their target, closed now."""
+    return {sid: (target, time.time()) for sid in sids}
+
+
 def claim(worker: WorkerSessions, sid: str, user: str = "alice", **caps: object) -> str | None:
-    kwargs = {"cap": 1, "total_cap": None, "closed": []} | caps
+    kwargs = {"cap": 1, "total_cap": None, "closed": {}} | caps
     return worker.claim_row(sid, user, info(), **kwargs)  # type: ignore[arg-type]
 
 
@@ -52,7 +57,7 @@ def test_a_user_at_the_cap_on_one_worker_is_refused_on_the_other(open_worker) ->
     # max_sessions counts every worker's rows.
     assert claim(w1, "s4", "carol", total_cap=2) == "relay_full"
     # A session the claiming worker closed no longer counts, though its row lingers.
-    assert claim(w0, "s5", closed=["s1"]) is None
+    assert claim(w0, "s5", closed=ended("s1")) is None
 
 
 def test_workers_claiming_for_one_user_at_once_never_pass_the_cap(open_worker) -> None:
@@ -93,11 +98,11 @@ def test_a_round_renews_this_workers_rows_and_names_targets_in_use_elsewhere(
 ) -> None:
     w0, w1 = open_worker(0), open_worker(1)
     assert claim(w1, "s1") is None
-    ends, busy, closed = w1.sync_rows({"s1": ("alice", info())}, [], True)
+    ends, busy, closed = w1.sync_rows({"s1": ("alice", info())}, {}, True)
     assert (ends, busy, closed) == ([], [], {})
     assert w0.busy_rows() == (["build42"], {})
     # Its session closed: the next round deletes its row, and records the close.
-    ends, busy, closed = w1.sync_rows({}, ["s1"], True)
+    ends, busy, closed = w1.sync_rows({}, ended("s1"), True)
     assert (ends, busy, list(closed)) == ([], [], ["build42"])
     assert w0.busy_rows() == ([], closed)
     assert claim(w0, "s2") is None
@@ -119,24 +124,24 @@ def test_every_way_a_workers_row_goes_records_when_its_targets_last_session_clos
     before = time.time()
     # Claimed, then closed before any round registered it: the next round deletes it.
     assert claim(w1, "s1") is None
-    (_, _, closed) = w1.sync_rows({}, ["s1"], True)
+    (_, _, closed) = w1.sync_rows({}, ended("s1"), True)
     (_, first) = w0.busy_rows()
     assert first == closed and before <= first["build42"] <= time.time()
     # A claim deletes the claiming worker's closed rows: the close is recorded there too.
     assert claim(w1, "s2") is None
-    assert claim(w1, "s3", "bob", closed=["s2"]) is None
+    assert claim(w1, "s3", "bob", closed=ended("s2")) is None
     (_, second) = w0.busy_rows()
     assert second["build42"] >= first["build42"]
-    assert w1.sync_rows({}, ["s2", "s3"], True)[2]["build42"] >= second["build42"]
+    assert w1.sync_rows({}, ended("s2", "s3"), True)[2]["build42"] >= second["build42"]
     # A worker that stops deletes its rows, and records their closes.
     leaving = WorkerSessions(RevocationStore(tmp_path / "tokens.sqlite"), 2, lease=60.0)
-    assert leaving.claim_row("s4", "carol", info("other"), cap=1, total_cap=None, closed=[]) is None
+    assert leaving.claim_row("s4", "carol", info("other"), cap=1, total_cap=None, closed={}) is None
     assert "other" not in w0.busy_rows()[1]
     leaving.close()
     assert "other" in w0.busy_rows()[1]
     # An expired row records nothing: when its tunnel ended is unknown.
     dead = open_worker(3, lease=-1.0)
-    assert dead.claim_row("s5", "dave", info("lost"), cap=1, total_cap=None, closed=[]) is None
+    assert dead.claim_row("s5", "dave", info("lost"), cap=1, total_cap=None, closed={}) is None
     assert claim(w0, "s6", "erin") is None
     assert "lost" not in w0.busy_rows()[1]
 
@@ -161,7 +166,7 @@ def test_a_tunnel_that_opened_and_closed_on_another_worker_between_looks_starts_
         watching.last_activity["build42"] = old_spell = trio.current_time()
         # Between two looks of worker 0, a tunnel on worker 1 opens and closes.
         assert claim(w1, "s1") is None
-        w1.sync_rows({}, ["s1"], True)
+        w1.sync_rows({}, ended("s1"), True)
         await w0.refresh_busy(watching)
         assert w0.busy_elsewhere == frozenset()
         spell = watching.last_activity["build42"]
