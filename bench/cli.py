@@ -32,7 +32,16 @@ from .procs import (
     raise_nofile_limit,
 )
 from .report import format_table, ratios
-from .workloads import MIB, QUICK, WORKLOADS, Context, Settings, metrics_for, run_workload
+from .workloads import (
+    MIB,
+    QUICK,
+    WORKLOADS,
+    Context,
+    Settings,
+    metrics_for,
+    run_connect,
+    run_workload,
+)
 
 __all__ = ["main", "ALL_PATHS"]
 
@@ -281,6 +290,15 @@ def main(argv: list[str] | None = None) -> int:
         # Workload outside, path inside: the paths compared in one row run
         # minutes apart at most, under the same background load.
         for workload in workloads:
+            if workload == "connect":
+                # All paths at once, their connections taking turns (see run_connect).
+                _say(f"connect on {', '.join(p.name for p in runnable)} together ...")
+                for name, record in run_connect(ctx, runnable).items():
+                    results[name][workload] = record
+                    if record["status"] != "ok":
+                        failed = True
+                        _say(f"connect on {name}: FAILED: {record['error']}")
+                continue
             for path in runnable:
                 _say(f"{workload} on {path.name} ...")
                 record = run_workload(ctx, workload, path)

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from array import array
+from collections.abc import Sequence
 
 from .procs import raise_nofile_limit
 
@@ -145,28 +146,60 @@ def _send_total(sock: socket.socket, block: bytes, total: int) -> None:
         left -= n
 
 
-def connect_latency(port: int, count: int, size: int) -> dict:
-    """Open ``count`` connections one after another; time connect plus the first round trip.
+def connect_latency(ports: Sequence[int], count: int, size: int, block: int = 20) -> dict:
+    """Time connect plus the first round trip, ``count`` times per port, the ports taking turns.
+
+    The ports take turns in blocks of ``block`` connections (the last block
+    may be shorter), the first port of each round one further along, so
+    every port sees the same slow moments of the machine while each block
+    runs as warm as a series of its own; the first connection of each block
+    goes unmeasured.
 
     Returns:
-        Median, p90 and maximum in milliseconds.
+        Per port (as a string): median, p90 and maximum in milliseconds, and
+        ``paired_ms``: per other port, the median over rounds of this port's
+        block median minus that port's in the same round.
     """
     message = b"x" * size
     reply = memoryview(bytearray(size))
-    samples = []
-    for _ in range(count):
-        start = time.perf_counter()
-        with _connect(port) as sock:
-            sock.sendall(message)
-            _recv_exact(sock, reply)
-            samples.append((time.perf_counter() - start) * 1000)
-    values = sorted(samples)
-    return {
-        "count": count,
-        "median_ms": statistics.median(values),
-        "p90_ms": _percentile(values, 0.90),
-        "max_ms": values[-1],
-    }
+    samples: dict[int, list[float]] = {port: [] for port in ports}
+    blocks: dict[int, list[float]] = {port: [] for port in ports}
+    left = count
+    turn = 0
+    while left > 0:
+        n = min(block, left)
+        for port in [*ports[turn:], *ports[:turn]]:
+            taken = []
+            for i in range(n + 1):
+                start = time.perf_counter()
+                with _connect(port) as sock:
+                    sock.sendall(message)
+                    _recv_exact(sock, reply)
+                    took = (time.perf_counter() - start) * 1000
+                if i:
+                    taken.append(took)
+            samples[port] += taken
+            blocks[port].append(statistics.median(taken))
+        left -= n
+        turn = (turn + 1) % len(ports)
+    result = {}
+    for port, taken in samples.items():
+        values = sorted(taken)
+        result[str(port)] = {
+            "count": count,
+            "block": block,
+            "median_ms": statistics.median(values),
+            "p90_ms": _percentile(values, 0.90),
+            "max_ms": values[-1],
+            "paired_ms": {
+                str(other): statistics.median(
+                    a - b for a, b in zip(blocks[port], blocks[other], strict=True)
+                )
+                for other in ports
+                if other != port
+            },
+        }
+    return result
 
 
 def _handshaker(engine: str, ca: str):
@@ -314,6 +347,10 @@ def concurrent(port: int, tunnels: int, size: int, duration: float, setup_timeou
     }
 
 
+def _port_list(text: str) -> list[int]:
+    return [int(port) for port in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.client")
     sub = parser.add_subparsers(dest="workload", required=True)
@@ -327,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("sink", "echo"), required=True)
     p.add_argument("--bytes", type=int, required=True)
     p = sub.add_parser("connect")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--ports", type=_port_list, required=True, help="comma-separated")
+    p.add_argument("--block", type=int, default=20, help="connections per turn")
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--size", type=int, default=64)
     p = sub.add_parser("handshake")
@@ -349,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.workload == "bulk":
             result = bulk(args.port, args.mode, args.bytes)
         elif args.workload == "connect":
-            result = connect_latency(args.port, args.count, args.size)
+            result = connect_latency(args.ports, args.count, args.size, args.block)
         elif args.workload == "handshake":
             result = handshakes(args.port, args.count, args.engine, args.ca)
         else:

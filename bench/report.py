@@ -36,6 +36,8 @@ def ratios(results: dict, paths: Sequence[str], metrics: Sequence[Metric]) -> di
     table: dict[str, dict[str, float]] = {}
     for path in paths:
         for metric in metrics:
+            if not metric.to_stunnel:
+                continue
             value = _value(results, path, metric)
             base = _value(results, "stunnel", metric)
             if value is not None and base:

@@ -15,7 +15,7 @@ import re
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,9 @@ __all__ = [
     "Context",
     "WORKLOADS",
     "LATENCY_WORKLOADS",
+    "CONNECT_BASE",
     "metrics_for",
+    "run_connect",
     "run_workload",
 ]
 
@@ -99,6 +101,8 @@ class Metric:
         label: Its name in the table.
         unit: Unit of the value.
         better: ``"lower"`` or ``"higher"``.
+        to_stunnel: Whether a ratio to stunnel's value means something (not
+            for a difference between two dbgrelay paths).
     """
 
     workload: str
@@ -106,6 +110,7 @@ class Metric:
     label: str
     unit: str
     better: str
+    to_stunnel: bool = True
 
 
 def metrics_for(workload: str, settings: Settings) -> list[Metric]:
@@ -124,7 +129,17 @@ def metrics_for(workload: str, settings: Settings) -> list[Metric]:
         ]
     if workload == "connect":
         n = settings.connections
-        return [Metric(workload, "connect_median_ms", f"connect+1st RT x{n} median", "ms", "lower")]
+        return [
+            Metric(workload, "connect_median_ms", f"connect+1st RT x{n} median", "ms", "lower"),
+            Metric(
+                workload,
+                "connect_paired_minus_base_ms",
+                f"connect+1st RT minus {CONNECT_BASE}, paired median",
+                "ms",
+                "lower",
+                to_stunnel=False,
+            ),  # fmt: skip
+        ]
     if workload == "handshake":
         n = settings.handshakes
         return [Metric(workload, "handshakes_per_s", f"TLS handshakes x{n}", "1/s", "higher")]
@@ -245,20 +260,65 @@ def _bulk(ctx: Context, path, record: dict) -> None:
         path.teardown(ctx.sup, deployment)
 
 
-def _connect(ctx: Context, path, record: dict) -> None:
+#: The path every dbgrelay variant's connect time is compared with, pairwise.
+CONNECT_BASE = "dbgrelay-stdlib"
+
+
+def run_connect(ctx: Context, paths: Sequence) -> dict[str, dict]:
+    """The connect workload for all ``paths`` at once, their connections taking turns.
+
+    Every path is deployed (pinned) before the first connection, and each
+    round opens one connection through each, so a slow moment of the machine
+    lands on every path alike; each path also gets its paired difference to
+    :data:`CONNECT_BASE` (the median over rounds of its time minus the
+    base's), the figure that compares two dbgrelay variants.
+
+    Returns:
+        Per path name, the record :func:`run_workload` would give.
+    """
     s = ctx.settings
-    deployment = path.deploy(ctx.sup, {"echo": ctx.echo_port}, pinned=True)
+    ctx.pin_backend(True)
+    records: dict[str, dict] = {}
+    deployed = []
+    start = time.monotonic()
     try:
-        result = ctx.client(
-            "connect",
-            ["connect", "--port", str(deployment.ports["echo"]), "--count", str(s.connections)],
-            pinned=True,
-            timeout=60 + s.connections * 0.5,
-        )
-        record["metrics"]["connect_median_ms"] = result["median_ms"]
-        record["detail"] = result
+        for path in paths:
+            try:
+                deployed.append((path, path.deploy(ctx.sup, {"echo": ctx.echo_port}, pinned=True)))
+            except (BenchError, OSError) as exc:
+                records[path.name] = {"status": "error", "error": str(exc), "seconds": 0.0}
+        if not deployed:
+            return records
+        ports = {path.name: deployment.ports["echo"] for path, deployment in deployed}
+        try:
+            result = ctx.client(
+                "connect",
+                ["connect", "--ports", ",".join(map(str, ports.values())),
+                 "--count", str(s.connections)],
+                pinned=True,
+                timeout=60 + s.connections * len(ports) * 0.5,
+            )  # fmt: skip
+        except (BenchError, OSError, ValueError) as exc:
+            failed = {"status": "error", "error": str(exc), "seconds": time.monotonic() - start}
+            return records | {name: dict(failed) for name in ports}
     finally:
-        path.teardown(ctx.sup, deployment)
+        for path, deployment in deployed:
+            path.teardown(ctx.sup, deployment)
+    seconds = time.monotonic() - start
+    base = ports.get(CONNECT_BASE)
+    for name, port in ports.items():
+        detail = result[str(port)]
+        metrics = {
+            "connect_median_ms": detail["median_ms"],
+            "connect_paired_minus_base_ms": (
+                None if base is None else 0.0 if port == base else detail["paired_ms"][str(base)]
+            ),
+        }
+        detail["paired_ms"] = {
+            other: detail["paired_ms"][str(p)] for other, p in ports.items() if p != port
+        }
+        records[name] = {"status": "ok", "metrics": metrics, "detail": detail, "seconds": seconds}
+    return records
 
 
 def _handshake(ctx: Context, path, record: dict) -> None:
@@ -457,7 +517,6 @@ def _gdb(ctx: Context, path, record: dict) -> None:
 _RUNNERS: dict[str, Callable[[Context, object, dict], None]] = {
     "pingpong": _pingpong,
     "bulk": _bulk,
-    "connect": _connect,
     "handshake": _handshake,
     "concurrent": _concurrent,
     "gdb": _gdb,

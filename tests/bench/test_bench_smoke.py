@@ -223,7 +223,7 @@ def test_postgres_and_workers_paths_run_and_leave_no_process(tmp_path):
         pytest.skip("dbgrelay's CLI is not there")
     if find_pg_bin() is None:
         pytest.skip("PostgreSQL's server is not installed; run scripts/install-tools")
-    paths = ["dbgrelay-postgres", "dbgrelay-workers2"]
+    paths = ["dbgrelay-stdlib", "dbgrelay-postgres", "dbgrelay-workers2"]
     workloads = ["connect", "concurrent"]
     out = tmp_path / "out.json"
     marker = uuid.uuid4().hex
@@ -240,6 +240,9 @@ def test_postgres_and_workers_paths_run_and_leave_no_process(tmp_path):
             record = report["results"][path][workload]
             assert record["status"] == "ok", f"{workload} on {path}: {record}"
         assert path in stdout
+        # Connections to all three took turns: each is compared with the SQLite single process.
+        paired = report["results"][path]["connect"]["metrics"]["connect_paired_minus_base_ms"]
+        assert isinstance(paired, float) and (paired == 0.0) == (path == "dbgrelay-stdlib")
 
 
 @pytest.mark.skipif(
