@@ -58,6 +58,12 @@ def opened(relay: Watching, sid: str) -> None:
     relay.sessions[sid] = session
 
 
+async def claimed(worker: WorkerSessions, relay: Watching, sid: str) -> None:
+    """A session of ``relay`` admitted with its row, as the relay's claim gives it one."""
+    opened(relay, sid)
+    await worker.claim_session(relay.sessions[sid], limit=5, live=set(relay.sessions))
+
+
 def closes(worker: WorkerSessions) -> dict[str, float]:
     return dict(
         worker.store.transaction(lambda c: c.execute("SELECT * FROM target_activity").fetchall())
@@ -68,8 +74,7 @@ async def test_a_burst_of_opens_and_closes_is_one_round_a_settle_after_its_first
     worker: Recorded, autojump_clock: trio.testing.MockClock
 ) -> None:
     relay = Watching()
-    opened(relay, "s1")
-    await worker.claim_session(relay.sessions["s1"], limit=5, live=set(relay.sessions))
+    await claimed(worker, relay, "s1")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(worker.run_registration, relay)
         assert (await worker.rounds.receive())[:2] == (["s1"], {})  # the first, at start
@@ -104,8 +109,7 @@ async def test_a_close_is_recorded_though_the_sessions_row_expired_before_the_ro
     worker: Recorded, autojump_clock: trio.testing.MockClock
 ) -> None:
     relay = Watching()
-    opened(relay, "s1")
-    await worker.claim_session(relay.sessions["s1"], limit=5, live=set(relay.sessions))
+    await claimed(worker, relay, "s1")
     # The row ran out (the table was out of reach longer than the lease) and
     # another worker's claim deleted it, as it deletes every expired row.
     worker.store.transaction(lambda c: c.execute("DELETE FROM live_sessions"))
