@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -26,11 +26,9 @@ from .limits import Limiter, LogThrottle, Refused, Ticket, source_key
 from .proxy_protocol import NEED_DATA, ProxyHeader, ProxyHeaderParser
 
 if TYPE_CHECKING:
-    from config import Config
+    from .context import RelayContext
 
-    from .metrics import Metrics, NilMetrics
-
-__all__ = ["Admission", "Gate", "GateContext"]
+__all__ = ["Admission", "Gate"]
 
 log = logging.getLogger("dbgrelay.relay")
 
@@ -77,21 +75,6 @@ class Admission:
         self._gate.refused(reason, self.source, **fields)
 
 
-class GateContext(Protocol):
-    """What the gate uses of the relay: :class:`relay.server.Relay` provides it."""
-
-    @property
-    def config(self) -> Config:
-        """The current configuration."""
-        ...
-
-    metrics: Metrics | NilMetrics
-
-    def audit_event(self, event: str, **fields: Any) -> None:
-        """Append a record to the relay's own audit file, and log it."""
-        ...
-
-
 class Gate:
     """Per-connection admission in front of :func:`relay.session.handle_connection`.
 
@@ -100,7 +83,7 @@ class Gate:
             what ``handle`` is given.
     """
 
-    def __init__(self, relay: GateContext) -> None:
+    def __init__(self, relay: RelayContext) -> None:
         self.relay = relay
         self.limiter = Limiter(relay.config.limits)
         # Sessions past the per-user check whose audit file is still being

@@ -226,8 +226,9 @@ class Relay:
     constructor only wires together what it is given.
 
     Sessions, the watcher and the gate see it only through the contexts
-    they declare (:class:`relay.session.SessionContext`,
-    :class:`relay.watch.WatchContext`, :class:`relay.gate.GateContext`);
+    they declare (:class:`relay.session.SessionContext` and
+    :class:`relay.watch.WatchContext`, both extending
+    :class:`relay.context.RelayContext`, which the gate uses as it is);
     ``tests/relay/test_imports.py`` checks that it provides them.
 
     Args:

@@ -33,6 +33,7 @@ from config import TargetConfig
 from .access import ClientCertNames, Grant
 from .audit import AuditWriter, ByteRecorder
 from .backends import BackendError, ManagedServer
+from .context import RelayContext
 from .datapath.pump import BACKEND_ERROR
 from .errors import RelayError, RemoteProtocolError
 from .preamble import (
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 
     from .gate import Admission
     from .limits import Refused
-    from .metrics import Metrics, NilMetrics
     from .tls import ServerTLS
 
 __all__ = ["Session", "SessionContext", "handle_connection", "new_session_id"]
@@ -147,7 +147,7 @@ class Session:
 
 
 @runtime_checkable
-class SessionContext(Protocol):
+class SessionContext(RelayContext, Protocol):
     """What a session uses of the relay that runs it; :class:`relay.server.Relay` provides it.
 
     A session reads settings, admits and registers itself, writes audit
@@ -157,14 +157,7 @@ class SessionContext(Protocol):
     config, keys and certificates apply to the next step of a live session.
     """
 
-    # -- settings, clocks and metrics ----------------------------------------
-
-    @property
-    def config(self) -> Config:
-        """The current configuration (swapped as a whole by a reload)."""
-        ...
-
-    metrics: Metrics | NilMetrics
+    # -- clocks (settings, metrics and the audit trail: RelayContext) ---------
 
     def wall_clock(self) -> float:
         """Unix time, for token checks and the session's start."""
@@ -230,10 +223,6 @@ class SessionContext(Protocol):
         ...
 
     # -- audit ---------------------------------------------------------------
-
-    def audit_event(self, event: str, **fields: Any) -> None:
-        """Append a record to the relay's own audit file, and log it."""
-        ...
 
     def take_audit_file(self, now: datetime, *, config: Config) -> tuple[str, AuditWriter] | None:
         """A session file made ahead of time that fits ``config``, and its session id."""

@@ -40,13 +40,13 @@ from auth import AuthError
 from config import TargetConfig
 
 from .backends import probe_backend
+from .context import RelayContext
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from config import Config, TcpBackend, UnixBackend
+    from config import TcpBackend, UnixBackend
 
-    from .metrics import Metrics, NilMetrics
     from .session import Session
 
 __all__ = ["run_watch", "run_on_idle", "ON_IDLE_OUTPUT_LIMIT", "WatchContext"]
@@ -79,15 +79,12 @@ class SharedSessions(Protocol):
         ...
 
 
-class WatchContext(Protocol):
-    """What the watcher uses of the relay: :class:`relay.server.Relay` provides it."""
+class WatchContext(RelayContext, Protocol):
+    """What the watcher uses of the relay: :class:`relay.server.Relay` provides it.
 
-    @property
-    def config(self) -> Config:
-        """The current configuration (its targets are re-read on every wake-up)."""
-        ...
+    Its ``config``'s targets are re-read on every wake-up.
+    """
 
-    metrics: Metrics | NilMetrics
     #: The relay's live sessions by id.
     sessions: Mapping[str, Session]
     #: The shared sessions table, or ``None`` for a single SQLite relay.
@@ -101,10 +98,6 @@ class WatchContext(Protocol):
         self, backend: TcpBackend | UnixBackend, *, connect_timeout: float
     ) -> trio.abc.Stream:
         """Connect to a backend."""
-        ...
-
-    def audit_event(self, event: str, **fields: Any) -> None:
-        """Append a record to the relay's own audit file, and log it."""
         ...
 
 

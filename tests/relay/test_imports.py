@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from relay import gate, session, watch
-from relay.gate import GateContext
+from relay.context import RelayContext
 from relay.server import open_relay
 from relay.session import SessionContext
 from relay.watch import WatchContext
@@ -161,12 +161,29 @@ def test_sessions_the_watcher_and_the_gate_never_import_the_server():
         assert "relay.server" not in _reachable(graph, module), module
 
 
+def _declarations(protocol: type) -> list[type]:
+    """``protocol`` and the protocols it extends, nearest first."""
+    return [cls for cls in protocol.__mro__ if getattr(cls, "_is_protocol", False)]
+
+
 def _members(protocol: type) -> set[str]:
     return {
         name
-        for name in (*vars(protocol), *getattr(protocol, "__annotations__", {}))
+        for cls in _declarations(protocol)
+        for name in (*vars(cls), *vars(cls).get("__annotations__", {}))
         if not name.startswith("_")
     }
+
+
+def _declared(protocol: type, name: str) -> object:
+    """What ``protocol`` (or the nearest protocol it extends) declares as ``name``."""
+    return next((vars(cls)[name] for cls in _declarations(protocol) if name in vars(cls)), None)
+
+
+def test_member_lookup_reads_the_protocols_a_context_extends():
+    assert {"config", "metrics", "audit_event"} <= _members(SessionContext)
+    assert {"config", "metrics", "audit_event"} <= _members(WatchContext)
+    assert _declared(WatchContext, "audit_event") is vars(RelayContext)["audit_event"]
 
 
 def _uses_of(path: Path) -> set[str]:
@@ -190,7 +207,7 @@ def _uses_of(path: Path) -> set[str]:
 
 @pytest.mark.parametrize(
     ("module", "protocol"),
-    [(session, SessionContext), (watch, WatchContext), (gate, GateContext)],
+    [(session, SessionContext), (watch, WatchContext), (gate, RelayContext)],
     ids=["session", "watch", "gate"],
 )
 def test_a_module_reaches_the_relay_only_through_its_context(module, protocol):
@@ -205,10 +222,10 @@ def test_the_relay_provides_each_context(make_config):
     )
     try:
         assert isinstance(relay, SessionContext)
-        for protocol in (SessionContext, WatchContext, GateContext):
+        for protocol in (SessionContext, WatchContext, RelayContext):
             for name in _members(protocol):
                 assert hasattr(relay, name), (protocol.__name__, name)
-                declared = vars(protocol).get(name)
+                declared = _declared(protocol, name)
                 provided = getattr(relay, name)
                 if inspect.isfunction(declared) and (
                     inspect.ismethod(provided) or inspect.isfunction(provided)
