@@ -104,10 +104,12 @@ def issue(home: Path, user: str = "alice", *extra: str, target_glob: str = "buil
     return done.stdout.strip()
 
 
-def tls_connect(address: str, ca: Path) -> ssl.SSLSocket:
+def tls_connect(address: str, ca: Path, raw: socket.socket | None = None) -> ssl.SSLSocket:
+    """TLS to the relay at ``address``: over ``raw``, a TCP connection to it, if given."""
     host, port = address.rsplit(":", 1)
     ctx = ssl.create_default_context(cafile=str(ca))
-    raw = socket.create_connection((host, int(port)), timeout=EOF_TIMEOUT)
+    if raw is None:
+        raw = socket.create_connection((host, int(port)), timeout=EOF_TIMEOUT)
     return ctx.wrap_socket(raw, server_hostname=host)
 
 
@@ -119,9 +121,14 @@ def request(tls: ssl.SSLSocket, name: str, token: str) -> TunnelResponse:
     return event
 
 
-def open_tunnel(home: Path, address: str, name: str, token: str) -> tuple[ssl.SSLSocket, str]:
-    """A tunnel through the relay; returns the TLS socket and the session id."""
-    tls = tls_connect(address, home / "pki" / "ca.pem")
+def open_tunnel(
+    home: Path, address: str, name: str, token: str, raw: socket.socket | None = None
+) -> tuple[ssl.SSLSocket, str]:
+    """A tunnel through the relay; returns the TLS socket and the session id.
+
+    Over ``raw``, a TCP connection to ``address``, if given (see :func:`tls_connect`).
+    """
+    tls = tls_connect(address, home / "pki" / "ca.pem", raw)
     answer = request(tls, name, token)
     assert answer.status == 200, (answer.status, answer.reason, answer.message)
     assert answer.trailing == b""

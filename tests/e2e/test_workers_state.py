@@ -4,7 +4,10 @@ Real processes on loopback.  Which worker accepts a connection is not left
 to the kernel's hash: a worker that holds a tunnel is made to drain (SIGTERM
 to it alone: it closes its listener and keeps its tunnels), or is killed
 while the supervisor is stopped (SIGSTOP: no restart), so every new
-connection goes to the other worker, the only one still listening.
+connection goes to the other worker, the only one still listening.  A
+worker stopped with SIGSTOP still listens: a connection the kernel queues
+for it is found in its accept queue (``/proc/net/tcp``) and replaced by a
+new one (:func:`connect_past_stopped`).
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import sqlite3
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -25,9 +31,9 @@ from relay.workers import reuseport_available
 from .. import accounts
 from .leases import expire_sqlite_lease
 from .support import READY_TIMEOUT, Proc, ProcGroup, config_text, free_port, start_relay
-from .test_operations import echo, issue, open_tunnel, refused, target
+from .test_operations import EOF_TIMEOUT, echo, issue, open_tunnel, refused, target
 from .test_several_relays import request_tunnel
-from .test_workers import EchoServer, worker_sessions
+from .test_workers import ATTEMPTS, EchoServer, worker_sessions
 
 pytestmark = pytest.mark.skipif(
     not reuseport_available(), reason="this platform has no SO_REUSEPORT"
@@ -75,14 +81,20 @@ def workers(procs: ProcGroup, home: Path) -> Iterator[Callable[..., tuple[Proc, 
         supervisor.send_signal(signal.SIGCONT)
 
 
+def tcp_rows() -> list[list[str]]:
+    """The rows of ``/proc/net/tcp``, split into columns.
+
+    Columns: sl, local address (hex ip:port), remote address, state (0A:
+    LISTEN), tx_queue:rx_queue (hex), tr:tm->when, retrnsmt, uid, timeout,
+    inode.
+    """
+    return [row.split() for row in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+
+
 def listeners(address: str) -> int:
     """How many sockets listen on ``address`` (an IPv4 ``host:port``)."""
     port = int(address.rsplit(":", 1)[1])
-    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    # Columns: sl, local address (hex ip:port), remote address, state (0A: LISTEN), ...
-    return sum(
-        1 for row in rows if (cols := row.split())[1].endswith(f":{port:04X}") and cols[3] == "0A"
-    )
+    return sum(1 for cols in tcp_rows() if cols[1].endswith(f":{port:04X}") and cols[3] == "0A")
 
 
 def kill_held(supervisor: Proc, pid: int, address: str) -> None:
@@ -303,6 +315,229 @@ def test_worker_0_watches_for_forgotten_servers_counting_the_tunnels_of_worker_1
     # ... and its idle spell started when that tunnel closed: on_idle runs after it.
     ran = supervisor.wait_event("on_idle.ran", pid=watcher, target="build42")
     assert ran["time"] > freed["time"]
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=30) == 0, supervisor.output()
+
+
+def listening_socket(address: str, pid: int) -> str:
+    """The inode of process ``pid``'s socket listening on ``address`` (an IPv4 ``host:port``)."""
+    port = int(address.rsplit(":", 1)[1])
+    listening = {
+        cols[9] for cols in tcp_rows() if cols[1].endswith(f":{port:04X}") and cols[3] == "0A"
+    }
+    fds = Path(f"/proc/{pid}/fd")
+    held = {os.readlink(fd).removeprefix("socket:[").removesuffix("]") for fd in fds.iterdir()}
+    (inode,) = listening & held
+    return inode
+
+
+def accept_backlog(inode: str) -> int:
+    """How many connections wait in the accept queue of listening socket ``inode``.
+
+    For a LISTEN socket the rx_queue column of ``/proc/net/tcp`` is that count.
+    """
+    (cols,) = [cols for cols in tcp_rows() if cols[9] == inode and cols[3] == "0A"]
+    return int(cols[4].split(":")[1], 16)
+
+
+def accepted(port: int, client_port: int) -> bool:
+    """Whether the relay's end of the connection from ``client_port`` was accepted.
+
+    A connection still in an accept queue has no socket file yet: its inode
+    column is 0 until a process accepts it.
+    """
+    return any(
+        cols[1].endswith(f":{port:04X}")
+        and cols[2].endswith(f":{client_port:04X}")
+        and cols[9] != "0"
+        for cols in tcp_rows()
+    )
+
+
+def stop(pid: int) -> None:
+    """SIGSTOP process ``pid``; returns once every one of its threads has stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        states = set()
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                states.add((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+            except OSError:
+                continue  # a thread that exited meanwhile
+        if states <= {"T"}:
+            return
+        assert time.monotonic() < deadline, f"process {pid} did not stop: {states}"
+        time.sleep(0.005)
+
+
+#: The byte of a WAL database's ``-shm`` file whose exclusive POSIX lock is
+#: SQLite's write lock (WALINDEX_LOCK_OFFSET + WAL_WRITE_LOCK in SQLite's wal.c).
+WAL_WRITE_LOCK = 120
+
+
+def writes_sqlite(pid: int, db: Path) -> bool:
+    """Whether process ``pid`` holds SQLite's write lock on WAL database ``db`` (/proc/locks)."""
+    shm = db.with_name(db.name + "-shm").stat()
+    file = f"{os.major(shm.st_dev):02x}:{os.minor(shm.st_dev):02x}:{shm.st_ino}"
+    for line in Path("/proc/locks").read_text().splitlines():
+        # id: POSIX ADVISORY WRITE|READ pid maj:min:inode start end; "->" marks a waiter.
+        cols = line.split()
+        if "->" in cols or cols[1] != "POSIX" or cols[3] != "WRITE":
+            continue
+        end = cols[7]
+        if (
+            int(cols[4]) == pid
+            and cols[5] == file
+            and int(cols[6]) <= WAL_WRITE_LOCK
+            and (end == "EOF" or WAL_WRITE_LOCK <= int(end))
+        ):
+            return True
+    return False
+
+
+def stop_between_writes(pid: int, db: Path) -> None:
+    """SIGSTOP worker ``pid`` at a moment it holds no write lock on SQLite ``db``.
+
+    Stopped inside a write transaction (a registration round, a look at the
+    table), it would keep SQLite's write lock, and the other worker's claims
+    would wait for it.  Whether it holds the lock is read from
+    ``/proc/locks`` once every thread has stopped; if it does, it runs again
+    until it has released the lock, and is stopped anew.
+    """
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        stop(pid)
+        if not writes_sqlite(pid, db):
+            return
+        os.kill(pid, signal.SIGCONT)
+        while writes_sqlite(pid, db):
+            assert time.monotonic() < deadline, f"worker {pid} keeps SQLite's write lock"
+            time.sleep(0.005)
+        assert time.monotonic() < deadline, f"worker {pid} keeps taking SQLite's write lock"
+
+
+def connect_past_stopped(address: str, pid: int) -> socket.socket:
+    """A TCP connection to ``address`` that a running worker accepted, not stopped worker ``pid``.
+
+    With SO_REUSEPORT the kernel queues each new connection on one of the
+    sockets listening on the port, by a hash of its addresses and ports; a
+    stopped worker's socket still listens, and a connection queued there
+    waits until the worker runs again.  Where this one went is read from the
+    kernel's tables (``/proc/net/tcp``), no clock involved: either the
+    stopped worker's accept queue grew by one (it is queued there: it is
+    closed, and a new connection, from a new source port, is hashed anew),
+    or the relay's end of it has a socket inode, which only an ``accept()``
+    gives it, and the stopped worker accepts nothing.
+
+    Args:
+        address: The workers' IPv4 ``host:port``.
+        pid: The stopped worker (:func:`stop`), which must stay stopped
+            while the connection is used.
+    """
+    host, port = address.rsplit(":", 1)
+    inode = listening_socket(address, pid)
+    for _ in range(ATTEMPTS):
+        queued = accept_backlog(inode)
+        raw = socket.create_connection((host, int(port)), timeout=EOF_TIMEOUT)
+        client_port = raw.getsockname()[1]
+        deadline = time.monotonic() + READY_TIMEOUT
+        while accept_backlog(inode) == queued:
+            if accepted(int(port), client_port):
+                return raw
+            assert time.monotonic() < deadline, f"nobody accepted port {client_port}'s connection"
+            time.sleep(0.005)
+        raw.close()
+    raise AssertionError(f"{ATTEMPTS} connections in a row went to stopped worker {pid}")
+
+
+def wait_row_deleted(db: Path, session_id: str) -> None:
+    """Return once ``session_id`` has no row in the ``live_sessions`` table of SQLite ``db``."""
+    # The workers write to the file meanwhile: wait for their lock, bounded.
+    conn = sqlite3.connect(db, timeout=READY_TIMEOUT, isolation_level=None)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        sql = "SELECT count(*) FROM live_sessions WHERE id = ?"
+        while conn.execute(sql, (session_id,)).fetchone() != (0,):
+            assert time.monotonic() < deadline, f"the closed session {session_id} kept its row"
+            time.sleep(0.02)
+    finally:
+        conn.close()
+
+
+def test_a_tunnel_that_opened_and_closed_on_worker_1_while_worker_0_was_stopped_restarts_its_spell(
+    workers: Callable, home: Path, backend: EchoServer
+) -> None:
+    idle_timeout = 3.0
+    watched = {"idle_timeout": f"{idle_timeout:g}s", "probe_interval": "0.1s", "on_idle": ["true"]}
+    # Rounds every half second: worker 0 sees worker 1's tunnels open and close soon.
+    supervisor, address, pids = workers(
+        [target("build42", backend.port) | watched], limits='[state]\nsession_lease = "1.5s"\n'
+    )
+    db = home / "state" / "tokens.sqlite"
+    token = issue(home)
+
+    def on_1() -> tuple[ssl.SSLSocket, str]:
+        """A tunnel held by worker 1, opened while worker 0 is stopped."""
+        raw = connect_past_stopped(address, pids[0])
+        tls, sid = open_tunnel(home, address, "build42", token, raw)
+        assert sid in worker_sessions(home, 1)
+        return tls, sid
+
+    # A tunnel on worker 1 that worker 0 sees: its close starts an idle spell on worker 0.
+    stop_between_writes(pids[0], db)
+    try:
+        tls, _ = on_1()
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+    supervisor.wait_event("state.busy_elsewhere", pid=pids[0], targets=["build42"])
+    tls.close()
+    freed = supervisor.wait_event("state.busy_elsewhere", pid=pids[0], targets=[])
+    # The short tunnel stays in use for half the idle timeout: a report timed
+    # from the spell above would come that much before one timed from its close.
+    in_use_until = time.monotonic() + idle_timeout / 2
+
+    # While worker 0 looks at nothing, a short tunnel on worker 1 opens and
+    # closes, and worker 1 deletes its row.
+    stop_between_writes(pids[0], db)
+    try:
+        short, sid = on_1()
+        while time.monotonic() < in_use_until:
+            echo(short, b"in use")
+            time.sleep(0.1)
+        short.close()
+        closed = supervisor.wait_event("session.closed", session_id=sid)
+        wait_row_deleted(db, sid)
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+
+    def after_freed(event: str) -> dict:
+        line = supervisor.wait_line(
+            lambda line: (
+                f'"{event}"' in line
+                and (record := json.loads(line))["event"] == event
+                and record.get("pid") == pids[0]
+                and record.get("target") == "build42"
+                and record["time"] > freed["time"]
+            )
+        )
+        return json.loads(line)
+
+    def at(record: dict) -> float:
+        return datetime.fromisoformat(record["time"]).timestamp()
+
+    # Worker 0's idle spell runs from the short tunnel's close, which it never saw open.
+    reported = after_freed("server.forgotten")
+    assert at(reported) >= at(closed) + idle_timeout, (closed, reported)
+    ran = after_freed("on_idle.ran")
+    assert at(ran) >= at(closed) + idle_timeout, (closed, ran)
+    # Worker 1 never watched.
+    assert [
+        r
+        for event in ("server.forgotten", "on_idle.ran")
+        for r in supervisor.events(event)
+        if r.get("worker") == 1
+    ] == []
     supervisor.send_signal(signal.SIGTERM)
     assert supervisor.wait(timeout=30) == 0, supervisor.output()
 
