@@ -384,6 +384,33 @@ def test_one_relay_watches_for_forgotten_servers_and_counts_tunnels_on_the_other
     relay_b.wait_event("state.watch_leader")
 
 
+def assert_spell_ran_from(
+    proc: Proc, closed: dict, freed: dict, idle_timeout: float, **match: object
+) -> None:
+    """The watcher's ``server.forgotten`` and ``on_idle.ran`` for build42 came late enough.
+
+    Of the records logged after ``freed`` (and matching ``match``), each
+    comes ``idle_timeout`` or more after ``closed``: the idle spell ran
+    from that tunnel's close.
+    """
+
+    def at(record: dict) -> float:
+        return datetime.fromisoformat(record["time"]).timestamp()
+
+    for event in ("server.forgotten", "on_idle.ran"):
+        line = proc.wait_line(
+            lambda line, event=event: (
+                f'"{event}"' in line
+                and (record := json.loads(line))["event"] == event
+                and record.get("target") == "build42"
+                and record["time"] > freed["time"]
+                and all(record.get(key) == value for key, value in match.items())
+            )
+        )
+        record = json.loads(line)
+        assert at(record) >= at(closed) + idle_timeout, (closed, record)
+
+
 def test_a_tunnel_that_opened_and_closed_elsewhere_between_the_watchers_looks_restarts_its_spell(
     procs: ProcGroup, tmp_path: Path, materials: Path, pg_dsn: str, echo_server: EchoServer
 ) -> None:
@@ -422,25 +449,8 @@ def test_a_tunnel_that_opened_and_closed_elsewhere_between_the_watchers_looks_re
     finally:
         relay_a.send_signal(signal.SIGCONT)
 
-    def after_freed(event: str) -> dict:
-        line = relay_a.wait_line(
-            lambda line: (
-                f'"{event}"' in line
-                and (record := json.loads(line))["event"] == event
-                and record.get("target") == "build42"
-                and record["time"] > freed["time"]
-            )
-        )
-        return json.loads(line)
-
-    def at(record: dict) -> float:
-        return datetime.fromisoformat(record["time"]).timestamp()
-
     # A's idle spell runs from the short tunnel's close, which it never saw open.
-    reported = after_freed("server.forgotten")
-    assert at(reported) >= at(closed) + idle_timeout, (closed, reported)
-    ran = after_freed("on_idle.ran")
-    assert at(ran) >= at(closed) + idle_timeout, (closed, ran)
+    assert_spell_ran_from(relay_a, closed, freed, idle_timeout)
     relay_a.stop()
     relay_b.stop()
 

@@ -21,7 +21,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ from .. import accounts
 from .leases import expire_sqlite_lease
 from .support import READY_TIMEOUT, Proc, ProcGroup, config_text, free_port, start_relay
 from .test_operations import EOF_TIMEOUT, echo, issue, open_tunnel, refused, target
-from .test_several_relays import request_tunnel
+from .test_several_relays import assert_spell_ran_from, request_tunnel
 from .test_workers import ATTEMPTS, EchoServer, worker_sessions
 
 pytestmark = pytest.mark.skipif(
@@ -511,26 +510,8 @@ def test_a_tunnel_that_opened_and_closed_on_worker_1_while_worker_0_was_stopped_
     finally:
         os.kill(pids[0], signal.SIGCONT)
 
-    def after_freed(event: str) -> dict:
-        line = supervisor.wait_line(
-            lambda line: (
-                f'"{event}"' in line
-                and (record := json.loads(line))["event"] == event
-                and record.get("pid") == pids[0]
-                and record.get("target") == "build42"
-                and record["time"] > freed["time"]
-            )
-        )
-        return json.loads(line)
-
-    def at(record: dict) -> float:
-        return datetime.fromisoformat(record["time"]).timestamp()
-
     # Worker 0's idle spell runs from the short tunnel's close, which it never saw open.
-    reported = after_freed("server.forgotten")
-    assert at(reported) >= at(closed) + idle_timeout, (closed, reported)
-    ran = after_freed("on_idle.ran")
-    assert at(ran) >= at(closed) + idle_timeout, (closed, ran)
+    assert_spell_ran_from(supervisor, closed, freed, idle_timeout, pid=pids[0])
     # Worker 1 never watched.
     assert [
         r
