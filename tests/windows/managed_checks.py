@@ -36,6 +36,17 @@ def say(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
+def step(name: str, server: ManagedServer) -> None:
+    """Say how far a scenario got, and whether this process is in the server's job.
+
+    The result is the last line; these come before it, so a scenario that
+    dies on the way shows where.  A process in the job would die with the
+    server's kill (exit code 1, nothing printed), hence the second field.
+    """
+    tree = server._launched
+    say(step=name, relay_in_job=None if tree is None else tree.in_job(os.getpid()))
+
+
 def alive(pid: int) -> bool:
     try:
         handle = win32api.OpenProcess(win32con.PROCESS_QUERY_LIMITED_INFORMATION, False, pid)
@@ -96,7 +107,9 @@ async def launched(
     server = make_server(token, events)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
+        step("launched", server)
         stream = await server.connect(connect_timeout=10)
+        step("connected", server)
         yield server, stream
 
 
@@ -202,6 +215,7 @@ async def outsider(token: str, clock: trio.testing.MockClock) -> None:
         )
         impostor.close()
         await stream.aclose()
+        step("killing", server)
         server.kill("shutdown")
         await server.wait_done()
     say(unlisten=unlisten, refused=refused, relay_pid=os.getpid(), events=events)
@@ -221,6 +235,7 @@ async def busy_host(token: str, clock: trio.testing.MockClock) -> None:
     async with launched(token, events) as (server, stream):
         echo = await ask(stream, b"hello")
         await stream.aclose()
+        step("killing", server)
         server.kill("shutdown")
         await server.wait_done()
     say(echo=echo, events=[event for event, _ in events])
@@ -243,6 +258,7 @@ async def slow_check(token: str, clock: trio.testing.MockClock) -> None:
 
         failed = await refusal(server, table)
         await stream.aclose()
+        step("killing", server)
         server.kill("shutdown")
         await server.wait_done()
     say(failed=failed)
