@@ -9,13 +9,17 @@ used quickly and a lasting shortage costs little CPU), logs one
 ``accept.exhausted`` line when an episode starts and one ``accept.recovered``
 line when an accept succeeds again, and counts each failure in
 ``dbgrelay_accept_errors_total{errno}`` with ``dbgrelay_accept_paused`` set
-while it lasts.
+while it lasts.  Failures within :data:`EPISODE_GAP` of a logged recovery
+belong to that episode and log nothing more: a backlog of dead connections
+drains through a few flaps of exhaustion, and a flapping relay logs one pair
+of lines in that time, not one per flap (the metrics show every flap).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -23,7 +27,7 @@ import trio
 
 from .metrics import Metrics, NilMetrics
 
-__all__ = ["ACCEPT_CAPACITY_ERRNOS", "Exhaustion", "serve_listeners"]
+__all__ = ["ACCEPT_CAPACITY_ERRNOS", "EPISODE_GAP", "Exhaustion", "serve_listeners"]
 
 log = logging.getLogger("dbgrelay.relay")
 
@@ -34,6 +38,10 @@ ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, er
 BACKOFF_MIN = 0.01
 BACKOFF_MAX = 1.0
 
+#: Seconds after a logged recovery in which a new failure continues that
+#: episode instead of starting (and logging) another.
+EPISODE_GAP = 10.0
+
 
 class Exhaustion:
     """One episode of accept() failing for lack of resources, shared by all listeners.
@@ -42,7 +50,7 @@ class Exhaustion:
     when to log and how long to wait.
 
     Attributes:
-        active: Whether an episode is under way.
+        active: Whether accepts are failing now.
         errors: Failures in the current (or last) episode.
         started: When the current (or last) episode started.
     """
@@ -52,6 +60,8 @@ class Exhaustion:
         self.errors = 0
         self.started = 0.0
         self._backoff = BACKOFF_MIN
+        # When the last episode's recovery was logged, or None while one is open.
+        self._recovered: float | None = -math.inf
 
     def failed(self, now: float) -> tuple[bool, float]:
         """Record a failure.
@@ -59,20 +69,30 @@ class Exhaustion:
         Returns:
             Whether this starts an episode (log it), and seconds to wait.
         """
-        starts = not self.active
-        if starts:
-            self.active, self.errors, self.started = True, 0, now
+        starts = False
+        if not self.active:
+            self.active = True
             self._backoff = BACKOFF_MIN
+            if self._recovered is not None and now - self._recovered >= EPISODE_GAP:
+                starts, self._recovered = True, None
+                self.errors, self.started = 0, now
         self.errors += 1
         wait = self._backoff
         self._backoff = min(BACKOFF_MAX, self._backoff * 2)
         return starts, wait
 
-    def succeeded(self) -> bool:
-        """Record a successful accept; return whether it ends an episode (log it)."""
+    def succeeded(self, now: float) -> bool:
+        """Record a successful accept; return whether it ends an episode (log it).
+
+        Accepts that end a flap within :data:`EPISODE_GAP` of the logged
+        recovery end nothing new: that episode's recovery was logged.
+        """
         if not self.active:
             return False
         self.active = False
+        if self._recovered is not None:
+            return False
+        self._recovered = now
         return True
 
 
@@ -99,9 +119,10 @@ async def _serve_one_listener(
                     raise
                 name = errno.errorcode.get(exc.errno, str(exc.errno))
                 metrics.accept_error(name)
+                if not exhaustion.active:
+                    metrics.accept_paused(True)
                 starts, wait = exhaustion.failed(trio.current_time())
                 if starts:
-                    metrics.accept_paused(True)
                     log.warning(
                         "accept.exhausted",
                         extra={
@@ -113,8 +134,9 @@ async def _serve_one_listener(
                     )
                 await trio.sleep(wait)
                 continue
-            if exhaustion.succeeded():
+            if exhaustion.active:
                 metrics.accept_paused(False)
+            if exhaustion.succeeded(trio.current_time()):
                 log.info(
                     "accept.recovered",
                     extra={

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from config import LimitsSection
-from relay.accept import BACKOFF_MAX, BACKOFF_MIN, Exhaustion
+from relay.accept import BACKOFF_MAX, BACKOFF_MIN, EPISODE_GAP, Exhaustion
 from relay.limits import Limiter, LogThrottle, Refused, Ticket, TokenBucket, source_key
 
 
@@ -193,7 +193,25 @@ def test_exhaustion_logs_once_per_episode_and_backs_off_exponentially():
     assert waits[0] == BACKOFF_MIN
     assert waits == sorted(waits) and waits[-1] == BACKOFF_MAX
     assert ex.errors == 12 and ex.started == 0.0
-    assert ex.succeeded() is True
-    assert ex.succeeded() is False
+    assert ex.succeeded(12.0) is True
+    assert ex.succeeded(12.5) is False
     # A new episode starts from the shortest wait again.
     assert ex.failed(100.0) == (True, BACKOFF_MIN)
+
+
+def test_exhaustion_flapping_soon_after_a_recovery_is_the_same_episode():
+    ex = Exhaustion()
+    assert ex.failed(0.0) == (True, BACKOFF_MIN)
+    assert ex.succeeded(1.0) is True  # logged: accepts work again
+    # A backlog of dead connections drains through more flaps: each waits from
+    # the shortest back-off again, and none logs a start or a recovery.
+    for at in (1.1, 5.0, 10.9):
+        assert ex.failed(at) == (False, BACKOFF_MIN)
+        assert ex.active
+        assert ex.succeeded(at + 0.05) is False
+        assert not ex.active
+    assert ex.errors == 4 and ex.started == 0.0
+    # EPISODE_GAP after the logged recovery, a failure is a new episode.
+    assert ex.failed(1.0 + EPISODE_GAP) == (True, BACKOFF_MIN)
+    assert ex.errors == 1 and ex.started == 1.0 + EPISODE_GAP
+    assert ex.succeeded(12.0) is True
