@@ -90,10 +90,15 @@ def tcp_rows() -> list[list[str]]:
     return [row.split() for row in Path("/proc/net/tcp").read_text().splitlines()[1:]]
 
 
+def listening_rows(address: str) -> list[list[str]]:
+    """The ``/proc/net/tcp`` rows of the sockets listening on ``address`` (IPv4 ``host:port``)."""
+    port = int(address.rsplit(":", 1)[1])
+    return [cols for cols in tcp_rows() if cols[1].endswith(f":{port:04X}") and cols[3] == "0A"]
+
+
 def listeners(address: str) -> int:
     """How many sockets listen on ``address`` (an IPv4 ``host:port``)."""
-    port = int(address.rsplit(":", 1)[1])
-    return sum(1 for cols in tcp_rows() if cols[1].endswith(f":{port:04X}") and cols[3] == "0A")
+    return len(listening_rows(address))
 
 
 def kill_held(supervisor: Proc, pid: int, address: str) -> None:
@@ -320,10 +325,7 @@ def test_worker_0_watches_for_forgotten_servers_counting_the_tunnels_of_worker_1
 
 def listening_socket(address: str, pid: int) -> str:
     """The inode of process ``pid``'s socket listening on ``address`` (an IPv4 ``host:port``)."""
-    port = int(address.rsplit(":", 1)[1])
-    listening = {
-        cols[9] for cols in tcp_rows() if cols[1].endswith(f":{port:04X}") and cols[3] == "0A"
-    }
+    listening = {cols[9] for cols in listening_rows(address)}
     fds = Path(f"/proc/{pid}/fd")
     held = {os.readlink(fd).removeprefix("socket:[").removesuffix("]") for fd in fds.iterdir()}
     (inode,) = listening & held
