@@ -30,6 +30,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -153,17 +154,34 @@ def _normalise_fields(event: str, fields: Mapping[str, object]) -> dict[str, obj
                 f"audit event {event!r}: field {name!r} is reserved for the hash chain; "
                 "use another name"
             )
-        try:
-            text = json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False)
-            text.encode("utf-8")
-        except (TypeError, ValueError) as exc:
-            raise TypeError(
-                f"audit event {event!r}: field {name!r} is not JSON-serialisable "
-                f"({type(value).__name__}: {exc}); pass str, int, float, bool, None, "
-                "list or dict"
-            ) from exc
-        out[name] = json.loads(text)
+        out[name] = value if _comes_back_as_is(value) else _round_trip(event, name, value)
     return out
+
+
+def _comes_back_as_is(value: object) -> bool:
+    """Whether the JSON round trip would return ``value`` itself: most fields.
+
+    Exact types only: a subclass (an ``IntEnum``, say) comes back as its
+    base type, so it takes the round trip.
+    """
+    if type(value) is str:
+        return value.isascii()  # any other text may hold a lone surrogate
+    if type(value) is int or type(value) is bool or value is None:
+        return True
+    return type(value) is float and math.isfinite(value)
+
+
+def _round_trip(event: str, name: str, value: object) -> object:
+    try:
+        text = json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False)
+        text.encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"audit event {event!r}: field {name!r} is not JSON-serialisable "
+            f"({type(value).__name__}: {exc}); pass str, int, float, bool, None, "
+            "list or dict"
+        ) from exc
+    return json.loads(text)
 
 
 def build_header(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import enum
 import json
 import os
 import re
@@ -29,7 +30,7 @@ from relay.audit import (
     session_audit_path,
     verify_file,
 )
-from relay.audit_chain import compute_hash, sign_hash
+from relay.audit_chain import build_record, compute_hash, encode_line, sign_hash
 from relay.cli import build_parser
 from relay.errors import RelayError
 
@@ -736,6 +737,30 @@ def test_append_rejects_unserialisable_and_reserved_fields(tmp_path, key):
         with pytest.raises(ValueError, match="already ends with session.closed"):
             writer.append("pump.stats")
     assert verify_file(path, pubkey=key.public_key()).ok
+
+
+class _Level(enum.IntEnum):
+    HIGH = 2
+
+
+def test_every_field_is_recorded_as_a_reader_parses_it_back():
+    values = [
+        "plain", "ünïcode ✓", "", 0, -7, 2**70, True, False, None, 1.5, -0.0, 1e300,
+        (1, "a"), [1, [2, 3]], {"b": 1, "a": (2,)}, {1: "one"}, _Level.HIGH,
+    ]  # fmt: skip
+    fields = {f"f{i}": value for i, value in enumerate(values)}
+    record = build_record(seq=1, prev="0" * 64, time="t", event="e", fields=fields)
+    for name, value in fields.items():
+        expected = json.loads(json.dumps(value, sort_keys=True, ensure_ascii=False))
+        assert record[name] == expected and type(record[name]) is type(expected), name
+    # What is written is what a reader finds, and what the hash covers.
+    line = json.loads(encode_line(record))
+    assert line == record and compute_hash(line) == record["hash"]
+
+
+def test_text_that_is_not_unicode_is_refused_by_name():
+    with pytest.raises(TypeError, match="field 'who' is not JSON-serialisable"):
+        build_record(seq=1, prev="0" * 64, time="t", event="e", fields={"who": "a\udc80"})
 
 
 def test_sync_in_a_thread_while_appending_keeps_the_chain(tmp_path, key):
