@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Iterator
@@ -74,5 +75,10 @@ def echo_port() -> Iterator[int]:
         yield server.getsockname()[1]
     finally:
         stop.set()
+        # close() alone leaves the thread blocked in accept() (Linux keeps the
+        # socket open under it); shutdown() wakes it.
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
         server.close()
         thread.join(5)
+        assert not thread.is_alive(), "the echo server's accept thread did not end"

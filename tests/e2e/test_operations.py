@@ -61,6 +61,12 @@ class EchoServer:
                 pass
 
     def close(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone would
+        # leave it there, and the port listening.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
         for conn in self._conns:
             try:
