@@ -166,7 +166,9 @@ def _comes_back_as_is(value: object) -> bool:
     """
     if type(value) is str:
         return value.isascii()  # any other text may hold a lone surrogate
-    if type(value) is int or type(value) is bool or value is None:
+    if type(value) is int:
+        return value.bit_length() <= 1024  # past Python's digit limit json refuses it
+    if type(value) is bool or value is None:
         return True
     return type(value) is float and math.isfinite(value)
 

@@ -758,9 +758,11 @@ def test_every_field_is_recorded_as_a_reader_parses_it_back():
     assert line == record and compute_hash(line) == record["hash"]
 
 
-def test_text_that_is_not_unicode_is_refused_by_name():
+def test_text_that_is_not_unicode_and_numbers_json_refuses_are_refused_by_name():
     with pytest.raises(TypeError, match="field 'who' is not JSON-serialisable"):
         build_record(seq=1, prev="0" * 64, time="t", event="e", fields={"who": "a\udc80"})
+    with pytest.raises(TypeError, match="field 'n' is not JSON-serialisable"):
+        build_record(seq=1, prev="0" * 64, time="t", event="e", fields={"n": 10**5000})
 
 
 def test_sync_in_a_thread_while_appending_keeps_the_chain(tmp_path, key):
