@@ -1,16 +1,17 @@
-"""Fixtures for the whole suite: the account managed servers run as, and a real PostgreSQL server."""
+"""Fixtures for the whole suite.
+
+The account managed servers run as, a real PostgreSQL server, and a loopback echo server.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from . import accounts
+from .echo import EchoServer
 from .postgres import PgServer, start_pg_server
 
 
@@ -51,34 +52,16 @@ def pg_dsn(pg_server: PgServer) -> str:
 
 
 @pytest.fixture
-def echo_port() -> Iterator[int]:
+def echo_server() -> Iterator[EchoServer]:
     """A plain TCP echo server on 127.0.0.1 in threads, for tests that run the relay as a process."""
-    server = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def echo(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            threading.Thread(target=echo, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
+    server = EchoServer()
     try:
-        yield server.getsockname()[1]
+        yield server
     finally:
-        stop.set()
-        # close() alone leaves the thread blocked in accept() (Linux keeps the
-        # socket open under it); shutdown() wakes it.
-        with contextlib.suppress(OSError):
-            server.shutdown(socket.SHUT_RDWR)
         server.close()
-        thread.join(5)
-        assert not thread.is_alive(), "the echo server's accept thread did not end"
+
+
+@pytest.fixture
+def echo_port(echo_server: EchoServer) -> int:
+    """The port of :func:`echo_server`."""
+    return echo_server.port

@@ -14,10 +14,8 @@ import shutil
 import signal
 import socket
 import ssl
-import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -28,60 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from auth import peek_unverified
 from relay.preamble import NEED_DATA, ResponseParser, TunnelResponse, render_request
 
+from ..echo import EchoServer
 from .support import ProcGroup, config_text, free_port, run_cli, start_relay
 
 EOF_TIMEOUT = 10.0
-
-
-class EchoServer:
-    """A plaintext TCP echo server in threads: the debug server behind the relay."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self._conns.append(conn)
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            try:
-                while data := conn.recv(65536):
-                    conn.sendall(data)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        # shutdown() wakes the thread blocked in accept(); close() alone would
-        # leave it there, and the port listening.
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        for conn in self._conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
-@pytest.fixture
-def echo_server() -> Iterator[EchoServer]:
-    server = EchoServer()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def target(name: str, port: int) -> dict:

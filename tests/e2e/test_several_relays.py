@@ -13,18 +13,16 @@ import signal
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from auth import peek_unverified
 from auth.revocation_pg import PG_SCHEMA_VERSION
 from relay.audit_pool import POOL_SIZE
 
 from .. import accounts
+from ..echo import EchoServer
 from ..postgres import PgServer
 from .leases import expire_pg_lease
 from .support import (
@@ -37,7 +35,6 @@ from .support import (
     start_relay,
 )
 from .test_operations import (
-    EchoServer,
     echo,
     issue,
     open_tunnel,
@@ -48,16 +45,6 @@ from .test_operations import (
     tls_connect,
     wait_eof,
 )
-
-
-@pytest.fixture
-def echo_server() -> Iterator[EchoServer]:
-    server = EchoServer()
-    try:
-        yield server
-    finally:
-        server.close()
-
 
 #: Far beyond any test's length: only a notification can deliver a revocation in time.
 NEVER = "1h"

@@ -12,15 +12,15 @@ import json
 import os
 import signal
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from relay.workers import reuseport_available
 
+from ..echo import EchoServer
 from .support import ProcGroup, config_text, free_port, run_cli
-from .test_operations import EchoServer, echo, issue, open_tunnel, target, wait_eof
+from .test_operations import echo, issue, open_tunnel, target, wait_eof
 
 pytestmark = pytest.mark.skipif(
     not reuseport_available(), reason="this platform has no SO_REUSEPORT"
@@ -28,15 +28,6 @@ pytestmark = pytest.mark.skipif(
 
 #: Tunnels opened at most to reach a given worker: 2**-63 that all miss it.
 ATTEMPTS = 64
-
-
-@pytest.fixture
-def echo_server() -> Iterator[EchoServer]:
-    server = EchoServer()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def write_config(home: Path, port: int, echo_port: int) -> str:

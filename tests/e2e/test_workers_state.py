@@ -28,11 +28,12 @@ import pytest
 from relay.workers import reuseport_available
 
 from .. import accounts
+from ..echo import EchoServer
 from .leases import expire_sqlite_lease
 from .support import READY_TIMEOUT, Proc, ProcGroup, config_text, free_port, start_relay
 from .test_operations import EOF_TIMEOUT, echo, issue, open_tunnel, refused, target
 from .test_several_relays import assert_spell_ran_from, request_tunnel
-from .test_workers import ATTEMPTS, EchoServer, worker_sessions
+from .test_workers import ATTEMPTS, worker_sessions
 
 pytestmark = pytest.mark.skipif(
     not reuseport_available(), reason="this platform has no SO_REUSEPORT"
@@ -58,11 +59,9 @@ def start_workers(
 
 
 @pytest.fixture
-def backend() -> Iterator[EchoServer]:
+def backend(echo_server: EchoServer) -> EchoServer:
     """The targets' backend: an echo server on loopback."""
-    server = EchoServer()
-    yield server
-    server.close()
+    return echo_server
 
 
 @pytest.fixture
