@@ -99,6 +99,11 @@ def setup_logging(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Neither formatter shows where an event was logged from.  Without this,
+    # every record walks the stack for it (logging's documented switch), and
+    # the frames it touches stay materialised as long as their coroutine:
+    # a tunnel's session task, for the tunnel's life.
+    logging._srcfile = None
 
 
 # ---------------------------------------------------------------------------

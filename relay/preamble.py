@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import http
 import re
 import types
@@ -109,6 +110,8 @@ _NO_HEADERS: Mapping[str, str] = types.MappingProxyType({})
 # 2xx answer to CONNECT).
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 _SESSION_HEADER = "Dbgrelay-Session"
+# Stands for the session id in the cached head of a 200 (render_established).
+_SESSION_MARK = "dbgrelay-session-id-mark"
 # h11 only writes a response once it has read a request (it needs the request
 # method to pick the framing), and it only reads a response once it has sent
 # one.  The render functions and ResponseParser therefore prime a throwaway
@@ -634,10 +637,36 @@ def render_established(*, session_id: str, headers: Mapping[str, str] = _NO_HEAD
         raise LocalProtocolError("session_id must be a non-empty str", reason="bad_argument")
     extra = _check_headers({_SESSION_HEADER: session_id}, _FRAMING_HEADERS)
     extra += _check_headers(headers, _FRAMING_HEADERS | {_SESSION_HEADER.lower()})
+    before, after = _established_head(tuple(extra[1:]))
+    return before + session_id.encode("ascii") + after
+
+
+@functools.lru_cache(maxsize=16)
+def _established_head(extra: tuple[tuple[str, str], ...]) -> tuple[bytes, bytes]:
+    """The ``200`` head h11 renders with ``extra``, split where the session id goes.
+
+    Rendering through h11 costs a connection and a parsed request each time
+    (a few percent of a tunnel's set-up); every tunnel's head differs from
+    the last only in the session id, a checked header value that h11 writes
+    as it is.  The split is at the session header's own line, which no extra
+    header can repeat (the name is reserved, and no value holds CR or LF).
+    """
+    head = _render_established([(_SESSION_HEADER, _SESSION_MARK), *extra])
+    line = f"\r\n{_SESSION_HEADER}: {_SESSION_MARK}\r\n".encode("ascii")
+    before, found, after = head.partition(line)
+    if not found or line in after:
+        raise AssertionError(f"h11 did not render {line!r} once")
+    cut = len(line) - len(_SESSION_MARK) - 2
+    return before + line[:cut], line[-2:] + after
+
+
+def _render_established(headers: list[tuple[str, str]]) -> bytes:
     conn = _primed_server("CONNECT")
     # A 2xx to CONNECT switches h11 to SWITCHED_PROTOCOL: it writes the head
     # only and adds no framing headers (RFC 9110 section 9.3.6).
-    return conn.send(h11.Response(status_code=200, reason="Connection established", headers=extra))
+    return conn.send(
+        h11.Response(status_code=200, reason="Connection established", headers=headers)
+    )
 
 
 def render_preflight(*, headers: Mapping[str, str]) -> bytes:
@@ -690,6 +719,15 @@ def render_request(
         LocalProtocolError: An argument is invalid.  The message never
             quotes the token.
     """
+    return _render_request(method, target, token, host, user_agent)
+
+
+# A connector sends the same head for every tunnel until its token changes:
+# rendered once, it costs no h11 connection per tunnel.
+@functools.lru_cache(maxsize=4)
+def _render_request(
+    method: str, target: str, token: str, host: str | None, user_agent: str
+) -> bytes:
     if method not in METHODS:
         raise LocalProtocolError(
             f"method must be CONNECT or OPTIONS, got {_show(str(method))}", reason="bad_argument"

@@ -296,7 +296,7 @@ async def _close(stream: trio.abc.Stream, *, limit: float) -> None:
     bounded so that a peer that never reads cannot hold it: after
     ``limit`` the stream is closed without a goodbye.
     """
-    with trio.CancelScope(shield=True), trio.move_on_after(limit) as scope:
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + limit) as scope:
         try:
             await stream.aclose()
         except _BROKEN:
@@ -486,8 +486,12 @@ async def _serve(
     metrics.session_opened(target.name)
     relay.audit_event("token.accepted", session_id=sid, **fields)
     log.info("session.opened", extra=ctx)
+    trailing = request.trailing
+    # A tunnel lives long; what only the request needed (the token, its
+    # headers) is not kept that long.
+    del request, fields
     try:
-        await _run_tunnel(relay, session, tls, request, ctx)
+        await _run_tunnel(relay, session, tls, trailing, ctx)
     finally:
         relay.remove_session(session)
 
@@ -809,7 +813,7 @@ async def _run_tunnel(
     relay: SessionContext,
     session: Session,
     tls: trio.abc.Stream,
-    request: TunnelRequested,
+    trailing: bytes,
     ctx: dict,
 ) -> None:
     target = session.grant.target
@@ -916,12 +920,12 @@ async def _run_tunnel(
                 if ok.cancelled_caught:
                     reason, detail = "client_error", f"the 200 was not taken within {limit:g}s"
                     return
-                if request.trailing:
+                if trailing:
                     # Bytes sent right behind the request head belong to the debugger.
-                    await backend.send_all(request.trailing)
-                    session.traffic.to_backend += len(request.trailing)
+                    await backend.send_all(trailing)
+                    session.traffic.to_backend += len(trailing)
                     if recorder is not None:
-                        recorder.add("c2b", 0.0, request.trailing)
+                        recorder.add("c2b", 0.0, trailing)
             except _BROKEN as exc:
                 reason, detail = "client_error", str(exc)
                 return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import random
 
+import h11
 import pytest
 
 from relay.errors import LocalProtocolError, RemoteProtocolError
@@ -730,6 +731,40 @@ def test_render_preflight_rejects_framing_headers():
 
 
 # --- client side --------------------------------------------------------------
+
+
+def _established_by_h11(session_id: str, extra: list[tuple[str, str]]) -> bytes:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"CONNECT x:1 HTTP/1.1\r\nHost: x:1\r\n\r\n")
+    conn.next_event()
+    conn.next_event()
+    headers = [("Dbgrelay-Session", session_id), *extra]
+    return conn.send(
+        h11.Response(status_code=200, reason="Connection established", headers=headers)
+    )
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"Dbgrelay-Target-Kind": "dbgsrv"}, {"X-A": "1", "X-B": "dbgrelay-session-id-mark"}],
+)
+def test_render_established_is_what_h11_renders_for_each_session(extra):
+    # The head is rendered once per set of extra headers and reused; each
+    # session must still get its own id, exactly where h11 puts it.
+    for session_id in ("3f2a9c", "s", "dbgrelay-session-id-mark", "x" * 200, "a b"):
+        assert render_established(session_id=session_id, headers=extra) == _established_by_h11(
+            session_id, list(extra.items())
+        )
+
+
+def test_render_request_gives_each_token_its_own_head():
+    # Rendered heads are reused: a new token (a refreshed one) must not get
+    # the old head.
+    first = render_request(method="CONNECT", target="build42", token="aaa.bbb.ccc")
+    second = render_request(method="CONNECT", target="build42", token="ddd.eee.fff")
+    assert b"Bearer aaa.bbb.ccc\r\n" in first and b"Bearer ddd.eee.fff\r\n" in second
+    assert render_request(method="CONNECT", target="build42", token="aaa.bbb.ccc") == first
+    assert render_request(method="OPTIONS", target="build42", token="aaa.bbb.ccc") != first
 
 
 def test_render_request_exact_bytes():

@@ -83,3 +83,21 @@ async def test_connect_prints_a_relay_refusal_as_one_escaped_line(monkeypatch, c
         "dbgrelay: relay refused the tunnel: 403 not_allowed: "
         "go away\\x1b]0;pwned\\x07\\ndbgrelay: fake line\n"
     )
+
+
+def test_logging_set_up_by_the_cli_does_not_walk_the_stack(monkeypatch):
+    # Neither formatter shows where an event came from, so no record looks
+    # for it: the lookup costs every log line, and the frames it touches stay
+    # materialised for as long as their coroutine (a tunnel's session).
+    from relay.cli import setup_logging
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(logging, "_srcfile", logging._srcfile)
+    records = []
+    setup_logging("json", "info")
+    monkeypatch.setattr(root.handlers[0], "emit", records.append)
+    logging.getLogger("dbgrelay.test").info("tunnel.opened", extra={"target": "t"})
+    [record] = records
+    assert record.lineno == 0 and record.funcName == "(unknown function)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import socket
 import ssl
@@ -19,7 +20,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.audit import verify_file
 from relay.connector import RelayRefused, open_tunnel, preflight
 from relay.datapath.thread_driver import shared_plane
-from relay.preamble import NEED_DATA, ResponseParser, TunnelResponse, render_request
+from relay.preamble import (
+    NEED_DATA,
+    ResponseParser,
+    TunnelRequested,
+    TunnelResponse,
+    render_request,
+)
 from relay.tls import make_client_engine
 
 from .conftest import session_files, start_echo, start_relay
@@ -190,6 +197,25 @@ async def test_bytes_sent_right_behind_the_request_head_reach_the_backend(
     while len(got) < 14:
         got += await tls.receive_some(100)
     assert bytes(got) == b"$qSupported#37"
+    await tls.aclose()
+    running.stop.set()
+
+
+async def test_an_open_tunnel_keeps_no_copy_of_its_request(nursery, make_config, token_for, pki):
+    # The request (its bearer token and headers) is needed until the tunnel
+    # opens; a tunnel can then stay open for hours, and a thousand of them
+    # must not each hold one.
+    backend = await start_echo(nursery)
+    running = await start_relay(nursery, make_config([gdb_target("build42", backend.port)]), pki)
+    head = render_request(method="CONNECT", target="build42", token=token_for())
+    event, tls = await raw_request(running.port, running.ca, head + b"ping")
+    assert event.status == 200
+    got = bytearray(event.trailing)
+    while len(got) < 4:
+        got += await tls.receive_some(100)
+    assert len(running.relay.sessions) == 1
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, TunnelRequested)] == []
     await tls.aclose()
     running.stop.set()
 
