@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .certs import make_certs
 from .env import REPO_ROOT, describe_machine, find_tools
-from .paths import DbgrelayPath, DbgrelaySetup, DirectPath, StunnelPath
+from .paths import BarePath, DbgrelayPath, DbgrelaySetup, DirectPath, StunnelPath
 from .postgres import start_postgres
 from .procs import (
     BenchError,
@@ -54,6 +54,9 @@ ALL_PATHS = (
     "dbgrelay-postgres",
     "dbgrelay-workers2",
 )
+
+#: Paths run only when named: the bare trio pair under dbgrelay (bench/bare_pair.py).
+EXTRA_PATHS = ("trio-bare",)
 
 #: dbgrelay's stdlib engine cannot choose TLS 1.3 suites (Python's ssl has no
 #: call for it), so OpenSSL's default order applies and this suite is picked;
@@ -113,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="reduced counts; under a minute")
     parser.add_argument(
         "--paths",
-        type=_csv(ALL_PATHS, "--paths"),
+        type=_csv(ALL_PATHS + EXTRA_PATHS, "--paths"),
         default=ALL_PATHS,
-        help=f"comma-separated subset of {','.join(ALL_PATHS)} (default: all)",
+        help=f"comma-separated subset of {','.join(ALL_PATHS + EXTRA_PATHS)} "
+        f"(default: all but {','.join(EXTRA_PATHS)})",
     )
     parser.add_argument(
         "--workloads",
@@ -229,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                     _say(note)
                     continue
                 runnable.append(StunnelPath(tools.stunnel, certs, args.ciphersuite, workdir))
+            elif name == "trio-bare":
+                runnable.append(BarePath(tools.python, certs))
             else:
                 engine = name.removeprefix("dbgrelay-")
                 variant: dict = {}

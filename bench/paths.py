@@ -16,7 +16,14 @@ from pathlib import Path
 from .certs import CertFiles
 from .procs import BenchError, Child, Supervisor, free_port
 
-__all__ = ["Deployment", "DirectPath", "StunnelPath", "DbgrelayPath", "DbgrelaySetup"]
+__all__ = [
+    "BarePath",
+    "Deployment",
+    "DirectPath",
+    "StunnelPath",
+    "DbgrelayPath",
+    "DbgrelaySetup",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +135,47 @@ class StunnelPath:
         return Deployment(
             ports=client_ports, relay=tuple(relay), tls_port=next(iter(server_ports.values()))
         )
+
+    def teardown(self, sup: Supervisor, deployment: Deployment) -> None:
+        for child in deployment.relay:
+            sup.stop(child)
+
+
+class BarePath:
+    """A bare TLS relay pair on trio (:mod:`bench.bare_pair`): the floor under dbgrelay.
+
+    The relay's TLS stream and trio pump, and nothing else: no request, token,
+    audit, log line, metric or data-plane thread.
+    """
+
+    name = "trio-bare"
+
+    def __init__(self, python: str, certs: CertFiles) -> None:
+        self.python = python
+        self.certs = certs
+
+    def deploy(self, sup: Supervisor, targets: dict[str, int], *, pinned: bool) -> Deployment:
+        files = [str(self.certs.ca), str(self.certs.cert), str(self.certs.key)]
+        relay: list[Child] = []
+        ports: dict[str, int] = {}
+        tls_port = None
+        try:
+            for name, backend in targets.items():
+                relay_port, ports[name] = free_port(), free_port()
+                tls_port = tls_port or relay_port
+                for role, listen, upstream in (
+                    ("relay", relay_port, backend),
+                    ("connector", ports[name], relay_port),
+                ):
+                    argv = [self.python, "-m", "bench.bare_pair", role, str(listen), str(upstream)]
+                    child = sup.start(f"trio-bare-{role}-{name}", [*argv, *files], pinned=pinned)
+                    relay.append(child)
+                    sup.wait_listening(child, listen)
+        except BaseException:
+            for child in relay:
+                sup.stop(child)
+            raise
+        return Deployment(ports=ports, relay=tuple(relay), tls_port=tls_port)
 
     def teardown(self, sup: Supervisor, deployment: Deployment) -> None:
         for child in deployment.relay:

@@ -119,7 +119,8 @@ def test_quick_run_completes_every_workload_and_leaves_no_process(tmp_path):
     if shutil.which("stunnel4") or shutil.which("stunnel"):
         paths.append("stunnel")
     if _dbgrelay_cli_exists():
-        paths += ["dbgrelay-stdlib", "dbgrelay-pyopenssl"]
+        # trio-bare (named only) is the relay's TLS stream and pump alone.
+        paths += ["dbgrelay-stdlib", "dbgrelay-pyopenssl", "trio-bare"]
     workloads = WORKLOADS if _have_gdb() else WORKLOADS[:-1]
     out = tmp_path / "out.json"
     marker = uuid.uuid4().hex
