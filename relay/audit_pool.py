@@ -5,7 +5,9 @@ and one of its date folder (about 1 ms of disk, 2 ms with the worker
 thread), and every tunnel paid it between its token check and its backend.
 The pool makes a few of them in the background: each is created under a
 fresh session id with its header written, and the file and its folder are
-fsync'd before it is offered.  A new tunnel takes one (no await, no disk),
+fsync'd before it is offered.  They are made in batches: once half the pool
+is taken, one worker-thread job makes the other half, with one fsync of
+their folder for the batch.  A new tunnel takes one (no await, no disk),
 appends ``session.opened``, and only that record still has to reach the
 disk: one ``fdatasync`` the session overlaps with its backend connect, and
 waits for before a byte is forwarded (:mod:`relay.session`).
@@ -43,8 +45,9 @@ __all__ = ["AuditPool", "POOL_SIZE"]
 log = logging.getLogger("dbgrelay.audit")
 
 #: Files kept ready: enough for a burst of a few connects; each holds one
-#: file descriptor and a few hundred bytes.
-POOL_SIZE = 4
+#: file descriptor and a few hundred bytes.  A refill starts when half of
+#: them are taken and makes the rest in one batch.
+POOL_SIZE = 8
 
 #: Seconds before a refill that failed (full disk...) is tried again.
 RETRY_INTERVAL = 5.0
@@ -74,6 +77,8 @@ class AuditPool:
 
     def __init__(self, size: int = POOL_SIZE) -> None:
         self.size = size
+        #: A refill starts when no more than this many files are ready.
+        self.low = size // 2
         self._ready: deque[_Ready] = deque()
         self._stale: list[_Ready] = []
         self._wanted = trio.Event()
@@ -127,26 +132,31 @@ class AuditPool:
                 self._wanted = trio.Event()
                 self._discard_stale()
                 rc = relay.config.relay
-                if len(self._ready) >= self.size:
+                if len(self._ready) > self.low:
                     await self._wanted.wait()
                     continue
-                session_id = new_session_id()
-                entry = _Ready(
-                    session_id=session_id,
-                    path=session_audit_path(rc.audit_dir, session_id, relay.audit_clock()),
-                    audit_dir=rc.audit_dir,
-                    signing_key=relay.audit_key,
-                    sign_interval=rc.checkpoint_interval,
-                )
+                now = relay.audit_clock()
+                batch = []
+                for _ in range(self.size - len(self._ready)):
+                    session_id = new_session_id()
+                    batch.append(
+                        _Ready(
+                            session_id=session_id,
+                            path=session_audit_path(rc.audit_dir, session_id, now),
+                            audit_dir=rc.audit_dir,
+                            signing_key=relay.audit_key,
+                            sign_interval=rc.checkpoint_interval,
+                        )
+                    )
                 try:
                     if relay.fsync_in_thread:
-                        # Abandoned on cancel: the thread then puts the file
-                        # where close() finds it, or removes it itself.
+                        # Abandoned on cancel: the thread then puts the files
+                        # where close() finds them, or removes them itself.
                         await trio.to_thread.run_sync(
-                            self._make, entry, relay.audit_clock, abandon_on_cancel=True
+                            self._make, batch, relay.audit_clock, abandon_on_cancel=True
                         )
                     else:
-                        self._make(entry, relay.audit_clock)
+                        self._make(batch, relay.audit_clock)
                 except (OSError, RelayError) as exc:
                     # The session that finds the pool empty creates its own
                     # file, and reports the failure to its client (503).
@@ -159,28 +169,33 @@ class AuditPool:
         finally:
             self.close()
 
-    def _make(self, entry: _Ready, clock) -> None:
-        """Create, write the header of and sync one file (in a worker thread)."""
-        writer = AuditWriter.create(
-            entry.path,
-            kind="session",
-            session_id=entry.session_id,
-            signing_key=entry.signing_key,
-            clock=clock,
-            sign_interval=entry.sign_interval,
-        )
-        entry.writers.append(writer)
+    def _make(self, batch: list[_Ready], clock) -> None:
+        """Create, write the header of and sync a batch of files (in a worker thread)."""
         try:
-            writer.sync()  # the file, and its folder's entry for it
+            for entry in batch:
+                entry.writers.append(
+                    AuditWriter.create(
+                        entry.path,
+                        kind="session",
+                        session_id=entry.session_id,
+                        signing_key=entry.signing_key,
+                        clock=clock,
+                        sign_interval=entry.sign_interval,
+                    )
+                )
+            # The files, and their folder's entries for them.
+            AuditWriter.sync_all([entry.writer for entry in batch])
         except BaseException:
-            _remove(entry)
+            for entry in batch:
+                _remove(entry)
             raise
         with self._lock:
             if not self._closed:
-                self.made += 1
-                self._made.append(entry)
+                self.made += len(batch)
+                self._made.extend(batch)
                 return
-        _remove(entry)
+        for entry in batch:
+            _remove(entry)
 
     def _discard_stale(self) -> None:
         stale, self._stale = self._stale, []
