@@ -635,9 +635,9 @@ def render_established(*, session_id: str, headers: Mapping[str, str] = _NO_HEAD
     """
     if not isinstance(session_id, str) or not session_id:
         raise LocalProtocolError("session_id must be a non-empty str", reason="bad_argument")
-    extra = _check_headers({_SESSION_HEADER: session_id}, _FRAMING_HEADERS)
-    extra += _check_headers(headers, _FRAMING_HEADERS | {_SESSION_HEADER.lower()})
-    before, after = _established_head(tuple(extra[1:]))
+    _check_headers({_SESSION_HEADER: session_id}, _FRAMING_HEADERS)
+    extra = _check_headers(headers, _FRAMING_HEADERS | {_SESSION_HEADER.lower()})
+    before, after = _established_head(tuple(extra))
     return before + session_id.encode("ascii") + after
 
 
@@ -652,12 +652,12 @@ def _established_head(extra: tuple[tuple[str, str], ...]) -> tuple[bytes, bytes]
     header can repeat (the name is reserved, and no value holds CR or LF).
     """
     head = _render_established([(_SESSION_HEADER, _SESSION_MARK), *extra])
-    line = f"\r\n{_SESSION_HEADER}: {_SESSION_MARK}\r\n".encode("ascii")
+    name = f"\r\n{_SESSION_HEADER}: ".encode("ascii")
+    line = name + _SESSION_MARK.encode("ascii") + b"\r\n"
     before, found, after = head.partition(line)
     if not found or line in after:
         raise AssertionError(f"h11 did not render {line!r} once")
-    cut = len(line) - len(_SESSION_MARK) - 2
-    return before + line[:cut], line[-2:] + after
+    return before + name, b"\r\n" + after
 
 
 def _render_established(headers: list[tuple[str, str]]) -> bytes:
