@@ -52,7 +52,7 @@ def test_a_new_prefix_runs_one_service_manager_whose_services_get_a_path(
         assert len(_service_managers(script.PREFIX)) == 1
         # A service that writes its environment out (cmd.exe is no service:
         # the start fails once it has exited, which is after the write).
-        sc = [wine_tier.wine, "sc"]
+        sc = [*wine_tier.wine, "sc"]
         program = f"C:\\windows\\system32\\cmd.exe /c set > {script.windows_path(dump)}"
         for args in (["create", "envdump", "binPath=", program], ["start", "envdump"]):
             subprocess.run(
