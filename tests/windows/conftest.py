@@ -46,11 +46,13 @@ class WineTier:
 
     Attributes:
         python: ``python.exe`` of the embeddable CPython the tier built.
-        wine: The ``wine`` program.
+        wine: The command that runs a Windows program (``wine``, with the
+            address-space randomisation off that Wine 8 needs here; see
+            ``windows_command`` in ``scripts/wine-tier``).
     """
 
     python: Path
-    wine: str
+    wine: tuple[str, ...]
     _script: object
 
     def env(self, cwd: Path) -> dict[str, str]:
@@ -61,7 +63,7 @@ class WineTier:
         )
 
     def argv(self, *args: str | os.PathLike[str]) -> list[str]:
-        return [self.wine, str(self.python), *map(str, args)]
+        return [*self.wine, str(self.python), *map(str, args)]
 
     def start(self, group: ProcGroup, *args: str | os.PathLike[str], cwd: Path, name: str) -> Proc:
         """Start the Windows Python with ``args`` (stdio piped, as it needs)."""
@@ -112,7 +114,7 @@ def wine_tier() -> Iterator[WineTier]:
     try:
         yield WineTier(
             python=Path(done.stdout.strip().splitlines()[-1]),
-            wine=script._tool("wine"),
+            wine=tuple(script.windows_command("wine")),
             _script=script,
         )
     finally:
