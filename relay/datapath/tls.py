@@ -58,9 +58,22 @@ TRUNCATED = "the peer closed the connection without a TLS close_notify"
 
 _MIN_VERSIONS = ("1.2", "1.3")
 
-#: Plaintext :meth:`TLSConnection.decode` takes out per call at most: a chunk
-#: read from a socket is 64 KiB, plus at most one record left from the last one.
-PLAINTEXT_LIMIT = 65536 + 16384
+#: The plaintext of one full TLS record (RFC 8446 section 5.1).
+RECORD_PLAINTEXT = 16384
+
+#: Plaintext :meth:`TLSConnection.decode` takes out per call at most: three
+#: full records, which one loopback TCP segment holds (65,483 bytes with
+#: Linux's defaults).  The rest stays in TLS and is taken out once this much
+#: is written (the codec's ``more``).  With the data path's read size
+#: (:data:`relay.datapath.trio_driver.RECEIVE_SIZE`), no write the data path
+#: makes, either way, is larger than one such segment.  A write just over it
+#: went out as a full segment and one of a few dozen bytes (53 for four
+#: decoded records, 141 for four encrypted ones), and a small segment costs
+#: its receiver much more buffer than it carries.  A receiver that had stopped
+#: reading then ran over its buffer before its window was used up, Linux
+#: dropped a segment, and in a tunnel flooded both ways the retransmission
+#: waited out a backoff of tens of seconds (README, "A stall in bulk echo").
+PLAINTEXT_LIMIT = 3 * RECORD_PLAINTEXT
 
 
 def is_pq_group(group: str) -> bool:

@@ -32,12 +32,14 @@ from .tls import TLSConnection
 
 __all__ = ["RECEIVE_SIZE", "run_pump"]
 
-#: Bytes asked of a transport per read.  Four full TLS records: large enough
-#: that a bulk transfer pays the per-chunk cost rarely, small enough to stay
-#: well inside a loopback socket buffer.  Each read gets a fresh ``bytes``
-#: (the pump keeps a chunk until it is written whole), so no buffer is
-#: shared between tunnels or held by an idle one.
-RECEIVE_SIZE = 65536
+#: Bytes asked of a transport per read: 64 KiB less 256, large enough that a
+#: bulk transfer pays the per-chunk cost rarely.  A full read of plaintext,
+#: encrypted, is four records with at most 29 bytes of framing each: 65,396
+#: bytes at most, inside one loopback TCP segment (see
+#: :data:`~relay.datapath.tls.PLAINTEXT_LIMIT` for why that matters).  Each
+#: read gets a fresh ``bytes`` (the pump keeps a chunk until it is written
+#: whole), so no buffer is shared between tunnels or held by an idle one.
+RECEIVE_SIZE = 65536 - 256
 
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,7 @@ from relay.datapath.pump import (
     Traffic,
 )
 from relay.datapath.tls import TRUNCATED
+from relay.datapath.trio_driver import RECEIVE_SIZE
 
 from .conftest import connected_pair
 
@@ -257,6 +259,38 @@ def test_more_records_than_one_chunk_leave_in_several_each_after_the_last(contex
     assert b"".join(chunks) == data and len(chunks) > 1
     assert pump.traffic.to_backend == len(data) and pump.wants_read(CLIENT)
     assert not relay.more
+
+
+def _loopback_segment() -> int:
+    """The data one loopback TCP segment holds here (65,483 bytes with Linux's defaults).
+
+    The IP packet is the interface's MTU but at most 65,535 bytes; less IP and
+    TCP headers and TCP's timestamp option.
+    """
+    mtu = int(Path("/sys/class/net/lo/mtu").read_text())
+    return min(mtu, 65535) - 20 - 20 - 12
+
+
+def test_no_write_either_way_is_larger_than_one_loopback_segment(contexts):
+    # A write just over one segment left a second one of 53 or 141 bytes,
+    # which costs a receiver far more buffer than it carries: see
+    # PLAINTEXT_LIMIT.  Both directions, from full reads.
+    mss = _loopback_segment()
+    user, relay, pump = tls_pump(contexts)
+    # The first answer carries the session tickets TLS 1.3 held back.
+    assert pump.sent(CLIENT, len(pump.received(BACKEND, b"$OK#9a", 0.0)), 0.0) == b""
+    out = pump.received(BACKEND, bytes(RECEIVE_SIZE), 0.0)
+    assert len(out) <= mss
+    assert pump.sent(CLIENT, len(out), 0.0) == b""
+    data = bytes(range(256)) * 1024
+    wire = ciphertext(user, data)
+    sizes = []
+    for start in range(0, len(wire), RECEIVE_SIZE):
+        out = pump.received(CLIENT, wire[start : start + RECEIVE_SIZE], 0.0)
+        while out:
+            sizes.append(len(out))
+            out = pump.sent(BACKEND, len(out), 0.0)
+    assert sum(sizes) == len(data) and max(sizes) <= mss, sizes
 
 
 def test_sent_answers_the_rest_of_a_short_write(contexts):
