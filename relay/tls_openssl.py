@@ -53,6 +53,7 @@ from OpenSSL.crypto import X509
 from .datapath.stream import TLSStream
 from .datapath.tls import (
     ALPN,
+    RECORD_PLAINTEXT,
     TLS12_CIPHERS,
     TRUNCATED,
     TLSError,
@@ -670,7 +671,7 @@ class _RecordCounter:
                 head = bytes(data[i:n])
                 break
             body = (header[3] << 8) | header[4]
-            if not 20 <= header[0] <= 23 or header[1] != 3 or body > 16384 + 2048:
+            if not 20 <= header[0] <= 23 or header[1] != 3 or body > RECORD_PLAINTEXT + 2048:
                 self._lost = True
                 self.pending = self.UNKNOWN
                 return
